@@ -1,0 +1,64 @@
+"""Loss terms. Every one has the same signature: (x, x̂, encoder output, sae, dead-latent mask) -> scalar."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_vlm.sae import activations as act
+from sae_vlm.sae.model import SAE, EncoderOutput
+
+
+def mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
+    """Squared error summed over dimensions, averaged over the batch."""
+    return (x_ND - x_hat_ND).pow(2).sum(-1).mean()
+
+
+def matryoshka_mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
+    """Mean over groups g of (1/G)·mse(x, b_dec + codes of groups ≤ g): the paper's nested-prefix loss."""
+    sizes = sae.cfg.group_sizes
+    G = len(sizes)
+    x_hat = sae.b_dec.expand_as(x_ND)
+    total = x_ND.new_zeros(())
+    start = 0
+    for size in sizes:
+        stop = start + size
+        x_hat = x_hat + enc.codes_NF[:, start:stop] @ sae.W_dec[start:stop]
+        total = total + (x_ND - x_hat).pow(2).sum(-1).mean() / G
+        start = stop
+    return total / G
+
+
+def l1(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
+    """Σ|f_j|·‖W_dec,j‖ averaged over the batch (decoder rows are unit norm, so this is Σ|f_j|)."""
+    return (enc.codes_NF.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
+
+
+def l0_deviation(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None, bandwidth: float = 1e-3):
+    """JumpReLU sparsity: (L0 / k − 1)², with L0 differentiable in θ through the straight-through step."""
+    l0 = act.step(enc.h_NF, sae.threshold, bandwidth).sum(-1).mean()
+    return (l0 / sae.cfg.k - 1).pow(2)
+
+
+def aux_k(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
+    """AuxK (OpenAI normalisation): explain the detached residual with the top-k_aux dead latents, no b_dec."""
+    if dead_F is None or not dead_F.any():
+        return x_ND.new_zeros(())
+    k_aux = min(sae.cfg.d_in // 2, int(dead_F.sum()))
+    h_dead = torch.where(dead_F, enc.h_NF, torch.full_like(enc.h_NF, -torch.inf))
+    codes = act.topk(h_dead, k_aux).clamp_min(0)  # keep only positive (dead) pre-activations
+    e_ND = (x_ND - x_hat_ND).detach()
+    e_hat_ND = codes @ sae.W_dec
+    num = (e_ND - e_hat_ND).pow(2).sum(-1).mean()
+    den = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()
+    return torch.nan_to_num(num / den, nan=0.0)
+
+
+def objective(arch: str) -> dict:
+    """The terms an architecture trains with, keyed by log name; weights come from the train config."""
+    recon = matryoshka_mse if arch == "matryoshka" else mse
+    terms = {"recon": recon, "aux": aux_k}
+    if arch == "relu":
+        terms["l1"] = l1
+    if arch == "jumprelu":
+        terms["l0_penalty"] = l0_deviation
+    return terms

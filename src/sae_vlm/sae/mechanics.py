@@ -1,0 +1,73 @@
+"""Mechanisms every architecture shares, written once: decoder norm, dead latents, θ, init, LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def remove_parallel_grads_(W_dec_FD: torch.nn.Parameter) -> None:
+    """Drop the gradient component along each (unit) decoder row, so a step can't change its norm to first order."""
+    if W_dec_FD.grad is None:
+        return
+    w = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    W_dec_FD.grad -= (W_dec_FD.grad * w).sum(dim=1, keepdim=True) * w
+
+
+@torch.no_grad()
+def normalize_decoder_(W_dec_FD: torch.nn.Parameter, eps: float = 1e-8) -> None:
+    W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True) + eps
+
+
+class DeadLatents:
+    """Counts, per latent, the training samples seen since it last fired; dead once that reaches `window`."""
+
+    def __init__(self, d_sae: int, window: int, device):
+        self.window = window
+        self.since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
+
+    def update(self, codes_NF: torch.Tensor) -> None:
+        self.since_fired_F += codes_NF.shape[0]
+        self.since_fired_F[(codes_NF > 0).any(dim=0)] = 0
+
+    def mask(self) -> torch.Tensor:
+        return self.since_fired_F >= self.window
+
+
+@torch.no_grad()
+def update_threshold_(theta: torch.Tensor, codes_NF: torch.Tensor, beta: float = 0.999) -> None:
+    """θ ← β·θ + (1−β)·(smallest positive kept activation); the first update sets θ directly (θ < 0 = unset)."""
+    kept = codes_NF[codes_NF > 0]
+    smallest = kept.min() if kept.numel() else torch.zeros((), device=codes_NF.device)
+    theta.copy_(torch.where(theta < 0, smallest, beta * theta + (1 - beta) * smallest))
+
+
+@torch.no_grad()
+def geometric_median(x_ND: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld iteration, started from the mean; stops when the point moves less than `tol`."""
+    x = x_ND.double()
+    y = x.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        y_next = (w[:, None] * x).sum(0) / w.sum()
+        moved = (y_next - y).norm()
+        y = y_next
+        if moved < tol:
+            break
+    return y.to(x_ND.dtype)
+
+
+def default_lr(d_sae: int) -> float:
+    """2e-4 / sqrt(F / 2^14): the paper's trainer default, used because no script sets an LR."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, decay_start: int | None) -> float:
+    """Linear warmup from 0, constant, then optional linear decay to 0 from `decay_start`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return step / warmup_steps
+    if decay_start is not None and step >= decay_start:
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+    return 1.0

@@ -1,0 +1,311 @@
+"""Train a sweep of SAEs on one pass over the data, with exact resume after a kill.
+
+Read top to bottom: `train` sets up data and SAEs (or restores them), then loops over steps; each step
+feeds one batch to every SAE of the sweep. Everything random derives from `cfg.seed`, so a resumed run
+replays the same batches and reaches bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from sae_vlm.config import SAESpec, TrainConfig
+from sae_vlm.data.source import ActivationSource, as_source
+from sae_vlm.sae import losses, mechanics
+from sae_vlm.sae.model import SAE, SAEConfig, atomic_save_file, atomic_write_text, group_sizes_from_fractions
+
+CKPT = "ckpt/state.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Batches:
+    """Batch `step` of the run: a fresh seeded permutation per epoch, drawn on the device holding the data."""
+
+    def __init__(self, source: ActivationSource, cfg: TrainConfig, device: torch.device):
+        self.source, self.cfg, self.device = source, cfg, device
+        if source.rows == 0:
+            raise ValueError(f"activation source {cfg.data!r} is empty (0 rows)")
+        if source.rows < cfg.batch_size:
+            raise ValueError(f"activation source has {source.rows} rows, fewer than batch_size={cfg.batch_size}")
+        self.per_epoch = source.rows // cfg.batch_size  # the ragged tail of each epoch is dropped
+        fits = hasattr(source, "all") and source.rows * source.d_in * 4 <= cfg.max_device_bytes
+        self.data_ND = source.all().to(device, torch.float32) if fits else None
+        if self.data_ND is not None:
+            for start in range(0, source.rows, 65536):
+                check_finite(self.data_ND[start : start + 65536], start)
+        self.perm_device = device if self.data_ND is not None else torch.device("cpu")
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator(self.perm_device).manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._perm = torch.randperm(self.source.rows, generator=g, device=self.perm_device)
+            self._epoch = epoch
+        idx = self._perm[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]
+        if self.data_ND is not None:
+            return self.data_ND[idx]
+        x = self.source.get(idx)
+        check_finite(x, None)
+        return x.to(self.device, non_blocking=True)
+
+
+def check_finite(x_ND: torch.Tensor, offset: int | None) -> None:
+    bad = ~torch.isfinite(x_ND)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0])
+        where = f"row {offset + row}" if offset is not None else "a streamed batch"
+        value = x_ND[bad][0].item()
+        raise ValueError(f"activations contain {value} at {where}; expected finite values (NaN/inf in the source)")
+
+
+@dataclasses.dataclass
+class Member:
+    """One SAE of the sweep with its optimizer and dead-latent counter."""
+
+    spec: SAESpec
+    sae: SAE
+    opt: torch.optim.Adam
+    dead: mechanics.DeadLatents
+    base_lr: float
+    terms: dict
+
+
+def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict) -> Member:
+    d_sae = int(round(spec.expansion * d_in))
+    groups = group_sizes_from_fractions(spec.group_fractions, d_sae) if spec.arch == "matryoshka" else None
+    k = spec.k if spec.arch != "relu" else min(spec.k, d_sae)
+    # Seeded per member, so an SAE's init doesn't depend on its place in the sweep.
+    torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    sae = SAE(SAEConfig(spec.arch, d_in, d_sae, k, groups, meta.get("hook_point"), meta.get("model_id"),
+                        meta.get("token_selection"))).to(device)
+    base_lr = cfg.lr if cfg.lr is not None else mechanics.default_lr(d_sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    terms = losses.objective(spec.arch)
+    if "l0_penalty" in terms:
+        terms["l0_penalty"] = functools.partial(losses.l0_deviation, bandwidth=cfg.jumprelu_bandwidth)
+    return Member(spec, sae, opt, mechanics.DeadLatents(d_sae, cfg.dead_window, device), base_lr, terms)
+
+
+def term_weights(cfg: TrainConfig) -> dict:
+    return {"recon": 1.0, "aux": cfg.aux_alpha, "l1": cfg.l1_coeff, "l0_penalty": cfg.l0_coeff}
+
+
+def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig) -> dict:
+    """One optimizer step of one SAE on a normalised batch; returns what the log records."""
+    sae, weights = m.sae, term_weights(cfg)
+    with torch.autocast(x_ND.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        enc = sae.train_encode(x_ND, cfg.jumprelu_bandwidth)
+        x_hat = sae.decode(enc.codes_NF)
+    enc = type(enc)(*(t.float() for t in enc))
+    x_hat = x_hat.float()
+    m.dead.update(enc.codes_NF)
+    dead_F = m.dead.mask()
+    if sae.cfg.arch in ("topk", "batchtopk", "matryoshka") and step > cfg.threshold_start_step:
+        mechanics.update_threshold_(sae.threshold, enc.codes_NF, cfg.threshold_beta)
+    values = {name: fn(x_ND, x_hat, enc, sae, dead_F) for name, fn in m.terms.items()}
+    loss = sum(weights[name] * v for name, v in values.items())
+
+    lr = m.base_lr * mechanics.lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.decay_start)
+    for group in m.opt.param_groups:
+        group["lr"] = lr
+    m.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    mechanics.remove_parallel_grads_(sae.W_dec)
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    m.opt.step()
+    mechanics.normalize_decoder_(sae.W_dec)
+    if sae.cfg.arch == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.clamp_(min=0.0)
+    values = {k: v.detach() for k, v in values.items()}
+    return {"loss": loss.detach(), **values, "fve": fve(x_ND, x_hat.detach()), "l0": (enc.codes_NF > 0).sum(-1).float().mean(),
+            "dead_frac": dead_F.float().mean(), "lr": lr}
+
+
+def fve(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> torch.Tensor:
+    """1 − Σ_d Var(x − x̂) / Σ_d Var(x), variances per dimension over the batch (paper §2.7)."""
+    return 1 - (x_ND - x_hat_ND).var(0).sum() / x_ND.var(0).sum()
+
+
+def estimate_norm_factor(batches: Batches, n: int) -> float:
+    """s = sqrt(E‖x‖²) over the first n batches; training sees x/s (paper §2.2)."""
+    total, count = 0.0, 0
+    for step in range(min(n, batches.per_epoch)):
+        x = batches(step).double()
+        total += x.pow(2).sum().item()
+        count += x.shape[0]
+    return math.sqrt(total / count)
+
+
+def source_meta(source, cfg: TrainConfig) -> dict:
+    """Where the activations came from, copied into every SAE's config.json."""
+    manifest = getattr(source, "manifest", None) or {}
+    keys = ("hook_point", "model_id", "token_selection")
+    return {k: getattr(source, k, None) or manifest.get(k) for k in keys}
+
+
+def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool = False) -> dict[str, SAE]:
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    ckpt = out / CKPT
+    if ckpt.exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    source = source if source is not None else as_source(cfg.data, layer=cfg.layer)
+    batches = Batches(source, cfg, device)
+    meta = source_meta(source, cfg)
+    members = [build_member(spec, source.d_in, cfg, device, meta) for spec in cfg.specs()]
+    names = [m.spec.name for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sweep has duplicate SAEs: {names}")
+
+    if resume and ckpt.exists():
+        start, norm = load_checkpoint(ckpt, members, cfg)
+        truncate_log(out / "log.jsonl", start)
+    else:
+        start, norm = 0, estimate_norm_factor(batches, cfg.norm_batches)
+        first = batches(0) / norm
+        for m in members:
+            with torch.no_grad():
+                m.sae.b_dec.copy_(mechanics.geometric_median(first))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    logger = Logger(out, cfg)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=cfg.quiet)
+    for step in bar:
+        x_ND = batches(step) / norm
+        stats = [train_step(m, x_ND, step, cfg) for m in members]
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rows = [{"step": done, "sae": m.spec.name, **{k: float(v) for k, v in s.items()}} for m, s in zip(members, stats)]
+            logger.write(rows)
+            bar.set_postfix(fve=f"{rows[0]['fve']:.3f}", l0=f"{rows[0]['l0']:.1f}")
+        if done in cfg.keep_steps:
+            for m in members:
+                export(m, norm, out / "saes" / m.spec.name / f"step-{done}", cfg, done, stats)
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            save_checkpoint(ckpt, members, done, norm)
+    logger.close()
+    final = {}
+    for m, s in zip(members, stats if cfg.steps > start else [{}] * len(members)):
+        final[m.spec.name] = export(m, norm, out / "saes" / m.spec.name, cfg, cfg.steps, s)
+    save_checkpoint(ckpt, members, cfg.steps, norm)
+    return final
+
+
+def export(m: Member, norm: float, directory: Path, cfg: TrainConfig, step: int, stats: dict) -> SAE:
+    """Save a copy with the input scale folded in, so the saved SAE takes raw activations."""
+    sae = SAE(m.sae.cfg)
+    sae.load_state_dict(m.sae.state_dict())
+    sae.fold_input_scale(norm)
+    summary = {k: float(v) for k, v in stats.items()}
+    sae.meta = {"data": str(cfg.data), "layer": cfg.layer,
+                "training": {"step": step, "norm_factor": norm, "lr": m.base_lr, "batch_size": cfg.batch_size,
+                             "seed": cfg.seed, "last_batch": summary}}
+    sae.save_pretrained(directory)
+    return sae
+
+
+def save_checkpoint(path: Path, members: list[Member], step: int, norm: float) -> None:
+    tensors = {"norm_factor": torch.tensor(norm, dtype=torch.float64)}
+    for m in members:
+        name = m.spec.name
+        for k, t in m.sae.state_dict().items():
+            tensors[f"{name}/sae/{k}"] = t
+        for idx, st in m.opt.state_dict()["state"].items():
+            for k, t in st.items():
+                tensors[f"{name}/opt/{idx}/{k}"] = t
+        tensors[f"{name}/since_fired"] = m.dead.since_fired_F
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_save_file(tensors, path, metadata={"step": str(step), "members": json.dumps([m.spec.name for m in members])})
+
+
+def load_checkpoint(path: Path, members: list[Member], cfg: TrainConfig) -> tuple[int, float]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["members"])
+    if saved != [m.spec.name for m in members]:
+        raise ValueError(f"checkpoint {path} holds SAEs {saved}, but the config asks for {[m.spec.name for m in members]}")
+    tensors = load_file(str(path))
+    for m in members:
+        name = m.spec.name
+        device = m.sae.W_dec.device
+        m.sae.load_state_dict({k.split("/", 2)[2]: t for k, t in tensors.items() if k.startswith(f"{name}/sae/")})
+        state: dict = {}
+        for k, t in tensors.items():
+            if k.startswith(f"{name}/opt/"):
+                _, _, idx, key = k.split("/")
+                state.setdefault(int(idx), {})[key] = t.to(device) if key != "step" else t
+        m.opt.load_state_dict({"state": state, "param_groups": m.opt.state_dict()["param_groups"]})
+        m.dead.since_fired_F.copy_(tensors[f"{name}/since_fired"])
+    return int(meta["step"]), float(tensors["norm_factor"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint (and a half-written last line) so a resumed log has no duplicates."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row["step"] <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+class Logger:
+    """JSONL log (one line per SAE per log step, appended whole), plus optional W&B or TensorBoard."""
+
+    def __init__(self, out: Path, cfg: TrainConfig):
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "log.jsonl", "a")
+        self.sink = None
+        if cfg.log_to == "wandb":
+            import wandb
+
+            self.sink = wandb.init(project="sae-vlm", name=out.name, config=dataclasses.asdict(cfg), resume="allow")
+        elif cfg.log_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.sink = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, rows: list[dict]) -> None:
+        self.file.write("".join(json.dumps(r) + "\n" for r in rows))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        for r in rows:
+            scalars = {f"{r['sae']}/{k}": v for k, v in r.items() if k not in ("step", "sae")}
+            if self.sink is None:
+                continue
+            if hasattr(self.sink, "add_scalar"):
+                for k, v in scalars.items():
+                    self.sink.add_scalar(k, v, r["step"])
+            else:
+                self.sink.log(scalars, step=r["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.sink is not None:
+            getattr(self.sink, "close", getattr(self.sink, "finish", lambda: None))()
