@@ -79,7 +79,10 @@ def scale(device, n, k, d, l0=20):
     _, t_dense = timed(lambda: ms_stats(acts, emb, device=device), device)
     del acts
     _, t_sparse = timed(lambda: ms_stats(store, emb, device=device), device)
-    print(f"[scale] N={n} K={k} D={d} on {device}: dense input {t_dense:.2f} s, sparse top-{l0} code store {t_sparse:.2f} s")
+    neurons = torch.randn(n, 1024, device=device) + 0.3  # raw layer neurons: dense, the matmul path
+    _, t_neur = timed(lambda: ms_stats(neurons, emb, device=device), device)
+    print(f"[scale] N={n} K={k} D={d} on {device}: dense SAE codes {t_dense:.2f} s, sparse top-{l0} code store "
+          f"{t_sparse:.2f} s; raw neurons N={n} x 1024 (No SAE baseline) {t_neur:.2f} s")
 
 
 def main():

@@ -168,3 +168,16 @@ def test_bad_input_messages(data):
     bad[5] = 0
     with pytest.raises(ValueError, match="row 5 is all zeros"):
         sae_vlm.monosemanticity_score(acts, bad)
+
+
+@pytest.mark.parametrize("cut", [0.0, 1.01])
+def test_dense_input_sparse_and_matmul_paths(cut, monkeypatch):
+    from sae_vlm.eval import ms as ms_mod
+
+    rng = np.random.default_rng(4)
+    dense, _, _ = sparse_acts(rng, 40, 16, 2)
+    dense[:, 5] -= 1.0  # min -1: zeros are not the minimum here
+    emb = rng.normal(size=(40, 3))
+    monkeypatch.setattr(ms_mod, "SPARSE_BELOW", cut)
+    got = ms_mod.monosemanticity_score(dense, emb, device="cpu", chunk_rows=9, chunk_latents=5).numpy()
+    np.testing.assert_allclose(got, direct_ms(dense, emb), atol=1e-6, equal_nan=True)

@@ -7,10 +7,22 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Sparse autoencoders for vision-language models.")
 
 # --- subcommands (one line each) ---
+from sae_vlm.data.cli_extract import extract  # noqa: E402
+app.command("extract")(extract)
 from sae_vlm.sae.cli_train import convert, train  # noqa: E402
 
 app.command("train")(train)
 app.command("convert")(convert)
+from sae_vlm.demo import demo  # noqa: E402
+
+app.command("demo")(demo)
+from sae_vlm.eval.cli_evaluate import evaluate  # noqa: E402
+
+app.command("evaluate")(evaluate)
+from sae_vlm.steer.cli_steer import steer, steer_score  # noqa: E402
+
+app.command("steer")(steer)
+app.command("steer-score")(steer_score)
 
 
 def main() -> None:

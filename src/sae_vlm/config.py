@@ -52,6 +52,7 @@ class TrainConfig:
     norm_batches: int = 100  # batches used to estimate the input-norm factor
     seed: int = 0
     bf16: bool = False
+    fast: bool = True  # sparse selection/decoder for top-k archs; False runs the straightforward dense path
     device: str = "auto"
     max_device_bytes: int = 8 << 30  # data larger than this streams from the source instead of living on the device
     checkpoint_every: int = 1000

@@ -19,7 +19,7 @@ from torch import nn
 
 CLIP_TYPES = {"clip", "clip_vision_model"}
 SIGLIP_TYPES = {"siglip", "siglip_vision_model"}
-DINO_TYPES = {"dinov2"}
+DINO_TYPES = {"dinov2", "dinov2_with_registers"}
 LLAVA_TYPES = {"llava"}
 
 
@@ -247,6 +247,8 @@ def load_backbone(model_id_or_dir: str, device: str | torch.device = "cpu", dtyp
         cls = tf.SiglipVisionModel
     elif mt == "dinov2":
         cls = tf.Dinov2Model
+    elif mt == "dinov2_with_registers":
+        cls = tf.Dinov2WithRegistersModel
     elif mt == "llava":
         cls = tf.LlavaForConditionalGeneration
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def load_taxonomy_file(path: str | Path) -> dict[str, tuple[str, ...]]:
         raise ValueError(f"taxonomy file {path} has suffix {path.suffix!r}; expected .csv or .json")
     out = {}
     for label, tax in items:
+        if tax is None or tax == "":
+            continue  # no taxonomy: the image is reported as missing later
         levels = tuple(tax) if isinstance(tax, list) else tuple(p for p in re.split(r"[/;|]", str(tax)) if p)
         out[str(label)] = levels
     return out
@@ -161,11 +164,14 @@ def top_set_uniqueness(top_idx_KT, dead_K=None, thresholds=(0.5, 0.75, 1.0)) -> 
     rows = torch.arange(k).repeat_interleave(t)
     cols = idx.reshape(-1)
     keep = live[rows]
-    # duplicates inside one latent's set count once
-    m = torch.sparse_coo_tensor(torch.stack([rows[keep], cols[keep]]), torch.ones(int(keep.sum())), (k, int(cols.max()) + 1 if cols.numel() else 1))
-    m = torch.sparse_coo_tensor(m.coalesce().indices(), torch.ones(m.coalesce().indices().shape[1]), m.shape).coalesce()
+    n_img = int(cols.max()) + 1 if cols.numel() else 1
+    ij = torch.stack([rows[keep], cols[keep]])
+    ij = torch.unique(ij, dim=1)  # duplicates inside one latent's set count once
+    m = torch.sparse_coo_tensor(ij, torch.ones(ij.shape[1]), (k, n_img), check_invariants=False).coalesce()
     size_K = torch.sparse.sum(m, 1).to_dense() if m._nnz() else torch.zeros(k)
-    inter = torch.sparse.mm(m, m.t()).coalesce()
+    with warnings.catch_warnings():  # "sparse CSR is beta" is noise here
+        warnings.simplefilter("ignore", UserWarning)
+        inter = torch.sparse.mm(m, m.t()).coalesce()
     a, b = inter.indices()
     off = a < b
     a, b, v = a[off], b[off], inter.values()[off]

@@ -59,7 +59,10 @@ def _device(device) -> torch.device:
 
 def unit_embeddings(embeddings, rows: int | None = None) -> torch.Tensor:
     """Embeddings [N, D] as a float64 CPU tensor of unit rows; checks the row count against the activations."""
-    emb_ND = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
+    if isinstance(embeddings, torch.Tensor):
+        emb_ND = embeddings
+    else:  # a copy: memmaps are read-only, and we need float64 anyway
+        emb_ND = torch.from_numpy(np.array(embeddings, dtype=np.float64))
     if emb_ND.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [rows, dim], got shape {tuple(emb_ND.shape)}")
     if rows is not None and emb_ND.shape[0] != rows:
@@ -112,6 +115,37 @@ def _finish(num_K, den_K) -> torch.Tensor:
     return torch.where(den_K > 0, ms_K, torch.full_like(ms_K, float("nan"))).cpu()
 
 
+class _Accumulator:
+    """Running ÊᵀÃ [K, D], Σã and Σã² in float64; ã enters either as a dense chunk or as sparse entries."""
+
+    def __init__(self, k: int, d: int, dev):
+        self.etA_KD = torch.zeros(k, d, dtype=F64, device=dev)
+        self.sum_K = torch.zeros(k, dtype=F64, device=dev)
+        self.sq_K = torch.zeros(k, dtype=F64, device=dev)
+
+    def add_dense(self, at_RC: torch.Tensor, e_RD: torch.Tensor, c0: int) -> None:
+        c1 = c0 + at_RC.shape[1]
+        self.etA_KD[c0:c1] += at_RC.T @ e_RD
+        self.sum_K[c0:c1] += at_RC.sum(0)
+        self.sq_K[c0:c1] += (at_RC * at_RC).sum(0)
+
+    def add_sparse(self, row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, e_RD: torch.Tensor) -> None:
+        """Entries ã[row, col] = val (zero elsewhere); a sparse product avoids an [nnz, D] temporary."""
+        k = self.sum_K.shape[0]
+        m_KR = torch.sparse_coo_tensor(torch.stack([col, row]), val, (k, e_RD.shape[0]), check_invariants=False)
+        self.etA_KD += torch.sparse.mm(m_KR, e_RD)
+        self.sum_K.index_add_(0, col, val)
+        self.sq_K.index_add_(0, col, val * val)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        num_K = (self.etA_KD * self.etA_KD).sum(1) - self.sq_K
+        den_K = self.sum_K * self.sum_K - self.sq_K
+        return num_K, den_K
+
+
+SPARSE_BELOW = 0.05  # a chunk with fewer non-minimal entries than this goes through the sparse product
+
+
 def _ms_dense(src, e_ND, dev, chunk_rows, chunk_latents, quiet) -> MSResult:
     n, k = src.rows, src.d_in
     lo_K = torch.full((k,), float("inf"), dtype=F64, device=dev)
@@ -124,22 +158,22 @@ def _ms_dense(src, e_ND, dev, chunk_rows, chunk_latents, quiet) -> MSResult:
         support_K += (a_RK > 0).sum(0)
     scale_K = torch.where(hi_K > lo_K, 1.0 / (hi_K - lo_K), torch.zeros_like(hi_K))
 
-    etA_DK = torch.zeros(e_ND.shape[1], k, dtype=F64, device=dev)
-    sum_K = torch.zeros(k, dtype=F64, device=dev)
-    sq_K = torch.zeros(k, dtype=F64, device=dev)
+    acc = _Accumulator(k, e_ND.shape[1], dev)
     for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 2/2 (ÊᵀÃ)"):
         rows = torch.arange(r0, min(r0 + chunk_rows, n))
         a_RK = src.get(rows).to(dev)
-        e_RD = e_ND[rows].to(dev, F64)
+        e_RD = e_ND[rows].to(dev)
         for c0 in range(0, k, chunk_latents):
             c1 = min(c0 + chunk_latents, k)
-            at_RC = (a_RK[:, c0:c1].double() - lo_K[c0:c1]) * scale_K[c0:c1]
-            etA_DK[:, c0:c1] += e_RD.T @ at_RC
-            sum_K[c0:c1] += at_RC.sum(0)
-            sq_K[c0:c1] += (at_RC * at_RC).sum(0)
-    num_K = (etA_DK * etA_DK).sum(0) - sq_K
-    den_K = sum_K * sum_K - sq_K
-    return MSResult(_finish(num_K, den_K), support_K.cpu(), hi_K.cpu(), lo_K.cpu(), n)
+            a_RC = a_RK[:, c0:c1]
+            # SAE codes are mostly at their minimum (0), where ã = 0: only the other entries matter
+            row, col = (a_RC.double() != lo_K[c0:c1]).nonzero(as_tuple=True)
+            if row.numel() < SPARSE_BELOW * a_RC.numel():
+                val = (a_RC[row, col].double() - lo_K[c0 + col]) * scale_K[c0 + col]
+                acc.add_sparse(row, col + c0, val, e_RD)
+            else:
+                acc.add_dense((a_RC.double() - lo_K[c0:c1]) * scale_K[c0:c1], e_RD, c0)
+    return MSResult(_finish(*acc.result()), support_K.cpu(), hi_K.cpu(), lo_K.cpu(), n)
 
 
 def _ms_sparse(codes, embeddings, dev, chunk_rows, quiet) -> MSResult:
@@ -176,23 +210,20 @@ def _ms_sparse(codes, embeddings, dev, chunk_rows, quiet) -> MSResult:
     scale_K = torch.where(hi_K > lo_K, 1.0 / (hi_K - lo_K), torch.zeros_like(hi_K))
     c_K = -lo_K * scale_K  # normalised value of a 0 activation
 
-    d = e_ND.shape[1]
-    corr_KD = torch.zeros(k, d, dtype=F64, device=dev)  # Σ_listed (ã_n − c) ê_n
-    corr_sum_K = torch.zeros(k, dtype=F64, device=dev)
+    # accumulate the listed corrections (ã − c); the constant c over all N rows is added in closed form after
+    acc = _Accumulator(k, e_ND.shape[1], dev)
     corr_sq_K = torch.zeros(k, dtype=F64, device=dev)
-    esum_D = torch.zeros(d, dtype=F64, device=dev)
+    esum_D = torch.zeros(e_ND.shape[1], dtype=F64, device=dev)
     for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 2/2 (ÊᵀÃ)"):
         r1, idx, val = chunk(r0)
-        e_RD = e_ND[r0:r1].to(dev, F64)
+        e_RD = e_ND[r0:r1].to(dev)
         esum_D += e_RD.sum(0)
         at = (val - lo_K[idx]) * scale_K[idx]
-        delta = at - c_K[idx]
         row = torch.arange(r1 - r0, device=dev).repeat_interleave(idx.numel() // (r1 - r0))  # row of each entry
-        corr_KD.index_add_(0, idx, delta[:, None] * e_RD[row])
-        corr_sum_K.index_add_(0, idx, delta)
+        acc.add_sparse(row, idx, at - c_K[idx], e_RD)
         corr_sq_K.index_add_(0, idx, at * at - c_K[idx] ** 2)
-    etA_KD = c_K[:, None] * esum_D[None, :] + corr_KD
-    sum_K = c_K * n + corr_sum_K
+    etA_KD = c_K[:, None] * esum_D[None, :] + acc.etA_KD
+    sum_K = c_K * n + acc.sum_K
     sq_K = c_K * c_K * n + corr_sq_K
     num_K = (etA_KD * etA_KD).sum(1) - sq_K
     den_K = sum_K * sum_K - sq_K

@@ -32,6 +32,8 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Learning rate; default 2e-4/sqrt(F/2^14) per SAE."),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear LR warmup steps (default 1000)."),
     aux_alpha: Optional[float] = typer.Option(None, help="AuxK loss weight (default 0.03)."),
+    threshold_start_step: Optional[int] = typer.Option(None, help="Step after which θ tracks the batch (default 1000)."),
+    dead_window: Optional[int] = typer.Option(None, help="Samples without firing before a latent is dead (default 1e7)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between resume checkpoints."),
     log_every: Optional[int] = typer.Option(None, help="Steps between log lines."),
     log_to: Optional[str] = typer.Option(None, help="Also log to wandb or tensorboard."),
@@ -56,6 +58,7 @@ def train(
         ks=tuple(int(v) for v in _floats(k, "--k")) if k else None,
         group_fractions=_floats(group_fractions, "--group-fractions") if group_fractions else None,
         batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps, aux_alpha=aux_alpha,
+        threshold_start_step=threshold_start_step, dead_window=dead_window,
         checkpoint_every=checkpoint_every, log_every=log_every, log_to=log_to,
     )
     fields.update({key: v for key, v in given.items() if v is not None})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from sae_vlm.sae import activations as act
+from sae_vlm.sae import sparse
 from sae_vlm.sae.model import SAE, EncoderOutput
+from sae_vlm.sae.sparse import SparseCodes
 
 
 def mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
@@ -15,22 +17,19 @@ def mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tens
 
 def matryoshka_mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
     """Mean over groups g of (1/G)·mse(x, b_dec + codes of groups ≤ g): the paper's nested-prefix loss."""
-    sizes = sae.cfg.group_sizes
-    G = len(sizes)
+    parts = sae.decode_groups(enc.codes)
+    G = len(parts)
     x_hat = sae.b_dec.expand_as(x_ND)
     total = x_ND.new_zeros(())
-    start = 0
-    for size in sizes:
-        stop = start + size
-        x_hat = x_hat + enc.codes_NF[:, start:stop] @ sae.W_dec[start:stop]
+    for part in parts:
+        x_hat = x_hat + part
         total = total + (x_ND - x_hat).pow(2).sum(-1).mean() / G
-        start = stop
     return total / G
 
 
 def l1(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
     """Σ|f_j|·‖W_dec,j‖ averaged over the batch (decoder rows are unit norm, so this is Σ|f_j|)."""
-    return (enc.codes_NF.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    return (enc.codes.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
 
 
 def l0_deviation(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None, bandwidth: float = 1e-3):
@@ -44,10 +43,11 @@ def aux_k(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Te
     if dead_F is None or not dead_F.any():
         return x_ND.new_zeros(())
     k_aux = min(sae.cfg.d_in // 2, int(dead_F.sum()))
-    h_dead = torch.where(dead_F, enc.h_NF, torch.full_like(enc.h_NF, -torch.inf))
-    codes = act.topk(h_dead, k_aux).clamp_min(0)  # keep only positive (dead) pre-activations
+    h_dead = torch.where(dead_F, enc.h_NF.detach(), -torch.inf)
+    rows, cols = sparse.topk_indices(h_dead, k_aux)  # only dead latents can win: k_aux <= #dead
+    codes = SparseCodes(sae.values_at(x_ND, enc.h_NF, rows, cols), rows, cols, x_ND.shape[0])
     e_ND = (x_ND - x_hat_ND).detach()
-    e_hat_ND = codes @ sae.W_dec
+    e_hat_ND = sparse.decode(codes, sae.W_dec)
     num = (e_ND - e_hat_ND).pow(2).sum(-1).mean()
     den = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()
     return torch.nan_to_num(num / den, nan=0.0)

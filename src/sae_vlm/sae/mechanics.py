@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from sae_vlm.sae.sparse import SparseCodes
+
 
 @torch.no_grad()
 def remove_parallel_grads_(W_dec_FD: torch.nn.Parameter) -> None:
@@ -28,19 +30,25 @@ class DeadLatents:
         self.window = window
         self.since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
 
-    def update(self, codes_NF: torch.Tensor) -> None:
-        self.since_fired_F += codes_NF.shape[0]
-        self.since_fired_F[(codes_NF > 0).any(dim=0)] = 0
+    def update(self, codes) -> None:
+        """`codes`: dense [N, F] or SparseCodes."""
+        if isinstance(codes, SparseCodes):
+            self.since_fired_F += codes.n_rows
+            self.since_fired_F[codes.cols_M[codes.values_M > 0]] = 0
+        else:
+            self.since_fired_F += codes.shape[0]
+            self.since_fired_F[(codes > 0).any(dim=0)] = 0
 
     def mask(self) -> torch.Tensor:
         return self.since_fired_F >= self.window
 
 
 @torch.no_grad()
-def update_threshold_(theta: torch.Tensor, codes_NF: torch.Tensor, beta: float = 0.999) -> None:
+def update_threshold_(theta: torch.Tensor, codes, beta: float = 0.999) -> None:
     """θ ← β·θ + (1−β)·(smallest positive kept activation); the first update sets θ directly (θ < 0 = unset)."""
-    kept = codes_NF[codes_NF > 0]
-    smallest = kept.min() if kept.numel() else torch.zeros((), device=codes_NF.device)
+    values = codes.values_M if isinstance(codes, SparseCodes) else codes
+    kept = values[values > 0].to(theta.dtype)
+    smallest = kept.min() if kept.numel() else torch.zeros((), device=values.device)
     theta.copy_(torch.where(theta < 0, smallest, beta * theta + (1 - beta) * smallest))
 
 

@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sae_vlm.sae import activations as act
+from sae_vlm.sae import sparse
+from sae_vlm.sae.sparse import SparseCodes
 
 # arch -> default inference mode. Training uses `train_select` below.
 ARCHS = {
@@ -67,9 +69,12 @@ def group_sizes_from_fractions(fractions, d_sae: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+SPARSE_ARCHS = ("topk", "batchtopk", "matryoshka")  # archs with a fast sparse training path
+
+
 class EncoderOutput(NamedTuple):
-    h_NF: torch.Tensor  # post-ReLU pre-activations (what the aux loss and θ update read)
-    codes_NF: torch.Tensor  # selected, sparse codes
+    h_NF: torch.Tensor  # post-ReLU pre-activations (what the aux loss reads)
+    codes: torch.Tensor | SparseCodes  # selected codes: dense [N, F], or sparse entries on the fast path
 
 
 class SAE(nn.Module):
@@ -115,16 +120,47 @@ class SAE(nn.Module):
         """Dense codes for raw activations, by default in the architecture's inference mode."""
         return self.select(self.pre_acts(x_ND), mode or ARCHS[self.cfg.arch])
 
-    def decode(self, codes_NF: torch.Tensor) -> torch.Tensor:
-        return codes_NF @ self.W_dec + self.b_dec
+    def decode(self, codes: torch.Tensor | SparseCodes) -> torch.Tensor:
+        if isinstance(codes, SparseCodes):
+            return sparse.decode(codes, self.W_dec) + self.b_dec
+        return codes @ self.W_dec + self.b_dec
+
+    def decode_groups(self, codes: torch.Tensor | SparseCodes) -> list[torch.Tensor]:
+        """Each Matryoshka group's contribution to the reconstruction (no bias), in order."""
+        bounds = torch.tensor((0, *self.cfg.group_sizes)).cumsum(0).tolist()
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if isinstance(codes, SparseCodes):
+                in_group = (codes.cols_M >= lo) & (codes.cols_M < hi)
+                parts.append(sparse.decode(codes, self.W_dec, codes.values_M * in_group))
+            else:
+                parts.append(codes[:, lo:hi] @ self.W_dec[lo:hi])
+        return parts
+
+    def values_at(self, x_ND, h_NF, rows_M, cols_M) -> torch.Tensor:
+        """h at chosen entries, differentiable: by indexing when h carries a graph, else sparsely."""
+        if h_NF.requires_grad:
+            return h_NF[rows_M, cols_M]
+        return sparse.selected_values(self, x_ND, h_NF, rows_M, cols_M)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x_ND))
 
-    def train_encode(self, x_ND: torch.Tensor, bandwidth: float = 1e-3) -> EncoderOutput:
-        """The training-time selection: batch top-k, per-row top-k, ReLU, or JumpReLU with an STE."""
-        h = self.pre_acts(x_ND)
+    def train_encode(self, x_ND: torch.Tensor, bandwidth: float = 1e-3, fast: bool = False) -> EncoderOutput:
+        """The training-time selection: batch top-k, per-row top-k, ReLU, or JumpReLU with an STE.
+
+        `fast` (top-k archs only) selects without a graph over the N×F pre-activations and returns sparse
+        codes whose gradients touch only the selected entries; the function computed is the same.
+        """
         arch = self.cfg.arch
+        if fast and arch in SPARSE_ARCHS:
+            with torch.no_grad():
+                h = self.pre_acts(x_ND)
+            pick = sparse.topk_indices if arch == "topk" else sparse.batch_topk_indices
+            rows, cols = pick(h, self.cfg.k)
+            values = sparse.selected_values(self, x_ND, h, rows, cols)
+            return EncoderOutput(h, SparseCodes(values, rows, cols, x_ND.shape[0]))
+        h = self.pre_acts(x_ND)
         if arch == "jumprelu":
             return EncoderOutput(h, act.jumprelu(h, self.threshold, bandwidth))
         mode = {"relu": "relu", "topk": "topk"}.get(arch, "batchtopk")

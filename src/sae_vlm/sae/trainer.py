@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 from sae_vlm.config import SAESpec, TrainConfig
 from sae_vlm.data.source import ActivationSource, as_source
 from sae_vlm.sae import losses, mechanics
-from sae_vlm.sae.model import SAE, SAEConfig, atomic_save_file, atomic_write_text, group_sizes_from_fractions
+from sae_vlm.sae.sparse import SparseCodes
+from sae_vlm.sae.model import SAE, EncoderOutput, SAEConfig, atomic_save_file, atomic_write_text, group_sizes_from_fractions
 
 CKPT = "ckpt/state.safetensors"
 
@@ -47,7 +49,7 @@ class Batches:
         self.data_ND = source.all().to(device, torch.float32) if fits else None
         if self.data_ND is not None:
             for start in range(0, source.rows, 65536):
-                check_finite(self.data_ND[start : start + 65536], start)
+                check_finite(self.data_ND[start : start + 65536], torch.arange(start, min(start + 65536, source.rows)))
         self.perm_device = device if self.data_ND is not None else torch.device("cpu")
         self._epoch, self._perm = -1, None
 
@@ -61,17 +63,17 @@ class Batches:
         if self.data_ND is not None:
             return self.data_ND[idx]
         x = self.source.get(idx)
-        check_finite(x, None)
+        check_finite(x, idx)
         return x.to(self.device, non_blocking=True)
 
 
-def check_finite(x_ND: torch.Tensor, offset: int | None) -> None:
+def check_finite(x_ND: torch.Tensor, rows_N: torch.Tensor) -> None:
+    """Raise naming the first source row (rows_N maps batch rows to source rows) that holds NaN or inf."""
     bad = ~torch.isfinite(x_ND)
     if bad.any():
-        row = int(bad.any(dim=1).nonzero()[0])
-        where = f"row {offset + row}" if offset is not None else "a streamed batch"
+        row = int(rows_N[int(bad.any(dim=1).nonzero()[0])])
         value = x_ND[bad][0].item()
-        raise ValueError(f"activations contain {value} at {where}; expected finite values (NaN/inf in the source)")
+        raise ValueError(f"activations contain {value} at row {row}; expected finite values (NaN/inf in the source)")
 
 
 @dataclasses.dataclass
@@ -95,7 +97,7 @@ def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict)
     sae = SAE(SAEConfig(spec.arch, d_in, d_sae, k, groups, meta.get("hook_point"), meta.get("model_id"),
                         meta.get("token_selection"))).to(device)
     base_lr = cfg.lr if cfg.lr is not None else mechanics.default_lr(d_sae)
-    opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), fused=True)
     terms = losses.objective(spec.arch)
     if "l0_penalty" in terms:
         terms["l0_penalty"] = functools.partial(losses.l0_deviation, bandwidth=cfg.jumprelu_bandwidth)
@@ -110,14 +112,13 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig) -> di
     """One optimizer step of one SAE on a normalised batch; returns what the log records."""
     sae, weights = m.sae, term_weights(cfg)
     with torch.autocast(x_ND.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        enc = sae.train_encode(x_ND, cfg.jumprelu_bandwidth)
-        x_hat = sae.decode(enc.codes_NF)
-    enc = type(enc)(*(t.float() for t in enc))
-    x_hat = x_hat.float()
-    m.dead.update(enc.codes_NF)
+        enc = sae.train_encode(x_ND, cfg.jumprelu_bandwidth, fast=cfg.fast)
+        x_hat = sae.decode(enc.codes).float()
+    enc = as_float(enc)
+    m.dead.update(enc.codes)
     dead_F = m.dead.mask()
     if sae.cfg.arch in ("topk", "batchtopk", "matryoshka") and step > cfg.threshold_start_step:
-        mechanics.update_threshold_(sae.threshold, enc.codes_NF, cfg.threshold_beta)
+        mechanics.update_threshold_(sae.threshold, enc.codes, cfg.threshold_beta)
     values = {name: fn(x_ND, x_hat, enc, sae, dead_F) for name, fn in m.terms.items()}
     loss = sum(weights[name] * v for name, v in values.items())
 
@@ -134,8 +135,22 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig) -> di
         with torch.no_grad():
             sae.threshold.clamp_(min=0.0)
     values = {k: v.detach() for k, v in values.items()}
-    return {"loss": loss.detach(), **values, "fve": fve(x_ND, x_hat.detach()), "l0": (enc.codes_NF > 0).sum(-1).float().mean(),
+    return {"loss": loss.detach(), **values, "fve": fve(x_ND, x_hat.detach()), "l0": l0(enc.codes),
             "dead_frac": dead_F.float().mean(), "lr": lr}
+
+
+def as_float(enc: EncoderOutput) -> EncoderOutput:
+    """Losses run in fp32 whatever precision the autocast forward produced."""
+    codes = enc.codes
+    codes = codes._replace(values_M=codes.values_M.float()) if isinstance(codes, SparseCodes) else codes.float()
+    return EncoderOutput(enc.h_NF.float() if enc.h_NF.dtype != torch.float32 else enc.h_NF, codes)
+
+
+def l0(codes) -> torch.Tensor:
+    """Mean number of active latents per row."""
+    if isinstance(codes, SparseCodes):
+        return (codes.values_M > 0).sum().float() / codes.n_rows
+    return (codes > 0).sum(-1).float().mean()
 
 
 def fve(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> torch.Tensor:
@@ -164,9 +179,11 @@ def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     ckpt = out / CKPT
-    if ckpt.exists() and not resume:
+    # train_config.json is written before the first step, so this also catches a run killed before its first checkpoint.
+    if (ckpt.exists() or (out / "train_config.json").exists()) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    source = source if source is not None else as_source(cfg.data, layer=cfg.layer)
+    check_log_sink(cfg.log_to)
+    source = as_source(source if source is not None else cfg.data, layer=cfg.layer)  # a tensor or array works too
     batches = Batches(source, cfg, device)
     meta = source_meta(source, cfg)
     members = [build_member(spec, source.d_in, cfg, device, meta) for spec in cfg.specs()]
@@ -178,6 +195,7 @@ def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool
         start, norm = load_checkpoint(ckpt, members, cfg)
         truncate_log(out / "log.jsonl", start)
     else:
+        truncate_log(out / "log.jsonl", 0)  # --resume without a checkpoint restarts from step 0
         start, norm = 0, estimate_norm_factor(batches, cfg.norm_batches)
         first = batches(0) / norm
         for m in members:
@@ -273,6 +291,12 @@ def truncate_log(path: Path, step: int) -> None:
         if row["step"] <= step:
             keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def check_log_sink(log_to: str | None) -> None:
+    """Fail before anything is written when the requested logging package is missing."""
+    if log_to is not None and importlib.util.find_spec(log_to) is None:
+        raise ValueError(f"--log-to {log_to} needs the {log_to} package; pip install {log_to}")
 
 
 class Logger:

@@ -1,0 +1,312 @@
+"""Sharded activation store: write (atomic, resumable, multi-rank) and read (memory-mapped ActivationSource).
+
+Layout of one extraction:
+  STORE/extract_config.json          the run's settings; a resume must match them
+  STORE/parts/shard_000000.json      written last for each shard: it marks the shard done (images, skipped,
+                                     per-subdir rows + sha256); a killed run redoes only unmarked shards
+  STORE/<hook point>__<tokens>/      e.g. layer.11__cls, layer.22__random-2, last__pooled
+      shard_000000.npy               rows of the shard (fp16 | fp32 | bf16 stored as raw uint16)
+      manifest.json                  model id + revision, hook point, tokens, dtype, shape, shards + sha256,
+                                     rows, skipped [{path, reason}], rows_file
+      rows.jsonl                     one line per kept image: id, path, label, first row, row count
+      token_index.npy                token position of each row (-1 = pooled/mean), int32
+  STORE/manifest.json                written last of all: the store is complete
+Shard s holds the kept images among input images [s * shard_images, (s + 1) * shard_images), so every rank
+can write its shards independently and the store is identical for any number of ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "sae-vlm-store/1"
+STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
+FP16_MAX = 65504.0
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def to_storage(acts_ND: torch.Tensor, dtype: str, hook_point: str) -> np.ndarray:
+    """Cast to the store dtype; fp16 refuses values it cannot hold instead of writing inf."""
+    if dtype not in STORAGE:
+        raise ValueError(f"store dtype {dtype!r} is not understood; expected fp16, bf16 or fp32")
+    if acts_ND.numel() and not torch.isfinite(acts_ND).all():
+        raise ValueError(f"activations at {hook_point} contain inf/NaN (the model's compute dtype overflowed?)")
+    if dtype == "fp16":
+        m = acts_ND.abs().max().item() if acts_ND.numel() else 0.0
+        if m > FP16_MAX:
+            raise ValueError(f"activations at {hook_point} reach {m:.6g}, beyond fp16's max 65504; use --dtype bf16 or fp32")
+        return acts_ND.to(torch.float16).cpu().numpy()
+    if dtype == "bf16":
+        return acts_ND.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+    return acts_ND.float().cpu().numpy()
+
+
+def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def shard_name(s: int) -> str:
+    return f"shard_{s:06d}"
+
+
+class StoreWriter:
+    """Writes shards of one extraction into `root`; see the module docstring for the layout."""
+
+    def __init__(self, root: str | Path, config: dict, subdirs: dict[str, dict]):
+        self.root = Path(root)
+        self.config = config
+        self.subdirs = subdirs  # name -> {"hook_point", "tokens", "rows_per_image"}
+
+    def prepare(self, is_main: bool = True) -> None:
+        """Create dirs and record the config; raise if `root` holds a different extraction."""
+        cfg_path = self.root / "extract_config.json"
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if cfg_path.exists():
+                old = json.loads(cfg_path.read_text())
+                if old != self.config:
+                    diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+                    raise ValueError(f"--out {self.root} holds an extraction with different settings ({', '.join(diff)}); "
+                                     "use a new --out directory or the same settings to resume")
+            else:
+                atomic_write_json(cfg_path, self.config)
+            (self.root / "parts").mkdir(exist_ok=True)
+            for name in self.subdirs:
+                (self.root / name).mkdir(exist_ok=True)
+            for stale in self.root.glob("**/.*.tmp*"):  # left by a killed run; never part of a finished shard
+                stale.unlink()
+
+    def done_shards(self) -> set[int]:
+        parts = self.root / "parts"
+        if not parts.is_dir():
+            return set()
+        return {int(p.stem.split("_")[1]) for p in parts.glob("shard_*.json")}
+
+    def write_shard(self, s: int, arrays: dict[str, np.ndarray], token_index: dict[str, np.ndarray],
+                    images: list[dict], skipped: list[dict]) -> None:
+        """Write every subdir's rows for shard s, then the part file that marks the shard done."""
+        info = {}
+        for name, arr in arrays.items():
+            data = _npy_bytes(arr)
+            atomic_write_bytes(self.root / name / f"{shard_name(s)}.npy", data)
+            info[name] = {"rows": int(arr.shape[0]), "sha256": hashlib.sha256(data).hexdigest(),
+                          "token_index": token_index[name].tolist()}
+        atomic_write_json(self.root / "parts" / f"{shard_name(s)}.json",
+                          {"shard": s, "images": images, "skipped": skipped, "subdirs": info})
+
+    def finalize(self, n_shards: int, meta: dict) -> dict:
+        """Merge the part files into one manifest per subdir and the root manifest (rank 0, after all shards)."""
+        parts = []
+        for s in range(n_shards):
+            p = self.root / "parts" / f"{shard_name(s)}.json"
+            if not p.exists():
+                raise RuntimeError(f"shard {s} of {self.root} is missing; rerun extract to resume")
+            parts.append(json.loads(p.read_text()))
+        images = [im for part in parts for im in part["images"]]
+        skipped = [sk for part in parts for sk in part["skipped"]]
+        for name, sd in self.subdirs.items():
+            shards, lines, tok, row = [], [], [], 0
+            for part in parts:
+                si = part["subdirs"][name]
+                shards.append({"file": f"{shard_name(part['shard'])}.npy", "rows": si["rows"], "sha256": si["sha256"]})
+                tok.extend(si["token_index"])
+            n_per = sd["rows_per_image"]
+            for im in images:
+                lines.append(json.dumps({**im, "row": row, "n": n_per}))
+                row += n_per
+            total = sum(x["rows"] for x in shards)
+            if total != row:
+                raise RuntimeError(f"{name}: shards hold {total} rows but {len(images)} images x {n_per} = {row}")
+            d = self.root / name
+            atomic_write_bytes(d / "rows.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"")
+            atomic_write_bytes(d / "token_index.npy", _npy_bytes(np.asarray(tok, dtype=np.int32)))
+            atomic_write_json(d / "manifest.json", {
+                "format": FORMAT, **meta, "hook_point": sd["hook_point"], "token_selection": sd["tokens"],
+                "dtype": self.config["dtype"], "storage_dtype": np.dtype(STORAGE[self.config["dtype"]]).name,
+                "shape": [total, meta["d_model"]], "rows": total, "images": len(images), "rows_per_image": n_per,
+                "rows_file": "rows.jsonl", "token_index_file": "token_index.npy", "shards": shards,
+                "skipped": skipped})
+        root_manifest = {"format": FORMAT, **meta, "rows": len(images), "images": len(images),
+                         "subdirs": list(self.subdirs), "skipped": skipped, "config": self.config}
+        atomic_write_json(self.root / "manifest.json", root_manifest)
+        return root_manifest
+
+
+class StoreReader:
+    """One (hook point, token selection) of a store as an ActivationSource (float32 rows on demand)."""
+
+    def __init__(self, subdir: str | Path):
+        self.path = Path(subdir)
+        mp = self.path / "manifest.json"
+        if not mp.exists():
+            raise FileNotFoundError(f"{self.path} has no manifest.json (incomplete extraction? rerun extract to resume)")
+        self.manifest = json.loads(mp.read_text())
+        self.dtype = self.manifest["dtype"]
+        self.rows, self.d_in = (int(x) for x in self.manifest["shape"])
+        self.hook_point = self.manifest["hook_point"]
+        self.token_selection = self.manifest["token_selection"]
+        self.rows_per_image = int(self.manifest["rows_per_image"])
+        self._shards = [sh for sh in self.manifest["shards"] if sh["rows"] > 0]
+        self._starts = np.cumsum([0] + [sh["rows"] for sh in self._shards])
+        self._mm: dict[int, np.ndarray] = {}
+        self._images: list[dict] | None = None
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __repr__(self) -> str:
+        return f"StoreReader({str(self.path)!r}, rows={self.rows}, d_in={self.d_in}, dtype={self.dtype})"
+
+    def _shard(self, j: int) -> np.ndarray:
+        if j not in self._mm:
+            self._mm[j] = np.load(self.path / self._shards[j]["file"], mmap_mode="r")
+        return self._mm[j]
+
+    def get(self, idx_N: torch.Tensor) -> torch.Tensor:
+        idx = np.asarray(idx_N.cpu().numpy() if isinstance(idx_N, torch.Tensor) else idx_N, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.rows):
+            raise IndexError(f"row index out of range for a store of {self.rows} rows")
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        shard_of = np.searchsorted(self._starts, sidx, side="right") - 1
+        out = np.empty((len(idx), self.d_in), dtype=np.float32)
+        for j in np.unique(shard_of):
+            sel = shard_of == j
+            out[order[sel]] = from_storage(self._shard(int(j))[sidx[sel] - self._starts[j]], self.dtype)
+        return torch.from_numpy(out)
+
+    def range(self, start: int, stop: int) -> torch.Tensor:
+        return self.get(torch.arange(start, min(stop, self.rows)))
+
+    def all(self) -> torch.Tensor:
+        parts = [from_storage(np.asarray(self._shard(j)), self.dtype) for j in range(len(self._shards))]
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, self.d_in), np.float32))
+
+    def iter_batches(self, batch_size: int, seed: int = 0, buffer_rows: int = 1 << 18, shuffle: bool = True):
+        """Shuffled float32 batches: shards in random order, rows mixed in a buffer of ~buffer_rows."""
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self._shards)) if shuffle else np.arange(len(self._shards))
+        buf: list[np.ndarray] = []
+        n = 0
+
+        def drain(final: bool):
+            x = np.concatenate(buf)
+            if shuffle:
+                x = x[rng.permutation(len(x))]
+            cut = len(x) if final else len(x) - len(x) % batch_size
+            for i in range(0, cut, batch_size):
+                yield torch.from_numpy(x[i : i + batch_size])
+            return x[cut:]
+
+        for j in order:
+            buf.append(from_storage(np.asarray(self._shard(int(j))), self.dtype))
+            n += len(buf[-1])
+            if n >= buffer_rows:
+                rest = yield from drain(False)
+                buf, n = ([rest] if len(rest) else []), len(rest)
+        if n:
+            yield from drain(True)
+
+    # ---- metadata --------------------------------------------------------------------------------------
+    def images(self) -> list[dict]:
+        """One dict per kept image: id, path, label, row (first row), n (rows)."""
+        if self._images is None:
+            text = (self.path / self.manifest["rows_file"]).read_text()
+            self._images = [json.loads(line) for line in text.splitlines() if line]
+        return self._images
+
+    def image_index(self) -> np.ndarray:
+        """For each row, the index of its image in `images()`."""
+        return np.repeat(np.arange(len(self.images())), self.rows_per_image)
+
+    def _per_row(self, key: str) -> list:
+        ims = self.images()
+        return [ims[i][key] for i in self.image_index()]
+
+    def image_ids(self) -> list[str]:
+        return self._per_row("id")
+
+    def paths(self) -> list[str]:
+        return self._per_row("path")
+
+    def labels(self) -> list[str | None]:
+        return self._per_row("label")
+
+    def token_index(self) -> np.ndarray:
+        return np.load(self.path / self.manifest["token_index_file"])
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.manifest["skipped"]
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256; raise naming the first shard that does not match."""
+        for sh in self.manifest["shards"]:
+            h = hashlib.sha256((self.path / sh["file"]).read_bytes()).hexdigest()
+            if h != sh["sha256"]:
+                raise ValueError(f"shard {self.path / sh['file']} is corrupt: sha256 {h} != manifest {sh['sha256']}")
+
+
+def list_subdirs(root: str | Path) -> list[str]:
+    return sorted(p.parent.name for p in Path(root).glob("*/manifest.json"))
+
+
+def open_store(path: str | Path, layer: str | None = None) -> StoreReader:
+    """A store subdir, or the root with `layer` naming a subdir ('layer.11__cls'), a hook point ('layer.11',
+    '11', 'last') when only one token selection exists for it, or None when the store has one subdir."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"activation store {path} does not exist")
+    if (path / "manifest.json").exists() and "hook_point" in json.loads((path / "manifest.json").read_text()):
+        return StoreReader(path)
+    names = list_subdirs(path)
+    if not names:
+        if (path / "extract_config.json").exists():
+            raise FileNotFoundError(f"store {path} is incomplete (no manifest.json); rerun the same extract to resume")
+        raise FileNotFoundError(f"{path} is not an activation store (no manifest.json)")
+    if layer is None:
+        if len(names) == 1:
+            return StoreReader(path / names[0])
+        raise ValueError(f"store {path} has several layers; pick one with layer=, one of {names}")
+    layer = str(layer)
+    if layer in names:
+        return StoreReader(path / layer)
+    from sae_vlm.backbones.hf import parse_hook_point
+
+    try:
+        hp = parse_hook_point(layer.split("__")[0])
+    except ValueError:
+        hp = layer
+    tok = layer.split("__")[1] if "__" in layer else None
+    hits = [n for n in names if n.split("__")[0] == hp and (tok is None or n.split("__")[1] == tok)]
+    if len(hits) == 1:
+        return StoreReader(path / hits[0])
+    raise ValueError(f"layer {layer!r} does not pick one subdir of {path}; choose one of {names}")

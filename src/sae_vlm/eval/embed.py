@@ -1,0 +1,76 @@
+"""Image embeddings for the MS similarity, computed once per dataset and cached.
+
+Cache: `DIR/embeddings__<model slug>.npy` + `.json` ({model_id, rows, dim}); reused only when both match.
+The cache logic takes a callable or an array, so it does not depend on any backbone; `backbone_embedder`
+builds such a callable from a hub id / directory via the extraction code's loader ("last" hook point: CLIP
+image_embeds, DINOv2 pooler output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _slug(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_id)).strip("_")[-80:] or "model"
+
+
+def cache_paths(cache_dir: str | Path, model_id: str) -> tuple[Path, Path]:
+    base = Path(cache_dir) / f"embeddings__{_slug(model_id)}"
+    return base.with_suffix(".npy"), base.with_suffix(".json")
+
+
+def cached_embeddings(
+    cache_dir: str | Path, model_id: str, rows: int, compute: Callable[[], np.ndarray] | np.ndarray
+) -> np.ndarray:
+    """Embeddings [rows, D] for `model_id`: from the cache if it matches, else `compute()` and store them."""
+    npy, meta = cache_paths(cache_dir, model_id)
+    if npy.is_file() and meta.is_file():
+        info = json.loads(meta.read_text())
+        if info.get("model_id") == str(model_id) and info.get("rows") == rows:
+            return np.load(npy, mmap_mode="r")
+    emb = np.asarray(compute() if callable(compute) else compute, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != rows:
+        raise ValueError(f"embedder {model_id} gave embeddings of shape {emb.shape} but the dataset has {rows} rows")
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=npy.parent, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, emb)
+    os.replace(tmp, npy)
+    fd, tmp = tempfile.mkstemp(dir=npy.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"model_id": str(model_id), "rows": rows, "dim": int(emb.shape[1])}, f)
+    os.replace(tmp, meta)
+    return emb
+
+
+def backbone_embedder(model_id: str, paths: Sequence[str], *, device="cpu", batch_size: int = 64,
+                      quiet: bool = True) -> Callable[[], np.ndarray]:
+    """A callable that embeds the images at `paths` with the backbone's "last" hook point."""
+
+    def compute() -> np.ndarray:
+        import torch
+        from PIL import Image
+        from tqdm.auto import tqdm
+
+        from sae_vlm.backbones.hf import load_backbone
+
+        bb = load_backbone(model_id, device=device)
+        out = []
+        for b0 in tqdm(range(0, len(paths), batch_size), desc="embeddings", disable=quiet, leave=False):
+            imgs = []
+            for p in paths[b0 : b0 + batch_size]:
+                with Image.open(p) as im:
+                    imgs.append(im.convert("RGB"))
+            with torch.no_grad():
+                out.append(bb.capture(bb.preprocess(imgs), ["last"])["last"].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+    return compute

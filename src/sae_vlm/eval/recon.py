@@ -1,0 +1,184 @@
+"""How well an SAE reconstructs held-out activations, and whether CLIP still works with it spliced in.
+
+FVE = 1 − Σ_d Var(x_d − x̂_d) / Σ_d Var(x_d), per-dimension variances over the split (streaming, float64,
+merged chunk by chunk with Chan's formula so large means do not cancel). Also MSE, mean cosine(x, x̂),
+L0 in threshold and top-k mode, and the fractions of dead (never fire) and dense (fire on > `dense_cutoff`
+of rows) latents, under the SAE's default inference mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sae_vlm.data.source import as_source
+from sae_vlm.eval.ms import _device
+
+F64 = torch.float64
+
+
+class _Moments:
+    """Streaming per-dimension mean and sum of squared deviations (Chan et al. merge), float64."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x_RD: torch.Tensor) -> None:
+        x = x_RD.double()
+        nb, mb = x.shape[0], x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * nb / n
+        self.m2 = self.m2 + m2b + delta**2 * self.n * nb / n
+        self.n = n
+
+    def var(self) -> torch.Tensor:
+        return self.m2 / self.n
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    sae, data, *, rows: torch.Tensor | None = None, device=None, chunk_rows: int = 4096,
+    dense_cutoff: float = 0.1, quiet: bool = True,
+) -> dict:
+    """FVE, MSE, cosine, L0 (threshold / top-k), dead and dense fractions of `sae` on `data` (rows `rows`)."""
+    dev = _device(device)
+    src = as_source(data)
+    if src.d_in != sae.cfg.d_in:
+        raise ValueError(f"activations have width {src.d_in} but the SAE expects d_in={sae.cfg.d_in}")
+    rows = torch.arange(src.rows) if rows is None else torch.as_tensor(rows).long()
+    if rows.numel() == 0:
+        raise ValueError("evaluation set is empty: 0 held-out rows, expected at least 1")
+    sae = sae.to(dev).eval()
+    x_mom, r_mom = _Moments(), _Moments()
+    sq_err = cos_sum = l0_thr = l0_topk = 0.0
+    fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=dev)
+    has_k = sae.cfg.k is not None
+    for r0 in tqdm(range(0, rows.numel(), chunk_rows), desc="reconstruction", disable=quiet, leave=False):
+        x = src.get(rows[r0 : r0 + chunk_rows]).to(dev).float()
+        codes = sae.encode(x)
+        x_hat = sae.decode(codes)
+        resid = (x - x_hat).double()
+        x_mom.add(x)
+        r_mom.add(resid)
+        sq_err += float((resid**2).sum())
+        cos_sum += float(torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=1).sum())
+        fired_F += (codes > 0).sum(0)
+        l0_thr += float((sae.encode(x, mode="threshold") > 0).sum()) if sae.cfg.arch != "relu" else float((codes > 0).sum())
+        if has_k:
+            l0_topk += float((sae.encode(x, mode="topk") > 0).sum())
+    n = rows.numel()
+    var_x = float(x_mom.var().sum())
+    fve = 1.0 - float(r_mom.var().sum()) / var_x if var_x > 0 else float("nan")
+    freq_F = fired_F.double().cpu() / n
+    return {
+        "rows": n,
+        "fve": fve,
+        "mse": sq_err / (n * sae.cfg.d_in),
+        "cosine": cos_sum / n,
+        "l0_threshold": l0_thr / n,
+        "l0_topk": l0_topk / n if has_k else None,
+        "dead_frac": float((fired_F == 0).double().mean()),
+        "dense_frac": float((freq_F > dense_cutoff).double().mean()),
+        "dense_cutoff": dense_cutoff,
+        "fire_freq": freq_F,  # per latent [F]; callers move it to the per-latent file
+    }
+
+
+def heldout_rows(n: int, fraction: float = 0.1, seed: int = 0) -> torch.Tensor:
+    """A seeded random `fraction` of row indices (sorted), at least one row."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"held-out fraction {fraction} must be in (0, 1]")
+    g = torch.Generator().manual_seed(seed)
+    m = max(1, int(round(n * fraction)))
+    return torch.randperm(n, generator=g)[:m].sort().values
+
+
+# --- downstream: CLIP zero-shot with the reconstruction spliced in ------------------------------------------
+
+
+def _clip_layers(model):
+    for path in ("vision_model.encoder.layers", "encoder.layers"):
+        cur = model
+        for part in path.split("."):
+            cur = getattr(cur, part, None)
+        if cur is not None:
+            return cur
+    raise ValueError(f"cannot find vision encoder layers in {type(model).__name__}; expected a CLIPModel")
+
+
+@contextlib.contextmanager
+def splice_sae(model, hook_point: str, sae, token_selection: str = "cls") -> Iterator[None]:
+    """Replace the activation at `hook_point` ("layer.<i>" residual after layer i, or "last" = image_embeds)
+    by the SAE reconstruction. At a layer, only the CLS token (token 0) is replaced for a "cls" SAE."""
+    if hook_point == "last":
+        module = getattr(model, "visual_projection", None)
+        if module is None:
+            raise ValueError(f"hook point 'last' needs a CLIPModel with visual_projection, got {type(model).__name__}")
+    elif hook_point.startswith("layer.") and hook_point[6:].lstrip("-").isdigit():
+        layers = _clip_layers(model)
+        i = int(hook_point[6:])
+        if not -len(layers) <= i < len(layers):
+            raise ValueError(f"hook point {hook_point!r} is out of range; the model has layers 0..{len(layers) - 1}")
+        module = layers[i]
+    else:
+        raise ValueError(f"hook point {hook_point!r} is not understood; expected 'layer.<i>' or 'last'")
+
+    def recon(t):
+        if t.ndim == 2:
+            return sae(t.float()).to(t.dtype)
+        t = t.clone()
+        if token_selection == "cls":
+            t[:, 0] = sae(t[:, 0].float()).to(t.dtype)
+        else:
+            t = sae(t.float()).to(t.dtype)
+        return t
+
+    def hook(_m, _inp, out):
+        if isinstance(out, tuple):
+            return (recon(out[0]),) + tuple(out[1:])
+        return recon(out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, pixel_values, labels: Sequence[int], text_inputs: dict, *, batch_size: int = 64) -> float:
+    """Top-1 accuracy of CLIP zero-shot classification; `text_inputs` are tokenised class prompts."""
+    labels = torch.as_tensor(labels).long()
+    if labels.numel() != pixel_values.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {pixel_values.shape[0]} images; expected one label per image")
+    if labels.numel() == 0:
+        raise ValueError("evaluation set is empty: 0 images for zero-shot accuracy")
+    model.eval()
+    dev = next(model.parameters()).device
+    text = model.get_text_features(**{k: v.to(dev) for k, v in text_inputs.items()})
+    text = getattr(text, "pooler_output", text)  # 5.x may return an output object
+    text = torch.nn.functional.normalize(text.float(), dim=-1)
+    correct = 0
+    for b0 in range(0, labels.numel(), batch_size):
+        img = model.get_image_features(pixel_values=pixel_values[b0 : b0 + batch_size].to(dev))
+        img = getattr(img, "pooler_output", img)
+        pred = (torch.nn.functional.normalize(img.float(), dim=-1) @ text.T).argmax(1).cpu()
+        correct += int((pred == labels[b0 : b0 + batch_size]).sum())
+    return correct / labels.numel()
+
+
+def accuracy_recovered(model, sae, hook_point: str, pixel_values, labels, text_inputs, *, token_selection="cls",
+                       batch_size: int = 64) -> dict:
+    """Zero-shot accuracy with and without the SAE spliced in, and their ratio."""
+    base = zero_shot_accuracy(model, pixel_values, labels, text_inputs, batch_size=batch_size)
+    with splice_sae(model, hook_point, sae, token_selection):
+        spliced = zero_shot_accuracy(model, pixel_values, labels, text_inputs, batch_size=batch_size)
+    return {"accuracy": base, "accuracy_spliced": spliced, "recovered": spliced / base if base > 0 else float("nan")}

@@ -1,0 +1,132 @@
+"""Markdown tables shaped like the paper's A1 / A6 / A7 and matplotlib plots (Agg) of an evaluation."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _width(r: dict) -> str:
+    ratio = r["d_sae"] / r["d_in"]
+    return f"×{ratio:g}"
+
+
+def _layer_key(layer: str):
+    tail = str(layer).split(".")[-1]
+    return (1, 0) if tail == "last" else (0, int(tail)) if tail.lstrip("-").isdigit() else (2, str(layer))
+
+
+def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
+    """Rows layer × architecture, columns width; MS mean±std (with No SAE), FVE %, L0 (threshold mode)."""
+    widths = sorted({_width(r) for r in results}, key=lambda w: float(w[1:]))
+    cells: dict[tuple, dict] = defaultdict(dict)
+    for r in results:
+        cells[(r["arch"], r["hook_point"])][_width(r)] = r
+    rows = sorted(cells, key=lambda k: (k[0], _layer_key(k[1])))
+
+    def fmt_ms(s):
+        return f"{s['mean']:.2f}±{s['std']:.2f}" if s and "mean" in s else "–"
+
+    def table(title, value, no_sae):
+        head = "| SAE | Layer |" + (" No SAE |" if no_sae else "") + "".join(f" {w} |" for w in widths)
+        sep = "|---|---|" + ("---|" if no_sae else "") + "---|" * len(widths)
+        lines = [f"### {title}", "", head, sep]
+        for arch, layer in rows:
+            line = f"| {arch} | {layer} |"
+            if no_sae:
+                b = baselines.get(layer, {}).get("no_sae")
+                line += f" {b['mean']:.4f}±{b['std']:.4f} |" if b and "mean" in b else " – |"
+            line += "".join(f" {value(cells[(arch, layer)][w]) if w in cells[(arch, layer)] else '–'} |" for w in widths)
+            lines.append(line)
+        return "\n".join(lines)
+
+    def fve(r):
+        v = r.get("recon", {}).get("fve")
+        return f"{100 * v:.1f}" if v is not None else "–"
+
+    def l0(r):
+        v = r.get("recon", {}).get("l0_threshold")
+        return f"{v:.1f}" if v is not None else "–"
+
+    parts = [
+        table("Mean ± std MS (cf. paper Table A1)", lambda r: fmt_ms(r["ms"]), True),
+        table("Fraction of variance explained, % (cf. Table A6; No SAE = 100)", fve, False),
+        table("L0 at inference, threshold mode (cf. Table A7)", l0, False),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _save_fig(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_ms_levels(path: Path, name: str, ms_K: np.ndarray, group_sizes, baseline_ms: np.ndarray | None) -> None:
+    """MS histogram per Matryoshka level (one level for a plain SAE), raw neurons as the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sae_vlm.eval.hierarchy import level_slices
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(-0.2, 1.0, 61)
+    for lvl, sl in enumerate(level_slices(group_sizes, len(ms_K))):
+        v = ms_K[sl][~np.isnan(ms_K[sl])]
+        if v.size:
+            ax.hist(v, bins=bins, histtype="step", density=True, label=f"level {lvl} ({v.size})")
+    if baseline_ms is not None:
+        b = baseline_ms[~np.isnan(baseline_ms)]
+        if b.size:
+            ax.hist(b, bins=bins, density=True, alpha=0.3, color="grey", label="neurons (No SAE)")
+    ax.set(xlabel="monosemanticity score", ylabel="density", title=name)
+    ax.legend(fontsize=7)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_fve_vs_width(path: Path, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    series: dict[tuple, list] = defaultdict(list)
+    for r in results:
+        if r.get("recon", {}).get("fve") is not None:
+            series[(r["arch"], r["hook_point"])].append((r["d_sae"] / r["d_in"], 100 * r["recon"]["fve"]))
+    for (arch, layer), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arch} {layer}")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="expansion factor (d_sae / d_in)", ylabel="FVE (%)")
+    ax.legend(fontsize=7)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_lca_levels(path: Path, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in results:
+        levels = r.get("hierarchy", {}).get("lca_mean_per_level")
+        if levels:
+            xs = [s["level"] for s in levels if "mean" in s]
+            ax.plot(xs, [s["mean"] for s in levels if "mean" in s], marker="o", label=r["name"])
+    ax.set(xlabel="Matryoshka level", ylabel="avg LCA depth (0..7)")
+    ax.legend(fontsize=7)
+    _save_fig(fig, path)
+    plt.close(fig)

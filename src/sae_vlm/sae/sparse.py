@@ -1,0 +1,102 @@
+"""The fast training path for top-k style SAEs: exact selection without sorting B×F values, a sparse
+decoder, and an encoder backward that touches only the selected entries.
+
+Codes are kept as (values, rows, cols) sorted by row, so `embedding_bag` can decode them: B·k·d work
+instead of B·F·d. The dense path in model.py computes the same function; tests compare the two.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class SparseCodes(NamedTuple):
+    values_M: torch.Tensor  # code values of the M selected entries
+    rows_M: torch.Tensor  # int64, sorted ascending
+    cols_M: torch.Tensor  # int64 latent ids
+    n_rows: int
+
+    def dense(self, d_sae: int) -> torch.Tensor:
+        out = self.values_M.new_zeros(self.n_rows, d_sae)
+        out[self.rows_M, self.cols_M] = self.values_M
+        return out
+
+
+def _from_flat(flat_idx: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat_idx = flat_idx.sort().values
+    return flat_idx // d_sae, flat_idx % d_sae
+
+
+@torch.no_grad()
+def topk_indices(h_NF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of each row's k largest entries, row-sorted."""
+    n, f = h_NF.shape
+    cols = h_NF.topk(k, dim=1, sorted=False).indices
+    rows = torch.arange(n, device=h_NF.device).repeat_interleave(k)
+    return _from_flat(rows * f + cols.flatten(), f)
+
+
+@torch.no_grad()
+def batch_topk_indices(h_NF: torch.Tensor, k: int, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the k·N largest entries of the batch, exactly, without a top-k over all N·F values.
+
+    Take each row's top-m candidates and the global top-k·N among them, with threshold t (the smallest
+    kept candidate). An entry left out of the candidates is ≤ its row's m-th candidate; if that m-th value
+    is < t in every row, no left-out entry could have been kept, so the result is exact. Otherwise (some
+    row holds more than m of the winners, or ties at t) fall back to the full top-k.
+    """
+    n, f = h_NF.shape
+    m = min(f, m or 4 * k)
+    total = k * n
+    if m == f:
+        return _from_flat(h_NF.flatten().topk(total, sorted=False).indices, f)
+    cand_vals, cand_cols = h_NF.topk(m, dim=1, sorted=True)
+    vals, pos = cand_vals.flatten().topk(total, sorted=False)
+    t = vals.min()
+    if bool((cand_vals[:, -1] >= t).any()):
+        return _from_flat(h_NF.flatten().topk(total, sorted=False).indices, f)
+    rows = pos // m
+    return _from_flat(rows * f + cand_cols.flatten()[pos], f)
+
+
+class _SelectedPreActs(torch.autograd.Function):
+    """relu(pre) at the selected entries, with gradients for W_enc, b_enc and b_dec touching only them."""
+
+    @staticmethod
+    def forward(ctx, values_M, x_ND, W_enc_DF, b_enc_F, b_dec_D, rows_M, cols_M):
+        ctx.save_for_backward(x_ND, W_enc_DF, b_dec_D, rows_M, cols_M, values_M > 0)
+        return values_M.clone()
+
+    @staticmethod
+    def backward(ctx, g_M):
+        x_ND, W_enc_DF, b_dec_D, rows_M, cols_M, alive_M = ctx.saved_tensors
+        g_M = g_M * alive_M  # relu: no gradient where the pre-activation was ≤ 0
+        d_sae = W_enc_DF.shape[1]
+        # ∂/∂W_enc[:, c] = Σ_{entries at c} g·(x_row − b_dec), gathered per entry and added into the columns.
+        xc_MD = (x_ND.index_select(0, rows_M) - b_dec_D) * g_M[:, None]
+        grad_W_FD = torch.zeros(d_sae, x_ND.shape[1], dtype=xc_MD.dtype, device=xc_MD.device)
+        grad_W_FD.index_add_(0, cols_M, xc_MD)
+        grad_b_enc_F = torch.zeros(d_sae, dtype=g_M.dtype, device=g_M.device).index_add_(0, cols_M, g_M)
+        grad_b_dec_D = -(W_enc_DF @ grad_b_enc_F)
+        return None, None, grad_W_FD.T.to(W_enc_DF.dtype), grad_b_enc_F, grad_b_dec_D, None, None
+
+
+def selected_values(sae, x_ND: torch.Tensor, h_NF: torch.Tensor, rows_M, cols_M) -> torch.Tensor:
+    """Code values at (rows, cols): taken from the already computed h, differentiable through the SAE."""
+    values_M = h_NF[rows_M, cols_M]
+    return _SelectedPreActs.apply(values_M, x_ND, sae.W_enc, sae.b_enc, sae.b_dec, rows_M, cols_M)
+
+
+def _offsets(rows_M: torch.Tensor, n_rows: int) -> torch.Tensor:
+    counts = torch.bincount(rows_M, minlength=n_rows)
+    return torch.cumsum(counts, 0) - counts
+
+
+def decode(codes: SparseCodes, W_dec_FD: torch.Tensor, weights_M: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_entries value·W_dec[col] per row (no bias), via embedding_bag over row-sorted entries."""
+    w = codes.values_M if weights_M is None else weights_M
+    return F.embedding_bag(codes.cols_M, W_dec_FD, _offsets(codes.rows_M, codes.n_rows), mode="sum",
+                           per_sample_weights=w.to(W_dec_FD.dtype))

@@ -1,0 +1,141 @@
+"""Steered LLaVA generation for many (edits, image, prompt) cases per call: left-padded batches, greedy.
+
+Each case carries its own edits; LLaVA's vision tower sees one row per image, so the per-item list form of
+`intervene` maps case i of a batch to image row i (every case has exactly one image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sae_vlm.steer.intervene import intervene
+
+WHITE = "white"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    image: Image.Image
+    prompt: str
+    edits: dict | None  # None: the model unpatched (the unsteered run)
+
+
+def white_image(size: int = 336) -> Image.Image:
+    return Image.new("RGB", (size, size), "white")
+
+
+def open_image(spec: str | Path | Image.Image) -> Image.Image:
+    """'white', a path, or a PIL image -> RGB PIL image."""
+    if isinstance(spec, Image.Image):
+        return spec.convert("RGB")
+    if str(spec) == WHITE:
+        return white_image()
+    p = Path(spec)
+    if not p.is_file():
+        raise FileNotFoundError(f"image {p} does not exist; expected 'white' or an image file")
+    with Image.open(p) as im:
+        return im.convert("RGB")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """'auto': fp16 on CUDA, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not understood; expected auto or one of {sorted(names)}")
+    return names[dtype]
+
+
+def load_llava(model_id_or_dir: str, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):
+    """(LlavaForConditionalGeneration in eval mode, its AutoProcessor)."""
+    import transformers
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_id_or_dir, dtype=resolve_dtype(dtype, device))
+    model.to(device).eval()
+    kw = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+    try:
+        processor = AutoProcessor.from_pretrained(model_id_or_dir, **kw)
+    except (TypeError, ValueError):
+        processor = AutoProcessor.from_pretrained(model_id_or_dir)
+    return model, processor
+
+
+def build_prompt(processor, prompt: str) -> str:
+    """The processor's chat template when it has one, else LLaVA-1.5's 'USER: <image>\\n... ASSISTANT:'."""
+    if getattr(processor, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(conv, add_generation_prompt=True)
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    return f"USER: {image_token}\n{prompt} ASSISTANT:"
+
+
+@contextlib.contextmanager
+def _left_padding(tokenizer):
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
+@torch.no_grad()
+def generate_batch(model, processor, sae, cases: Sequence[Case], *, hook_point=None, error_term: bool = True,
+                   max_new_tokens: int = 60) -> list[str]:
+    """One left-padded greedy `generate` call for all cases; returns the new text of each (special tokens dropped)."""
+    tok = processor.tokenizer
+    texts = [build_prompt(processor, c.prompt) for c in cases]
+    with _left_padding(tok):
+        inputs = processor(images=[c.image for c in cases], text=texts, return_tensors="pt", padding=True)
+    dev = next(model.parameters()).device
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, num_beams=1)
+    edits = [c.edits for c in cases]
+    if all(e is None for e in edits):
+        out = model.generate(**inputs, **gen)
+    else:
+        with intervene(model, hook_point, sae, edits, error_term=error_term):
+            out = model.generate(**inputs, **gen)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def generate_cases(model, processor, sae, cases: Sequence[Case], *, hook_point=None, error_term: bool = True,
+                   max_new_tokens: int = 60, batch_size: int = 16, quiet: bool = True) -> list[str]:
+    """Text for every case, `batch_size` cases per `generate` call, in the order given."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    out: list[str] = []
+    for b0 in tqdm(range(0, len(cases), batch_size), desc="generate", disable=quiet, leave=False):
+        out += generate_batch(model, processor, sae, cases[b0 : b0 + batch_size], hook_point=hook_point,
+                              error_term=error_term, max_new_tokens=max_new_tokens)
+    return out
+
+
+def grid_cases(latents: Sequence[int], alphas: Sequence[float], images: Sequence, prompts: Sequence[str],
+               op: str = "clamp") -> tuple[list[Case], list[dict]]:
+    """Every (latent, α, image, prompt) combination -> (cases, one metadata row per case)."""
+    cases, rows = [], []
+    opened = [(str(spec) if not isinstance(spec, Image.Image) else f"image[{i}]", open_image(spec))
+              for i, spec in enumerate(images)]
+    for j in latents:
+        for a in alphas:
+            for name, img in opened:
+                for p in prompts:
+                    cases.append(Case(img, p, {int(j): (op, float(a))}))
+                    rows.append({"latent": int(j), "alpha": float(a), "op": op, "image": name, "prompt": p})
+    return cases, rows

@@ -1,0 +1,148 @@
+"""Edit SAE latents inside a backbone with one forward hook (the model's modules are never replaced).
+
+error_term=True:  x ← x + Σ_j (f'_j − f_j)·W_dec[j]   (= x̂_edited + (x − x̂), so no edits ⇒ the input tensor itself)
+error_term=False: x ← x̂_edited = decode(edited codes)  (the paper's splice: even α = 0 replaces the residual)
+Codes come from the SAE's inference encode (threshold for batchtopk/matryoshka/jumprelu), in float32; the
+result is cast back to the model dtype. Only the chosen token positions of the chosen batch items are touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from sae_vlm.backbones.hf import Backbone, parse_hook_point
+from sae_vlm.sae.model import ARCHS
+from sae_vlm.steer.edits import apply_edits, check_batch_edits
+
+CHUNK_ROWS = 4096  # token rows per full encode in replace mode (bounds the [rows, d_sae] code buffer)
+
+
+def as_backbone(model) -> Backbone:
+    return model if isinstance(model, Backbone) else Backbone(model)
+
+
+def hook_width(bb: Backbone, hook_point: str) -> int:
+    """Width of the residual at a hook point, from the config (so a wrong SAE fails before any forward)."""
+    if parse_hook_point(hook_point) == "last" and getattr(bb, "_proj", None) is not None:
+        return int(bb._proj.out_features)
+    return int(bb.d_model)
+
+
+def check_sae_width(bb: Backbone, hook_point: str, sae) -> None:
+    want = hook_width(bb, hook_point)
+    if sae.cfg.d_in != want:
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the width {want} of hook point {hook_point!r} "
+                         f"of {bb.model.config.model_type} {bb.model_id}")
+
+
+def _edited_latent_codes(sae, x_ND: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+    """Codes of latents J only, [N, |J|]. Exact for element-wise inference modes; top-k needs the full row."""
+    mode = ARCHS[sae.cfg.arch]
+    if mode == "topk":
+        return sae.encode(x_ND)[:, J]
+    h = torch.relu((x_ND - sae.b_dec) @ sae.W_enc[:, J] + sae.b_enc[J])
+    if mode == "threshold":
+        th = sae.threshold
+        return h * (h > (th[J] if th.ndim else th))
+    return h
+
+
+def _edit_cols(codes_RPJ: torch.Tensor, row_edits: list[dict], col_of: dict[int, int]) -> torch.Tensor:
+    return torch.stack([apply_edits(codes_RPJ[r], e, col_of) for r, e in enumerate(row_edits)])
+
+
+def _positions(positions, T: int) -> torch.Tensor | None:
+    if positions is None:
+        return None
+    pos = torch.as_tensor(list(positions), dtype=torch.long)
+    if pos.numel() == 0 or pos.min() < -T or pos.max() >= T:
+        raise ValueError(f"token positions {pos.tolist()} are out of range for {T} tokens; expected -{T} <= p < {T}")
+    return pos % T
+
+
+def make_edit_fn(sae, edits, error_term: bool = True, positions: Sequence[int] | None = None):
+    """The function a hook applies to a hook point's output t ([B, T, D], or [B, D] for 'last')."""
+    checked = check_batch_edits(edits, sae.cfg.d_sae)
+
+    @torch.no_grad()
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        x_BTD = t[:, None] if t.ndim == 2 else t
+        B, T, D = x_BTD.shape
+        per_item = checked if isinstance(checked, list) else [checked] * B
+        if len(per_item) != B:
+            raise ValueError(f"{len(per_item)} per-item edit sets were given but the hook point saw {B} rows "
+                             "(LLaVA's vision tower sees one row per image)")
+        # None: item untouched. {} with an error term: nothing to change, so untouched too (bit-identical).
+        rows = [b for b, e in enumerate(per_item) if e is not None and (e or not error_term)]
+        if not rows:
+            return t
+        pos = _positions(positions, T)
+        pos_P = torch.arange(T) if pos is None else pos
+        rows_R = torch.tensor(rows)
+        dev = t.device
+        sel_R1, sel_1P = rows_R.to(dev)[:, None], pos_P.to(dev)[None, :]
+        x_RPD = x_BTD[sel_R1, sel_1P].float()
+        R, P = len(rows), len(pos_P)
+        row_edits = [per_item[b] for b in rows]
+        J = sorted({j for e in row_edits for j in e})
+        col_of = {j: c for c, j in enumerate(J)}
+        J_t = torch.tensor(J, dtype=torch.long, device=dev)
+        x_ND = x_RPD.reshape(R * P, D)
+        if error_term:
+            old = _edited_latent_codes(sae, x_ND, J_t).reshape(R, P, len(J))
+            new = _edit_cols(old, row_edits, col_of)
+            new_RPD = x_RPD + (new - old) @ sae.W_dec[J_t]
+        else:
+            pieces = []
+            for r0 in range(0, R * P, CHUNK_ROWS):
+                codes = sae.encode(x_ND[r0 : r0 + CHUNK_ROWS])
+                pieces.append(codes)
+            codes_RPF = torch.cat(pieces).reshape(R, P, -1)
+            if J:
+                codes_RPF[:, :, J_t] = _edit_cols(codes_RPF[:, :, J_t], row_edits, col_of)
+            new_RPD = sae.decode(codes_RPF)
+        out = x_BTD.clone()
+        out[sel_R1, sel_1P] = new_RPD.to(t.dtype)
+        return out[:, 0] if t.ndim == 2 else out
+
+    return fn
+
+
+@contextlib.contextmanager
+def intervene(model, hook_point: str | int | None, sae, edits, error_term: bool = True,
+              positions: Sequence[int] | None = None) -> Iterator[Backbone]:
+    """Within the block, SAE latents at `hook_point` are edited on every forward pass of `model`.
+
+    model: an HF vision model (CLIP, CLIPModel, SigLIP, DINOv2), a LlavaForConditionalGeneration, or a Backbone.
+    hook_point: "layer.<i>" / "last"; None means the LLaVA projector's input layer (or the SAE's own hook point).
+    edits: {latent: (op, value)} for every batch item, or a list with one such dict (or None) per batch row.
+    positions: token positions to edit (all tokens when None). The SAE is moved to the model's device, float32.
+    Yields the Backbone; the hook is removed on exit, also when the block raises.
+    """
+    bb = as_backbone(model)
+    if hook_point is None:
+        hook_point = bb.default_layer or sae.cfg.hook_point
+        if hook_point is None:
+            raise ValueError("hook_point is None and neither the model (LLaVA) nor the SAE config names one")
+    hook_point = parse_hook_point(hook_point)
+    bb._module(hook_point)  # range check now, not at the first forward
+    check_sae_width(bb, hook_point, sae)
+    sae.to(device=bb.device(), dtype=torch.float32)
+    fn = make_edit_fn(sae, edits, error_term=error_term, positions=positions)
+    module, _ = bb._module(hook_point)
+
+    def hook(_m, _inp, output):
+        if isinstance(output, (tuple, list)):
+            return type(output)([fn(output[0]), *output[1:]])
+        return fn(output)
+
+    # prepend: transformers 5 records hidden_states (what LLaVA's projector reads) with its own forward hooks,
+    # installed lazily at the first forward; ours must run before them or the edit is invisible downstream.
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield bb
+    finally:
+        handle.remove()

@@ -1,0 +1,240 @@
+"""The steering score (paper §6): does clamping latent j make LLaVA name j's concept?
+
+concept_j = mean embedder image embedding of j's top-16 images (codes mean-pooled over tokens);
+ask "What is shown in this image? Use exactly one word!" (≤ 5 new tokens) with j clamped to α, keep the first
+word, embed it with the CLIP text tower; score = cos(concept_j, word). Reported beside: the unsteered run
+(same images, model unpatched) and, when class names are given, the upper bound cos(image, its class name)
+and the lower bound cos(image, a shuffled class name).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sae_vlm.backbones.hf import Backbone
+from sae_vlm.steer.generate import Case, generate_cases
+from sae_vlm.steer.intervene import check_sae_width
+
+PROMPT = "What is shown in this image? Use exactly one word!"
+MAX_NEW_TOKENS = 5
+
+
+# ---- the embedder (CLIPModel: image tower for concepts, text tower for words) -------------------------------
+class ClipEmbedder:
+    def __init__(self, model, processor, batch_size: int = 64):
+        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
+
+    @classmethod
+    def load(cls, model_id_or_dir: str, device: str = "cpu", batch_size: int = 64) -> "ClipEmbedder":
+        import transformers
+        from transformers import AutoProcessor, CLIPModel
+
+        model = CLIPModel.from_pretrained(model_id_or_dir).to(device)
+        kw = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+        try:
+            proc = AutoProcessor.from_pretrained(model_id_or_dir, **kw)
+        except (TypeError, ValueError):
+            proc = AutoProcessor.from_pretrained(model_id_or_dir)
+        return cls(model, proc, batch_size)
+
+    def _dev(self):
+        return next(self.model.parameters()).device
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output object
+
+    @torch.no_grad()
+    def images(self, images: Sequence) -> np.ndarray:
+        out = []
+        for b0 in range(0, len(images), self.batch_size):
+            px = self.processor.image_processor(images=list(images[b0 : b0 + self.batch_size]), return_tensors="pt")
+            pv = px["pixel_values"].to(self._dev(), next(self.model.parameters()).dtype)
+            out.append(self._tensor(self.model.get_image_features(pixel_values=pv)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.projection_dim), np.float32)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        tok = self.processor.tokenizer
+        n_pos = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        for b0 in range(0, len(texts), self.batch_size):
+            enc = tok(list(texts[b0 : b0 + self.batch_size]), padding=True, truncation=True, max_length=n_pos,
+                      return_tensors="pt")
+            enc = {k: v.to(self._dev()) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out.append(self._tensor(self.model.get_text_features(**enc)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.projection_dim), np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def first_word(text: str) -> str:
+    """The first whitespace-separated word, surrounding punctuation stripped ('Pencil.' -> 'Pencil')."""
+    parts = text.split()
+    return parts[0].strip(string.punctuation) if parts else ""
+
+
+def mean_std(x) -> dict:
+    a = np.asarray(x, dtype=np.float64)
+    return {"mean": float(a.mean()) if a.size else float("nan"), "std": float(a.std()) if a.size else float("nan"),
+            "n": int(a.size)}
+
+
+# ---- top images from a folder (mean-pooled token codes at the steering layer) --------------------------------
+@torch.no_grad()
+def top_images(model, sae, images: Sequence, *, hook_point=None, top: int = 16, batch_size: int = 32,
+               processor=None, quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(values [F, top], indices [F, top]) over `images` (PIL), codes of all tokens mean-pooled per image.
+
+    Runs only the vision tower (LLaVA: up to the hook layer). Latents active on fewer images pad with 0 / -1.
+    """
+    bb = Backbone(model, processor=getattr(processor, "image_processor", processor))
+    hook_point = hook_point or bb.default_layer or sae.cfg.hook_point
+    check_sae_width(bb, hook_point, sae)
+    dev = bb.device()
+    sae.to(device=dev, dtype=torch.float32)
+    F = sae.cfg.d_sae
+    vals = torch.zeros(F, top, device=dev)
+    idx = torch.full((F, top), -1, dtype=torch.long, device=dev)
+    for b0 in tqdm(range(0, len(images), batch_size), desc="top images", disable=quiet, leave=False):
+        imgs = list(images[b0 : b0 + batch_size])
+        x_BTD = bb.capture(bb.preprocess(imgs), [hook_point])[hook_point].float()
+        x_BTD = x_BTD[:, None] if x_BTD.ndim == 2 else x_BTD
+        B, T, D = x_BTD.shape
+        pooled_BF = sae.encode(x_BTD.reshape(B * T, D)).reshape(B, T, F).mean(1)
+        ids = torch.arange(b0, b0 + B, device=dev)
+        cand_v = torch.cat([vals, pooled_BF.T], 1)
+        cand_i = torch.cat([idx, ids[None].expand(F, -1)], 1)
+        vals, pos = cand_v.topk(top, dim=1)
+        idx = cand_i.gather(1, pos)
+    idx = torch.where(vals > 0, idx, torch.full_like(idx, -1))  # an inactive slot is no top image
+    return vals.cpu().numpy(), idx.cpu().numpy()
+
+
+def alive_latents(top_indices_FT: np.ndarray, top_values_FT: np.ndarray | None = None) -> np.ndarray:
+    """Boolean [F]: the latent has at least one top image with a positive pooled code."""
+    alive = (np.asarray(top_indices_FT) >= 0).any(1)
+    if top_values_FT is not None:
+        alive &= (np.asarray(top_values_FT) > 0).any(1)
+    return alive
+
+
+def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=None, seed: int = 0) -> list[int]:
+    """'39,120' | 'random:N' | 'level:L' | 'level:L:N' | 'all' -> sorted alive latent ids (dead ones excluded)."""
+    F = len(alive_F)
+    rng = np.random.default_rng(seed)
+    if not isinstance(spec, str):
+        ids = [int(j) for j in spec]
+    else:
+        s = spec.strip()
+        kind, _, rest = s.partition(":")
+        if kind == "all":
+            ids = list(range(F))
+        elif kind == "random":
+            if not rest.isdigit() or int(rest) < 1:
+                raise ValueError(f"latents {spec!r}: expected random:N with N >= 1")
+            pool = np.flatnonzero(alive_F)
+            ids = sorted(rng.choice(pool, size=min(int(rest), len(pool)), replace=False).tolist())
+        elif kind == "level":
+            if not group_sizes:
+                raise ValueError(f"latents {spec!r}: the SAE has no Matryoshka levels (group_sizes is None)")
+            lvl, _, n = rest.partition(":")
+            if not lvl.isdigit() or int(lvl) >= len(group_sizes):
+                raise ValueError(f"latents {spec!r}: level must be 0..{len(group_sizes) - 1}")
+            start = int(sum(group_sizes[: int(lvl)]))
+            ids = [j for j in range(start, start + group_sizes[int(lvl)]) if alive_F[j]]
+            if n:
+                if not n.isdigit() or int(n) < 1:
+                    raise ValueError(f"latents {spec!r}: expected level:L:N with N >= 1")
+                ids = sorted(rng.choice(ids, size=min(int(n), len(ids)), replace=False).tolist()) if ids else []
+        else:
+            try:
+                ids = [int(t) for t in s.split(",") if t.strip()]
+            except ValueError:
+                raise ValueError(f"latents {spec!r}: expected a list like 39,120, random:N, level:L[:N] or all") from None
+    bad = [j for j in ids if not 0 <= j < F]
+    if bad:
+        raise ValueError(f"latent ids {bad} are out of range; the SAE has latents 0..{F - 1}")
+    return sorted({j for j in ids if alive_F[j]})
+
+
+def concept_embeddings(top_indices_KT: np.ndarray, image_embeds_ND: np.ndarray) -> np.ndarray:
+    """Mean embedding of each latent's top images ([K, D]); -1 slots are skipped."""
+    idx = np.asarray(top_indices_KT)
+    out = np.zeros((idx.shape[0], image_embeds_ND.shape[1]), np.float32)
+    for k, row in enumerate(idx):
+        row = row[row >= 0]
+        if row.size == 0:
+            raise ValueError(f"row {k} of the top-image table has no images; dead latents must be excluded first")
+        out[k] = image_embeds_ND[row].mean(0)
+    return out
+
+
+def similarity_bounds(embedder: ClipEmbedder, images: Sequence, class_names: Sequence[str], seed: int = 0,
+                      image_embeds: np.ndarray | None = None) -> dict:
+    """Upper: cos(image, its class name); lower: cos(image, the class name of a shuffled other image)."""
+    if len(images) != len(class_names):
+        raise ValueError(f"{len(class_names)} class names given for {len(images)} images; expected one per image")
+    img = _unit(embedder.images(images) if image_embeds is None else image_embeds)
+    names = [str(c) for c in class_names]
+    uniq = sorted(set(names))
+    txt = dict(zip(uniq, _unit(embedder.texts([n.replace("_", " ").split("/")[-1] for n in uniq]))))
+    perm = np.random.default_rng(seed).permutation(len(names))
+    wrong = [names[p] for p in perm]
+    upper = [float(img[i] @ txt[names[i]]) for i in range(len(names))]
+    lower = [float(img[i] @ txt[wrong[i]]) for i in range(len(names))]
+    return {"upper": mean_std(upper), "lower": mean_std(lower)}
+
+
+def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Sequence[int],
+                   concept_KD: np.ndarray, images: Sequence, image_names: Sequence[str] | None = None,
+                   alpha: float = 100.0, op: str = "clamp", error_term: bool = False, hook_point=None,
+                   prompt: str = PROMPT, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
+                   class_names: Sequence[str] | None = None, seed: int = 0, quiet: bool = True) -> dict:
+    """Steered and unsteered scores over all (latent, image) pairs; bounds when class names are given.
+
+    error_term=False is the paper's setting (the residual replaced by the edited reconstruction).
+    """
+    latents = [int(j) for j in latents]
+    if len(concept_KD) != len(latents):
+        raise ValueError(f"{len(concept_KD)} concept embeddings for {len(latents)} latents; expected one per latent")
+    names = list(image_names) if image_names is not None else [f"image[{i}]" for i in range(len(images))]
+    cases = [Case(img, prompt, None) for img in images]  # unsteered: model not patched at all
+    cases += [Case(img, prompt, {j: (op, float(alpha))}) for j in latents for img in images]
+    texts = generate_cases(model, processor, sae, cases, hook_point=hook_point, error_term=error_term,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, quiet=quiet)
+    words = [first_word(t) for t in texts]
+    uniq = sorted(set(words))
+    word_emb = dict(zip(uniq, _unit(embedder.texts(uniq))))
+    concept = _unit(np.asarray(concept_KD, np.float32))
+    n_img = len(images)
+    base_words = words[:n_img]
+    pairs, steered, unsteered = [], [], []
+    for k, j in enumerate(latents):
+        for i in range(n_img):
+            w = words[n_img + k * n_img + i]
+            s = float(concept[k] @ word_emb[w])
+            u = float(concept[k] @ word_emb[base_words[i]])
+            steered.append(s)
+            unsteered.append(u)
+            pairs.append({"latent": j, "image": names[i], "text": texts[n_img + k * n_img + i], "word": w,
+                          "score": s, "unsteered_word": base_words[i], "unsteered_score": u})
+    result = {
+        "settings": {"alpha": float(alpha), "op": op, "error_term": error_term, "prompt": prompt,
+                     "max_new_tokens": max_new_tokens, "latents": latents, "images": names},
+        "steered": mean_std(steered),
+        "unsteered": mean_std(unsteered),
+        "bounds": None,
+        "pairs": pairs,
+        "unsteered_texts": [{"image": names[i], "text": texts[i], "word": base_words[i]} for i in range(n_img)],
+    }
+    if class_names is not None:
+        result["bounds"] = similarity_bounds(embedder, images, class_names, seed=seed)
+    return result

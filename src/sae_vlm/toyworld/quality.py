@@ -1,0 +1,166 @@
+"""How good are the shipped toy models? Zero-shot attribute accuracy of the tiny CLIP, answer accuracy of the toy LLaVA.
+
+    python -m sae_vlm.toyworld.quality --out toyworld_quality.md
+
+Evaluation images come from world seed 1 (training uses seed 0), so they are fresh draws of the world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_vlm.toyworld import world as W
+
+EVAL_SEED = 1
+
+
+def _an(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# attribute -> (values, prompt per value); prompts are the partial descriptions the CLIP trained on
+ZERO_SHOT = {
+    "shape_family": (tuple(W.SHAPE_FAMILIES), lambda v: f"{_an(v)} {v} object"),
+    "shape": (W.SHAPES, lambda v: f"a {v}"),
+    "colour_family": (tuple(W.COLOUR_FAMILIES), lambda v: f"a {v} object"),
+    "colour": (W.COLOURS, lambda v: f"{_an(v)} {v} object"),
+    "pattern": (W.PATTERNS, lambda v: f"a {v} object"),
+    "size": (W.SIZES, lambda v: f"a {v} object"),
+    "position": (W.POSITIONS, lambda v: f"an object in the {W.POSITION_WORDS[v]}"),
+    "background": (W.BACKGROUNDS, lambda v: f"an object on a {v} background"),
+}
+
+
+def single_object_samples(n: int, seed: int = EVAL_SEED) -> list[W.Sample]:
+    """The first n one-object samples of world `seed`."""
+    out, i = [], 0
+    while len(out) < n:
+        s = W.sample(i, seed)
+        if len(s.objects) == 1:
+            out.append(s)
+        i += 1
+    return out
+
+
+@torch.no_grad()
+def _clip_logits(model, processor, images, texts) -> torch.Tensor:
+    enc = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
+    return model(**enc).logits_per_image  # [images, texts]
+
+
+@torch.no_grad()
+def clip_zero_shot(path: str | Path | None = None, n: int = 500, seed: int = EVAL_SEED) -> dict:
+    """{attribute: accuracy} on n one-object images (prompt per value, argmax), plus caption retrieval top-1
+    among n images of 1-3 objects (image->caption and caption->image)."""
+    from transformers import AutoProcessor, CLIPModel
+
+    from sae_vlm import toyworld
+
+    path = path or toyworld.clip_path()
+    model = CLIPModel.from_pretrained(path).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    singles = single_object_samples(n, seed)
+    images = [s.image for s in singles]
+    res: dict = {"n_images": n}
+    for attr, (values, prompt) in ZERO_SHOT.items():
+        logits = _clip_logits(model, proc, images, [prompt(v) for v in values])
+        truth = torch.tensor([values.index(s.main.as_dict()[attr] if attr != "background" else s.background) for s in singles])
+        res[attr] = (logits.argmax(1) == truth).float().mean().item()
+        res[f"{attr}_chance"] = 1 / len(values)
+    mixed = W.generate(n, seed)
+    logits = _clip_logits(model, proc, [s.image for s in mixed], [s.caption for s in mixed])
+    diag = torch.arange(n)
+    res["retrieval_image_to_caption"] = (logits.argmax(1) == diag).float().mean().item()
+    res["retrieval_caption_to_image"] = (logits.argmax(0) == diag).float().mean().item()
+    return res
+
+
+@torch.no_grad()
+def llava_answer(model, processor, images, question: str, max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers of a LLaVA to one question about each image."""
+    prompt = W.PROMPT_TEMPLATE.format(question=question)
+    enc = processor(images=list(images), text=[prompt] * len(images), return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return [t.strip() for t in processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def llava_accuracy(path: str | Path | None = None, n: int = 200, seed: int = EVAL_SEED, batch: int = 50) -> dict:
+    """{question kind: accuracy} on n images of 1-3 objects; captions also give word accuracy (position-wise)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from sae_vlm import toyworld
+
+    path = path or toyworld.llava_path()
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    samples = W.generate(n, seed)
+    res: dict = {"n_images": n}
+    for kind, question in W.QUESTIONS.items():
+        got = []
+        for b in range(0, n, batch):
+            chunk = samples[b : b + batch]
+            got += llava_answer(model, proc, [s.image for s in chunk], question, 48 if kind == "caption" else 4)
+        truth = [s.answer(kind) for s in samples]
+        res[kind] = float(np.mean([g == t for g, t in zip(got, truth)]))
+        if kind == "caption":
+            words = [np.mean([a == b for a, b in zip(g.split(), t.split())] + [0] * abs(len(g.split()) - len(t.split())))
+                     for g, t in zip(got, truth)]
+            res["caption_word_accuracy"] = float(np.mean(words))
+            res["caption_examples"] = [{"truth": t, "answer": g} for g, t in list(zip(got, truth))[:3]]
+    res["chance"] = {"one_word": 1 / len(W.SHAPES), "colour": 1 / len(W.COLOURS), "shape": 1 / len(W.SHAPES),
+                     "pattern": 1 / len(W.PATTERNS), "size": 1 / len(W.SIZES), "count": 1 / 3}
+    return res
+
+
+def report(clip: dict, llava: dict, command: str) -> str:
+    lines = ["# Toy world: quality of the shipped models", "",
+             f"Fresh images from world seed {EVAL_SEED} (training used seed 0). Reproduce with:", "",
+             f"    {command}", "",
+             f"## Tiny CLIP: zero-shot accuracy on {clip['n_images']} one-object images", "",
+             "| attribute | prompt (example) | accuracy | chance |", "|---|---|---|---|"]
+    for attr, (values, prompt) in ZERO_SHOT.items():
+        lines.append(f"| {attr} | \"{prompt(values[0])}\" | {clip[attr]:.3f} | {clip[attr + '_chance']:.3f} |")
+    lines += ["", f"Full-caption retrieval among {clip['n_images']} images of 1-3 objects (top-1): "
+              f"image→caption {clip['retrieval_image_to_caption']:.3f}, caption→image {clip['retrieval_caption_to_image']:.3f} "
+              f"(chance {1 / clip['n_images']:.3f}).", "",
+              f"## Toy LLaVA: greedy answers on {llava['n_images']} images of 1-3 objects", "",
+              "| question | accuracy | chance |", "|---|---|---|"]
+    for kind, q in W.QUESTIONS.items():
+        ch = llava["chance"].get(kind)
+        lines.append(f"| {q} | {llava[kind]:.3f} | {'-' if ch is None else f'{ch:.3f}'} |")
+    lines += ["", f"Caption exact match {llava['caption']:.3f}; word accuracy {llava['caption_word_accuracy']:.3f}. Examples:", ""]
+    lines += [f"- truth: `{e['truth']}`  \n  answer: `{e['answer']}`" for e in llava["caption_examples"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="toyworld_quality.md")
+    ap.add_argument("--clip", default=None, help="CLIP directory (default: the shipped one)")
+    ap.add_argument("--llava", default=None, help="LLaVA directory (default: the shipped one)")
+    ap.add_argument("--n-clip", type=int, default=500)
+    ap.add_argument("--n-llava", type=int, default=200)
+    ap.add_argument("--skip-llava", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    clip = clip_zero_shot(a.clip, a.n_clip)
+    print(json.dumps(clip))
+    if a.skip_llava:
+        return
+    llava = llava_accuracy(a.llava, a.n_llava)
+    print(json.dumps(llava))
+    cmd = "python -m sae_vlm.toyworld.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    Path(a.out).write_text(report(clip, llava, cmd.strip()))
+    print(f"wrote {a.out} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Train the toy world's tiny CLIP (a HF `CLIPModel`) contrastively on generated image-text pairs.
+
+    python -m sae_vlm.toyworld.train_clip --out src/sae_vlm/toyworld/weights/clip
+
+Texts are the full caption of the image half of the time, otherwise a partial description of one of its objects
+("a warm striped object", "a triangle in the top left", "an object on a gray background") so that zero-shot
+prompts are in distribution. Because the world's labels are known, the contrastive targets are *all* texts in the
+batch that are true of an image (soft multi-positive InfoNCE), not only the diagonal: "a red object" is not a
+negative for every other red image. Deterministic for a given seed and thread count (CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sae_vlm.toyworld import text as T
+from sae_vlm.toyworld import world as W
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    seed: int = 0
+    n_train: int = 20000  # generated images (world seed = seed)
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    p_full_caption: float = 0.5
+    threads: int = 1  # more threads spin-wait on a shared 2-core machine
+    # model sizes
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    text_hidden: int = 64
+    text_layers: int = 3
+    heads: int = 4
+    mlp_ratio: int = 4
+    patch: int = 12  # 4x4 patches: 2x2 per quadrant
+    projection_dim: int = 64
+
+
+def build_clip(cfg: ClipTrainConfig, vocab_size: int):
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    vc = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * cfg.mlp_ratio,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads, image_size=W.IMAGE_SIZE,
+        patch_size=cfg.patch, projection_dim=cfg.projection_dim,
+    )
+    tc = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * cfg.mlp_ratio,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, max_position_embeddings=T.CLIP_MAX_LEN,
+        pad_token_id=T.PAD, bos_token_id=T.BOS, eos_token_id=T.EOS, projection_dim=cfg.projection_dim,
+    )
+    config = CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), projection_dim=cfg.projection_dim)
+    return CLIPModel(config)
+
+
+# ---- label encodings for the multi-positive targets --------------------------------------------------------
+_GROUPS = [*W.OBJECT_ATTRS, "background"]
+_VALUES = {**W.ATTR_VALUES, "background": W.BACKGROUNDS}
+_OFFSET = dict(zip(_GROUPS, np.cumsum([0] + [len(_VALUES[g]) for g in _GROUPS])[:-1]))
+_WIDTH = sum(len(v) for v in _VALUES.values())
+_N_OBJ_COLS = _OFFSET["background"]
+
+
+def scene_onehots(samples) -> np.ndarray:
+    """[N, 3, WIDTH] one-hot per object slot (background columns set on every present object; empty slots 0)."""
+    out = np.zeros((len(samples), 3, _WIDTH), np.float32)
+    for i, s in enumerate(samples):
+        for j, o in enumerate(s.objects):
+            for g in W.OBJECT_ATTRS:
+                out[i, j, _OFFSET[g] + _VALUES[g].index(getattr(o, g))] = 1
+            out[i, j, _OFFSET["background"] + W.BACKGROUNDS.index(s.background)] = 1
+    return out
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def random_query(s: W.Sample, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    """A partial description of one object of `s` and its mask [WIDTH] (allowed values per attribute group)."""
+    o = s.objects[rng.integers(len(s.objects))]
+    mask = np.ones(_WIDTH, np.float32)
+
+    def allow(group: str, values) -> None:
+        mask[_OFFSET[group] : _OFFSET[group] + len(_VALUES[group])] = [v in values for v in _VALUES[group]]
+
+    k = int(rng.integers(1, 5))
+    used = set(rng.permutation(["size", "pattern", "colour", "shape", "position", "background"])[:k].tolist())
+    adj = []
+    if "size" in used:
+        adj.append(o.size), allow("size", [o.size])
+    if "pattern" in used:
+        adj.append(o.pattern), allow("pattern", [o.pattern])
+    if "colour" in used:
+        if rng.random() < 0.3:
+            adj.append(o.colour_family), allow("colour", W.COLOUR_FAMILIES[o.colour_family])
+        else:
+            adj.append(o.colour), allow("colour", [o.colour])
+    noun = "object"
+    if "shape" in used:
+        if rng.random() < 0.3:
+            adj.append(o.shape_family), allow("shape", W.SHAPE_FAMILIES[o.shape_family])
+        else:
+            noun = o.shape
+            allow("shape", [o.shape])
+    words = adj + [noun]
+    text = f"{_article(words[0])} {' '.join(words)}"
+    if "position" in used:
+        text += f" in the {W.POSITION_WORDS[o.position]}"
+        allow("position", [o.position])
+    if "background" in used:
+        text += f" on a {s.background} background"
+        allow("background", [s.background])
+    return text, mask
+
+
+def match_matrix(query_QW, is_full_Q, caption_id_Q, scene_IOW, caption_id_I) -> torch.Tensor:
+    """[Q, I] bool: is text q true of image i. Full captions match equal captions; partial queries match an
+    image when one of its objects has an allowed value in every attribute group."""
+    ok = torch.ones(query_QW.shape[0], scene_IOW.shape[0], scene_IOW.shape[1], dtype=torch.bool)
+    for g in _GROUPS:
+        sl = slice(_OFFSET[g], _OFFSET[g] + len(_VALUES[g]))
+        ok &= torch.einsum("qw,iow->qio", query_QW[:, sl], scene_IOW[:, :, sl]) > 0
+    partial = ok.any(-1)
+    full = caption_id_Q[:, None] == caption_id_I[None, :]
+    return torch.where(is_full_Q[:, None], full, partial)
+
+
+def soft_clip_loss(logits_per_image_IQ: torch.Tensor, match_QI: torch.Tensor) -> torch.Tensor:
+    m = match_QI.float()
+    t2i = -(F.log_softmax(logits_per_image_IQ.T, -1) * m / m.sum(1, keepdim=True)).sum(1).mean()
+    mi = m.T
+    i2t = -(F.log_softmax(logits_per_image_IQ, -1) * mi / mi.sum(1, keepdim=True)).sum(1).mean()
+    return (t2i + i2t) / 2
+
+
+def lr_at(step: int, cfg) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.process_time()
+    samples = [W.sample(i, cfg.seed) for i in tqdm(range(cfg.n_train), desc="generate", disable=quiet)]
+    pix = T.pixels(W.to_array(samples))
+    scenes = torch.from_numpy(scene_onehots(samples))
+    captions = [s.caption for s in samples]
+    cap_ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    cap_id_N = torch.tensor([cap_ids[c] for c in captions])
+    tok = T.build_tokenizer(for_clip=True)
+    model = build_clip(cfg, len(tok))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+    model.train()
+    log = []
+    bar = tqdm(range(cfg.steps), desc="train clip", disable=quiet)
+    for step in bar:
+        idx = rng.choice(cfg.n_train, cfg.batch_size, replace=False)
+        texts, masks, full = [], [], []
+        for i in idx:
+            if rng.random() < cfg.p_full_caption:
+                texts.append(captions[i]), masks.append(np.ones(_WIDTH, np.float32)), full.append(True)
+            else:
+                t, m = random_query(samples[i], rng)
+                texts.append(t), masks.append(m), full.append(False)
+        enc = tok(texts, padding=True, return_tensors="pt")
+        idx_t = torch.from_numpy(idx)
+        match = match_matrix(torch.from_numpy(np.stack(masks)), torch.tensor(full), cap_id_N[idx_t], scenes[idx_t], cap_id_N[idx_t])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        outp = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pix[idx_t])
+        loss = soft_clip_loss(outp.logits_per_image, match)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 4)})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    cpu_s = time.process_time() - t0
+    save(model, tok, out, {"config": asdict(cfg), "log": log, "cpu_seconds": round(cpu_s, 1)})
+    return {"cpu_seconds": cpu_s, "final_loss": log[-1]["loss"]}
+
+
+def save(model, tok, out: str | Path, info: dict) -> Path:
+    from transformers import CLIPProcessor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    CLIPProcessor(image_processor=T.build_image_processor(), tokenizer=tok).save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "weights" / "clip"))
+    ap.add_argument("--steps", type=int, default=ClipTrainConfig.steps)
+    ap.add_argument("--n-train", type=int, default=ClipTrainConfig.n_train)
+    ap.add_argument("--seed", type=int, default=ClipTrainConfig.seed)
+    ap.add_argument("--threads", type=int, default=ClipTrainConfig.threads)
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = ClipTrainConfig(seed=a.seed, steps=a.steps, n_train=a.n_train, threads=a.threads)
+    res = train(cfg, a.out, quiet=a.quiet)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+
+
+if __name__ == "__main__":
+    main()

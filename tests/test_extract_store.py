@@ -1,0 +1,155 @@
+"""Extraction end to end: CLI from a saved model dir, store contents and metadata, dtypes, fp16 overflow, codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _extract_helpers import make_images, save_tiny_clip
+from PIL import Image
+from typer.testing import CliRunner
+
+from sae_vlm.backbones import load_backbone
+from sae_vlm.cli import app
+from sae_vlm.data.extract import ExtractConfig, run_extract
+from sae_vlm.data.source import as_source
+from sae_vlm.data.store import open_store, to_storage
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    model_dir = save_tiny_clip(root / "tinyclip")
+    make_images(root / "imgs", 5)
+    (root / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("CMYK", (30, 20), (10, 20, 30, 0)).save(root / "imgs" / "cmyk.jpg")
+    out = root / "store"
+    res = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(root / "imgs"),
+                                   "--layers", "1,2,last", "--tokens", "cls,mean,random-2,all", "--out", str(out),
+                                   "--shard-rows", "4", "--batch-size", "3", "--workers", "2", "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return root, model_dir, out, res.output
+
+
+def test_cli_store_matches_direct_capture(setup):
+    root, model_dir, out, output = setup
+    assert "11 images kept, 1 skipped" in output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["rows"] == 11 and man["revision"] == "local"
+    assert man["skipped"] == [{"path": str(root / "imgs" / "broken.jpg"), "reason": "not an image (unidentified format)"}]
+    assert sorted(man["subdirs"]) == sorted([f"layer.{i}__{t}" for i in (1, 2) for t in ("cls", "mean", "random-2", "all")] + ["last__pooled"])
+
+    bb = load_backbone(str(model_dir))
+    r = open_store(out, layer="layer.2__all")
+    ims = r.images()
+    assert [im["id"] for im in ims][:2] == ["00000_Animalia_Chordata/img_0000.png", "00000_Animalia_Chordata/img_0001.png"]
+    assert ims[0]["label"] == "00000_Animalia_Chordata" and ims[-1]["label"] is None  # cmyk.jpg sits at the root
+    px = bb.preprocess([Image.open(im["path"]).convert("RGB") for im in ims])
+    ref = bb.capture(px, ["layer.1", "layer.2", "last"])
+    f16 = lambda t: t.half().float()  # noqa: E731
+    T = ref["layer.2"].shape[1]
+    assert r.rows == 11 * T and r.d_in == 32 and r.rows_per_image == T
+    torch.testing.assert_close(r.all(), f16(ref["layer.2"].reshape(-1, 32)), rtol=0, atol=0)
+    torch.testing.assert_close(open_store(out, "layer.1__cls").all(), f16(ref["layer.1"][:, 0]), rtol=0, atol=0)
+    torch.testing.assert_close(open_store(out, "1__mean").all(), f16(ref["layer.1"][:, 1:].mean(1)), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(open_store(out, "last").all(), f16(ref["last"]), rtol=0, atol=0)
+    rr = open_store(out, "layer.1__random-2")
+    tok = rr.token_index()
+    want = ref["layer.1"][np.repeat(np.arange(11), 2), torch.from_numpy(tok).long()]
+    torch.testing.assert_close(rr.all(), f16(want), rtol=0, atol=0)
+    assert rr.image_ids()[:4] == [ims[0]["id"]] * 2 + [ims[1]["id"]] * 2
+    assert rr.labels()[0] == "00000_Animalia_Chordata" and rr.paths()[1] == ims[0]["path"]
+
+    # ActivationSource behaviour: get, as_source, shuffled batches cover every row once
+    idx = torch.tensor([5, 0, 21, 5])
+    torch.testing.assert_close(rr.get(idx), rr.all()[idx])
+    src = as_source(out / "layer.1__random-2")
+    assert src.rows == 22 and src.d_in == 32
+    batches = list(rr.iter_batches(5, seed=1, buffer_rows=6))
+    got = torch.cat(batches)
+    assert got.shape == (22, 32) and [len(b) for b in batches[:-1]] == [5] * (len(batches) - 1)
+    assert torch.equal(got[torch.argsort(got[:, 0] * 1e3 + got[:, 1])], rr.all()[torch.argsort(rr.all()[:, 0] * 1e3 + rr.all()[:, 1])])
+    rr.verify()
+
+
+def test_open_store_errors_and_rerun_is_noop(setup):
+    root, model_dir, out, _ = setup
+    with pytest.raises(ValueError, match="several layers"):
+        open_store(out)
+    with pytest.raises(ValueError, match="layer.1__cls"):
+        open_store(out, layer="layer.1")  # several token selections at layer.1
+    with pytest.raises(ValueError, match="different settings"):
+        run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(out), layers=("1",)), quiet=True)
+
+
+def test_dtypes_and_fp16_overflow(setup, tmp_path):
+    root, model_dir, _, _ = setup
+    bb = load_backbone(str(model_dir))
+    for dt in ("bf16", "fp32"):
+        out = tmp_path / dt
+        run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(out), layers=("2",),
+                                  tokens=("cls",), dtype=dt, shard_rows=5), backbone=bb, quiet=True)
+        r = open_store(out)
+        assert r.manifest["dtype"] == dt and r.rows == 11
+        ims = r.images()
+        ref = bb.capture(bb.preprocess([Image.open(im["path"]).convert("RGB") for im in ims]), ["layer.2"])["layer.2"][:, 0]
+        want = ref.to(torch.bfloat16).float() if dt == "bf16" else ref
+        torch.testing.assert_close(r.all(), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layer.7.*65504"):
+        to_storage(torch.tensor([[1.0, 7e4]]), "fp16", "layer.7")
+    # through a real run: scale the model's output so the store would overflow
+    with bb.patch("layer.2", lambda t: t * 1e5), pytest.raises(ValueError, match="layer.2.*fp16"):
+        run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(tmp_path / "ovf"),
+                                  layers=("2",), tokens=("cls",)), backbone=bb, quiet=True)
+    assert not (tmp_path / "ovf" / "manifest.json").exists()
+
+
+def test_code_store_round_trip(setup, tmp_path):
+    from sae_vlm.data.codes import CodeStore, write_codes
+
+    _, _, out, _ = setup
+    src = open_store(out, "layer.1__all")
+
+    class TinySAE(torch.nn.Module):  # any module with encode(x) -> dense codes works
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.enc = torch.nn.Linear(32, 48)
+            self.W_dec = torch.nn.Parameter(torch.randn(48, 32))
+
+        def encode(self, x):
+            h = torch.relu(self.enc(x))
+            v, i = h.topk(6, dim=1)
+            return torch.zeros_like(h).scatter(1, i, v)
+
+    sae = TinySAE()
+    cs = write_codes(sae, src, tmp_path / "codes", k=6, batch_size=7, quiet=True)
+    dense = sae.encode(src.all()).detach()
+    assert isinstance(cs, CodeStore) and cs.rows == src.rows and cs.d_sae == 48
+    assert cs.indices.dtype == np.int32 and cs.values.dtype == np.float16 and cs.indices.shape == (src.rows, 6)
+    torch.testing.assert_close(CodeStore(tmp_path / "codes").dense(), dense.half().float(), rtol=0, atol=0)
+    torch.testing.assert_close(cs.dense(3, 9), dense[3:9].half().float(), rtol=0, atol=0)
+    i, v = cs.topk(0, 2)
+    assert i.shape == (2, 6) and torch.equal(torch.zeros(2, 48).scatter(1, i, v), cs.dense(0, 2))
+    # per-token codes mean-pooled per image
+    T = src.rows_per_image
+    pooled = write_codes(sae, src, tmp_path / "pooled", k=48, rows_per_group=T, quiet=True)
+    assert pooled.rows == 11
+    torch.testing.assert_close(pooled.dense(), dense.reshape(11, T, 48).mean(1).half().float(), rtol=0, atol=1e-3)
+
+
+def test_code_store_with_project_sae(setup, tmp_path):
+    sae_mod = pytest.importorskip("sae_vlm.sae.model")
+    from sae_vlm.data.codes import write_codes
+
+    _, _, out, _ = setup
+    src = open_store(out, "layer.2__cls")
+    torch.manual_seed(0)
+    sae = sae_mod.SAE(sae_mod.SAEConfig(arch="topk", d_in=32, d_sae=64, k=4))
+    with torch.no_grad():
+        dense = sae.encode(src.all())
+    cs = write_codes(sae, src, tmp_path / "c", batch_size=4, quiet=True)
+    assert cs.k == 4
+    torch.testing.assert_close(cs.dense(), dense.half().float(), rtol=0, atol=0)
