@@ -68,12 +68,13 @@ def save_tiny_clip_model(path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def tiny_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0, arch: str = "batchtopk"):
+def tiny_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0, arch: str = "batchtopk",
+             hook_point: str | None = "layer.1"):
     from sae_vlm import SAE, SAEConfig
 
     torch.manual_seed(seed)
     gs = (16, 48) if arch == "matryoshka" else None
-    sae = SAE(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=8, group_sizes=gs, hook_point="layer.1"))
+    sae = SAE(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=8, group_sizes=gs, hook_point=hook_point))
     with torch.no_grad():
         sae.threshold.fill_(0.05)
         sae.W_dec.mul_(4)

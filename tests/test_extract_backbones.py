@@ -179,3 +179,32 @@ def test_token_selection_shapes_and_values():
     assert not np.isin(draws, [1, 2, 3, 4]).any()
     with pytest.raises(ValueError, match="token selection"):
         parse_tokens("random-x")
+
+
+def test_load_backbone_from_full_clip_and_siglip_checkpoints(tmp_path, px):
+    """Hub ids like openai/clip-vit-large-patch14-336 are full CLIP checkpoints: only the vision side loads."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    from sae_vlm.backbones import load_backbone
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    cm = CLIPModel(CLIPConfig(vision_config=tiny_clip_config().to_dict(), text_config=text, projection_dim=16)).eval()
+    cm.save_pretrained(tmp_path / "clip")
+    tiny_clip_processor().save_pretrained(tmp_path / "clip")
+    bb = load_backbone(str(tmp_path / "clip"))
+    assert bb.revision == "local" and bb.processor is not None
+    with torch.no_grad():
+        emb = cm.get_image_features(pixel_values=px)
+    torch.testing.assert_close(bb.capture(px, ["last"])["last"], getattr(emb, "pooler_output", emb), rtol=0, atol=0)
+
+    sv = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    sm = SiglipModel(SiglipConfig(vision_config=sv, text_config=text)).eval()
+    sm.save_pretrained(tmp_path / "siglip")
+    bb = load_backbone(str(tmp_path / "siglip"))
+    assert bb.family == "siglip"
+    with torch.no_grad():
+        ref = sm.vision_model(pixel_values=px, output_hidden_states=True)
+    got = bb.capture(px, ["layer.0", "last"])
+    torch.testing.assert_close(got["last"], ref.pooler_output, rtol=0, atol=0)
+    torch.testing.assert_close(got["layer.0"], ref.hidden_states[1], rtol=0, atol=0)

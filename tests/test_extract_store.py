@@ -153,3 +153,21 @@ def test_code_store_with_project_sae(setup, tmp_path):
     cs = write_codes(sae, src, tmp_path / "c", batch_size=4, quiet=True)
     assert cs.k == 4
     torch.testing.assert_close(cs.dense(), dense.half().float(), rtol=0, atol=0)
+
+
+def test_llava_tower_defaults_to_projector_layer(setup, tmp_path):
+    from _extract_helpers import tiny_clip_config, tiny_clip_processor
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from sae_vlm.backbones import Backbone
+
+    root, _, _, _ = setup
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=tiny_clip_config(num_hidden_layers=4),
+                      text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=2, vocab_size=64),
+                      image_token_index=63)
+    bb = Backbone(LlavaForConditionalGeneration(cfg).eval(), tiny_clip_processor(), model_id="tiny-llava")
+    s = run_extract(ExtractConfig(model="tiny-llava", data=str(root / "imgs"), out=str(tmp_path / "llava"),
+                                  tokens=("random-2",)), backbone=bb, quiet=True)
+    assert s["subdirs"] == ["layer.2__random-2"] and open_store(tmp_path / "llava").rows == 22

@@ -683,7 +683,8 @@ def test_train_step_matches_reference(arch, fast):
         aux_steps += ref.aux > 0
         assert abs(float(stats["aux"]) - ref.aux) <= ATOL, step
         assert abs(float(stats["lr"]) - ref.lr_used) < 1e-15
-        assert abs(float(stats["loss"]) - ref.loss) <= ATOL, step
+        # float32 loss of O(10–100): compare relative to its size (1e-5 absolute is about one ulp there)
+        assert abs(float(stats["loss"]) - ref.loss) <= ATOL * max(1.0, abs(ref.loss)), step
         for n, want in ref.p.items():
             close(getattr(sae, n).grad, ref.grads[n])  # the processed (projected, clipped) gradients
             close(getattr(sae, n).detach(), want)

@@ -95,14 +95,16 @@ def test_error_term_without_edits_is_exactly_the_model(llava, sae, images):
         assert not torch.allclose(model(**inp).logits, base)
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
 @torch.no_grad()
-def test_edit_math_ops_positions_and_modes(sae):
+def test_edit_math_ops_positions_and_modes(arch):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(1)
     m = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, image_size=32, patch_size=8)).eval()
     bb = Backbone(m)
+    sae = tiny_sae(arch=arch, hook_point="layer.0")
     px = torch.randn(2, 3, 32, 32)
     x = bb.capture(px, ["layer.0"])["layer.0"]  # [2, 17, 32]
     codes = sae.encode(x)
@@ -167,7 +169,7 @@ def test_clear_errors(llava, sae):
     with pytest.raises(ValueError, match=r"d_in=32 .*width 16 of hook point 'last'"):  # projection dim, not hidden
         with sae_vlm.intervene(clip, "last", sae, {}):
             pass
-    with sae_vlm.intervene(clip, "last", tiny_sae(d_in=16), {1: ("clamp", 2.0)}):
+    with sae_vlm.intervene(clip, "last", tiny_sae(d_in=16, hook_point="last"), {1: ("clamp", 2.0)}):
         pass
 
 
@@ -187,6 +189,7 @@ def test_select_latents_and_concepts():
     alive = np.ones(64, bool)
     alive[[2, 40]] = False
     assert S.select_latents("1,2,3", alive) == [1, 3]  # dead excluded
+    assert S.select_latents("0-4,10", alive) == [0, 1, 3, 4, 10]
     r1, r2 = S.select_latents("random:5", alive, seed=3), S.select_latents("random:5", alive, seed=3)
     assert r1 == r2 and len(r1) == 5 and 2 not in r1 and 40 not in r1
     assert S.select_latents("level:1", alive, (16, 48)) == [j for j in range(16, 64) if j != 40]
@@ -247,3 +250,40 @@ def test_cli_steer_and_steer_score(llava_dir, sae, tmp_path):
     res = json.loads(out2.read_text())
     assert res["bounds"]["source"] == "pool" and np.isfinite(res["steered"]["mean"])
     assert "upper bound" in r.output
+
+    # "images × few latents" with a precomputed top table (eval/top.py's files) and bounds from the class folders
+    from sae_vlm.data.images import FolderSource
+    from sae_vlm.eval.top import save_top
+
+    src = FolderSource(pool)
+    model, proc = load_llava(str(llava_dir))
+    vals, idx = S.top_images(model, sae, [Image.open(r.path).convert("RGB") for r in src.records], processor=proc)
+    save_top(tmp_path / "top", vals, idx)
+    out3 = tmp_path / "score3.json"
+    r = CliRunner().invoke(app, ["steer-score", "--llava", str(llava_dir), "--sae", str(tmp_path / "sae"), "--clip",
+                                 str(tmp_path / "clip"), "--images", str(pool), "--per-class", "1", "--top",
+                                 str(tmp_path / "top" / "top_indices.npy"), "--top-images", str(pool),
+                                 "--latents", "0,1,2,3,4,5", "--error-term", "--out", str(out3), "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out3.read_text())
+    assert res["bounds"]["source"] == "steered images" and len(res["settings"]["images"]) == 4
+    assert res["steered"]["n"] == 4 * len(res["settings"]["latents"])
+
+
+@torch.no_grad()
+def test_other_backbones_and_pooled_hook_point():
+    from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+    px = torch.randn(2, 3, 32, 32)
+    for m in (Dinov2Model(Dinov2Config(**small)).eval(), SiglipVisionModel(SiglipVisionConfig(**small)).eval()):
+        sae = tiny_sae(hook_point=None)
+        base = m(pixel_values=px).pooler_output
+        with sae_vlm.intervene(m, "last", sae, [{}, {3: ("clamp", 5.0)}]):  # pooled [B, D] output, item 0 unedited
+            got = m(pixel_values=px).pooler_output
+        assert torch.equal(got[0], base[0]) and not torch.allclose(got[1], base[1])
+        with sae_vlm.intervene(m, "layer.0", sae, {3: ("clamp", 5.0)}):
+            assert not torch.allclose(m(pixel_values=px).pooler_output, base)
+        assert torch.equal(m(pixel_values=px).pooler_output, base)

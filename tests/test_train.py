@@ -7,6 +7,7 @@ Everything runs on CPU with d_in=16..32 and a few thousand rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -85,7 +86,7 @@ def ckpt_step(run: Path) -> int | None:
 def test_kill9_then_resume_is_bit_exact(tmp_path):
     """A run SIGKILLed after θ started tracking and latents went dead resumes to the same bits as an unbroken run."""
     data = save_npy(tmp_path / "x.npy", gaussian())
-    steps, every, kill_after = 800, 100, 200
+    steps, every, kill_after = 500, 100, 200
     args = ["train", "--data", str(data), "--arch", "batchtopk,matryoshka,jumprelu", "--width", "4", "--k", "4",
             "--group-fractions", "0.25,0.75", "--batch-size", "64", "--steps", str(steps),
             "--checkpoint-every", str(every), "--log-every", "50", "--warmup-steps", "10",
@@ -118,7 +119,7 @@ def test_kill9_then_resume_is_bit_exact(tmp_path):
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{killed_at}/{steps}" in resumed.stderr, "the progress bar should start at the checkpoint step"
-    ref_out, ref_err = ref_proc.communicate()
+    _, ref_err = ref_proc.communicate()
     assert ref_proc.returncode == 0, ref_err.decode()
 
     names = sorted(p.parent.name for p in sae_configs(ref))
@@ -216,21 +217,15 @@ def test_fresh_permutation_every_epoch(tmp_path, max_device_bytes):
     # Random access (what resume does) gives the same batch as walking there.
     again = trainer.Batches(TensorSource(ids_N), cfg, torch.device("cpu"))
     assert torch.equal(again(batches.per_epoch + 3), batches(batches.per_epoch + 3))
-    other = trainer.Batches(TensorSource(ids_N), dataclass_replace(cfg, seed=1), torch.device("cpu"))
+    other = trainer.Batches(TensorSource(ids_N), dataclasses.replace(cfg, seed=1), torch.device("cpu"))
     assert not torch.equal(epoch_rows(other, 0), e0)
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
 
 
 def test_streamed_and_in_memory_batches_agree(tmp_path):
     x = torch.from_numpy(gaussian(700))
     cfg = TrainConfig(data="x", out=str(tmp_path), batch_size=64)
     mem = trainer.Batches(NumpySource(x.numpy()), cfg, torch.device("cpu"))
-    stream = trainer.Batches(NumpySource(x.numpy()), dataclass_replace(cfg, max_device_bytes=0), torch.device("cpu"))
+    stream = trainer.Batches(NumpySource(x.numpy()), dataclasses.replace(cfg, max_device_bytes=0), torch.device("cpu"))
     assert mem.data_ND is not None and stream.data_ND is None
     for step in (0, 5, 10, 23):
         assert torch.equal(mem(step), stream(step))
@@ -284,8 +279,9 @@ def sparse_dictionary_data(rows=4096, d=32, n_dirs=64, active=3, seed=0):
 
 def test_batchtopk_recovers_a_sparse_dictionary(tmp_path):
     """What a user relies on: on data that is exactly 3-sparse in 64 directions, a x4 BatchTopK SAE with k=3
-    explains > 80% of the variance within 300 steps (measured ~0.90 in training and at inference), uses ~k
-    latents per row at inference (measured ~2.4-2.7), and finds most directions (measured 59/64 at cos > 0.9)."""
+    explains > 80% of the variance within 300 steps, uses about k latents per row at inference, and finds most
+    directions. Measured over 4 data seeds x 2 init seeds: FVE 0.88-0.92 (training and inference), inference
+    L0 2.4-2.5, 57-60 of 64 directions at cos > 0.9; the bounds below leave a wide margin."""
     x, dirs_KD = sparse_dictionary_data()
     cfg = TrainConfig(data="synthetic", out=str(tmp_path / "run"), archs=("batchtopk",), expansions=(4,), ks=(3,),
                       batch_size=128, steps=300, lr=0.01, warmup_steps=20, threshold_start_step=50, log_every=50,

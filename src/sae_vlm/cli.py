@@ -23,6 +23,10 @@ from sae_vlm.steer.cli_steer import steer, steer_score  # noqa: E402
 
 app.command("steer")(steer)
 app.command("steer-score")(steer_score)
+from sae_vlm.browse.cli_browse import browse, report  # noqa: E402
+
+app.command("browse")(browse)
+app.command("report")(report)
 
 
 def main() -> None:

@@ -197,7 +197,8 @@ class Backbone:
                 return [fn(output[0])] + output[1:]
             return fn(output)
 
-        h = mod.register_forward_hook(hook)
+        # prepend: transformers 5 records hidden_states with its own hooks; ours must run before them.
+        h = mod.register_forward_hook(hook, prepend=True)
         try:
             yield
         finally:

@@ -35,7 +35,7 @@ class ExtractConfig:
     model: str
     data: str
     out: str
-    layers: tuple[str, ...] = ("last",)
+    layers: tuple[str, ...] = ()  # empty: the layer LLaVA's projector reads, else "last"
     tokens: tuple[str, ...] = ("cls",)
     dtype: str = "fp16"  # storage dtype: fp16 | bf16 | fp32
     model_dtype: str | None = None  # compute dtype; default fp32 on CPU, fp16 on CUDA
@@ -122,62 +122,71 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None, quiet: boo
             return i, backbone.preprocess([load_image(src, i, cfg.max_pixels)])[0], None
         except BadImage as e:
             return i, None, str(e)
+        except Exception as e:  # a decodable image the processor cannot handle: skip it, never end the run
+            return i, None, f"cannot preprocess: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
     hook_points = list(dict.fromkeys(hp for _, hp, _ in plan))
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), disable=quiet or rank != 0, unit="img", desc="extract")
     write_pool = ThreadPoolExecutor(1)
     pending = None
-    cur_shard, buf = None, None
+    bufs: dict[int, dict] = {}  # shard -> rows computed so far; batches may span shards
+    items: list[tuple[int, int]] = []  # (shard, image index) of the batch being filled
+    px: list[torch.Tensor] = []
     n_seen = 0
 
     def new_buf():
         return {"acts": {name: [] for name in subdirs}, "tok": {name: [] for name in subdirs}, "images": [], "skipped": []}
 
-    def flush_batch(b, batch_items, batch_px):
-        if not batch_px:
+    def flush_batch():
+        if not px:
             return
-        acts = backbone.capture(torch.stack(batch_px), hook_points)
-        ids = [src.records[i].id for i in batch_items]
+        acts = backbone.capture(torch.stack(px), hook_points)
+        ids = [src.records[i].id for _, i in items]
+        shard_of = np.array([s for s, _ in items])
         for name, hp, sel in plan:
             rows, tok = select_tokens(acts[hp], sel, ids, backbone.has_cls, backbone.n_registers, cfg.seed, hp)
-            b["acts"][name].append(to_storage(rows, cfg.dtype, hp))
-            b["tok"][name].append(tok.numpy())
-        batch_items.clear()
-        batch_px.clear()
+            arr, tok = to_storage(rows, cfg.dtype, hp), tok.numpy()
+            r = len(arr) // len(items)
+            for s in np.unique(shard_of):
+                lo, hi = np.flatnonzero(shard_of == s)[[0, -1]]  # a shard's images are contiguous in the batch
+                bufs[int(s)]["acts"][name].append(arr[lo * r : (hi + 1) * r])
+                bufs[int(s)]["tok"][name].append(tok[lo * r : (hi + 1) * r])
+        items.clear()
+        px.clear()
 
-    def submit(s, b):
+    def submit_done(before: int | None):
+        """Write every buffered shard < `before` (all of them if None); call only with an empty batch."""
         nonlocal pending
-        arrays = {k: (np.concatenate(v) if v else np.zeros((0, backbone.d_model), STORAGE[cfg.dtype]))
-                  for k, v in b["acts"].items()}
-        toks = {k: (np.concatenate(v) if v else np.zeros(0, np.int32)) for k, v in b["tok"].items()}
-        if pending is not None:
-            pending.result()  # one write in flight at a time bounds memory
-        pending = write_pool.submit(writer.write_shard, s, arrays, toks, b["images"], b["skipped"])
+        for s in sorted(bufs):
+            if before is not None and s >= before:
+                break
+            b = bufs.pop(s)
+            arrays = {k: (np.concatenate(v) if v else np.zeros((0, backbone.d_model), STORAGE[cfg.dtype]))
+                      for k, v in b["acts"].items()}
+            toks = {k: (np.concatenate(v) if v else np.zeros(0, np.int32)) for k, v in b["tok"].items()}
+            if pending is not None:
+                pending.result()  # one write in flight at a time bounds memory
+            pending = write_pool.submit(writer.write_shard, s, arrays, toks, b["images"], b["skipped"])
 
-    items, px = [], []
     try:
         for i, pv, reason in prefetch_map(load, todo, cfg.workers, ahead=max(2 * cfg.batch_size, 8)):
             s = i // shard_images
-            if s != cur_shard:
-                if cur_shard is not None:
-                    flush_batch(buf, items, px)
-                    submit(cur_shard, buf)
-                cur_shard, buf = s, new_buf()
+            buf = bufs.setdefault(s, new_buf())
             rec = src.records[i]
             if pv is None:
                 buf["skipped"].append({"path": rec.path, "reason": reason})
             else:
                 buf["images"].append({"id": rec.id, "path": rec.path, "label": rec.label})
-                items.append(i)
+                items.append((s, i))
                 px.append(pv)
                 if len(px) >= cfg.batch_size:
-                    flush_batch(buf, items, px)
+                    flush_batch()
+                    submit_done(before=s)
             n_seen += 1
             bar.update(1)
-        if cur_shard is not None:
-            flush_batch(buf, items, px)
-            submit(cur_shard, buf)
+        flush_batch()
+        submit_done(before=None)
         if pending is not None:
             pending.result()
     finally:
@@ -185,6 +194,12 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None, quiet: boo
         bar.close()
     _barrier(world)
     elapsed = time.perf_counter() - t0
+    if world > 1:  # images processed by all ranks, for the summary's throughput
+        import torch.distributed as dist
+
+        t = torch.tensor([n_seen], device=device if device.startswith("cuda") else "cpu")
+        dist.all_reduce(t)
+        n_seen = int(t.item())
     summary = {"rows": None, "skipped": None, "seconds": elapsed, "images_processed": n_seen,
                "img_per_s": n_seen / elapsed if elapsed > 0 else float("nan"), "rank": rank, "world_size": world}
     if rank == 0:

@@ -85,7 +85,8 @@ class SAE(nn.Module):
         W_dec_FD = nn.init.kaiming_uniform_(torch.empty(f, d))
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec_FD)
-        self.W_enc = nn.Parameter(W_dec_FD.T.clone())
+        # Row-major like every saved tensor: fused Adam walks raw memory, so restored moments must match it.
+        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(f))
         self.b_dec = nn.Parameter(torch.zeros(d))
         if cfg.arch == "jumprelu":
@@ -103,7 +104,7 @@ class SAE(nn.Module):
 
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
         self._check(x_ND)
-        return torch.relu((x_ND - self.b_dec) @ self.W_enc + self.b_enc)
+        return torch.addmm(self.b_enc, x_ND - self.b_dec, self.W_enc).relu_()
 
     def select(self, h_NF: torch.Tensor, mode: str) -> torch.Tensor:
         if mode == "relu":
@@ -127,15 +128,10 @@ class SAE(nn.Module):
 
     def decode_groups(self, codes: torch.Tensor | SparseCodes) -> list[torch.Tensor]:
         """Each Matryoshka group's contribution to the reconstruction (no bias), in order."""
+        if isinstance(codes, SparseCodes):
+            return sparse.decode_groups(codes, self.W_dec, self.cfg.group_sizes)
         bounds = torch.tensor((0, *self.cfg.group_sizes)).cumsum(0).tolist()
-        parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            if isinstance(codes, SparseCodes):
-                in_group = (codes.cols_M >= lo) & (codes.cols_M < hi)
-                parts.append(sparse.decode(codes, self.W_dec, codes.values_M * in_group))
-            else:
-                parts.append(codes[:, lo:hi] @ self.W_dec[lo:hi])
-        return parts
+        return [codes[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def values_at(self, x_ND, h_NF, rows_M, cols_M) -> torch.Tensor:
         """h at chosen entries, differentiable: by indexing when h carries a graph, else sparsely."""

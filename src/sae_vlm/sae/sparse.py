@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 class SparseCodes(NamedTuple):
@@ -62,6 +66,17 @@ def batch_topk_indices(h_NF: torch.Tensor, k: int, m: int | None = None) -> tupl
     return _from_flat(rows * f + cand_cols.flatten()[pos], f)
 
 
+def latent_side_sum(rows_M, cols_M, weights_M, A_ND: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """Gᵀ·A for the sparse [N, F] matrix G of the entries: row c sums weight·A[row] over the entries at latent c.
+
+    An embedding_bag with one bag per latent, so no dense [N, F] tensor and no zero-filled accumulator.
+    """
+    order = torch.argsort(cols_M, stable=True)
+    counts = torch.bincount(cols_M, minlength=d_sae)
+    return F.embedding_bag(rows_M[order], A_ND, torch.cumsum(counts, 0) - counts, mode="sum",
+                           per_sample_weights=weights_M[order].to(A_ND.dtype))
+
+
 class _SelectedPreActs(torch.autograd.Function):
     """relu(pre) at the selected entries, with gradients for W_enc, b_enc and b_dec touching only them."""
 
@@ -73,15 +88,13 @@ class _SelectedPreActs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_M):
         x_ND, W_enc_DF, b_dec_D, rows_M, cols_M, alive_M = ctx.saved_tensors
-        g_M = g_M * alive_M  # relu: no gradient where the pre-activation was ≤ 0
+        g_M = (g_M * alive_M).to(W_enc_DF.dtype)  # relu: no gradient where the pre-activation was ≤ 0
         d_sae = W_enc_DF.shape[1]
-        # ∂/∂W_enc[:, c] = Σ_{entries at c} g·(x_row − b_dec), gathered per entry and added into the columns.
-        xc_MD = (x_ND.index_select(0, rows_M) - b_dec_D) * g_M[:, None]
-        grad_W_FD = torch.zeros(d_sae, x_ND.shape[1], dtype=xc_MD.dtype, device=xc_MD.device)
-        grad_W_FD.index_add_(0, cols_M, xc_MD)
+        # ∂L/∂W_enc = (x − b_dec)ᵀ·G with G the sparse [N, F] code gradient: one sparse product.
+        grad_W_FD = latent_side_sum(rows_M, cols_M, g_M, x_ND - b_dec_D, d_sae)
         grad_b_enc_F = torch.zeros(d_sae, dtype=g_M.dtype, device=g_M.device).index_add_(0, cols_M, g_M)
         grad_b_dec_D = -(W_enc_DF @ grad_b_enc_F)
-        return None, None, grad_W_FD.T.to(W_enc_DF.dtype), grad_b_enc_F, grad_b_dec_D, None, None
+        return None, None, grad_W_FD.T, grad_b_enc_F, grad_b_dec_D, None, None
 
 
 def selected_values(sae, x_ND: torch.Tensor, h_NF: torch.Tensor, rows_M, cols_M) -> torch.Tensor:
@@ -95,8 +108,44 @@ def _offsets(rows_M: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+class _Decode(torch.autograd.Function):
+    """Σ value·W_dec[col] per row. Backward: value grads by a sampled product (SDDMM), W_dec's by Gᵀ·grad."""
+
+    @staticmethod
+    def forward(ctx, values_M, W_dec_FD, rows_M, cols_M, n_rows: int):
+        ctx.save_for_backward(values_M, W_dec_FD, rows_M, cols_M)
+        ctx.n_rows = n_rows
+        return F.embedding_bag(cols_M, W_dec_FD, _offsets(rows_M, n_rows), mode="sum", per_sample_weights=values_M)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        values_M, W_dec_FD, rows_M, cols_M = ctx.saved_tensors
+        n, d_sae = ctx.n_rows, W_dec_FD.shape[0]
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            crow = torch.zeros(n + 1, dtype=torch.long, device=rows_M.device)
+            crow[1:] = torch.bincount(rows_M, minlength=n).cumsum(0)
+            # entries are sorted by row, then column (see _from_flat), as a CSR pattern needs
+            pattern = torch.sparse_csr_tensor(crow, cols_M, torch.zeros_like(values_M), (n, d_sae),
+                                              check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, g_ND.contiguous(), W_dec_FD.T, beta=0).values()
+        if ctx.needs_input_grad[1]:
+            grad_W = latent_side_sum(rows_M, cols_M, values_M, g_ND.contiguous(), d_sae)
+        return grad_values, grad_W, None, None, None
+
+
 def decode(codes: SparseCodes, W_dec_FD: torch.Tensor, weights_M: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_entries value·W_dec[col] per row (no bias), via embedding_bag over row-sorted entries."""
+    """Σ_entries value·W_dec[col] per row (no bias); `weights_M` replaces the values (e.g. masked per group)."""
     w = codes.values_M if weights_M is None else weights_M
-    return F.embedding_bag(codes.cols_M, W_dec_FD, _offsets(codes.rows_M, codes.n_rows), mode="sum",
-                           per_sample_weights=w.to(W_dec_FD.dtype))
+    return _Decode.apply(w.to(W_dec_FD.dtype), W_dec_FD, codes.rows_M, codes.cols_M, codes.n_rows)
+
+
+def decode_groups(codes: SparseCodes, W_dec_FD: torch.Tensor, group_sizes) -> list[torch.Tensor]:
+    """Each contiguous latent group's decode, in one pass: entries of group g go to output row g·N + row."""
+    bounds = torch.tensor(group_sizes, device=codes.cols_M.device).cumsum(0)
+    group_M = torch.bucketize(codes.cols_M, bounds, right=True)
+    key_M = (group_M * codes.n_rows + codes.rows_M) * W_dec_FD.shape[0] + codes.cols_M
+    order = key_M.argsort()
+    stacked = SparseCodes(codes.values_M[order], (group_M * codes.n_rows + codes.rows_M)[order], codes.cols_M[order],
+                          len(group_sizes) * codes.n_rows)
+    return list(decode(stacked, W_dec_FD).view(len(group_sizes), codes.n_rows, -1).unbind(0))

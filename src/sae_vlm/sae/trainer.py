@@ -108,8 +108,8 @@ def term_weights(cfg: TrainConfig) -> dict:
     return {"recon": 1.0, "aux": cfg.aux_alpha, "l1": cfg.l1_coeff, "l0_penalty": cfg.l0_coeff}
 
 
-def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig) -> dict:
-    """One optimizer step of one SAE on a normalised batch; returns what the log records."""
+def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metrics: bool = True) -> dict:
+    """One optimizer step of one SAE on a normalised batch; returns what the log records (if `metrics`)."""
     sae, weights = m.sae, term_weights(cfg)
     with torch.autocast(x_ND.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         enc = sae.train_encode(x_ND, cfg.jumprelu_bandwidth, fast=cfg.fast)
@@ -134,6 +134,8 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig) -> di
     if sae.cfg.arch == "jumprelu":
         with torch.no_grad():
             sae.threshold.clamp_(min=0.0)
+    if not metrics:
+        return {}
     values = {k: v.detach() for k, v in values.items()}
     return {"loss": loss.detach(), **values, "fve": fve(x_ND, x_hat.detach()), "l0": l0(enc.codes),
             "dead_frac": dead_F.float().mean(), "lr": lr}
@@ -208,21 +210,22 @@ def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=cfg.quiet)
     for step in bar:
         x_ND = batches(step) / norm
-        stats = [train_step(m, x_ND, step, cfg) for m in members]
         done = step + 1
+        log_now = done % cfg.log_every == 0 or done == cfg.steps or done in cfg.keep_steps
+        stats = [train_step(m, x_ND, step, cfg, metrics=log_now) for m in members]
         if done % cfg.log_every == 0 or done == cfg.steps:
             rows = [{"step": done, "sae": m.spec.name, **{k: float(v) for k, v in s.items()}} for m, s in zip(members, stats)]
             logger.write(rows)
             bar.set_postfix(fve=f"{rows[0]['fve']:.3f}", l0=f"{rows[0]['l0']:.1f}")
         if done in cfg.keep_steps:
-            for m in members:
-                export(m, norm, out / "saes" / m.spec.name / f"step-{done}", cfg, done, stats)
+            for m, s in zip(members, stats):
+                export(m, norm, out / "saes" / m.spec.name / f"step-{done}", cfg, done, s)
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(ckpt, members, done, norm)
     logger.close()
-    final = {}
-    for m, s in zip(members, stats if cfg.steps > start else [{}] * len(members)):
-        final[m.spec.name] = export(m, norm, out / "saes" / m.spec.name, cfg, cfg.steps, s)
+    if start >= cfg.steps:  # resuming a finished run: its SAEs are already saved
+        return {name: SAE.from_pretrained(out / "saes" / name) for name in names}
+    final = {m.spec.name: export(m, norm, out / "saes" / m.spec.name, cfg, cfg.steps, s) for m, s in zip(members, stats)}
     save_checkpoint(ckpt, members, cfg.steps, norm)
     return final
 

@@ -131,16 +131,31 @@ def _load_images(src, ids) -> list:
     return [load_image(src, int(i)) for i in ids]
 
 
+class _LazyImages:
+    """An image source as a sequence whose slices are decoded on demand (the pool may not fit in memory)."""
+
+    def __init__(self, src, ids=None):
+        self.src, self.ids = src, list(range(len(src)) if ids is None else ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, sl: slice) -> list:
+        return _load_images(self.src, self.ids[sl])
+
+
 def steer_score(
     llava: str = typer.Option(..., help="LLaVA hub id or directory."),
     sae: str = typer.Option(..., help="SAE directory (paper: ×64 Matryoshka, layer 22, random tokens)."),
     clip: str = typer.Option(..., help="CLIPModel id or directory: image embedder (concepts) and text tower (words)."),
     images: str = typer.Option("white", help="'white' or an image folder/path list to steer on (labels = folders)."),
-    latents: str = typer.Option("random:100", help="39,120 | random:N | level:L[:N] | all (dead latents excluded)."),
+    latents: str = typer.Option("random:100",
+                                help="39,120 | 0-999 | random:N | level:L[:N] | all (dead latents excluded)."),
     alpha: float = typer.Option(100.0, help="Value for the op (paper: clamp to 100)."),
     op: str = typer.Option("clamp", help="clamp | add | scale | zero."),
     pool: Optional[str] = typer.Option(None, help="Folder/path list to take top images from (default: --images)."),
-    top: Optional[Path] = typer.Option(None, help="Precomputed top-image indices [d_sae, 16] (.npy) into --top-images."),
+    top: Optional[Path] = typer.Option(None, help="Precomputed top-image indices [d_sae, 16] (.npy), "
+                                                  "indexing --top-images."),
     top_images: Optional[str] = typer.Option(None, help="Folder/path list the --top indices refer to."),
     per_class: Optional[int] = typer.Option(None, help="Steer on the first N images of each class folder."),
     max_images: Optional[int] = typer.Option(None, help="Steer on at most this many images."),
@@ -194,11 +209,10 @@ def steer_score(
     else:
         pool_spec = pool or (None if images == "white" else images)
         if pool_spec is None:
-            raise typer.BadParameter("--images white needs --pool DIR or --top FILE.npy to find each latent's top images")
+            raise typer.BadParameter("--images white needs --pool DIR or --top FILE.npy to find the top images")
         pool_src, pool_labels = _image_list(pool_spec)
-        pool_imgs = _load_images(pool_src, range(len(pool_src)))
-        top_vals, top_idx = S.top_images(model, sae_m, pool_imgs, hook_point=hook_point, batch_size=batch_size,
-                                         processor=processor, quiet=quiet)
+        top_vals, top_idx = S.top_images(model, sae_m, _LazyImages(pool_src), hook_point=hook_point,
+                                         batch_size=batch_size, processor=processor, quiet=quiet)
     if top_idx.ndim != 2 or top_idx.shape[0] != sae_m.cfg.d_sae:
         raise typer.BadParameter(f"top-image table has shape {top_idx.shape}; expected [d_sae={sae_m.cfg.d_sae}, 16]")
     if top_idx.max() >= len(pool_src):
@@ -206,13 +220,14 @@ def steer_score(
     alive = S.alive_latents(top_idx, top_vals)
     chosen = S.select_latents(latents, alive, sae_m.cfg.group_sizes, seed=seed)
     if not chosen:
-        raise typer.BadParameter(f"--latents {latents!r} selects no live latent ({int(alive.sum())} of {len(alive)} alive)")
+        raise typer.BadParameter(f"--latents {latents!r} selects no live latent "
+                                 f"({int(alive.sum())} of {len(alive)} are alive)")
 
     # concept embeddings from the union of the chosen latents' top images
     need = sorted({int(i) for i in top_idx[chosen].reshape(-1) if i >= 0})
-    emb = np.zeros((len(pool_src), embedder.model.config.projection_dim), np.float32)
-    emb[need] = embedder.images(_load_images(pool_src, need))
-    concept = S.concept_embeddings(top_idx[chosen], emb)
+    slot = {i: k for k, i in enumerate(need)}  # pool index -> row of the embeddings of needed images only
+    local = np.vectorize(lambda i: slot.get(int(i), -1), otypes=[np.int64])(top_idx[chosen])
+    concept = S.concept_embeddings(local, embedder.images(_LazyImages(pool_src, need)))
 
     res = S.steering_score(model, processor, sae_m, embedder, latents=chosen, concept_KD=concept, images=steer_imgs,
                            image_names=steer_names, alpha=alpha, op=op, error_term=not replace, hook_point=hook_point,
@@ -221,7 +236,7 @@ def steer_score(
     if res["bounds"] is None and pool_labels is not None:  # white image: bounds from the labelled pool
         rng = np.random.default_rng(seed)
         ids = sorted(rng.choice(len(pool_src), size=min(bound_images, len(pool_src)), replace=False).tolist())
-        res["bounds"] = S.similarity_bounds(embedder, _load_images(pool_src, ids), [pool_labels[i] for i in ids], seed)
+        res["bounds"] = S.similarity_bounds(embedder, _LazyImages(pool_src, ids), [pool_labels[i] for i in ids], seed)
         res["bounds"]["source"] = "pool"
     elif res["bounds"] is not None:
         res["bounds"]["source"] = "steered images"

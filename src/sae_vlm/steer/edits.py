@@ -13,9 +13,6 @@ import torch
 
 OPS = ("clamp", "add", "scale", "zero")
 
-Edits = Mapping[int, tuple]  # latent id -> (op, value)
-
-
 def check_edits(edits: Mapping | None, d_sae: int) -> dict[int, tuple[str, float]] | None:
     """Validated copy {latent: (op, value)}; ("zero",), "zero" and ("zero", None) are all accepted."""
     if edits is None:

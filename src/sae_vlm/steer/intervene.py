@@ -1,6 +1,7 @@
 """Edit SAE latents inside a backbone with one forward hook (the model's modules are never replaced).
 
-error_term=True:  x ← x + Σ_j (f'_j − f_j)·W_dec[j]   (= x̂_edited + (x − x̂), so no edits ⇒ the input tensor itself)
+error_term=True:  x ← x + Σ_j (f'_j − f_j)·W_dec[j]  (= x̂_edited + (x − x̂));
+                  no edits ⇒ the input tensor itself, bit-identical
 error_term=False: x ← x̂_edited = decode(edited codes)  (the paper's splice: even α = 0 replaces the residual)
 Codes come from the SAE's inference encode (threshold for batchtopk/matryoshka/jumprelu), in float32; the
 result is cast back to the model dtype. Only the chosen token positions of the chosen batch items are touched.
@@ -9,6 +10,7 @@ result is cast back to the model dtype. Only the chosen token positions of the c
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -16,9 +18,6 @@ import torch
 from sae_vlm.backbones.hf import Backbone, parse_hook_point
 from sae_vlm.sae.model import ARCHS
 from sae_vlm.steer.edits import apply_edits, check_batch_edits
-
-CHUNK_ROWS = 4096  # token rows per full encode in replace mode (bounds the [rows, d_sae] code buffer)
-
 
 def as_backbone(model) -> Backbone:
     return model if isinstance(model, Backbone) else Backbone(model)
@@ -39,10 +38,8 @@ def check_sae_width(bb: Backbone, hook_point: str, sae) -> None:
 
 
 def _edited_latent_codes(sae, x_ND: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
-    """Codes of latents J only, [N, |J|]. Exact for element-wise inference modes; top-k needs the full row."""
+    """Codes of latents J only, [N, |J|], for the element-wise inference modes (threshold, relu)."""
     mode = ARCHS[sae.cfg.arch]
-    if mode == "topk":
-        return sae.encode(x_ND)[:, J]
     h = torch.relu((x_ND - sae.b_dec) @ sae.W_enc[:, J] + sae.b_enc[J])
     if mode == "threshold":
         th = sae.threshold
@@ -90,20 +87,22 @@ def make_edit_fn(sae, edits, error_term: bool = True, positions: Sequence[int] |
         J = sorted({j for e in row_edits for j in e})
         col_of = {j: c for c, j in enumerate(J)}
         J_t = torch.tensor(J, dtype=torch.long, device=dev)
-        x_ND = x_RPD.reshape(R * P, D)
-        if error_term:
-            old = _edited_latent_codes(sae, x_ND, J_t).reshape(R, P, len(J))
-            new = _edit_cols(old, row_edits, col_of)
-            new_RPD = x_RPD + (new - old) @ sae.W_dec[J_t]
+        if error_term and ARCHS[sae.cfg.arch] != "topk":
+            # element-wise gates: only the edited latents' codes are needed, one small matmul for all rows
+            old = _edited_latent_codes(sae, x_RPD.reshape(R * P, D), J_t).reshape(R, P, len(J))
+            new_RPD = x_RPD + (_edit_cols(old, row_edits, col_of) - old) @ sae.W_dec[J_t]
         else:
-            pieces = []
-            for r0 in range(0, R * P, CHUNK_ROWS):
-                codes = sae.encode(x_ND[r0 : r0 + CHUNK_ROWS])
-                pieces.append(codes)
-            codes_RPF = torch.cat(pieces).reshape(R, P, -1)
-            if J:
-                codes_RPF[:, :, J_t] = _edit_cols(codes_RPF[:, :, J_t], row_edits, col_of)
-            new_RPD = sae.decode(codes_RPF)
+            # full codes, one batch row at a time so the [tokens, d_sae] buffer stays small
+            new_RPD = torch.empty_like(x_RPD)
+            for r in range(R):
+                codes_PF = sae.encode(x_RPD[r])
+                edited_PF = codes_PF.clone()
+                if J:
+                    edited_PF[:, J_t] = apply_edits(codes_PF[:, J_t], row_edits[r], col_of)
+                if error_term:
+                    new_RPD[r] = x_RPD[r] + (edited_PF[:, J_t] - codes_PF[:, J_t]) @ sae.W_dec[J_t]
+                else:
+                    new_RPD[r] = sae.decode(edited_PF)
         out = x_BTD.clone()
         out[sel_R1, sel_1P] = new_RPD.to(t.dtype)
         return out[:, 0] if t.ndim == 2 else out
@@ -130,6 +129,12 @@ def intervene(model, hook_point: str | int | None, sae, edits, error_term: bool 
     hook_point = parse_hook_point(hook_point)
     bb._module(hook_point)  # range check now, not at the first forward
     check_sae_width(bb, hook_point, sae)
+    try:
+        trained_at = parse_hook_point(sae.cfg.hook_point) if sae.cfg.hook_point else None
+    except ValueError:  # a free-form name from an imported checkpoint
+        trained_at = None
+    if trained_at is not None and trained_at != hook_point:
+        warnings.warn(f"SAE was trained at {trained_at!r} but is applied at {hook_point!r}", stacklevel=3)
     sae.to(device=bb.device(), dtype=torch.float32)
     fn = make_edit_fn(sae, edits, error_term=error_term, positions=positions)
     module, _ = bb._module(hook_point)

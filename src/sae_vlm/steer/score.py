@@ -108,7 +108,7 @@ def top_images(model, sae, images: Sequence, *, hook_point=None, top: int = 16, 
         x_BTD = bb.capture(bb.preprocess(imgs), [hook_point])[hook_point].float()
         x_BTD = x_BTD[:, None] if x_BTD.ndim == 2 else x_BTD
         B, T, D = x_BTD.shape
-        pooled_BF = sae.encode(x_BTD.reshape(B * T, D)).reshape(B, T, F).mean(1)
+        pooled_BF = torch.stack([sae.encode(x_TD).mean(0) for x_TD in x_BTD])  # per image: [T, F] at most
         ids = torch.arange(b0, b0 + B, device=dev)
         cand_v = torch.cat([vals, pooled_BF.T], 1)
         cand_i = torch.cat([idx, ids[None].expand(F, -1)], 1)
@@ -127,7 +127,7 @@ def alive_latents(top_indices_FT: np.ndarray, top_values_FT: np.ndarray | None =
 
 
 def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=None, seed: int = 0) -> list[int]:
-    """'39,120' | 'random:N' | 'level:L' | 'level:L:N' | 'all' -> sorted alive latent ids (dead ones excluded)."""
+    """'39,120' | '0-999' | 'random:N' | 'level:L[:N]' | 'all' -> sorted alive latent ids (dead ones excluded)."""
     F = len(alive_F)
     rng = np.random.default_rng(seed)
     if not isinstance(spec, str):
@@ -155,10 +155,14 @@ def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=N
                     raise ValueError(f"latents {spec!r}: expected level:L:N with N >= 1")
                 ids = sorted(rng.choice(ids, size=min(int(n), len(ids)), replace=False).tolist()) if ids else []
         else:
+            ids = []
             try:
-                ids = [int(t) for t in s.split(",") if t.strip()]
+                for t in (t.strip() for t in s.split(",") if t.strip()):
+                    a, dash, b = t.partition("-")
+                    ids += list(range(int(a), int(b) + 1)) if dash and a else [int(t)]  # "0-999": inclusive range
             except ValueError:
-                raise ValueError(f"latents {spec!r}: expected a list like 39,120, random:N, level:L[:N] or all") from None
+                raise ValueError(f"latents {spec!r}: expected a list like 39,120 or 0-999, random:N, level:L[:N] "
+                                 "or all") from None
     bad = [j for j in ids if not 0 <= j < F]
     if bad:
         raise ValueError(f"latent ids {bad} are out of range; the SAE has latents 0..{F - 1}")

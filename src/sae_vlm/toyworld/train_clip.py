@@ -31,12 +31,13 @@ from sae_vlm.toyworld import world as W
 class ClipTrainConfig:
     seed: int = 0
     n_train: int = 20000  # generated images (world seed = seed)
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.05
     p_full_caption: float = 0.5
+    p_hard_negative: float = 0.5  # add a near-miss text (one attribute changed) for this share of the batch
     threads: int = 1  # more threads spin-wait on a shared 2-core machine
     # model sizes
     vision_hidden: int = 64
@@ -89,29 +90,30 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def random_query(s: W.Sample, rng: np.random.Generator) -> tuple[str, np.ndarray]:
-    """A partial description of one object of `s` and its mask [WIDTH] (allowed values per attribute group)."""
-    o = s.objects[rng.integers(len(s.objects))]
+_QUERY_ATTRS = ("shape", "position", "pattern", "colour", "size", "background")
+_QUERY_P = np.array([0.3, 0.2, 0.15, 0.15, 0.1, 0.1])  # shape and position are the hard ones
+
+
+def describe(o: W.ToyObject, background: str, used: frozenset, colour_fam: bool, shape_fam: bool) -> tuple[str, np.ndarray]:
+    """Text naming the attributes `used` of object `o` (family words if *_fam) and its mask [WIDTH]."""
     mask = np.ones(_WIDTH, np.float32)
 
     def allow(group: str, values) -> None:
         mask[_OFFSET[group] : _OFFSET[group] + len(_VALUES[group])] = [v in values for v in _VALUES[group]]
 
-    k = int(rng.integers(1, 5))
-    used = set(rng.permutation(["size", "pattern", "colour", "shape", "position", "background"])[:k].tolist())
     adj = []
     if "size" in used:
         adj.append(o.size), allow("size", [o.size])
     if "pattern" in used:
         adj.append(o.pattern), allow("pattern", [o.pattern])
     if "colour" in used:
-        if rng.random() < 0.3:
+        if colour_fam:
             adj.append(o.colour_family), allow("colour", W.COLOUR_FAMILIES[o.colour_family])
         else:
             adj.append(o.colour), allow("colour", [o.colour])
     noun = "object"
     if "shape" in used:
-        if rng.random() < 0.3:
+        if shape_fam:
             adj.append(o.shape_family), allow("shape", W.SHAPE_FAMILIES[o.shape_family])
         else:
             noun = o.shape
@@ -122,9 +124,57 @@ def random_query(s: W.Sample, rng: np.random.Generator) -> tuple[str, np.ndarray
         text += f" in the {W.POSITION_WORDS[o.position]}"
         allow("position", [o.position])
     if "background" in used:
-        text += f" on a {s.background} background"
-        allow("background", [s.background])
+        text += f" on a {background} background"
+        allow("background", [background])
     return text, mask
+
+
+def random_query(s: W.Sample, rng: np.random.Generator):
+    """A partial description of one random object of `s`: (text, mask, spec) with spec = describe's arguments."""
+    o = s.objects[rng.integers(len(s.objects))]
+    k = int(rng.integers(1, 4))
+    used = frozenset(rng.choice(_QUERY_ATTRS, k, replace=False, p=_QUERY_P).tolist())
+    spec = (o, s.background, used, bool(rng.random() < 0.3), bool(rng.random() < 0.3))
+    return (*describe(*spec), spec)
+
+
+def _other(values, current, rng):
+    return values[(values.index(current) + int(rng.integers(1, len(values)))) % len(values)]
+
+
+def perturb(o: W.ToyObject, bg: str, attr: str, rng, shape_fam=False, colour_fam=False, taken=()):
+    """(object, background) with one attribute changed to another value (the other family when named by family)."""
+    d = {a: getattr(o, a) for a in W.OBJECT_ATTRS}
+    if attr == "background":
+        return o, _other(W.BACKGROUNDS, bg, rng)
+    if attr == "shape" and shape_fam:
+        fam = _other(tuple(W.SHAPE_FAMILIES), o.shape_family, rng)
+        d["shape"] = W.SHAPE_FAMILIES[fam][rng.integers(len(W.SHAPE_FAMILIES[fam]))]
+    elif attr == "colour" and colour_fam:
+        fam = _other(tuple(W.COLOUR_FAMILIES), o.colour_family, rng)
+        d["colour"] = W.COLOUR_FAMILIES[fam][rng.integers(len(W.COLOUR_FAMILIES[fam]))]
+    elif attr == "position":
+        free = [p for p in W.POSITIONS if p not in taken and p != o.position] or [_other(W.POSITIONS, o.position, rng)]
+        d["position"] = free[rng.integers(len(free))]
+    else:
+        d[attr] = _other(W.ATTR_VALUES[attr], d[attr], rng)
+    return W.ToyObject(**d), bg
+
+
+def hard_negative(s: W.Sample, full: bool, spec, rng):
+    """A near-miss text for sample s: its caption or query with one attribute of one object changed."""
+    if full:
+        j = int(rng.integers(len(s.objects)))
+        attr = _QUERY_ATTRS[rng.choice(len(_QUERY_ATTRS), p=_QUERY_P)]
+        taken = [x.position for x in s.objects]
+        o, bg = perturb(s.objects[j], s.background, attr, rng, taken=taken)
+        objs = list(s.objects)
+        objs[j] = o
+        return W.caption_of(objs, bg), np.ones(_WIDTH, np.float32)
+    o, bg, used, cf, sf = spec
+    attr = sorted(used)[rng.integers(len(used))]
+    o2, bg2 = perturb(o, bg, attr, rng, shape_fam=sf, colour_fam=cf)
+    return describe(o2, bg2, used, cf, sf)
 
 
 def match_matrix(query_QW, is_full_Q, caption_id_Q, scene_IOW, caption_id_I) -> torch.Tensor:
@@ -140,8 +190,10 @@ def match_matrix(query_QW, is_full_Q, caption_id_Q, scene_IOW, caption_id_I) -> 
 
 
 def soft_clip_loss(logits_per_image_IQ: torch.Tensor, match_QI: torch.Tensor) -> torch.Tensor:
+    """Multi-positive InfoNCE both ways; texts true of no image (hard negatives) only enter image->text."""
     m = match_QI.float()
-    t2i = -(F.log_softmax(logits_per_image_IQ.T, -1) * m / m.sum(1, keepdim=True)).sum(1).mean()
+    has = m.sum(1) > 0
+    t2i = -(F.log_softmax(logits_per_image_IQ.T[has], -1) * m[has] / m[has].sum(1, keepdim=True)).sum(1).mean()
     mi = m.T
     i2t = -(F.log_softmax(logits_per_image_IQ, -1) * mi / mi.sum(1, keepdim=True)).sum(1).mean()
     return (t2i + i2t) / 2
@@ -176,16 +228,23 @@ def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
     bar = tqdm(range(cfg.steps), desc="train clip", disable=quiet)
     for step in bar:
         idx = rng.choice(cfg.n_train, cfg.batch_size, replace=False)
-        texts, masks, full = [], [], []
+        texts, masks, full, tcap = [], [], [], []
+        neg_texts, neg_masks, neg_full, neg_cap = [], [], [], []
         for i in idx:
-            if rng.random() < cfg.p_full_caption:
-                texts.append(captions[i]), masks.append(np.ones(_WIDTH, np.float32)), full.append(True)
+            is_full = bool(rng.random() < cfg.p_full_caption)
+            if is_full:
+                t, m, spec = captions[i], np.ones(_WIDTH, np.float32), None
             else:
-                t, m = random_query(samples[i], rng)
-                texts.append(t), masks.append(m), full.append(False)
-        enc = tok(texts, padding=True, return_tensors="pt")
+                t, m, spec = random_query(samples[i], rng)
+            texts.append(t), masks.append(m), full.append(is_full), tcap.append(cap_id_N[i].item())
+            if rng.random() < cfg.p_hard_negative:
+                nt, nm = hard_negative(samples[i], is_full, spec, rng)
+                neg_texts.append(nt), neg_masks.append(nm), neg_full.append(is_full)
+                neg_cap.append(cap_ids.get(nt, -1))  # a changed caption is (almost always) no image's caption
+        enc = tok(texts + neg_texts, padding=True, return_tensors="pt")
         idx_t = torch.from_numpy(idx)
-        match = match_matrix(torch.from_numpy(np.stack(masks)), torch.tensor(full), cap_id_N[idx_t], scenes[idx_t], cap_id_N[idx_t])
+        match = match_matrix(torch.from_numpy(np.stack(masks + neg_masks)), torch.tensor(full + neg_full),
+                             torch.tensor(tcap + neg_cap), scenes[idx_t], cap_id_N[idx_t])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         outp = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pix[idx_t])

@@ -1,0 +1,91 @@
+"""The read-only web app: FastAPI routes that render the shared templates.
+
+Files are served from two places only: images by store row number (`/img/<dict>/<row>`, never a path from the
+URL) and files under the run or evaluation directory (`/files/run|eval/<rel>`), resolved and checked to stay
+inside that directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+
+from sae_vlm.browse.data import RunView, TableQuery
+from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context
+
+
+def safe_file(root: Path, rel: str) -> Path:
+    """`root/rel` if it is a file inside `root` (after resolving links); 403 for escapes, 404 for the rest."""
+    parts = rel.replace("\\", "/").split("/")
+    if any(p in ("..", "") for p in parts) or rel.startswith("/") or "\x00" in rel:
+        raise HTTPException(403, "path escapes the served directory")
+    root = root.resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise HTTPException(403, "path escapes the served directory")
+    if not path.is_file():
+        raise HTTPException(404, "no such file")
+    return path
+
+
+def create_app(view: RunView) -> FastAPI:
+    app = FastAPI(title="sae-vlm browser", docs_url=None, redoc_url=None, openapi_url=None)
+    env = make_env()
+    links = Links(static=False)
+    roots = {"run": view.run_dir, "eval": view.eval_dir}
+
+    def page(template: str, ctx: dict) -> HTMLResponse:
+        return HTMLResponse(env.get_template(template).render(**ctx))
+
+    def lookup(name: str):
+        try:
+            return view.get(name)
+        except KeyError as e:
+            raise HTTPException(404, str(e)) from None
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page("index.html", index_context(view, links))
+
+    @app.get("/sae/{name}", response_class=HTMLResponse)
+    def table(name: str, request: Request):
+        d = lookup(name)
+        try:
+            q = TableQuery.parse(request.query_params)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return page("table.html", table_context(view, d, links, q))
+
+    @app.get("/sae/{name}/latent/{j}", response_class=HTMLResponse)
+    def latent(name: str, j: str):
+        d = lookup(name)
+        if not j.isdigit() or int(j) >= d.n:
+            raise HTTPException(404, f"latent {j} is not in {name} (0..{d.n - 1})")
+        return page("latent.html", latent_context(view, d, int(j), links))
+
+    @app.get("/sae/{name}/latent")
+    def latent_jump(name: str, j: int = 0):
+        lookup(name)
+        return RedirectResponse(links.latent(name, j))
+
+    @app.get("/img/{name}/{row}")
+    def image(name: str, row: str):
+        d = lookup(name)
+        path = view.image_path(d, int(row)) if row.isdigit() else None
+        if path is None:
+            raise HTTPException(404, f"no image file for row {row} of {name}")
+        return FileResponse(path)
+
+    @app.get("/files/{root}/{rel:path}")
+    def files(root: str, rel: str):
+        if root not in roots:
+            raise HTTPException(404, f"unknown file root {root!r}; expected run or eval")
+        return FileResponse(safe_file(roots[root], rel))
+
+    @app.get("/static/{file}")
+    def static(file: str):
+        return FileResponse(safe_file(STATIC, file))
+
+    return app

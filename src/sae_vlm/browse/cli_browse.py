@@ -1,0 +1,52 @@
+"""`sae-vlm browse RUN` (local web app) and `sae-vlm report RUN --out DIR` (static HTML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _view(run_dir: Path, eval_dir: Optional[Path], data: Optional[str]):
+    from sae_vlm.browse.data import RunView
+
+    try:
+        return RunView(run_dir, eval_dir, data)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def browse(
+    run_dir: Path = typer.Argument(..., help="Training run directory (RUN/saes/<name>/)."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Output of `sae-vlm evaluate` (default RUN/eval)."),
+    data: Optional[str] = typer.Option(None, help="Activation store the evaluation read (default: from metrics.json)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on; keep loopback unless you mean to share."),
+    port: int = typer.Option(8765, help="Port to listen on."),
+) -> None:
+    """Serve a read-only browser of a run's latents: tables, top images, histograms, neighbours."""
+    import uvicorn
+
+    from sae_vlm.browse.app import create_app
+
+    view = _view(run_dir, eval_dir, data)
+    typer.echo(f"serving {view.run_dir} at http://{host}:{port}/")
+    uvicorn.run(create_app(view), host=host, port=port, log_level="warning")
+
+
+def report(
+    run_dir: Path = typer.Argument(..., help="Training run directory (RUN/saes/<name>/)."),
+    out: Path = typer.Option(..., help="Directory for the static report (OUT/index.html)."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Output of `sae-vlm evaluate` (default RUN/eval)."),
+    data: Optional[str] = typer.Option(None, help="Activation store the evaluation read (default: from metrics.json)."),
+    top: int = typer.Option(200, help="Pages for this many highest-MS alive latents per SAE."),
+    all_: bool = typer.Option(False, "--all", help="A page for every latent."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Write the browser's views as static HTML that opens from file:// with no server."""
+    from sae_vlm.browse.report import write_report
+
+    view = _view(run_dir, eval_dir, data)
+    index = write_report(view, out, top=top, all_latents=all_, quiet=quiet)
+    typer.echo(f"wrote {index}")

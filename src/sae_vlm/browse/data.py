@@ -1,0 +1,299 @@
+"""What the browser shows, read once from a run, its evaluation outputs and the activation store.
+
+A `Dictionary` is one set of latents with per-latent arrays: an SAE of the run, or the raw neurons of a
+layer (the "no SAE" baseline). Tables are sorted, filtered and paged here, on the server, so 65,536
+latents cost one numpy pass per request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level")
+RANGE_KEYS = ("ms", "freq", "support", "max_act")
+HIST_SAMPLE_ROWS = 2048
+
+
+def _levels(group_sizes, n: int) -> np.ndarray:
+    """Matryoshka level of each latent (0-based, contiguous groups); all 0 without groups."""
+    if not group_sizes:
+        return np.zeros(n, np.int64)
+    return np.searchsorted(np.cumsum(group_sizes), np.arange(n), side="right").astype(np.int64)
+
+
+@dataclass
+class Dictionary:
+    """One SAE's latents, or one layer's raw neurons (kind "neurons")."""
+
+    name: str
+    kind: str  # "sae" | "neurons"
+    hook_point: str
+    n: int
+    arrays: dict  # per-latent float arrays: ms, freq, support, max_act, plus ms__<embedder> extras
+    level: np.ndarray
+    top_idx: np.ndarray | None  # [n, T] row numbers, -1 padding
+    top_val: np.ndarray | None
+    sae_dir: Path | None = None
+    info: dict = field(default_factory=dict)  # arch, d_sae, k, group_sizes for the header
+    source: object = None  # the activation store subdir the top indices point into
+    _sae: object = None
+    _dec_unit: np.ndarray | None = None
+    _sample: tuple | None = None
+    _paths: list | None = None
+
+    @property
+    def dead(self) -> np.ndarray:
+        sup = self.arrays.get("support")
+        if sup is not None:
+            return ~(sup > 0)
+        if self.top_val is not None:
+            return ~(self.top_val[:, 0] > 0)
+        return np.zeros(self.n, bool)
+
+    @property
+    def n_levels(self) -> int:
+        return int(self.level.max()) + 1 if self.n else 0
+
+    def sae(self):
+        if self._sae is None and self.sae_dir is not None:
+            from sae_vlm.sae.model import SAE
+
+            self._sae = SAE.from_pretrained(self.sae_dir).eval()
+        return self._sae
+
+    # --- tables ---------------------------------------------------------------------------------------
+    def column(self, key: str) -> np.ndarray:
+        if key == "id":
+            return np.arange(self.n, dtype=np.float64)
+        if key == "level":
+            return self.level.astype(np.float64)
+        arr = self.arrays.get(key)
+        return np.full(self.n, np.nan) if arr is None else np.asarray(arr, np.float64)
+
+    def select(self, q: "TableQuery") -> np.ndarray:
+        """Latent ids passing the filters, in the requested order (NaN values last either way)."""
+        keep = np.ones(self.n, bool)
+        if q.dead == "alive":
+            keep &= ~self.dead
+        elif q.dead == "dead":
+            keep &= self.dead
+        if q.level is not None:
+            keep &= self.level == q.level
+        for key, (lo, hi) in q.ranges.items():
+            col = self.column(key)
+            if lo is not None:
+                keep &= col >= lo  # NaN compares False: a bound drops NaN latents
+            if hi is not None:
+                keep &= col <= hi
+        ids = np.flatnonzero(keep)
+        col = self.column(q.sort)[ids]
+        nan = np.isnan(col)
+        key = np.where(nan, 0.0, -col if q.desc else col)
+        return ids[np.lexsort((ids, key, nan))]
+
+    # --- latent details -------------------------------------------------------------------------------
+    def check(self, j: int) -> None:
+        if not 0 <= j < self.n:
+            raise KeyError(f"latent {j} is not in {self.name} (0..{self.n - 1})")
+
+    def decoder_unit(self) -> np.ndarray | None:
+        if self._dec_unit is None and self.kind == "sae":
+            w = self.sae().W_dec.detach().float().numpy()
+            self._dec_unit = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+        return self._dec_unit
+
+    def nearest(self, j: int, count: int = 8) -> list[tuple[int, float]]:
+        """Latents whose decoder directions are closest in cosine to latent j's (computed on demand)."""
+        w = self.decoder_unit()
+        if w is None or self.n < 2:
+            return []
+        cos = w @ w[j]
+        cos[j] = -np.inf
+        count = min(count, self.n - 1)
+        best = np.argpartition(-cos, count - 1)[:count]
+        best = best[np.argsort(-cos[best], kind="stable")]
+        return [(int(i), float(cos[i])) for i in best]
+
+    def sample_activations(self, j: int) -> tuple[np.ndarray, int] | None:
+        """Latent j's activations on an evenly spaced sample of the store's rows, and the sample size.
+
+        The sample's codes are computed once (chunked) and kept sparse, so each page only slices them."""
+        if self.source is None:
+            return None
+        if self._sample is None:
+            src = self.source
+            rows = np.unique(np.linspace(0, src.rows - 1, min(src.rows, HIST_SAMPLE_ROWS)).round().astype(np.int64))
+            cols_all, vals_all = [], []
+            with torch.no_grad():
+                for r0 in range(0, len(rows), 256):
+                    x = src.get(torch.as_tensor(rows[r0 : r0 + 256]))
+                    c = self.sae().encode(x) if self.kind == "sae" else x
+                    nz = c != 0 if self.kind == "sae" else torch.ones_like(c, dtype=torch.bool)
+                    cols_all.append(nz.nonzero()[:, 1].numpy())
+                    vals_all.append(c[nz].numpy())
+            cols, vals = np.concatenate(cols_all), np.concatenate(vals_all)
+            order = np.argsort(cols, kind="stable")
+            cols, vals = cols[order], vals[order]
+            starts = np.searchsorted(cols, np.arange(self.n + 1))
+            self._sample = (vals, starts, len(rows))
+        vals, starts, s = self._sample
+        return vals[starts[j] : starts[j + 1]], s
+
+
+@dataclass(frozen=True)
+class TableQuery:
+    sort: str = "ms"
+    desc: bool = True
+    dead: str = "all"  # all | alive | dead
+    level: int | None = None
+    ranges: dict = field(default_factory=dict)  # key -> (lo, hi)
+    page: int = 1
+    per: int = 50
+
+    @classmethod
+    def parse(cls, params) -> "TableQuery":
+        """From query parameters; bad values raise ValueError naming the parameter."""
+
+        def num(name, cast=float):
+            v = params.get(name)
+            if v in (None, ""):
+                return None
+            try:
+                return cast(v)
+            except ValueError:
+                raise ValueError(f"query parameter {name}={v!r} is not a number") from None
+
+        sort = params.get("sort") or "ms"
+        if sort not in SORT_KEYS:
+            raise ValueError(f"sort={sort!r}; expected one of {', '.join(SORT_KEYS)}")
+        order = params.get("order") or "desc"
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order={order!r}; expected asc or desc")
+        dead = params.get("dead") or "all"
+        if dead not in ("all", "alive", "dead"):
+            raise ValueError(f"dead={dead!r}; expected all, alive or dead")
+        ranges = {k: (num(f"{k}_min"), num(f"{k}_max")) for k in RANGE_KEYS}
+        ranges = {k: v for k, v in ranges.items() if v != (None, None)}
+        per = min(max(num("per", int) or 50, 1), 1000)
+        return cls(sort, order == "desc", dead, num("level", int), ranges, max(num("page", int) or 1, 1), per)
+
+
+def _store_for(data, hook_point, token_selection):
+    if data is None:
+        return None
+    from sae_vlm.eval.cli_evaluate import open_data
+
+    try:
+        src = open_data(data, hook_point, token_selection)
+    except (ValueError, FileNotFoundError):
+        return None
+    return src
+
+
+class RunView:
+    """A run directory, its evaluation directory and (optionally) the store the evaluation read."""
+
+    def __init__(self, run_dir, eval_dir=None, data=None):
+        from sae_vlm.eval.cli_evaluate import find_saes
+
+        self.run_dir = Path(run_dir).resolve()
+        if not self.run_dir.is_dir():
+            raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        self.eval_dir = Path(eval_dir).resolve() if eval_dir is not None else self.run_dir / "eval"
+        mfile = self.eval_dir / "metrics.json"
+        if not mfile.is_file():
+            raise FileNotFoundError(f"{mfile} is missing; run `sae-vlm evaluate {run_dir}` first or pass --eval DIR")
+        self.metrics = json.loads(mfile.read_text())
+        self.data = data if data is not None else self.metrics.get("data")
+        if self.data is not None and not Path(self.data).exists():
+            raise FileNotFoundError(f"activation store {self.data} does not exist; pass --data STORE")
+        self.embedder = self.metrics.get("embeddings")
+        summaries = {r["name"]: r for r in self.metrics.get("saes", [])}
+        self.dicts: dict[str, Dictionary] = {}
+        for sdir in find_saes(self.run_dir):
+            d = self._load_sae(sdir, summaries.get(sdir.name, {}))
+            if d is not None:
+                self.dicts[d.name] = d
+        for f in sorted((self.eval_dir / "latents").glob("baseline__*.npz")):
+            d = self._load_baseline(f)
+            self.dicts[d.name] = d
+        if not self.dicts:
+            raise FileNotFoundError(f"{self.eval_dir}/latents holds no per-latent arrays for the SAEs of {run_dir}")
+        self.plots = sorted(p.relative_to(self.eval_dir).as_posix() for p in (self.eval_dir / "plots").glob("*.png"))
+        self.tables_md = (self.eval_dir / "tables.md").read_text() if (self.eval_dir / "tables.md").is_file() else ""
+
+    def _load_sae(self, sdir: Path, summary: dict) -> Dictionary | None:
+        f = self.eval_dir / "latents" / f"{sdir.name}.npz"
+        if not f.is_file():
+            return None
+        cfg = json.loads((sdir / "config.json").read_text())
+        z = np.load(f)
+        n = int(cfg["d_sae"])
+        arrays = {k: z[k].astype(np.float64) for k in z.files
+                  if (k in RANGE_KEYS or k.startswith("ms__")) and z[k].shape == (n,)}
+        if "freq" not in arrays and "fire_freq" in z.files:
+            arrays["freq"] = z["fire_freq"].astype(np.float64)
+        top_dir = self.eval_dir / "top" / sdir.name
+        if (top_dir / "top_indices.npy").is_file():
+            top_idx, top_val = np.load(top_dir / "top_indices.npy"), np.load(top_dir / "top_values.npy")
+        elif "top_indices" in z.files:
+            top_idx, top_val = z["top_indices"], z["top_values"]
+        else:
+            top_idx = top_val = None
+        info = {k: cfg.get(k) for k in ("arch", "d_in", "d_sae", "k", "group_sizes", "token_selection")}
+        info["recon"] = summary.get("recon")
+        return Dictionary(sdir.name, "sae", cfg.get("hook_point") or "unknown", n, arrays,
+                          _levels(cfg.get("group_sizes"), n), top_idx, top_val, sdir, info,
+                          _store_for(self.data, cfg.get("hook_point"), cfg.get("token_selection")))
+
+    def _load_baseline(self, f: Path) -> Dictionary:
+        """Raw neurons of one layer: MS from the evaluation, top rows / support / max from one store pass."""
+        layer = f.stem.split("__", 1)[1]
+        z = np.load(f)
+        ms = z["no_sae_ms"].astype(np.float64)
+        n = len(ms)
+        arrays = {"ms": ms}
+        if "rotated_ms" in z.files:
+            arrays["ms__rotated"] = z["rotated_ms"].astype(np.float64)
+        tok = next((d.info.get("token_selection") for d in self.dicts.values() if d.hook_point == layer), None)
+        src = _store_for(self.data, layer, tok)
+        top_idx = top_val = None
+        if src is not None and src.d_in == n:
+            top_val, top_idx, support, max_act = neuron_stats(src)
+            arrays |= {"support": support, "freq": support / max(src.rows, 1), "max_act": max_act}
+        else:
+            src = None
+        return Dictionary(f"neurons__{layer}", "neurons", layer, n, arrays, np.zeros(n, np.int64), top_idx, top_val,
+                          None, {"arch": "raw neurons", "d_in": n}, src)
+
+    def get(self, name: str) -> Dictionary:
+        if name not in self.dicts:
+            raise KeyError(f"no SAE or baseline named {name!r}; expected one of {', '.join(self.dicts)}")
+        return self.dicts[name]
+
+    def image_path(self, d: Dictionary, row: int) -> Path | None:
+        """The image file behind store row `row`, or None (no store, out of range, not a plain file)."""
+        if d.source is None or not hasattr(d.source, "paths") or not 0 <= row < d.source.rows:
+            return None
+        if d._paths is None:
+            d._paths = d.source.paths()
+        p = Path(d._paths[row])
+        return p if p.is_file() else None
+
+
+@torch.no_grad()
+def neuron_stats(src, top: int = 16, chunk_rows: int = 4096):
+    """(top values [D, T], top rows [D, T], support [D], max [D]) of raw activations in one streaming pass."""
+    from sae_vlm.eval.top import top_activating
+
+    vals, idx = top_activating(src, top=min(top, src.rows), device="cpu", chunk_rows=chunk_rows)
+    support = np.zeros(src.d_in, np.float64)
+    for r0 in range(0, src.rows, chunk_rows):
+        x = src.get(torch.arange(r0, min(r0 + chunk_rows, src.rows)))
+        support += (x > 0).sum(0).numpy()
+    return vals.numpy(), idx.numpy(), support, vals[:, 0].double().numpy()

@@ -1,0 +1,176 @@
+"""Jinja rendering shared by the web app and the static report; only `Links` differs between the two."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
+
+from sae_vlm.browse.data import Dictionary, RunView, TableQuery
+
+HERE = Path(__file__).parent
+TEMPLATES, STATIC = HERE / "templates", HERE / "static"
+COLUMNS = (("id", "latent"), ("level", "level"), ("ms", "MS"), ("freq", "frequency"), ("support", "support"),
+           ("max_act", "max act"))
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    v = float(v)
+    if math.isnan(v):
+        return "–"
+    if v == int(v) and abs(v) < 1e9:
+        return str(int(v))
+    return f"{v:.{digits}g}" if abs(v) < 1e-3 else f"{v:.{digits}f}"
+
+
+def make_env() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
+    env.filters["fmt"] = fmt
+    return env
+
+
+class Links:
+    """URLs for the server (absolute paths) or for the static report (relative to a page `depth` deep)."""
+
+    def __init__(self, static: bool = False, depth: int = 0, included: dict[str, set] | None = None):
+        self.static, self.included = static, included or {}
+        self.root = "../" * depth if static else "/"
+
+    def at(self, depth: int) -> "Links":
+        return Links(self.static, depth, self.included)
+
+    def index(self) -> str:
+        return self.root + ("index.html" if self.static else "")
+
+    def table(self, name: str, **params) -> str:
+        if self.static:
+            return f"{self.root}s/{quote(name)}.html"
+        params = {k: v for k, v in params.items() if v not in (None, "")}
+        return f"/sae/{quote(name)}" + (f"?{urlencode(params)}" if params else "")
+
+    def latent(self, name: str, j: int) -> str | None:
+        if self.static:
+            return f"{self.root}s/{quote(name)}/{j}.html" if j in self.included.get(name, ()) else None
+        return f"/sae/{quote(name)}/latent/{j}"
+
+    def img(self, name: str, row: int, path: Path | None) -> str | None:
+        if path is None:
+            return None
+        return f"{self.root}img/{thumb_name(path)}" if self.static else f"/img/{quote(name)}/{row}"
+
+    def plot(self, rel: str) -> str:
+        return f"{self.root}plots/{quote(Path(rel).name)}" if self.static else f"/files/eval/{quote(rel)}"
+
+    def asset(self, file: str) -> str:
+        return f"{self.root}static/{file}"
+
+
+def thumb_name(path: Path) -> str:
+    return hashlib.sha1(str(path).encode()).hexdigest()[:20] + ".png"
+
+
+def histogram_svg(values: np.ndarray, bins: int = 30, width: int = 360, height: int = 120) -> Markup:
+    """A small bar chart of `values` as inline SVG (no plotting library, no file)."""
+    if len(values) == 0:
+        return Markup("")
+    counts, edges = np.histogram(values, bins=bins)
+    top = max(int(counts.max()), 1)
+    bw = width / bins
+    bars = "".join(
+        f'<rect x="{i * bw:.1f}" y="{height - 14 - (height - 20) * c / top:.1f}" width="{max(bw - 1, 1):.1f}" '
+        f'height="{(height - 20) * c / top:.1f}"><title>{edges[i]:.3g}–{edges[i + 1]:.3g}: {c}</title></rect>'
+        for i, c in enumerate(counts))
+    return Markup(
+        f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+        f'<g fill="#4a78b0">{bars}</g><line x1="0" x2="{width}" y1="{height - 14}" y2="{height - 14}" stroke="#888"/>'
+        f'<text x="0" y="{height - 2}" font-size="10">{edges[0]:.3g}</text>'
+        f'<text x="{width}" y="{height - 2}" font-size="10" text-anchor="end">{edges[-1]:.3g}</text></svg>')
+
+
+def summary(d: Dictionary) -> dict:
+    ms = d.arrays.get("ms")
+    ok = ms[~np.isnan(ms)] if ms is not None else np.zeros(0)
+    return {"name": d.name, "kind": d.kind, "hook_point": d.hook_point, "n": d.n, "info": d.info,
+            "dead": int(d.dead.sum()), "ms_mean": float(ok.mean()) if len(ok) else None, "scored": len(ok),
+            "levels": d.n_levels}
+
+
+def _row(d: Dictionary, j: int, extra: list[str]) -> dict:
+    a = d.arrays
+    return {"j": j, "level": int(d.level[j]), "dead": bool(d.dead[j]),
+            **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", *extra)}}
+
+
+def extra_ms(d: Dictionary) -> list[str]:
+    return sorted(k for k in d.arrays if k.startswith("ms__"))
+
+
+def index_context(view: RunView, links: Links) -> dict:
+    return {"links": links, "run": str(view.run_dir), "dicts": [summary(d) for d in view.dicts.values()],
+            "plots": [(p, links.plot(p)) for p in view.plots], "tables_md": view.tables_md, "embedder": view.embedder,
+            "title": f"sae-vlm · {view.run_dir.name}"}
+
+
+def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | None = None, ids=None) -> dict:
+    """A page of the latent table (server), or all `ids` in the given order (static report)."""
+    extra = extra_ms(d)
+    if ids is None:
+        ids = d.select(q)
+    total = len(ids)
+    pages = max(1, math.ceil(total / q.per)) if q else 1
+    page = min(q.page, pages) if q else 1
+    shown = ids[(page - 1) * q.per : page * q.per] if q else ids
+    ctx = {"links": links, "d": summary(d), "rows": [_row(d, int(j), extra) for j in shown], "extra": extra,
+           "total": total, "page": page, "pages": pages, "q": q, "columns": COLUMNS, "embedder": view.embedder,
+           "title": f"{d.name} · latents"}
+    if q is not None:  # links that keep the filters and change one thing
+        base = {"sort": q.sort, "order": "desc" if q.desc else "asc", "dead": q.dead, "level": q.level, "per": q.per}
+        for k, (lo, hi) in q.ranges.items():
+            base |= {f"{k}_min": lo, f"{k}_max": hi}
+        ctx["sort_link"] = lambda key: links.table(d.name, **(base | {
+            "sort": key, "order": "asc" if (key == q.sort and q.desc) or (key != q.sort and key in ("id", "level")) else "desc",
+            "page": 1}))
+        ctx["page_link"] = lambda p: links.table(d.name, **(base | {"page": p}))
+        ctx["form"] = base
+    return ctx
+
+
+def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: list[int] | None = None) -> dict:
+    """Everything the latent page shows; `order` is the list prev/next walk (default: all ids)."""
+    d.check(j)
+    a = d.arrays
+    images = []
+    if d.top_idx is not None:
+        for row, val in zip(d.top_idx[j], d.top_val[j]):
+            row = int(row)
+            if row < 0:
+                continue
+            path = view.image_path(d, row)
+            images.append({"row": row, "value": float(val), "url": links.img(d.name, row, path)})
+    hist = d.sample_activations(j)
+    if order is None:
+        prev_j, next_j = (j - 1 if j > 0 else None), (j + 1 if j + 1 < d.n else None)
+    else:
+        pos = order.index(j)
+        prev_j = order[pos - 1] if pos > 0 else None
+        next_j = order[pos + 1] if pos + 1 < len(order) else None
+    ms_rows = [(view.embedder or "embedder", a.get("ms", [None] * d.n)[j])]
+    ms_rows += [(k.split("__", 1)[1], a[k][j]) for k in extra_ms(d)]
+    return {
+        "links": links, "d": summary(d), "j": j, "title": f"{d.name} · latent {j}",
+        "stats": _row(d, j, []), "ms_rows": ms_rows, "images": images,
+        "hist": histogram_svg(hist[0]) if hist is not None else None,
+        "hist_n": (len(hist[0]), hist[1]) if hist is not None else None,
+        "nearest": [(i, c, links.latent(d.name, i)) for i, c in d.nearest(j)],
+        "prev": (prev_j, links.latent(d.name, prev_j)) if prev_j is not None else None,
+        "next": (next_j, links.latent(d.name, next_j)) if next_j is not None else None,
+    }

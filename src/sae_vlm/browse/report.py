@@ -1,0 +1,81 @@
+"""`sae-vlm report`: the browser's views as static HTML that works from file:// with no server.
+
+Layout: OUT/index.html, OUT/s/<dict>.html (latent table), OUT/s/<dict>/<j>.html (latent pages),
+OUT/img/*.png (thumbnails), OUT/plots/*.png, OUT/static/browse.js. index.html is written last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sae_vlm.browse.data import Dictionary, RunView, TableQuery
+from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context, thumb_name
+
+THUMB_PX = 128
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _thumb(src: Path, dst: Path) -> None:
+    from PIL import Image
+
+    if dst.exists():
+        return
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".png.tmp")
+        os.close(fd)
+        im.save(tmp, format="PNG")
+    os.replace(tmp, dst)
+
+
+def chosen_latents(d: Dictionary, top: int, all_: bool) -> list[int]:
+    """Latents that get a page: all, or the `top` highest by MS (then max activation) among the alive ones."""
+    if all_:
+        return list(range(d.n))
+    ms = d.arrays.get("ms", np.full(d.n, np.nan))
+    alive = np.flatnonzero(~d.dead)
+    score = np.nan_to_num(ms[alive], nan=-np.inf)
+    act = np.nan_to_num(d.arrays.get("max_act", np.zeros(d.n))[alive], nan=-np.inf)
+    order = alive[np.lexsort((alive, -act, -score))]
+    return sorted(int(j) for j in order[:top])
+
+
+def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = False, quiet: bool = True) -> Path:
+    out = Path(out)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    env = make_env()
+    included = {name: set(chosen_latents(d, top, all_latents)) for name, d in view.dicts.items()}
+    links = Links(static=True, depth=0, included=included)
+    (out / "static").mkdir(exist_ok=True)
+    shutil.copyfile(STATIC / "browse.js", out / "static" / "browse.js")
+    (out / "plots").mkdir(exist_ok=True)
+    for rel in view.plots:
+        shutil.copyfile(view.eval_dir / rel, out / "plots" / Path(rel).name)
+    for name, d in view.dicts.items():
+        order = sorted(included[name])
+        by_ms = d.select(TableQuery())  # by MS, NaN last
+        ids = np.array([j for j in by_ms if j in included[name]], np.int64)
+        _write(out / "s" / f"{name}.html", env.get_template("table.html").render(**table_context(view, d, links.at(1), ids=ids)))
+        for j in tqdm(order, desc=f"report {name}", disable=quiet, leave=False):
+            ctx = latent_context(view, d, j, links.at(2), order=order)
+            for im in ctx["images"]:
+                path = view.image_path(d, im["row"])
+                if path is not None:
+                    _thumb(path, out / "img" / thumb_name(path))
+            _write(out / "s" / name / f"{j}.html", env.get_template("latent.html").render(**ctx))
+    _write(out / "index.html", env.get_template("index.html").render(**index_context(view, links)))
+    return out / "index.html"

@@ -1,0 +1,203 @@
+"""The feature browser: server-side table queries, the HTTP routes and their safety, and the web app and the
+static report driven in a real headless Chromium (skipped only when /usr/bin/chromium is missing)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sae_vlm.browse.data import Dictionary, RunView, TableQuery
+from sae_vlm.cli import app
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SAE_NAME = "matryoshka_x2_k4"
+
+
+@pytest.fixture(scope="module")
+def built_run(tmp_path_factory):
+    """24 generated images → tiny CLIP store → a few-step Matryoshka SAE → `sae-vlm evaluate`."""
+    from _extract_helpers import make_images, save_tiny_clip
+
+    root = tmp_path_factory.mktemp("browse")
+    make_images(root / "imgs", 12, classes=("cats", "dogs"), size=(32, 32))
+    clip = save_tiny_clip(root / "clip")
+    run = CliRunner()
+    steps = [
+        ["extract", "--model", str(clip), "--data", str(root / "imgs"), "--layers", "1", "--tokens", "cls",
+         "--out", str(root / "store"), "--quiet", "--workers", "1"],
+        ["train", "--data", str(root / "store"), "--arch", "matryoshka", "--width", "2", "--k", "4", "--batch-size", "24",
+         "--steps", "20", "--out", str(root / "run"), "--quiet", "--device", "cpu"],
+        ["evaluate", str(root / "run"), "--data", str(root / "store"), "--embedder", str(clip), "--quiet", "--device", "cpu"],
+    ]
+    for args in steps:
+        r = run.invoke(app, args)
+        assert r.exit_code == 0, (args[0], r.output)
+    return root
+
+
+def _dictionary(n: int, seed: int = 0) -> Dictionary:
+    rng = np.random.default_rng(seed)
+    ms = rng.random(n)
+    ms[rng.random(n) < 0.1] = np.nan
+    support = rng.integers(0, 50, n).astype(np.float64)
+    arrays = {"ms": ms, "support": support, "freq": support / 100, "max_act": rng.random(n) * 10}
+    level = np.searchsorted(np.cumsum([n // 8, n // 8, 3 * n // 4]), np.arange(n), side="right")
+    return Dictionary("big", "sae", "layer.1", n, arrays, level, None, None)
+
+
+def test_table_query_65536_latents():
+    d = _dictionary(65536)
+    q = TableQuery.parse({"sort": "ms", "order": "desc", "dead": "alive", "level": "1", "ms_min": "0.2",
+                          "freq_max": "0.4", "per": "100", "page": "3"})
+    ids = d.select(q)
+    a = d.arrays
+    ref = [j for j in range(d.n) if a["support"][j] > 0 and d.level[j] == 1 and a["ms"][j] >= 0.2 and a["freq"][j] <= 0.4]
+    assert sorted(ids.tolist()) == ref
+    assert np.all(np.diff(a["ms"][ids]) <= 0)
+    # NaN latents go last in either order; dead filter is the complement of alive
+    all_asc = d.select(TableQuery.parse({"sort": "ms", "order": "asc"}))
+    nan = np.isnan(a["ms"][all_asc])
+    assert nan.any() and not nan[: (~nan).sum()].any() and np.all(np.diff(a["ms"][all_asc][~nan]) >= 0)
+    dead = d.select(TableQuery.parse({"dead": "dead", "sort": "id"}))
+    assert dead.tolist() == np.flatnonzero(a["support"] == 0).tolist()
+    for bad, msg in [({"sort": "nope"}, "sort='nope'"), ({"ms_min": "x"}, "ms_min='x' is not a number"),
+                     ({"dead": "maybe"}, "dead='maybe'")]:
+        with pytest.raises(ValueError, match=msg):
+            TableQuery.parse(bad)
+
+
+def test_routes_and_safety(built_run):
+    from fastapi.testclient import TestClient
+
+    from sae_vlm.browse.app import create_app
+
+    view = RunView(built_run / "run")
+    assert set(view.dicts) == {SAE_NAME, "neurons__layer.1"}
+    c = TestClient(create_app(view))
+    assert c.get("/").status_code == 200
+    page = c.get(f"/sae/{SAE_NAME}", params={"sort": "ms", "order": "desc", "level": "1", "dead": "alive", "per": "5"})
+    assert page.status_code == 200 and "latents match" in page.text
+    lat = c.get(f"/sae/{SAE_NAME}/latent/9")
+    assert lat.status_code == 200 and 'id="nearest"' in lat.text and "Matryoshka level" in lat.text and "<svg" in lat.text
+    assert lat.text.count('class="top"') == 16
+    assert c.get("/sae/neurons__layer.1/latent/0").text.count('class="top"') == 16  # raw-neuron baseline
+    for url in (f"/sae/{SAE_NAME}/latent/64", f"/sae/{SAE_NAME}/latent/-1", f"/sae/{SAE_NAME}/latent/x", "/sae/nope",
+                f"/img/{SAE_NAME}/24"):
+        assert c.get(url).status_code == 404, url
+    assert c.get(f"/sae/{SAE_NAME}", params={"sort": "bogus"}).status_code == 400
+    assert c.get("/files/eval/plots/fve_vs_width.png").content[:4] == b"\x89PNG"
+    for url in ("/files/eval/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/files/run/..%2f..%2f..%2fetc%2fpasswd",
+                "/files/eval/plots/%2e%2e/%2e%2e/saes/x", "/files/run/%2fetc%2fpasswd", "/static/..%2fapp.py"):
+        r = c.get(url)
+        assert r.status_code in (403, 404) and b"root:" not in r.content, url
+    # a bad eval dir is a one-line CLI error
+    r = CliRunner().invoke(app, ["report", str(built_run / "run"), "--eval", str(built_run / "none"), "--out",
+                                 str(built_run / "x")])
+    assert r.exit_code == 2 and "metrics.json is missing" in r.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(built_run):
+    import uvicorn
+
+    from sae_vlm.browse.app import create_app
+
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(RunView(built_run / "run")), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:  # no wall-clock bound: the thread fails loudly if it cannot bind
+        assert t.is_alive(), "the browse server thread died"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join()
+
+
+@pytest.fixture
+def chrome(tmp_path):
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip("browser test needs Debian chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1200,1000",
+                 f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    yield driver
+    driver.quit()
+
+
+LOADED_IMAGES = """return Array.from(document.querySelectorAll('img.top'))
+    .filter(i => i.complete && i.naturalWidth > 0).length;"""
+
+
+def _first_latent_by_ms(driver) -> int:
+    link = driver.find_element("css selector", "#latents tbody tr td a")
+    j = int(link.text)
+    link.click()
+    return j
+
+
+def test_browser_server_and_static_report(built_run, server, chrome, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    d = chrome
+    d.get(f"{server}/sae/{SAE_NAME}?sort=id&order=asc")
+    d.find_element(By.ID, "sort-ms").click()  # a different column starts descending
+    assert "sort=ms" in d.current_url and "order=desc" in d.current_url
+    ms = json.loads(d.execute_script(
+        "return JSON.stringify(Array.from(document.querySelectorAll('#latents tbody tr'))"
+        ".map(r => parseFloat(r.cells[2].dataset.v)).filter(v => !isNaN(v)))"))
+    assert len(ms) > 1 and ms == sorted(ms, reverse=True)
+    j = _first_latent_by_ms(d)
+    assert d.current_url.endswith(f"/sae/{SAE_NAME}/latent/{j}")
+    assert d.execute_script(LOADED_IMAGES) == 16
+    assert d.find_element(By.CSS_SELECTOR, "svg.hist") and d.find_elements(By.CSS_SELECTOR, "#nearest a")
+    shot = tmp_path / "latent.png"
+    d.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 1000
+    d.find_element(By.ID, "next").click()
+    assert d.current_url.endswith(f"/latent/{j + 1}") if j + 1 < 64 else True
+
+    # path traversal: a refusal status over plain HTTP, and no file content in the browser
+    for path in ("/files/../../../etc/passwd", "/files/eval/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                 "/files/run/..%2F..%2F..%2F..%2Fetc%2Fpasswd"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server + path)
+        assert err.value.code in (403, 404), path
+        d.get(server + path)
+        assert "root:" not in d.page_source
+
+    # the static report, opened from file:// with no server
+    out = tmp_path / "report"
+    r = CliRunner().invoke(app, ["report", str(built_run / "run"), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    d.get((out / "index.html").as_uri())
+    d.find_element(By.LINK_TEXT, SAE_NAME).click()
+    assert d.current_url.endswith(f"s/{SAE_NAME}.html")
+    k = _first_latent_by_ms(d)
+    assert k == j and d.current_url.startswith("file://")
+    assert d.execute_script(LOADED_IMAGES) == 16
+    d.save_screenshot(str(tmp_path / "static.png"))
+    assert (tmp_path / "static.png").stat().st_size > 1000

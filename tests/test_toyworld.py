@@ -1,0 +1,180 @@
+"""The toy world: a deterministic generator with consistent ground truth, and shipped models that load and work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_vlm import toyworld
+from sae_vlm.eval.hierarchy import parse_inat_label
+from sae_vlm.toyworld import text as T
+from sae_vlm.toyworld import world as W
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return W.generate(40, seed=3)
+
+
+def test_generator_is_deterministic(samples):
+    again = W.generate(40, seed=3)
+    assert [s.caption for s in again] == [s.caption for s in samples]
+    assert np.array_equal(W.to_array(again), W.to_array(samples))
+    # sample i depends on (seed, i) only: a prefix or an offset run gives the same samples
+    assert np.array_equal(W.to_array(W.generate(5, seed=3, start=10)), W.to_array(samples[10:15]))
+    other = W.generate(40, seed=4)
+    assert [s.caption for s in other] != [s.caption for s in samples]
+    assert samples[0].image.size == (W.IMAGE_SIZE, W.IMAGE_SIZE) and samples[0].image.mode == "RGB"
+
+
+def test_captions_match_labels(samples):
+    counts = set()
+    for s in samples:
+        objs = s.labels["objects"]
+        counts.add(len(objs))
+        parts = s.caption.split(" and ")
+        assert len(parts) == len(objs) == s.labels["count"]
+        assert parts[-1].endswith(f" on a {s.background} background")
+        for part, o in zip(parts, objs):
+            words = part.split()
+            assert words[1:5] == [o["size"], o["pattern"], o["colour"], o["shape"]]
+            assert " ".join(words[7:9]) == W.POSITION_WORDS[o["position"]]
+            assert o["shape_family"] == W.SHAPE_FAMILY[o["shape"]] and o["colour_family"] == W.COLOUR_FAMILY[o["colour"]]
+        # objects are ordered largest first, then in reading order; positions are distinct
+        keys = [(o["size"] != "large", W.POSITIONS.index(o["position"])) for o in objs]
+        assert keys == sorted(keys) and len({o["position"] for o in objs}) == len(objs)
+        assert s.answer("one_word") == objs[0]["shape"] and s.answer("colour") == objs[0]["colour"]
+        assert s.answer("count") == W.COUNT_WORDS[len(objs) - 1]
+    assert counts == {1, 2, 3}
+
+
+def test_taxonomy_labels_parse_into_levels(samples):
+    ids = {}
+    for s in samples:
+        levels = parse_inat_label(s.taxonomy)
+        assert levels == W.taxonomy_path(s.main) and len(levels) == 7
+        assert W.parse_taxonomy(s.taxonomy) == dict(zip(W.TAXONOMY_LEVELS, levels))
+        cid = s.taxonomy.split("_")[0]
+        assert ids.setdefault(levels, cid) == cid  # one class id per leaf
+    assert len(set(ids.values())) == len(ids)
+    with pytest.raises(ValueError, match="taxonomy label"):
+        W.parse_taxonomy("round_circle")
+
+
+def test_concept_vectors_are_consistent(samples):
+    idx = W.CONCEPT_INDEX
+    for s in samples:
+        v = s.concepts
+        assert v.shape == (len(W.CONCEPTS),) and set(np.unique(v)) <= {0.0, 1.0}
+        on = {W.CONCEPTS[i] for i in np.flatnonzero(v)}
+        want = {f"background:{s.background}", f"count:{W.COUNT_WORDS[len(s.objects) - 1]}"}
+        for o in s.objects:
+            want |= {f"{k}:{val}" for k, val in o.as_dict().items()}
+        assert on == want
+        assert sum(v[idx[f"background:{b}"]] for b in W.BACKGROUNDS) == 1
+        for s_ in W.SHAPES:  # a shape implies its family
+            if v[idx[f"shape:{s_}"]]:
+                assert v[idx[f"shape_family:{W.SHAPE_FAMILY[s_]}"]] == 1
+
+
+def test_write_folder_round_trip(samples, tmp_path):
+    from sae_vlm.data.images import FolderSource
+
+    W.write_folder(samples[:12], tmp_path)
+    src = FolderSource(tmp_path)
+    assert len(src.records) == 12
+    by_index = {s.index: s for s in samples}
+    for rec in src.records:
+        s = by_index[int(rec.id.split("/")[-1].split(".")[0])]
+        assert rec.label == s.taxonomy and parse_inat_label(rec.label) is not None
+    vecs = W.folder_concepts(tmp_path, [r.id for r in src.records])
+    assert np.array_equal(vecs, np.stack([by_index[int(r.id[-10:-4])].concepts for r in src.records]))
+    with pytest.raises(ValueError, match="not in"):
+        W.folder_concepts(tmp_path, ["nope.png"])
+
+
+def test_image_processor_matches_training_pixels(samples):
+    proc = T.build_image_processor()
+    got = proc(images=[s.image for s in samples[:4]], return_tensors="np")["pixel_values"]
+    assert np.allclose(got, T.pixels(W.to_array(samples[:4])).numpy(), atol=1e-5)
+
+
+def test_tokenizer_round_trips_captions(samples):
+    tok = T.build_tokenizer(for_clip=True)
+    for s in samples[:10]:
+        ids = tok(s.caption).input_ids
+        assert ids[0] == T.BOS and ids[-1] == T.EOS and T.UNK not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == s.caption
+    assert max(len(tok(s.caption).input_ids) for s in samples) <= T.CLIP_MAX_LEN
+
+
+# ---- shipped models -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip():
+    from transformers import AutoProcessor, CLIPModel
+
+    return CLIPModel.from_pretrained(toyworld.clip_path()).eval(), AutoProcessor.from_pretrained(toyworld.clip_path())
+
+
+@pytest.fixture(scope="module")
+def llava():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = toyworld.llava_path()
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def test_shipped_clip_loads_and_sees_colours(clip):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from sae_vlm.toyworld.quality import ZERO_SHOT, single_object_samples
+
+    model, proc = clip
+    tok = AutoTokenizer.from_pretrained(toyworld.clip_path())
+    assert tok.eos_token_id == T.EOS == model.config.text_config.eos_token_id
+    ip = AutoImageProcessor.from_pretrained(toyworld.clip_path())
+    assert ip.crop_size == {"height": W.IMAGE_SIZE, "width": W.IMAGE_SIZE}
+    imgs = single_object_samples(30, seed=7)
+    values, prompt = ZERO_SHOT["colour"]
+    enc = proc(text=[prompt(v) for v in values], images=[s.image for s in imgs], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        pred = model(**enc).logits_per_image.argmax(1)
+    acc = (pred == torch.tensor([values.index(s.main.colour) for s in imgs])).float().mean().item()
+    assert acc > 0.6, acc  # measured ~1.0 (quality.py); chance 1/6
+
+
+def test_shipped_llava_answers_one_word_questions(llava, clip):
+    from sae_vlm.toyworld.quality import llava_answer
+
+    model, proc = llava
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    # the vision tower is the tiny CLIP's, unchanged
+    clip_sd = clip[0].vision_model.state_dict()
+    tower_sd = model.model.vision_tower.state_dict()
+    assert all(torch.equal(v, tower_sd[k]) for k, v in clip_sd.items() if k in tower_sd)
+    imgs = W.generate(24, seed=7)
+    shapes = llava_answer(model, proc, [s.image for s in imgs], W.QUESTIONS["one_word"])
+    colours = llava_answer(model, proc, [s.image for s in imgs], W.QUESTIONS["colour"])
+    acc_shape = np.mean([a == s.main.shape for a, s in zip(shapes, imgs)])
+    acc_colour = np.mean([a == s.main.colour for a, s in zip(colours, imgs)])
+    assert acc_shape > 0.5, shapes  # measured ~0.9 on 200 images; chance 0.2
+    assert acc_colour > 0.6, colours  # measured ~1.0; chance 1/6
+
+
+def test_training_scripts_run_and_save_loadable_models(tmp_path):
+    from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
+
+    from sae_vlm.toyworld import train_clip, train_llava
+
+    train_clip.train(train_clip.ClipTrainConfig(steps=2, n_train=32, batch_size=8), tmp_path / "clip", quiet=True)
+    CLIPModel.from_pretrained(tmp_path / "clip")
+    cfg = train_llava.LlavaTrainConfig(steps=2, n_train=32, batch_size=8)
+    train_llava.train(cfg, tmp_path / "clip", tmp_path / "llava", quiet=True)
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+    proc = AutoProcessor.from_pretrained(tmp_path / "llava")
+    enc = proc(images=[W.sample(0).image], text=[W.PROMPT_TEMPLATE.format(question="What is shown in this image?")],
+               return_tensors="pt")
+    assert (enc["input_ids"] == T.IMAGE).sum() == model.config.image_seq_length
+    out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] <= enc["input_ids"].shape[1] + 2
