@@ -67,7 +67,7 @@ def test_table_query_65536_latents():
     all_asc = d.select(TableQuery.parse({"sort": "ms", "order": "asc"}))
     nan = np.isnan(a["ms"][all_asc])
     assert nan.any() and not nan[: (~nan).sum()].any() and np.all(np.diff(a["ms"][all_asc][~nan]) >= 0)
-    dead = d.select(TableQuery.parse({"dead": "dead", "sort": "id"}))
+    dead = d.select(TableQuery.parse({"dead": "dead", "sort": "id", "order": "asc"}))
     assert dead.tolist() == np.flatnonzero(a["support"] == 0).tolist()
     for bad, msg in [({"sort": "nope"}, "sort='nope'"), ({"ms_min": "x"}, "ms_min='x' is not a number"),
                      ({"dead": "maybe"}, "dead='maybe'")]:
@@ -103,6 +103,15 @@ def test_routes_and_safety(built_run):
     r = CliRunner().invoke(app, ["report", str(built_run / "run"), "--eval", str(built_run / "none"), "--out",
                                  str(built_run / "x")])
     assert r.exit_code == 2 and "metrics.json is missing" in r.output
+    r = CliRunner().invoke(app, ["browse", str(built_run / "run"), "--data", str(built_run / "gone")])
+    assert r.exit_code == 2 and "activation store" in r.output and "gone does not exist" in r.output
+    # a store that moved away: the pages still render, without images
+    bare = RunView(built_run / "run")
+    bare.data, bare.notes = None, ["gone"]
+    for dd in bare.dicts.values():
+        dd.source = None
+    c2 = TestClient(create_app(bare))
+    assert "gone" in c2.get("/").text and 'class="missing"' in c2.get(f"/sae/{SAE_NAME}/latent/1").text
 
 
 def _free_port() -> int:
@@ -177,8 +186,9 @@ def test_browser_server_and_static_report(built_run, server, chrome, tmp_path):
     shot = tmp_path / "latent.png"
     d.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 1000
-    d.find_element(By.ID, "next").click()
-    assert d.current_url.endswith(f"/latent/{j + 1}") if j + 1 < 64 else True
+    nav = "next" if d.find_elements(By.ID, "next") else "prev"  # neighbours by id
+    d.find_element(By.ID, nav).click()
+    assert d.current_url.endswith(f"/latent/{j + 1 if nav == 'next' else j - 1}")
 
     # path traversal: a refusal status over plain HTTP, and no file content in the browser
     for path in ("/files/../../../etc/passwd", "/files/eval/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
@@ -201,3 +211,43 @@ def test_browser_server_and_static_report(built_run, server, chrome, tmp_path):
     assert d.execute_script(LOADED_IMAGES) == 16
     d.save_screenshot(str(tmp_path / "static.png"))
     assert (tmp_path / "static.png").stat().st_size > 1000
+
+
+def test_text_search_and_steering(built_run):
+    """--clip ranks latents by text↔top-image-mean cosine; --llava shows unsteered and clamped text."""
+    from _steer_helpers import save_tiny_clip_model, save_tiny_llava
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from sae_vlm.browse.app import create_app
+    from sae_vlm.browse.tools import Steerer, TextSearch
+    from sae_vlm.steer.generate import Case, generate_cases, load_llava, open_image
+    from sae_vlm.steer.score import ClipEmbedder
+
+    clip, llava = save_tiny_clip_model(built_run / "fullclip"), save_tiny_llava(built_run / "llava")
+    view = RunView(built_run / "run")
+    search, steerer = TextSearch(view, str(clip)), Steerer(view, str(llava), max_new_tokens=8)
+    c = TestClient(create_app(view, search, steerer))
+    page = c.get("/search", params={"q": "red car", "sae": SAE_NAME})
+    assert page.status_code == 200 and 'id="hits"' in page.text
+    hits = search.search(view.get(SAE_NAME), "red car")
+    assert hits and [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+    j, score = hits[0]
+    d = view.get(SAE_NAME)
+    emb = ClipEmbedder.load(str(clip))
+    imgs = [Image.open(view.image_path(d, int(r))).convert("RGB") for r in d.top_idx[j]]
+    concept, text = emb.images(imgs).mean(0), emb.texts(["red car"])[0]
+    ref = concept @ text / np.linalg.norm(concept) / np.linalg.norm(text)
+    assert score == pytest.approx(float(ref), abs=1e-4)
+    assert c.get("/search", params={"q": "x", "sae": "nope"}).status_code == 404
+
+    prompt = "what is shown in this image ?"
+    r = c.get(f"/sae/{SAE_NAME}/steer", params={"j": j, "alpha": 50, "prompt": prompt, "image": "white", "go": 1})
+    assert r.status_code == 200 and 'id="steered"' in r.text
+    plain, steered = steerer.run(d, j, 50.0, prompt, "white")
+    model, proc = load_llava(str(llava))
+    assert plain == generate_cases(model, proc, d.sae(), [Case(open_image("white"), prompt, None)], max_new_tokens=8)[0]
+    assert steered != plain
+    assert c.get(f"/sae/{SAE_NAME}/steer", params={"j": j, "image": "../etc/passwd", "go": 1}).status_code == 400
+    assert c.get("/sae/neurons__layer.1/steer", params={"j": 0}).status_code == 404
+    assert 'id="steer"' in c.get(f"/sae/{SAE_NAME}/latent/{j}").text

@@ -30,11 +30,14 @@ def safe_file(root: Path, rel: str) -> Path:
     return path
 
 
-def create_app(view: RunView) -> FastAPI:
+def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
+    """The app; `search` (TextSearch) and `steerer` (Steerer) add their views when given."""
     app = FastAPI(title="sae-vlm browser", docs_url=None, redoc_url=None, openapi_url=None)
     env = make_env()
     links = Links(static=False)
     roots = {"run": view.run_dir, "eval": view.eval_dir}
+
+    env.globals |= {"has_search": search is not None, "has_steer": steerer is not None}
 
     def page(template: str, ctx: dict) -> HTMLResponse:
         return HTMLResponse(env.get_template(template).render(**ctx))
@@ -83,6 +86,32 @@ def create_app(view: RunView) -> FastAPI:
         if root not in roots:
             raise HTTPException(404, f"unknown file root {root!r}; expected run or eval")
         return FileResponse(safe_file(roots[root], rel))
+
+    @app.get("/search", response_class=HTMLResponse)
+    def text_search(q: str = "", sae: str = ""):
+        if search is None:
+            raise HTTPException(404, "text search needs `sae-vlm browse --clip DIR`")
+        d = lookup(sae or next(iter(view.dicts)))
+        hits = [(j, s, links.latent(d.name, j)) for j, s in search.search(d, q)]
+        return page("search.html", {"links": links, "title": "text search", "q": q, "sae": d.name,
+                                     "names": list(view.dicts), "hits": hits})
+
+    @app.get("/sae/{name}/steer", response_class=HTMLResponse)
+    def steer(name: str, j: int = 0, alpha: float = 50.0, prompt: str = "What is shown in this image?",
+              image: str = "white", go: int = 0):
+        if steerer is None:
+            raise HTTPException(404, "steering needs `sae-vlm browse --llava DIR`")
+        d = lookup(name)
+        if d.kind != "sae" or not 0 <= j < d.n:
+            raise HTTPException(404, f"latent {j} of {name} cannot be steered")
+        result = None
+        if go:
+            try:
+                result = steerer.run(d, j, alpha, prompt, image)
+            except ValueError as e:
+                raise HTTPException(400, str(e)) from None
+        return page("steer.html", {"links": links, "title": f"steer {name} · {j}", "name": name, "j": j,
+                                    "alpha": alpha, "prompt": prompt, "image": image, "result": result})
 
     @app.get("/static/{file}")
     def static(file: str):

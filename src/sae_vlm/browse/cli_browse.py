@@ -24,15 +24,21 @@ def browse(
     data: Optional[str] = typer.Option(None, help="Activation store the evaluation read (default: from metrics.json)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on; keep loopback unless you mean to share."),
     port: int = typer.Option(8765, help="Port to listen on."),
+    clip: Optional[str] = typer.Option(None, help="CLIPModel id or dir: enables text search over latents."),
+    llava: Optional[str] = typer.Option(None, help="LLaVA id or dir: enables the steering panel."),
+    device: str = typer.Option("cpu", help="Device for the --clip / --llava models."),
 ) -> None:
     """Serve a read-only browser of a run's latents: tables, top images, histograms, neighbours."""
     import uvicorn
 
     from sae_vlm.browse.app import create_app
+    from sae_vlm.browse.tools import Steerer, TextSearch
 
     view = _view(run_dir, eval_dir, data)
+    search = TextSearch(view, clip, device) if clip else None
+    steerer = Steerer(view, llava, device) if llava else None
     typer.echo(f"serving {view.run_dir} at http://{host}:{port}/")
-    uvicorn.run(create_app(view), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(view, search, steerer), host=host, port=port, log_level="warning")
 
 
 def report(

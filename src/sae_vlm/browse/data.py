@@ -48,6 +48,8 @@ class Dictionary:
 
     @property
     def dead(self) -> np.ndarray:
+        if self.kind == "neurons":  # raw neurons are signed: dead means constant (MS undefined)
+            return np.isnan(self.arrays["ms"])
         sup = self.arrays.get("support")
         if sup is not None:
             return ~(sup > 0)
@@ -210,8 +212,12 @@ class RunView:
             raise FileNotFoundError(f"{mfile} is missing; run `sae-vlm evaluate {run_dir}` first or pass --eval DIR")
         self.metrics = json.loads(mfile.read_text())
         self.data = data if data is not None else self.metrics.get("data")
+        self.notes: list[str] = []
         if self.data is not None and not Path(self.data).exists():
-            raise FileNotFoundError(f"activation store {self.data} does not exist; pass --data STORE")
+            if data is not None:
+                raise FileNotFoundError(f"activation store {data} does not exist; expected the store `evaluate` read")
+            self.notes.append(f"the evaluated store {self.data} is gone: no images or histograms (pass --data STORE)")
+            self.data = None
         self.embedder = self.metrics.get("embeddings")
         summaries = {r["name"]: r for r in self.metrics.get("saes", [])}
         self.dicts: dict[str, Dictionary] = {}

@@ -117,6 +117,7 @@ def extra_ms(d: Dictionary) -> list[str]:
 def index_context(view: RunView, links: Links) -> dict:
     return {"links": links, "run": str(view.run_dir), "dicts": [summary(d) for d in view.dicts.values()],
             "plots": [(p, links.plot(p)) for p in view.plots], "tables_md": view.tables_md, "embedder": view.embedder,
+            "notes": view.notes,
             "title": f"sae-vlm · {view.run_dir.name}"}
 
 
@@ -163,7 +164,7 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
         pos = order.index(j)
         prev_j = order[pos - 1] if pos > 0 else None
         next_j = order[pos + 1] if pos + 1 < len(order) else None
-    ms_rows = [(view.embedder or "embedder", a.get("ms", [None] * d.n)[j])]
+    ms_rows = [(Path(view.embedder).name if view.embedder else "embedder", a.get("ms", [None] * d.n)[j])]
     ms_rows += [(k.split("__", 1)[1], a[k][j]) for k in extra_ms(d)]
     return {
         "links": links, "d": summary(d), "j": j, "title": f"{d.name} · latent {j}",

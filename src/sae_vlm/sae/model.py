@@ -104,7 +104,7 @@ class SAE(nn.Module):
 
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
         self._check(x_ND)
-        return torch.addmm(self.b_enc, x_ND - self.b_dec, self.W_enc).relu_()
+        return nn.functional.linear(x_ND - self.b_dec, self.W_enc.T, self.b_enc).relu_()
 
     def select(self, h_NF: torch.Tensor, mode: str) -> torch.Tensor:
         if mode == "relu":
