@@ -15,7 +15,7 @@ demo: setup
 	$(BIN)/sae-vlm demo --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(VENV) runs

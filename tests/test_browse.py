@@ -240,6 +240,18 @@ def test_text_search_and_steering(built_run):
     ref = concept @ text / np.linalg.norm(concept) / np.linalg.norm(text)
     assert score == pytest.approx(float(ref), abs=1e-4)
     assert c.get("/search", params={"q": "x", "sae": "nope"}).status_code == 404
+    # an SAE on the pooled, projected embedding ("last"): ranked by decoder direction, no images needed
+    from sae_vlm import SAE, SAEConfig
+
+    last = SAE(SAEConfig(arch="topk", d_in=16, d_sae=24, k=2, hook_point="last"))
+    last.save_pretrained(built_run / "last_sae")
+    dl = Dictionary("last", "sae", "last", 24, {"ms": np.zeros(24)}, np.zeros(24, np.int64), None, None,
+                    built_run / "last_sae")
+    assert search.method(dl) == "decoder"
+    hits = search.search(dl, "red car", count=24)
+    w = last.W_dec.detach().numpy()
+    ref = w @ text / np.linalg.norm(w, axis=1) / np.linalg.norm(text)
+    assert [j for j, _ in hits] == np.argsort(-ref, kind="stable").tolist()
 
     prompt = "what is shown in this image ?"
     r = c.get(f"/sae/{SAE_NAME}/steer", params={"j": j, "alpha": 50, "prompt": prompt, "image": "white", "go": 1})

@@ -94,6 +94,7 @@ def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
         d = lookup(sae or next(iter(view.dicts)))
         hits = [(j, s, links.latent(d.name, j)) for j, s in search.search(d, q)]
         return page("search.html", {"links": links, "title": "text search", "q": q, "sae": d.name,
+                                     "method": search.method(d) if q else None,
                                      "names": list(view.dicts), "hits": hits})
 
     @app.get("/sae/{name}/steer", response_class=HTMLResponse)

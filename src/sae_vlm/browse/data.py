@@ -8,6 +8,7 @@ latents cost one numpy pass per request.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class Dictionary:
     _dec_unit: np.ndarray | None = None
     _sample: tuple | None = None
     _paths: list | None = None
+    _pending: object = None  # work left before the arrays are complete (see RunView.get)
 
     @property
     def dead(self) -> np.ndarray:
@@ -221,6 +223,7 @@ class RunView:
         self.embedder = self.metrics.get("embeddings")
         summaries = {r["name"]: r for r in self.metrics.get("saes", [])}
         self.dicts: dict[str, Dictionary] = {}
+        self._lock = threading.Lock()
         for sdir in find_saes(self.run_dir):
             d = self._load_sae(sdir, summaries.get(sdir.name, {}))
             if d is not None:
@@ -268,19 +271,27 @@ class RunView:
             arrays["ms__rotated"] = z["rotated_ms"].astype(np.float64)
         tok = next((d.info.get("token_selection") for d in self.dicts.values() if d.hook_point == layer), None)
         src = _store_for(self.data, layer, tok)
-        top_idx = top_val = None
-        if src is not None and src.d_in == n:
-            top_val, top_idx, support, max_act = neuron_stats(src)
-            arrays |= {"support": support, "freq": support / max(src.rows, 1), "max_act": max_act}
-        else:
-            src = None
-        return Dictionary(f"neurons__{layer}", "neurons", layer, n, arrays, np.zeros(n, np.int64), top_idx, top_val,
-                          None, {"arch": "raw neurons", "d_in": n}, src)
+        src = src if src is not None and src.d_in == n else None
+        d = Dictionary(f"neurons__{layer}", "neurons", layer, n, arrays, np.zeros(n, np.int64), None, None,
+                       None, {"arch": "raw neurons", "d_in": n}, src)
+        if src is not None:  # one pass over the store, on first use of this view
+
+            def finish():
+                d.top_val, d.top_idx, support, max_act = neuron_stats(src)
+                d.arrays |= {"support": support, "freq": support / max(src.rows, 1), "max_act": max_act}
+
+            d._pending = finish
+        return d
 
     def get(self, name: str) -> Dictionary:
         if name not in self.dicts:
             raise KeyError(f"no SAE or baseline named {name!r}; expected one of {', '.join(self.dicts)}")
-        return self.dicts[name]
+        d = self.dicts[name]
+        with self._lock:
+            if d._pending is not None:
+                d._pending()
+                d._pending = None
+        return d
 
     def image_path(self, d: Dictionary, row: int) -> Path | None:
         """The image file behind store row `row`, or None (no store, out of range, not a plain file)."""

@@ -58,14 +58,15 @@ def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = Fals
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     env = make_env()
-    included = {name: set(chosen_latents(d, top, all_latents)) for name, d in view.dicts.items()}
+    dicts = {name: view.get(name) for name in view.dicts}  # completes lazily loaded views
+    included = {name: set(chosen_latents(d, top, all_latents)) for name, d in dicts.items()}
     links = Links(static=True, depth=0, included=included)
     (out / "static").mkdir(exist_ok=True)
     shutil.copyfile(STATIC / "browse.js", out / "static" / "browse.js")
     (out / "plots").mkdir(exist_ok=True)
     for rel in view.plots:
         shutil.copyfile(view.eval_dir / rel, out / "plots" / Path(rel).name)
-    for name, d in view.dicts.items():
+    for name, d in dicts.items():
         order = sorted(included[name])
         by_ms = d.select(TableQuery())  # by MS, NaN last
         ids = np.array([j for j in by_ms if j in included[name]], np.int64)

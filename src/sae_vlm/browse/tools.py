@@ -30,8 +30,30 @@ class TextSearch:
             self._embedder = ClipEmbedder.load(self.clip, device=self.device)
         return self._embedder
 
+    def method(self, d: Dictionary) -> str:
+        """'decoder' for an SAE at the pooled 'last' hook (its decoder rows live in, or project into, CLIP's joint
+        space), else 'top images'."""
+        if d.kind == "sae" and d.hook_point == "last":
+            model = self.embedder().model
+            width = d.sae().cfg.d_in
+            proj = getattr(model, "visual_projection", None)
+            if width == model.config.projection_dim or (proj is not None and proj.in_features == width):
+                return "decoder"
+        return "top images"
+
     def concepts(self, d: Dictionary) -> np.ndarray:
-        """[n, D] unit mean embeddings of each latent's top images; zero rows where a latent has none."""
+        """[n, D] unit concept vectors: decoder directions (see `method`) or the mean embedding of each latent's
+        top images; zero rows where a latent has none."""
+        if d.name not in self._concepts and self.method(d) == "decoder":
+            import torch
+
+            model = self.embedder().model
+            with torch.no_grad():
+                w = d.sae().W_dec.detach().float()
+                if w.shape[1] != model.config.projection_dim:  # post_layernorm width: project like image_embeds
+                    w = model.visual_projection(w.to(model.visual_projection.weight))
+            w = w.float().cpu().numpy()
+            self._concepts[d.name] = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
         if d.name not in self._concepts:
             from PIL import Image
 

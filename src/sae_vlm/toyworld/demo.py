@@ -1,0 +1,194 @@
+"""`sae-vlm demo`: the whole pipeline on the toy world, through the same code paths a real model takes.
+
+generate images → extract (tiny CLIP: CLS at two layers + the projection; toy LLaVA: 2 random tokens at the
+layer its projector reads) → train BatchTopK and Matryoshka SAEs → evaluate (MS under the tiny CLIP and under the
+ground-truth concepts, FVE, L0, hierarchy, neuron baseline) → steer the toy LLaVA with the latent of a concept →
+metrics.json, plots and report/index.html.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_vlm import toyworld
+from sae_vlm.config import TrainConfig
+from sae_vlm.data.extract import ExtractConfig, run_extract
+from sae_vlm.data.store import open_store
+from sae_vlm.eval.cli_evaluate import evaluate_run
+from sae_vlm.sae.model import SAE, atomic_write_text
+from sae_vlm.sae.trainer import train
+from sae_vlm.toyworld.world import CONCEPT_INDEX, CONCEPTS, QUESTIONS, read_manifest
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    n_train: int
+    n_eval: int
+    steps: int
+    batch_size: int
+
+
+FULL = DemoSize(n_train=8000, n_eval=2000, steps=3000, batch_size=512)
+QUICK = DemoSize(n_train=1500, n_eval=600, steps=400, batch_size=256)
+STEER_CONCEPT = "colour:red"
+
+
+def say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def write_embeddings(path: Path, emb: np.ndarray, ids) -> Path:
+    """.npy plus a sidecar .json of image ids, which `evaluate` checks against the store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, np.asarray(emb, np.float32))
+    tmp.replace(path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"image_ids": [str(i) for i in ids]}))
+    return path
+
+
+def concept_purity(top_indices_KT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
+    """Per latent: the largest fraction of its top images sharing one ground-truth concept (NaN if none)."""
+    out = np.full(len(top_indices_KT), np.nan)
+    for j, idx in enumerate(top_indices_KT):
+        idx = idx[idx >= 0]
+        if len(idx):
+            out[j] = concepts_NC[idx].mean(0).max()
+    return out
+
+
+def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
+    size = QUICK if quick else FULL
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    clip_dir, llava_dir = toyworld.clip_path(), toyworld.llava_path()
+
+    say(f"[1/6] generating {size.n_train} + {size.n_eval} toy images", quiet)
+    images = {"train": out / "images" / "train", "eval": out / "images" / "eval"}
+    if not (images["eval"] / "toyworld.jsonl").is_file():
+        toyworld.write_folder(toyworld.generate(size.n_train, seed=0), images["train"])
+        toyworld.write_folder(toyworld.generate(size.n_eval, seed=0, start=size.n_train), images["eval"])
+
+    from transformers import AutoConfig
+
+    n_layers = AutoConfig.from_pretrained(clip_dir).vision_config.num_hidden_layers
+    llava_layer = f"layer.{n_layers - 2}"  # vision_feature_layer = -2, as in llava-1.5
+    cls_layers = (f"layer.{n_layers // 2 - 1}", llava_layer)
+    say(f"[2/6] extracting CLS at {', '.join(cls_layers)} and 'last'; 2 random tokens at {llava_layer} (toy LLaVA)", quiet)
+    stores = {}
+    for split in ("train", "eval"):
+        stores[split] = out / "stores" / split
+        run_extract(ExtractConfig(model=str(clip_dir), data=str(images[split]), out=str(stores[split]),
+                                  layers=(*cls_layers, "last"), tokens=("cls",), dtype="fp32", batch_size=128,
+                                  workers=2), quiet=quiet)
+    stores["tokens"] = out / "stores" / "llava_tokens"
+    run_extract(ExtractConfig(model=str(llava_dir), data=str(images["train"]), out=str(stores["tokens"]),
+                              tokens=("random-2",), dtype="fp32", batch_size=128, workers=2), quiet=quiet)
+
+    say("[3/6] training BatchTopK and Matryoshka SAEs (x4, k=4) per hook point", quiet)
+    runs = {}
+    for layer in (*cls_layers, "last"):
+        runs[layer] = out / "runs" / layer
+        train_sweep(stores["train"], layer, runs[layer], size, quiet)
+    runs["tokens"] = out / "runs" / "llava_tokens"
+    train_sweep(stores["tokens"], None, runs["tokens"], size, quiet, archs=("matryoshka",))
+
+    say("[4/6] evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline", quiet)
+    ev = open_store(stores["eval"], layer="last")
+    ids = ev.image_ids()
+    emb = {"clip": write_embeddings(out / "embeddings" / "clip.npy", ev.all().numpy(), ids),
+           "truth": write_embeddings(out / "embeddings" / "truth.npy", toyworld.folder_concepts(images["eval"], ids), ids)}
+    concepts_NC = np.load(emb["truth"])
+    metrics: dict = {"size": size.__dict__, "layers": {}}
+    for layer in (*cls_layers, "last"):
+        per = {}
+        for name, path in emb.items():
+            per[name] = evaluate_run(runs[layer], stores["eval"], out=out / "eval" / layer / name, embeddings=path,
+                                     device="cpu", quiet=True)
+        metrics["layers"][layer] = summarize_layer(per, out / "eval" / layer, concepts_NC)
+
+    say(f"[5/6] steering the toy LLaVA with the latent of {STEER_CONCEPT!r}", quiet)
+    metrics["steering"] = steer_concept(runs["tokens"], images["train"], llava_dir, quiet)
+
+    say("[6/6] writing metrics.json, plots and report/index.html", quiet)
+    metrics["seconds"] = round(time.time() - t0, 1)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    write_report(out, runs, stores, quiet)
+    return metrics
+
+
+def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet: bool,
+                archs=("batchtopk", "matryoshka")) -> None:
+    cfg = TrainConfig(data=str(store), out=str(run), layer=layer, archs=archs, expansions=(4,), ks=(4,),
+                      batch_size=size.batch_size, steps=size.steps, lr=2e-3, warmup_steps=size.steps // 10,
+                      threshold_start_step=size.steps // 4, dead_window=50 * size.batch_size,
+                      checkpoint_every=size.steps, log_every=max(1, size.steps // 10), quiet=quiet)
+    train(cfg, resume=(run / "ckpt").is_dir())
+
+
+def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray) -> dict:
+    """MS under both embedders, their correlation across latents, FVE/L0, purity and hierarchy, per SAE."""
+    out = {"no_sae": {k: m["baselines"] for k, m in per.items()}, "saes": {}}
+    for r_clip, r_truth in zip(per["clip"]["saes"], per["truth"]["saes"]):
+        name = r_clip["name"]
+        a_clip = np.load(eval_dir / "clip" / "latents" / f"{name}.npz")
+        a_truth = np.load(eval_dir / "truth" / "latents" / f"{name}.npz")
+        both = ~np.isnan(a_clip["ms"]) & ~np.isnan(a_truth["ms"])
+        corr = float(np.corrcoef(a_clip["ms"][both], a_truth["ms"][both])[0, 1]) if both.sum() > 2 else float("nan")
+        purity = concept_purity(a_clip["top_indices"], concepts_NC)
+        out["saes"][name] = {
+            "ms_clip": r_clip["ms"], "ms_truth": r_truth["ms"], "ms_correlation": corr,
+            "fve": r_clip["recon"]["fve"], "l0": r_clip["recon"]["l0_threshold"],
+            "dead_frac": r_clip["recon"].get("dead_frac"),
+            "top16_purity": float(np.nanmean(purity)),
+            "hierarchy": r_clip.get("hierarchy", {}).get("lca_mean_per_level"),
+        }
+    return out
+
+
+def steer_concept(run: Path, train_images: Path, llava_dir: Path, quiet: bool) -> dict:
+    """Clamp the latent whose top images most often show the concept; ask blank images for one word."""
+    from PIL import Image
+
+    from sae_vlm.steer.generate import Case, generate_cases, load_llava
+    from sae_vlm.steer.score import top_images
+
+    sae_dir = next(p.parent for p in sorted(run.glob("saes/*/config.json")))
+    sae = SAE.from_pretrained(sae_dir)
+    model, processor = load_llava(str(llava_dir), device="cpu")
+    recs = list(read_manifest(train_images).values())[:1000]
+    imgs = [Image.open(train_images / r["path"]).convert("RGB") for r in recs]
+    concepts = np.zeros((len(recs), len(CONCEPTS)), np.float32)
+    for i, r in enumerate(recs):
+        concepts[i, r["concepts"]] = 1
+    vals, idx = top_images(model, sae, imgs, processor=processor, quiet=quiet)
+    c = CONCEPT_INDEX[STEER_CONCEPT]
+    hits = np.array([concepts[i[i >= 0], c].mean() if (i >= 0).any() else 0.0 for i in idx])
+    latent = int(np.lexsort((-vals[:, 0], -hits))[0])  # highest purity, then strongest
+    word = STEER_CONCEPT.split(":")[1]
+    blanks = [Image.new("RGB", (48, 48), rgb) for rgb in ((240, 240, 240), (128, 128, 128), (15, 15, 15))]
+    question = QUESTIONS["colour"]
+    scale = float(vals[latent, 0])
+    alphas = [0.0, 2 * scale, 4 * scale, 8 * scale]
+    cases = [Case(img, question, None) for img in blanks]
+    cases += [Case(img, question, {latent: ("clamp", a)}) for a in alphas[1:] for img in blanks]
+    texts = generate_cases(model, processor, sae, cases, error_term=False, max_new_tokens=3)
+    said = [t.split()[0].strip(".,!").lower() if t.split() else "" for t in texts]
+    n = len(blanks)
+    return {"concept": STEER_CONCEPT, "latent": latent, "top16_purity": float(hits[latent]), "alphas": alphas,
+            "unsteered_answers": said[:n], "steered_answers": said[n:],
+            "unsteered_hit_rate": float(np.mean([s == word for s in said[:n]])),
+            "steered_hit_rate": float(np.mean([s == word for s in said[n:]]))}
+
+
+def write_report(out: Path, runs: dict, stores: dict, quiet: bool) -> None:
+    from sae_vlm.browse.report import write_report as write_static
+
+    write_static(runs["last"], out / "report", eval_dir=out / "eval" / "last" / "clip", data=stores["eval"])
