@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.machinery
+import os
 import subprocess
 import sys
 import types
@@ -24,7 +25,11 @@ PINS = ["dictionary-learning==0.1.0", "eai-sparsify==1.3.3", "einops"]
 
 
 def ensure_installed(target: Path = PEERS_DIR) -> None:
+    """Import path for the peers; installs them with pip unless SAE_VLM_NO_PIP=1 (a GPU box without an index)."""
     if not (target / "dictionary_learning").is_dir() or not (target / "sparsify").is_dir():
+        if os.environ.get("SAE_VLM_NO_PIP") == "1":
+            raise SystemExit(f"error: peers missing from {target}; create them where pip works with "
+                             f"`pip install --no-deps --target {target} {' '.join(PINS)}` and carry that folder")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), *PINS],
                        check=True)
     if str(target) not in sys.path:

@@ -54,6 +54,7 @@ class TrainConfig:
     bf16: bool = False
     fast: bool = True  # sparse selection/decoder for top-k archs; False runs the straightforward dense path
     device: str = "auto"
+    ddp: bool = False  # under torchrun: train every SAE data-parallel instead of spreading the sweep over ranks
     max_device_bytes: int = 8 << 30  # data larger than this streams from the source instead of living on the device
     checkpoint_every: int = 1000
     keep_steps: tuple[int, ...] = ()

@@ -209,6 +209,21 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' load report and weight progress bar, silenced for one load."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
 def load_image_processor(model_id_or_dir: str, revision: str | None = None):
     """The model's own image processor, PIL backend (torchvision is optional)."""
     import transformers
@@ -254,7 +269,8 @@ def load_backbone(model_id_or_dir: str, device: str | torch.device = "cpu", dtyp
         cls = tf.LlavaForConditionalGeneration
     else:
         raise ValueError(f"model type {mt!r} of {model_id_or_dir} is not supported; expected clip, siglip, dinov2 or llava")
-    model = cls.from_pretrained(model_id_or_dir, revision=revision, dtype=torch_dtype)
+    with quiet_loading():  # a full CLIP checkpoint loaded as its vision side lists every text weight as unused
+        model = cls.from_pretrained(model_id_or_dir, revision=revision, dtype=torch_dtype)
     model.to(device)
     rev = getattr(model.config, "_commit_hash", None) or ("local" if Path(model_id_or_dir).exists() else (revision or "unknown"))
     return Backbone(model, load_image_processor(model_id_or_dir, revision), model_id=str(model_id_or_dir), revision=rev)

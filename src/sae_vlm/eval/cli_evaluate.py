@@ -65,11 +65,11 @@ def open_data(data, hook_point: str | None, token_selection: str | None):
     raise err
 
 
-def load_embeddings(data, rows: int, embeddings=None, embedder=None, cache_dir=None, device="cpu", quiet=True):
+def load_embeddings(src, rows: int, embeddings=None, embedder=None, cache_dir=None, device="cpu", quiet=True):
     """Precomputed embeddings (checked against the store's image ids when a sidecar json lists them), or
     embeddings of the store's images computed once with `embedder` and cached. None when neither is given."""
-    store = as_source(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else None
-    ids = [str(i) for i in store.image_ids()] if store is not None and hasattr(store, "image_ids") else None
+    store = src if hasattr(src, "image_ids") else None
+    ids = [str(i) for i in store.image_ids()] if store is not None else None
     if embeddings is not None:
         path = Path(embeddings)
         if not path.is_file():
@@ -87,18 +87,18 @@ def load_embeddings(data, rows: int, embeddings=None, embedder=None, cache_dir=N
         return emb, str(path)
     if embedder is not None:
         if store is None or not hasattr(store, "paths"):
-            raise ValueError(f"--embedder {embedder} needs a store with image paths; {data} has none (pass --embeddings)")
+            raise ValueError(f"--embedder {embedder} needs a store with image paths; this source has none (pass --embeddings)")
         paths = store.paths()
         compute = backbone_embedder(embedder, paths, device=device, quiet=quiet)
         return cached_embeddings(cache_dir, embedder, rows, compute), str(embedder)
     return None, None
 
 
-def _taxonomy(data, rows: int, taxonomy_file):
+def _taxonomy(src, rows: int, taxonomy_file):
     """Per-row taxonomy from the store's labels / paths (and an optional mapping file), or None."""
     mapping = H.load_taxonomy_file(taxonomy_file) if taxonomy_file else None
-    store = as_source(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else None
-    if store is not None and hasattr(store, "labels"):
+    store = src if hasattr(src, "labels") else None
+    if store is not None:
         labels, paths = store.labels(), store.paths()
     elif mapping is not None:  # plain arrays: the mapping is keyed by row number
         labels, paths = [str(i) for i in range(rows)], None
@@ -131,11 +131,11 @@ def evaluate_run(run_dir, data, *, out=None, embeddings=None, embedder=None, tax
         if src.rows == 0:
             raise ValueError(f"evaluation set is empty: {data} has 0 rows for {cfg.hook_point}, expected at least 2")
         if emb is None and (embeddings is not None or embedder is not None):
-            emb, emb_src = load_embeddings(data, src.rows, embeddings, embedder, cache_dir, dev, quiet)
+            emb, emb_src = load_embeddings(src, src.rows, embeddings, embedder, cache_dir, dev, quiet)
             chance = chance_similarity(emb)
             metrics |= {"embeddings": emb_src, "rows": src.rows, "chance_similarity": chance}
         if taxa is None:
-            taxa, names = _taxonomy(data, src.rows, taxonomy)
+            taxa, names = _taxonomy(src, src.rows, taxonomy)
         layer = cfg.hook_point or "unknown"
         if emb is not None and layer not in per_layer_baseline:
             base = ms_stats(src, emb, device=dev, chunk_rows=chunk_rows, quiet=quiet)

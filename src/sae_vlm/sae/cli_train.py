@@ -39,12 +39,19 @@ def train(
     log_to: Optional[str] = typer.Option(None, help="Also log to wandb or tensorboard."),
     seed: int = typer.Option(0, help="Seed for init and data order."),
     bf16: bool = typer.Option(False, help="bf16 autocast for the forward pass."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto (under torchrun: cuda:LOCAL_RANK)."),
+    ddp: bool = typer.Option(False, help="Under torchrun: train each SAE data-parallel (rows rank::N of every batch "
+                                         "per rank; batch top-k then keeps k·B/N entries of each rank's shard) "
+                                         "instead of spreading the sweep's SAEs over the ranks."),
     preset: Optional[str] = typer.Option(None, help=f"Paper recipe: {', '.join(PRESETS)}."),
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Train a sweep of SAEs (every arch × width × k) on one pass over the data."""
+    """Train a sweep of SAEs (every arch × width × k) on one pass over the data.
+
+    Several GPUs: `torchrun --nproc_per_node N --no-python sae-vlm train ...` spreads the sweep's SAEs over the
+    ranks (same results as one process); add --ddp to split every batch over the ranks instead.
+    """
     from sae_vlm.sae.trainer import train as run_training
 
     fields: dict = {}
@@ -63,7 +70,8 @@ def train(
     )
     fields.update({key: v for key, v in given.items() if v is not None})
     try:
-        cfg = TrainConfig(data=data, out=str(out), layer=layer, seed=seed, bf16=bf16, device=device, quiet=quiet, **fields)
+        cfg = TrainConfig(data=data, out=str(out), layer=layer, seed=seed, bf16=bf16, device=device, ddp=ddp, quiet=quiet,
+                          **fields)
         saes = run_training(cfg, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -3,6 +3,13 @@
 Read top to bottom: `train` sets up data and SAEs (or restores them), then loops over steps; each step
 feeds one batch to every SAE of the sweep. Everything random derives from `cfg.seed`, so a resumed run
 replays the same batches and reaches bit-identical weights.
+
+Under torchrun (WORLD_SIZE > 1) there are two ways to use several processes (see `Dist`):
+- default, a sweep spread over ranks: SAE i of the sweep trains on rank i % world; every rank reads the same
+  batches, so each SAE gets exactly the updates it would get alone, and log.jsonl matches a one-process run.
+- `ddp=True`, data parallel: every rank holds every SAE and takes rows rank::world of each global batch;
+  gradients are averaged, firing masks OR-ed and θ's batch minimum taken globally, so params stay identical.
+  Batch top-k then selects k·B/world entries within each rank's shard, not k·B over the global batch.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ import json
 import math
 import os
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -53,13 +62,16 @@ class Batches:
         self.perm_device = device if self.data_ND is not None else torch.device("cpu")
         self._epoch, self._perm = -1, None
 
-    def __call__(self, step: int) -> torch.Tensor:
+    def __call__(self, step: int, shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """The batch of `step`; `shard=(rank, world)` keeps only rows rank::world of it (data-parallel)."""
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator(self.perm_device).manual_seed(self.cfg.seed * 100_003 + epoch)
             self._perm = torch.randperm(self.source.rows, generator=g, device=self.perm_device)
             self._epoch = epoch
         idx = self._perm[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]
+        if shard is not None:
+            idx = idx[shard[0] :: shard[1]]
         if self.data_ND is not None:
             return self.data_ND[idx]
         x = self.source.get(idx)
@@ -108,17 +120,27 @@ def term_weights(cfg: TrainConfig) -> dict:
     return {"recon": 1.0, "aux": cfg.aux_alpha, "l1": cfg.l1_coeff, "l0_penalty": cfg.l0_coeff}
 
 
-def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metrics: bool = True) -> dict:
-    """One optimizer step of one SAE on a normalised batch; returns what the log records (if `metrics`)."""
+def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metrics: bool = True,
+               ddp: bool = False) -> dict:
+    """One optimizer step of one SAE on a normalised batch; returns what the log records (if `metrics`).
+
+    `ddp`: x_ND is this rank's shard of the global batch; every rank calls this at the same steps.
+    """
     sae, weights = m.sae, term_weights(cfg)
     with torch.autocast(x_ND.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         enc = sae.train_encode(x_ND, cfg.jumprelu_bandwidth, fast=cfg.fast)
         x_hat = sae.decode(enc.codes).float()
     enc = as_float(enc)
-    m.dead.update(enc.codes)
+    if ddp:
+        update_dead_global_(m.dead, enc.codes, sae.cfg.d_sae)
+    else:
+        m.dead.update(enc.codes)
     dead_F = m.dead.mask()
     if sae.cfg.arch in ("topk", "batchtopk", "matryoshka") and step > cfg.threshold_start_step:
-        mechanics.update_threshold_(sae.threshold, enc.codes, cfg.threshold_beta)
+        if ddp:
+            update_threshold_global_(sae.threshold, enc.codes, cfg.threshold_beta)
+        else:
+            mechanics.update_threshold_(sae.threshold, enc.codes, cfg.threshold_beta)
     values = {name: fn(x_ND, x_hat, enc, sae, dead_F) for name, fn in m.terms.items()}
     loss = sum(weights[name] * v for name, v in values.items())
 
@@ -127,6 +149,8 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
         group["lr"] = lr
     m.opt.zero_grad(set_to_none=True)
     loss.backward()
+    if ddp:  # before the projection and clipping, so every rank takes the same step
+        average_grads_(list(sae.parameters()))
     mechanics.remove_parallel_grads_(sae.W_dec)
     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     m.opt.step()
@@ -137,8 +161,68 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
     if not metrics:
         return {}
     values = {k: v.detach() for k, v in values.items()}
-    return {"loss": loss.detach(), **values, "fve": fve(x_ND, x_hat.detach()), "l0": l0(enc.codes),
-            "dead_frac": dead_F.float().mean(), "lr": lr}
+    out = {"loss": loss.detach(), **values, "fve": fve(x_ND, x_hat.detach()), "l0": l0(enc.codes),
+           "dead_frac": dead_F.float().mean()}
+    if ddp:  # the log shows the mean over ranks' shards
+        keys = list(out)
+        mean = torch.stack([out[k].float().reshape(()) for k in keys])
+        dist.all_reduce(mean)
+        out = dict(zip(keys, (mean / dist.get_world_size()).unbind(0)))
+    return {**out, "lr": lr}
+
+
+# --- data-parallel pieces: collectives over the default process group ------------------------------------------
+
+@torch.no_grad()
+def update_dead_global_(dead: mechanics.DeadLatents, codes, d_sae: int) -> None:
+    """DeadLatents.update for the global batch: a latent fired if it fired on any rank's shard."""
+    fired_F = torch.zeros(d_sae, dtype=torch.int32, device=dead.since_fired_F.device)
+    if isinstance(codes, SparseCodes):
+        fired_F[codes.cols_M[codes.values_M > 0]] = 1
+        n = codes.n_rows
+    else:
+        fired_F[(codes > 0).any(dim=0)] = 1
+        n = codes.shape[0]
+    dist.all_reduce(fired_F, op=dist.ReduceOp.MAX)
+    dead.since_fired_F += n * dist.get_world_size()
+    dead.since_fired_F[fired_F.bool()] = 0
+
+
+@torch.no_grad()
+def update_threshold_global_(theta: torch.Tensor, codes, beta: float) -> None:
+    """mechanics.update_threshold_ with the smallest kept activation over all ranks' shards."""
+    values = codes.values_M if isinstance(codes, SparseCodes) else codes
+    kept = values[values > 0].to(theta.dtype)
+    smallest = kept.min() if kept.numel() else torch.full((), torch.inf, dtype=theta.dtype, device=theta.device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    smallest = torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest)  # nothing kept anywhere
+    theta.copy_(torch.where(theta < 0, smallest, beta * theta + (1 - beta) * smallest))
+
+
+@torch.no_grad()
+def average_grads_(params: list[torch.nn.Parameter]) -> None:
+    """Mean of every rank's gradients, in one flat all_reduce (a missing grad counts as zero)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p)
+
+
+@torch.no_grad()
+def check_in_sync(members: list[Member], device: torch.device) -> None:
+    """Data-parallel guard: every rank's parameters must equal rank 0's bit for bit."""
+    differs = False
+    for m in members:
+        for t in m.sae.state_dict().values():
+            ref = t.detach().clone()
+            dist.broadcast(ref, src=0)
+            differs |= not torch.equal(ref, t)
+    flag = torch.tensor(int(differs), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise RuntimeError("data-parallel ranks hold different SAE parameters; expected identical copies")
 
 
 def as_float(enc: EncoderOutput) -> EncoderOutput:
@@ -177,57 +261,192 @@ def source_meta(source, cfg: TrainConfig) -> dict:
     return {k: getattr(source, k, None) or manifest.get(k) for k in keys}
 
 
-def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool = False) -> dict[str, SAE]:
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun launch; rank 0 of 1 without one."""
+
+    rank: int = 0
+    world: int = 1
+    ddp: bool = False  # data-parallel (every rank holds every SAE) rather than the sweep spread over ranks
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Whether SAE `index` of the sweep trains (and is saved) here."""
+        return self.ddp or index % self.world == self.rank
+
+    @property
+    def ckpt(self) -> str:
+        """This rank's resume file: one shared file when params are replicated, one per rank for a spread sweep."""
+        return CKPT if self.world == 1 or self.ddp else f"ckpt/state.rank{self.rank}-of-{self.world}.safetensors"
+
+    @property
+    def describe(self) -> str:
+        if self.world == 1:
+            return "a single-process run"
+        return f"a {self.world}-process {'--ddp' if self.ddp else 'sweep'} run"
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device, bool]:
+    """(place, device, whether we created the process group). WORLD_SIZE > 1 means torchrun launched us."""
     device = resolve_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return Dist(), device, False
+    if device.type == "cuda":  # one GPU per local rank, whatever index was asked for
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    place = Dist(dist.get_rank(), dist.get_world_size(), cfg.ddp and dist.get_world_size() > 1)
+    if place.ddp and cfg.batch_size % place.world:
+        raise ValueError(f"--ddp needs batch_size divisible by the {place.world} ranks, got {cfg.batch_size}")
+    return place, device, created
+
+
+def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool = False) -> dict[str, SAE]:
+    """Train the sweep; under torchrun each rank returns the SAEs it saved (see `Dist`)."""
+    place, device, created = setup_distributed(cfg)
+    try:
+        saes = _train(cfg, source, resume, place, device)
+        if place.world > 1:
+            dist.barrier()
+        return saes
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, source, resume: bool, place: Dist, device: torch.device) -> dict[str, SAE]:
     out = Path(cfg.out)
-    ckpt = out / CKPT
     # train_config.json is written before the first step, so this also catches a run killed before its first checkpoint.
-    if (ckpt.exists() or (out / "train_config.json").exists()) and not resume:
+    if (any((out / "ckpt").glob("state*.safetensors")) or (out / "train_config.json").exists()) and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     check_log_sink(cfg.log_to)
     source = as_source(source if source is not None else cfg.data, layer=cfg.layer)  # a tensor or array works too
     batches = Batches(source, cfg, device)
     meta = source_meta(source, cfg)
-    members = [build_member(spec, source.d_in, cfg, device, meta) for spec in cfg.specs()]
-    names = [m.spec.name for m in members]
+    specs = cfg.specs()
+    names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"sweep has duplicate SAEs: {names}")
+    members = [build_member(spec, source.d_in, cfg, device, meta) for i, spec in enumerate(specs) if place.owns(i)]
+    if place.world > 1:
+        dist.barrier()  # every rank has checked `out` before rank 0 writes into it
 
-    if resume and ckpt.exists():
-        start, norm = load_checkpoint(ckpt, members, cfg)
-        truncate_log(out / "log.jsonl", start)
+    found = resume_step(out, place) if resume else None
+    if found is not None:
+        start, norm = load_checkpoint(found, members, cfg, place)
+        if place.lead:
+            truncate_log(out / "log.jsonl", start)
     else:
-        truncate_log(out / "log.jsonl", 0)  # --resume without a checkpoint restarts from step 0
+        if place.lead:
+            truncate_log(out / "log.jsonl", 0)  # --resume without a checkpoint restarts from step 0
         start, norm = 0, estimate_norm_factor(batches, cfg.norm_batches)
         first = batches(0) / norm
         for m in members:
             with torch.no_grad():
                 m.sae.b_dec.copy_(mechanics.geometric_median(first))
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        if place.lead:
+            atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
-    logger = Logger(out, cfg)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=cfg.quiet)
+    logger = Logger(out, cfg) if place.lead else None
+    shard = (place.rank, place.world) if place.ddp else None
+    saves = place.lead or not place.ddp  # data-parallel copies are identical: rank 0 saves them
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+               disable=cfg.quiet or not place.lead)
+    stats: list[dict] = [{} for _ in members]
     for step in bar:
-        x_ND = batches(step) / norm
+        x_ND = batches(step, shard) / norm if members else None  # a rank with no SAE only joins the log gathers
         done = step + 1
         log_now = done % cfg.log_every == 0 or done == cfg.steps or done in cfg.keep_steps
-        stats = [train_step(m, x_ND, step, cfg, metrics=log_now) for m in members]
+        stats = [train_step(m, x_ND, step, cfg, metrics=log_now, ddp=place.ddp) for m in members]
         if done % cfg.log_every == 0 or done == cfg.steps:
             rows = [{"step": done, "sae": m.spec.name, **{k: float(v) for k, v in s.items()}} for m, s in zip(members, stats)]
-            logger.write(rows)
-            bar.set_postfix(fve=f"{rows[0]['fve']:.3f}", l0=f"{rows[0]['l0']:.1f}")
-        if done in cfg.keep_steps:
+            rows = gather_rows(rows, names, place)
+            if logger is not None:
+                logger.write(rows)
+                if rows:
+                    bar.set_postfix(fve=f"{rows[0]['fve']:.3f}", l0=f"{rows[0]['l0']:.1f}")
+        if done in cfg.keep_steps and saves:
             for m, s in zip(members, stats):
                 export(m, norm, out / "saes" / m.spec.name / f"step-{done}", cfg, done, s)
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(ckpt, members, done, norm)
-    logger.close()
+            checkpoint(out, members, done, norm, place, device)
+    if logger is not None:
+        logger.close()
     if start >= cfg.steps:  # resuming a finished run: its SAEs are already saved
-        return {name: SAE.from_pretrained(out / "saes" / name) for name in names}
-    final = {m.spec.name: export(m, norm, out / "saes" / m.spec.name, cfg, cfg.steps, s) for m, s in zip(members, stats)}
-    save_checkpoint(ckpt, members, cfg.steps, norm)
+        return {m.spec.name: SAE.from_pretrained(out / "saes" / m.spec.name) for m in members if saves}
+    final = {m.spec.name: export(m, norm, out / "saes" / m.spec.name, cfg, cfg.steps, s)
+             for m, s in zip(members, stats) if saves}
+    checkpoint(out, members, cfg.steps, norm, place, device)
     return final
+
+
+def gather_rows(rows: list[dict], names: list[str], place: Dist) -> list[dict]:
+    """Sweep spread over ranks: rank 0 gets every rank's rows, in sweep order (as one process writes them)."""
+    if place.world == 1 or place.ddp:
+        return rows if place.lead else []
+    parts = [None] * place.world if place.lead else None
+    dist.gather_object(rows, parts, dst=0)
+    if not place.lead:
+        return []
+    return sorted((r for part in parts for r in part), key=lambda r: names.index(r["sae"]))
+
+
+def checkpoint(out: Path, members: list[Member], step: int, norm: float, place: Dist, device) -> None:
+    if place.ddp:
+        check_in_sync(members, device)
+        if place.lead:
+            save_checkpoint(out / place.ckpt, members, step, norm, place)
+        return
+    path = out / place.ckpt
+    if place.world > 1 and path.exists():
+        # Keep the previous step: a kill mid-save can leave ranks one checkpoint apart, and resume needs a common step.
+        os.replace(path, previous(path))
+    save_checkpoint(path, members, step, norm, place)
+
+
+def previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def checkpoint_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def resume_step(out: Path, place: Dist) -> Path | None:
+    """This rank's checkpoint at the latest step every rank holds, or None to start over.
+
+    Refuses (ValueError) when the checkpoints were written by a launch of another shape.
+    """
+    ckpt_dir = out / "ckpt"
+    expected = {Path(dataclasses.replace(place, rank=r).ckpt).name for r in range(place.world)}
+    others = sorted(p.name for p in ckpt_dir.glob("state*.safetensors") if p.name not in expected)
+    if others:
+        raise ValueError(f"{ckpt_dir} holds {', '.join(others)}, written by a launch of another world size; resume it "
+                         f"with the same number of processes (this is {place.describe})")
+    mine = [p for p in (out / place.ckpt, previous(out / place.ckpt)) if p.exists()]
+    for p in mine:
+        meta = checkpoint_meta(p)
+        was = Dist(0, int(meta.get("world", "1")), meta.get("ddp", "0") == "1")
+        if (was.world, was.ddp) != (place.world, place.ddp):
+            raise ValueError(f"checkpoint {p} was written by {was.describe}; resume it the same way "
+                             f"(this is {place.describe})")
+    steps = {int(checkpoint_meta(p)["step"]): p for p in mine}
+    if place.world == 1 or place.ddp:
+        return max(steps.items())[1] if steps else None
+    every = [None] * place.world
+    dist.all_gather_object(every, sorted(steps))
+    common = set.intersection(*(set(s) for s in every))
+    return steps[max(common)] if common else None
 
 
 def export(m: Member, norm: float, directory: Path, cfg: TrainConfig, step: int, stats: dict) -> SAE:
@@ -243,7 +462,7 @@ def export(m: Member, norm: float, directory: Path, cfg: TrainConfig, step: int,
     return sae
 
 
-def save_checkpoint(path: Path, members: list[Member], step: int, norm: float) -> None:
+def save_checkpoint(path: Path, members: list[Member], step: int, norm: float, place: Dist = Dist()) -> None:
     tensors = {"norm_factor": torch.tensor(norm, dtype=torch.float64)}
     for m in members:
         name = m.spec.name
@@ -255,14 +474,12 @@ def save_checkpoint(path: Path, members: list[Member], step: int, norm: float) -
         tensors[f"{name}/since_fired"] = m.dead.since_fired_F
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_save_file(tensors, path, metadata={"step": str(step), "members": json.dumps([m.spec.name for m in members])})
+    atomic_save_file(tensors, path, metadata={"step": str(step), "members": json.dumps([m.spec.name for m in members]),
+                                              "world": str(place.world), "ddp": str(int(place.ddp))})
 
 
-def load_checkpoint(path: Path, members: list[Member], cfg: TrainConfig) -> tuple[int, float]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+def load_checkpoint(path: Path, members: list[Member], cfg: TrainConfig, place: Dist = Dist()) -> tuple[int, float]:
+    meta = checkpoint_meta(path)
     saved = json.loads(meta["members"])
     if saved != [m.spec.name for m in members]:
         raise ValueError(f"checkpoint {path} holds SAEs {saved}, but the config asks for {[m.spec.name for m in members]}")

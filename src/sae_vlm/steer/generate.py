@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sae_vlm.backbones.hf import quiet_loading
 from sae_vlm.steer.intervene import intervene
 
 WHITE = "white"
@@ -62,7 +63,8 @@ def load_llava(model_id_or_dir: str, device: str = "cpu", dtype: str | torch.dty
     import transformers
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_id_or_dir, dtype=resolve_dtype(dtype, device))
+    with quiet_loading():
+        model = LlavaForConditionalGeneration.from_pretrained(model_id_or_dir, dtype=resolve_dtype(dtype, device))
     model.to(device).eval()
     kw = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+import typer
 
 from sae_vlm import toyworld
 from sae_vlm.config import TrainConfig
@@ -117,10 +117,10 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
     say(f"[5/6] steering the toy LLaVA with the latent of {STEER_CONCEPT!r}", quiet)
     metrics["steering"] = steer_concept(runs["tokens"], images["train"], llava_dir, quiet)
 
-    say("[6/6] writing metrics.json, plots and report/index.html", quiet)
+    say("[6/6] writing report/index.html and metrics.json", quiet)
+    write_report(out, runs["last"], out / "eval" / "last", stores["eval"])
     metrics["seconds"] = round(time.time() - t0, 1)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
-    write_report(out, runs, stores, quiet)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))  # last: marks done
     return metrics
 
 
@@ -188,7 +188,43 @@ def steer_concept(run: Path, train_images: Path, llava_dir: Path, quiet: bool) -
             "steered_hit_rate": float(np.mean([s == word for s in said[n:]]))}
 
 
-def write_report(out: Path, runs: dict, stores: dict, quiet: bool) -> None:
+def add_truth_ms(eval_dir: Path) -> None:
+    """Put the ground-truth MS beside the tiny-CLIP one (`ms__truth`), so the browser shows both embedders."""
+    for f in sorted((eval_dir / "clip" / "latents").glob("*.npz")):
+        truth = np.load(eval_dir / "truth" / "latents" / f.name)
+        key = "ms" if "ms" in truth.files else "no_sae_ms"
+        arrays = dict(np.load(f))
+        arrays["ms__truth" if key == "ms" else "no_sae_ms__truth"] = truth[key]
+        tmp = f.with_name(f.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(f)
+
+
+def write_report(out: Path, run: Path, eval_dir: Path, store: Path) -> Path:
+    from sae_vlm.browse.data import RunView
     from sae_vlm.browse.report import write_report as write_static
 
-    write_static(runs["last"], out / "report", eval_dir=out / "eval" / "last" / "clip", data=stores["eval"])
+    add_truth_ms(eval_dir)
+    return write_static(RunView(run, eval_dir / "clip", store), out / "report")
+
+
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output directory."),
+    quick: bool = typer.Option(False, help="A smaller run (about a minute) for tests and a first look."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """The whole pipeline on the toy world: extract, train, evaluate, steer, report."""
+    m = run_demo(out, quick=quick, quiet=quiet)
+    last = m["layers"]["last"]
+    for name, r in last["saes"].items():
+        typer.echo(f"  last/{name:18s} FVE {100 * r['fve']:.1f}%  L0 {r['l0']:.1f}  "
+                   f"MS clip {r['ms_clip']['mean']:.3f}  MS truth {r['ms_truth']['mean']:.3f}  "
+                   f"corr {r['ms_correlation']:.2f}  top-16 purity {r['top16_purity']:.2f}")
+    base = last["no_sae"]
+    typer.echo(f"  last/raw neurons        MS clip {base['clip']['last']['no_sae']['mean']:.3f}  "
+               f"MS truth {base['truth']['last']['no_sae']['mean']:.3f}")
+    st = m["steering"]
+    typer.echo(f"  steering {st['concept']} via latent {st['latent']}: says '{st['concept'].split(':')[1]}' "
+               f"{st['steered_hit_rate']:.0%} of the time (unsteered {st['unsteered_hit_rate']:.0%})")
+    typer.echo(f"done in {m['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
+               f"plots in {out / 'eval'}/<layer>/<embedder>/plots/")

@@ -13,6 +13,10 @@ It learns to caption ("What is shown in this image?") and to answer one-word que
 (`world.QUESTIONS`). Because the tower is frozen its features are computed once; the training step then runs
 exactly what `LlavaForConditionalGeneration.forward` does after `get_image_features` (projector, merge into
 the `<image>` positions, Llama, lm_head), so `generate` on the saved model answers the same way.
+
+Model (590k parameters, 2.4 MB): the CLIP vision tower (229k, frozen), a 2-layer GELU projector 64 -> 96 -> 96
+(16k), a Llama with hidden 96, 3 layers, 4 heads, MLP 256, untied lm_head (346k). Default run: 20k images,
+1500 steps of batch 64, about 5 CPU minutes on one thread.
 """
 
 from __future__ import annotations
@@ -193,6 +197,8 @@ def save(model, tok, n_img: int, out: str | Path, info: dict) -> Path:
     )
     proc.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(info, indent=1))
+    for f in out.iterdir():  # save_pretrained leaves 0600 temp-file modes; shipped files must be readable
+        f.chmod(0o644)
     return out
 
 
