@@ -141,7 +141,7 @@ def test_shipped_clip_loads_and_sees_colours(clip):
     with torch.no_grad():
         pred = model(**enc).logits_per_image.argmax(1)
     acc = (pred == torch.tensor([values.index(s.main.colour) for s in imgs])).float().mean().item()
-    assert acc > 0.6, acc  # measured ~1.0 (quality.py); chance 1/6
+    assert acc > 0.8, acc  # measured 1.000 on 500 images (quality.py); chance 1/6
 
 
 def test_shipped_llava_answers_one_word_questions(llava, clip):
@@ -153,13 +153,14 @@ def test_shipped_llava_answers_one_word_questions(llava, clip):
     clip_sd = clip[0].vision_model.state_dict()
     tower_sd = model.model.vision_tower.state_dict()
     assert all(torch.equal(v, tower_sd[k]) for k, v in clip_sd.items() if k in tower_sd)
-    imgs = W.generate(24, seed=7)
+    imgs = W.generate(40, seed=7)
     shapes = llava_answer(model, proc, [s.image for s in imgs], W.QUESTIONS["one_word"])
     colours = llava_answer(model, proc, [s.image for s in imgs], W.QUESTIONS["colour"])
     acc_shape = np.mean([a == s.main.shape for a, s in zip(shapes, imgs)])
     acc_colour = np.mean([a == s.main.colour for a, s in zip(colours, imgs)])
-    assert acc_shape > 0.5, shapes  # measured ~0.9 on 200 images; chance 0.2
-    assert acc_colour > 0.6, colours  # measured ~1.0; chance 1/6
+    # measured on 200 images (quality.py): one-word 0.675 (chance 0.2), colour 0.990 (chance 1/6)
+    assert acc_shape > 0.45, (acc_shape, shapes)
+    assert acc_colour > 0.8, (acc_colour, colours)
 
 
 def test_training_scripts_run_and_save_loadable_models(tmp_path):
@@ -167,8 +168,11 @@ def test_training_scripts_run_and_save_loadable_models(tmp_path):
 
     from sae_vlm.toyworld import train_clip, train_llava
 
-    train_clip.train(train_clip.ClipTrainConfig(steps=2, n_train=32, batch_size=8), tmp_path / "clip", quiet=True)
-    CLIPModel.from_pretrained(tmp_path / "clip")
+    ccfg = train_clip.ClipTrainConfig(steps=2, n_train=32, batch_size=8)
+    train_clip.train(ccfg, tmp_path / "clip", quiet=True)
+    train_clip.train(ccfg, tmp_path / "clip2", quiet=True)
+    a, b = CLIPModel.from_pretrained(tmp_path / "clip"), CLIPModel.from_pretrained(tmp_path / "clip2")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # seeded
     cfg = train_llava.LlavaTrainConfig(steps=2, n_train=32, batch_size=8)
     train_llava.train(cfg, tmp_path / "clip", tmp_path / "llava", quiet=True)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")

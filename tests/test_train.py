@@ -28,6 +28,7 @@ from sae_vlm.cli import app
 from sae_vlm.config import INAT_COUNTS, PRESETS, TrainConfig
 from sae_vlm.data.source import NumpySource, TensorSource
 from sae_vlm.sae import trainer
+from sae_vlm.sae.checkpoint import CKPT, truncate_log
 from sae_vlm.sae.model import ARCHS, SAEConfig, group_sizes_from_fractions
 
 D_IN = 16
@@ -73,7 +74,7 @@ def cli_cmd() -> list[str]:
 
 
 def ckpt_step(run: Path) -> int | None:
-    path = run / trainer.CKPT
+    path = run / CKPT
     if not path.exists():
         return None
     try:
@@ -108,7 +109,7 @@ def test_kill9_then_resume_is_bit_exact(tmp_path):
     assert not sae_configs(run), "a killed run must not look complete"
 
     # θ and the dead-latent counters were live before the kill, so the checkpoint must carry them.
-    state = load_file(run / trainer.CKPT)
+    state = load_file(run / CKPT)
     assert float(state["batchtopk_x4_k4/sae/threshold"]) > 0
     assert float(state["matryoshka_x4_k4/sae/threshold"]) > 0
     early = [r for r in log_rows(ref) if r["step"] <= killed_at]
@@ -426,11 +427,11 @@ def test_truncate_log_drops_rows_past_checkpoint_and_a_torn_line(tmp_path):
     log = tmp_path / "log.jsonl"
     rows = [{"step": s, "sae": "a", "fve": 0.5} for s in (10, 20, 30)]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "sae": "a", "fv')
-    trainer.truncate_log(log, 30)
+    truncate_log(log, 30)
     assert log.read_text().endswith("\n") and log_rows(tmp_path) == rows
-    trainer.truncate_log(log, 20)
+    truncate_log(log, 20)
     assert log_rows(tmp_path) == rows[:2]
-    trainer.truncate_log(tmp_path / "absent.jsonl", 5)  # nothing to do, no error
+    truncate_log(tmp_path / "absent.jsonl", 5)  # nothing to do, no error
 
 
 def test_resume_drops_a_torn_last_log_line(tmp_path):

@@ -23,6 +23,15 @@ def normalize_decoder_(W_dec_FD: torch.nn.Parameter, eps: float = 1e-8) -> None:
     W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True) + eps
 
 
+def fired_latents(codes, d_sae: int) -> tuple[torch.Tensor, int]:
+    """(which latents fired in the batch [F] bool, the batch's row count); `codes` dense [N, F] or SparseCodes."""
+    if isinstance(codes, SparseCodes):
+        fired_F = torch.zeros(d_sae, dtype=torch.bool, device=codes.cols_M.device)
+        fired_F[codes.cols_M[codes.values_M > 0]] = True
+        return fired_F, codes.n_rows
+    return (codes > 0).any(dim=0), codes.shape[0]
+
+
 class DeadLatents:
     """Counts, per latent, the training samples seen since it last fired; dead once that reaches `window`."""
 
@@ -30,25 +39,30 @@ class DeadLatents:
         self.window = window
         self.since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
 
-    def update(self, codes) -> None:
-        """`codes`: dense [N, F] or SparseCodes."""
-        if isinstance(codes, SparseCodes):
-            self.since_fired_F += codes.n_rows
-            self.since_fired_F[codes.cols_M[codes.values_M > 0]] = 0
-        else:
-            self.since_fired_F += codes.shape[0]
-            self.since_fired_F[(codes > 0).any(dim=0)] = 0
+    def update(self, codes, sync=None) -> None:
+        """`sync(fired_F, n)` widens the batch to all ranks' shards (data-parallel training)."""
+        fired_F, n = fired_latents(codes, len(self.since_fired_F))
+        if sync is not None:
+            fired_F, n = sync(fired_F, n)
+        self.since_fired_F += n
+        self.since_fired_F[fired_F] = 0
 
     def mask(self) -> torch.Tensor:
         return self.since_fired_F >= self.window
 
 
 @torch.no_grad()
-def update_threshold_(theta: torch.Tensor, codes, beta: float = 0.999) -> None:
-    """θ ← β·θ + (1−β)·(smallest positive kept activation); the first update sets θ directly (θ < 0 = unset)."""
+def update_threshold_(theta: torch.Tensor, codes, beta: float = 0.999, sync=None) -> None:
+    """θ ← β·θ + (1−β)·(smallest positive kept activation); the first update sets θ directly (θ < 0 = unset).
+
+    `sync` takes the batch minimum to the minimum over all ranks (data-parallel training).
+    """
     values = codes.values_M if isinstance(codes, SparseCodes) else codes
     kept = values[values > 0].to(theta.dtype)
-    smallest = kept.min() if kept.numel() else torch.zeros((), device=values.device)
+    smallest = kept.min() if kept.numel() else torch.full((), torch.inf, dtype=theta.dtype, device=theta.device)
+    if sync is not None:
+        smallest = sync(smallest)
+    smallest = torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest)  # nothing kept: pull to 0
     theta.copy_(torch.where(theta < 0, smallest, beta * theta + (1 - beta) * smallest))
 
 

@@ -1,0 +1,51 @@
+"""The training log: JSONL lines appended whole, plus optional W&B or TensorBoard."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+
+def check_log_sink(log_to: str | None) -> None:
+    """Fail before anything is written when the requested logging package is missing."""
+    if log_to is not None and importlib.util.find_spec(log_to) is None:
+        raise ValueError(f"--log-to {log_to} needs the {log_to} package; pip install {log_to}")
+
+
+class Logger:
+    """JSONL log (one line per SAE per log step, appended whole), plus optional W&B or TensorBoard."""
+
+    def __init__(self, out: Path, cfg):
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "log.jsonl", "a")
+        self.sink = None
+        if cfg.log_to == "wandb":
+            import wandb
+
+            self.sink = wandb.init(project="sae-vlm", name=out.name, config=dataclasses.asdict(cfg), resume="allow")
+        elif cfg.log_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.sink = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, rows: list[dict]) -> None:
+        self.file.write("".join(json.dumps(r) + "\n" for r in rows))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        for r in rows:
+            scalars = {f"{r['sae']}/{k}": v for k, v in r.items() if k not in ("step", "sae")}
+            if self.sink is None:
+                continue
+            if hasattr(self.sink, "add_scalar"):
+                for k, v in scalars.items():
+                    self.sink.add_scalar(k, v, r["step"])
+            else:
+                self.sink.log(scalars, step=r["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.sink is not None:
+            getattr(self.sink, "close", getattr(self.sink, "finish", lambda: None))()
