@@ -17,7 +17,7 @@ from _steer_helpers import save_tiny_clip_model, save_tiny_llava, tiny_sae  # no
 import sae_vlm  # noqa: E402
 from sae_vlm.backbones import Backbone  # noqa: E402
 from sae_vlm.steer import score as S  # noqa: E402
-from sae_vlm.steer.generate import Case, build_prompt, generate_cases, load_llava, white_image  # noqa: E402
+from sae_vlm.steer.generate import Case, build_prompt, generate_cases, load_llava  # noqa: E402
 from sae_vlm.steer.intervene import make_edit_fn  # noqa: E402
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]

@@ -5,4 +5,4 @@ from sae_vlm.sae.model import SAE, SAEConfig
 from sae_vlm.steer.intervene import intervene
 
 __version__ = "0.1.0"
-__all__ = ["SAE", "SAEConfig"]
+__all__ = ["SAE", "SAEConfig", "intervene", "monosemanticity_score"]
