@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import typer
 
 from sae_vlm import toyworld
@@ -112,7 +113,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
         for name, path in emb.items():
             per[name] = evaluate_run(runs[layer], stores["eval"], out=out / "eval" / layer / name, embeddings=path,
                                      device="cpu", quiet=True)
-        metrics["layers"][layer] = summarize_layer(per, out / "eval" / layer, concepts_NC)
+        neurons_ND = open_store(stores["eval"], layer=layer).all()
+        metrics["layers"][layer] = summarize_layer(per, out / "eval" / layer, concepts_NC, neurons_ND)
 
     say(f"[5/6] steering the toy LLaVA with the latent of {STEER_CONCEPT!r}", quiet)
     metrics["steering"] = steer_concept(runs["tokens"], images["train"], llava_dir, quiet)
@@ -133,9 +135,12 @@ def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet
     train(cfg, resume=(run / "ckpt").is_dir())
 
 
-def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray) -> dict:
-    """MS under both embedders, their correlation across latents, FVE/L0, purity and hierarchy, per SAE."""
-    out = {"no_sae": {k: m["baselines"] for k, m in per.items()}, "saes": {}}
+def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_ND: torch.Tensor) -> dict:
+    """MS under both embedders, their correlation across latents, FVE/L0, purity and hierarchy, per SAE;
+    the raw neurons' MS and top-16 purity beside them."""
+    top_neurons = neurons_ND.T.topk(16, dim=1).indices.numpy()
+    out = {"no_sae": {k: next(iter(m["baselines"].values()))["no_sae"] for k, m in per.items()}, "saes": {}}
+    out["no_sae"]["top16_purity"] = float(np.nanmean(concept_purity(top_neurons, concepts_NC)))
     for r_clip, r_truth in zip(per["clip"]["saes"], per["truth"]["saes"]):
         name = r_clip["name"]
         a_clip = np.load(eval_dir / "clip" / "latents" / f"{name}.npz")
@@ -221,8 +226,8 @@ def demo(
                    f"MS clip {r['ms_clip']['mean']:.3f}  MS truth {r['ms_truth']['mean']:.3f}  "
                    f"corr {r['ms_correlation']:.2f}  top-16 purity {r['top16_purity']:.2f}")
     base = last["no_sae"]
-    typer.echo(f"  last/raw neurons        MS clip {base['clip']['last']['no_sae']['mean']:.3f}  "
-               f"MS truth {base['truth']['last']['no_sae']['mean']:.3f}")
+    typer.echo(f"  last/raw neurons        MS clip {base['clip']['mean']:.3f}  MS truth {base['truth']['mean']:.3f}  "
+               f"top-16 purity {base['top16_purity']:.2f}")
     st = m["steering"]
     typer.echo(f"  steering {st['concept']} via latent {st['latent']}: says '{st['concept'].split(':')[1]}' "
                f"{st['steered_hit_rate']:.0%} of the time (unsteered {st['unsteered_hit_rate']:.0%})")
