@@ -95,7 +95,7 @@ def _left_padding(tokenizer):
 
 @torch.no_grad()
 def generate_batch(model, processor, sae, cases: Sequence[Case], *, hook_point=None, error_term: bool = True,
-                   max_new_tokens: int = 60) -> list[str]:
+                   max_new_tokens: int = 60, positions: Sequence[int] | None = None) -> list[str]:
     """One left-padded greedy `generate` call for all cases; returns the new text of each (special tokens dropped)."""
     tok = processor.tokenizer
     texts = [build_prompt(processor, c.prompt) for c in cases]
@@ -110,21 +110,22 @@ def generate_batch(model, processor, sae, cases: Sequence[Case], *, hook_point=N
     if all(e is None for e in edits):
         out = model.generate(**inputs, **gen)
     else:
-        with intervene(model, hook_point, sae, edits, error_term=error_term):
+        with intervene(model, hook_point, sae, edits, error_term=error_term, positions=positions):
             out = model.generate(**inputs, **gen)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
 
 
 def generate_cases(model, processor, sae, cases: Sequence[Case], *, hook_point=None, error_term: bool = True,
-                   max_new_tokens: int = 60, batch_size: int = 16, quiet: bool = True) -> list[str]:
+                   max_new_tokens: int = 60, batch_size: int = 16, quiet: bool = True,
+                   positions: Sequence[int] | None = None) -> list[str]:
     """Text for every case, `batch_size` cases per `generate` call, in the order given."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected >= 1")
     out: list[str] = []
     for b0 in tqdm(range(0, len(cases), batch_size), desc="generate", disable=quiet, leave=False):
         out += generate_batch(model, processor, sae, cases[b0 : b0 + batch_size], hook_point=hook_point,
-                              error_term=error_term, max_new_tokens=max_new_tokens)
+                              error_term=error_term, max_new_tokens=max_new_tokens, positions=positions)
     return out
 
 

@@ -24,7 +24,7 @@ from sae_vlm.data.store import open_store
 from sae_vlm.eval.cli_evaluate import evaluate_run
 from sae_vlm.sae.model import SAE, atomic_write_text
 from sae_vlm.sae.trainer import train
-from sae_vlm.toyworld.world import CONCEPT_INDEX, CONCEPTS, QUESTIONS, read_manifest
+from sae_vlm.toyworld.world import COLOURS, CONCEPT_INDEX, CONCEPTS, QUESTIONS, read_manifest
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,8 @@ class DemoSize:
     batch_size: int
 
 
-FULL = DemoSize(n_train=8000, n_eval=2000, steps=3000, batch_size=512)
-QUICK = DemoSize(n_train=1500, n_eval=600, steps=400, batch_size=256)
-STEER_CONCEPT = "colour:red"
+FULL = DemoSize(n_train=10000, n_eval=3000, steps=3000, batch_size=512)
+QUICK = DemoSize(n_train=2000, n_eval=1000, steps=400, batch_size=256)
 
 
 def say(msg: str, quiet: bool) -> None:
@@ -55,13 +54,18 @@ def write_embeddings(path: Path, emb: np.ndarray, ids) -> Path:
     return path
 
 
-def concept_purity(top_indices_KT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
-    """Per latent: the largest fraction of its top images sharing one ground-truth concept (NaN if none)."""
+FINE = [i for i, c in enumerate(CONCEPTS) if c.split(":")[0] in ("shape", "colour", "pattern")]
+
+
+def concept_purity(top_indices_KT: np.ndarray, top_values_KT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
+    """Per latent: the largest fraction of its top-16 images whose objects share one shape, colour or pattern.
+
+    NaN for a latent with fewer than 16 images where it is positive (dead by the paper's rule).
+    """
     out = np.full(len(top_indices_KT), np.nan)
-    for j, idx in enumerate(top_indices_KT):
-        idx = idx[idx >= 0]
-        if len(idx):
-            out[j] = concepts_NC[idx].mean(0).max()
+    for j, (idx, val) in enumerate(zip(top_indices_KT, top_values_KT)):
+        if (val > 0).sum() == len(idx):
+            out[j] = concepts_NC[idx][:, FINE].mean(0).max()
     return out
 
 
@@ -116,8 +120,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
         neurons_ND = open_store(stores["eval"], layer=layer).all()
         metrics["layers"][layer] = summarize_layer(per, out / "eval" / layer, concepts_NC, neurons_ND)
 
-    say(f"[5/6] steering the toy LLaVA with the latent of {STEER_CONCEPT!r}", quiet)
-    metrics["steering"] = steer_concept(runs["tokens"], images["train"], llava_dir, quiet)
+    say("[5/6] steering the toy LLaVA: one latent per colour, clamped on blank images", quiet)
+    metrics["steering"] = steer_colours(runs["tokens"], images["train"], llava_dir, quiet)
 
     say("[6/6] writing report/index.html and metrics.json", quiet)
     write_report(out, runs["last"], out / "eval" / "last", stores["eval"])
@@ -138,16 +142,17 @@ def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet
 def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_ND: torch.Tensor) -> dict:
     """MS under both embedders, their correlation across latents, FVE/L0, purity and hierarchy, per SAE;
     the raw neurons' MS and top-16 purity beside them."""
-    top_neurons = neurons_ND.T.topk(16, dim=1).indices.numpy()
+    top_val, top_idx = neurons_ND.T.topk(16, dim=1)
+    top_val = top_val - neurons_ND.min(0).values[:, None] + 1  # a neuron is signed: its top-16 always count
     out = {"no_sae": {k: next(iter(m["baselines"].values()))["no_sae"] for k, m in per.items()}, "saes": {}}
-    out["no_sae"]["top16_purity"] = float(np.nanmean(concept_purity(top_neurons, concepts_NC)))
+    out["no_sae"]["top16_purity"] = float(np.nanmean(concept_purity(top_idx.numpy(), top_val.numpy(), concepts_NC)))
     for r_clip, r_truth in zip(per["clip"]["saes"], per["truth"]["saes"]):
         name = r_clip["name"]
         a_clip = np.load(eval_dir / "clip" / "latents" / f"{name}.npz")
         a_truth = np.load(eval_dir / "truth" / "latents" / f"{name}.npz")
         both = ~np.isnan(a_clip["ms"]) & ~np.isnan(a_truth["ms"])
         corr = float(np.corrcoef(a_clip["ms"][both], a_truth["ms"][both])[0, 1]) if both.sum() > 2 else float("nan")
-        purity = concept_purity(a_clip["top_indices"], concepts_NC)
+        purity = concept_purity(a_clip["top_indices"], a_clip["top_values"], concepts_NC)
         out["saes"][name] = {
             "ms_clip": r_clip["ms"], "ms_truth": r_truth["ms"], "ms_correlation": corr,
             "fve": r_clip["recon"]["fve"], "l0": r_clip["recon"]["l0_threshold"],
@@ -158,39 +163,42 @@ def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_
     return out
 
 
-def steer_concept(run: Path, train_images: Path, llava_dir: Path, quiet: bool) -> dict:
-    """Clamp the latent whose top images most often show the concept; ask blank images for one word."""
+def steer_colours(run: Path, train_images: Path, llava_dir: Path, quiet: bool) -> dict:
+    """For each colour, clamp the latent whose top images most often show it (paper §6: replace mode, all
+    tokens) and ask blank images "What colour is the object?"; count answers naming that colour."""
     from PIL import Image
 
     from sae_vlm.steer.generate import Case, generate_cases, load_llava
     from sae_vlm.steer.score import top_images
 
-    sae_dir = next(p.parent for p in sorted(run.glob("saes/*/config.json")))
-    sae = SAE.from_pretrained(sae_dir)
+    sae = SAE.from_pretrained(next(p.parent for p in sorted(run.glob("saes/*/config.json"))))
     model, processor = load_llava(str(llava_dir), device="cpu")
     recs = list(read_manifest(train_images).values())[:1000]
     imgs = [Image.open(train_images / r["path"]).convert("RGB") for r in recs]
-    concepts = np.zeros((len(recs), len(CONCEPTS)), np.float32)
+    concepts_NC = np.zeros((len(recs), len(CONCEPTS)), np.float32)
     for i, r in enumerate(recs):
-        concepts[i, r["concepts"]] = 1
+        concepts_NC[i, r["concepts"]] = 1
     vals, idx = top_images(model, sae, imgs, processor=processor, quiet=quiet)
-    c = CONCEPT_INDEX[STEER_CONCEPT]
-    hits = np.array([concepts[i[i >= 0], c].mean() if (i >= 0).any() else 0.0 for i in idx])
-    latent = int(np.lexsort((-vals[:, 0], -hits))[0])  # highest purity, then strongest
-    word = STEER_CONCEPT.split(":")[1]
     blanks = [Image.new("RGB", (48, 48), rgb) for rgb in ((240, 240, 240), (128, 128, 128), (15, 15, 15))]
     question = QUESTIONS["colour"]
-    scale = float(vals[latent, 0])
-    alphas = [0.0, 2 * scale, 4 * scale, 8 * scale]
-    cases = [Case(img, question, None) for img in blanks]
-    cases += [Case(img, question, {latent: ("clamp", a)}) for a in alphas[1:] for img in blanks]
-    texts = generate_cases(model, processor, sae, cases, error_term=False, max_new_tokens=3)
-    said = [t.split()[0].strip(".,!").lower() if t.split() else "" for t in texts]
-    n = len(blanks)
-    return {"concept": STEER_CONCEPT, "latent": latent, "top16_purity": float(hits[latent]), "alphas": alphas,
-            "unsteered_answers": said[:n], "steered_answers": said[n:],
-            "unsteered_hit_rate": float(np.mean([s == word for s in said[:n]])),
-            "steered_hit_rate": float(np.mean([s == word for s in said[n:]]))}
+    first = lambda text: text.split()[0].strip(".,!").lower() if text.split() else ""  # noqa: E731
+    unsteered = [first(t) for t in generate_cases(model, processor, sae, [Case(b, question, None) for b in blanks],
+                                                   max_new_tokens=3)]
+    out = {"question": question, "unsteered_answers": unsteered, "per_colour": {}}
+    for colour in COLOURS:
+        c = CONCEPT_INDEX[f"colour:{colour}"]
+        purity = np.array([concepts_NC[i[i >= 0], c].mean() if (i >= 0).any() else 0.0 for i in idx])
+        latent = int(np.lexsort((-vals[:, 0], -purity))[0])  # purest top images, then the strongest
+        alphas = [m * float(vals[latent, 0]) for m in (2, 5, 10)]  # multiples of its largest pooled code
+        cases = [Case(b, question, {latent: ("clamp", a)}) for a in alphas for b in blanks]
+        said = [first(t) for t in generate_cases(model, processor, sae, cases, error_term=False, max_new_tokens=3)]
+        out["per_colour"][colour] = {"latent": latent, "top16_purity": float(purity[latent]), "alphas": alphas,
+                                     "answers": said, "hit_rate": float(np.mean([w == colour for w in said])),
+                                     "unsteered_hit_rate": float(np.mean([w == colour for w in unsteered]))}
+    rates = [v["hit_rate"] for v in out["per_colour"].values()]
+    out["mean_hit_rate"] = float(np.mean(rates))
+    out["mean_unsteered_hit_rate"] = float(np.mean([v["unsteered_hit_rate"] for v in out["per_colour"].values()]))
+    return out
 
 
 def add_truth_ms(eval_dir: Path) -> None:
@@ -229,7 +237,8 @@ def demo(
     typer.echo(f"  last/raw neurons        MS clip {base['clip']['mean']:.3f}  MS truth {base['truth']['mean']:.3f}  "
                f"top-16 purity {base['top16_purity']:.2f}")
     st = m["steering"]
-    typer.echo(f"  steering {st['concept']} via latent {st['latent']}: says '{st['concept'].split(':')[1]}' "
-               f"{st['steered_hit_rate']:.0%} of the time (unsteered {st['unsteered_hit_rate']:.0%})")
+    per = ", ".join(f"{c} {v['hit_rate']:.0%}" for c, v in st["per_colour"].items())
+    typer.echo(f"  steering a colour latent on blank images names that colour {st['mean_hit_rate']:.0%} of the time "
+               f"(unsteered {st['mean_unsteered_hit_rate']:.0%}): {per}")
     typer.echo(f"done in {m['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
                f"plots in {out / 'eval'}/<layer>/<embedder>/plots/")
