@@ -91,13 +91,15 @@ def load_checkpoint(path: Path, members: list, place: Dist = Dist()) -> tuple[in
     tensors = load_file(str(path))
     for m in members:
         name = m.spec.name
-        device = m.sae.W_dec.device
         m.sae.load_state_dict({k.split("/", 2)[2]: t for k, t in tensors.items() if k.startswith(f"{name}/sae/")})
         state: dict = {}
         for k, t in tensors.items():
             if k.startswith(f"{name}/opt/"):
                 _, _, idx, key = k.split("/")
-                state.setdefault(int(idx), {})[key] = t.to(device) if key != "step" else t
+                # Adam moments take their parameter's memory layout (W_enc is latent-major): fused Adam walks
+                # raw memory, so a row-major copy would pair each moment with the wrong weight.
+                param = m.opt.param_groups[0]["params"][int(idx)]
+                state.setdefault(int(idx), {})[key] = torch.empty_like(param).copy_(t) if key != "step" else t
         m.opt.load_state_dict({"state": state, "param_groups": m.opt.state_dict()["param_groups"]})
         m.dead.since_fired_F.copy_(tensors[f"{name}/since_fired"])
     return int(meta["step"]), float(tensors["norm_factor"])

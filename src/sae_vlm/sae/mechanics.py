@@ -14,8 +14,10 @@ def remove_parallel_grads_(W_dec_FD: torch.nn.Parameter) -> None:
     """Drop the gradient component along each (unit) decoder row, so a step can't change its norm to first order."""
     if W_dec_FD.grad is None:
         return
-    w = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    W_dec_FD.grad -= (W_dec_FD.grad * w).sum(dim=1, keepdim=True) * w
+    # g − (g·ŵ)ŵ = g − ((g·w)/‖w‖²)·w, in two reductions and one fused in-place update (no [F, d] temporaries)
+    dots_F = torch.einsum("fd,fd->f", W_dec_FD.grad, W_dec_FD)
+    norms_sq_F = torch.einsum("fd,fd->f", W_dec_FD, W_dec_FD).clamp_min(1e-24)
+    W_dec_FD.grad.addcmul_(W_dec_FD, (-dots_F / norms_sq_F)[:, None])
 
 
 @torch.no_grad()

@@ -147,10 +147,11 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
 
 
 def as_float(enc: EncoderOutput) -> EncoderOutput:
-    """Losses run in fp32 whatever precision the autocast forward produced."""
+    """Losses run on fp32 codes whatever precision the autocast forward produced. h stays as it is: the aux
+    loss only ranks it and gathers a few entries, and casting all N×F of it would cost a full pass."""
     codes = enc.codes
     codes = codes._replace(values_M=codes.values_M.float()) if isinstance(codes, SparseCodes) else codes.float()
-    return EncoderOutput(enc.h_NF.float() if enc.h_NF.dtype != torch.float32 else enc.h_NF, codes)
+    return EncoderOutput(enc.h_NF, codes)
 
 
 def l0(codes) -> torch.Tensor:
