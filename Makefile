@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 $(BIN)/sae-vlm: pyproject.toml scripts/setup.sh
 	PY=$(PY) bash scripts/setup.sh $(VENV)
@@ -11,10 +11,18 @@ $(BIN)/sae-vlm: pyproject.toml scripts/setup.sh
 
 setup: $(BIN)/sae-vlm
 
+# The browser tests drive Debian's Chromium; install it where we can (root on Debian), else they skip.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: chromium/chromedriver not installed; the browser tests will be skipped"
+
 demo: setup
 	$(BIN)/sae-vlm demo --out runs/demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest tests
 
 clean:
