@@ -34,13 +34,7 @@ from sae_vlm.sae.model import ARCHS, SAEConfig, group_sizes_from_fractions
 D_IN = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box are ~20x slower with 2 spinning OpenMP threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian(rows: int = 4096, d: int = D_IN, seed: int = 0) -> np.ndarray:

@@ -31,13 +31,7 @@ COMMON = ["--group-fractions", "0.25,0.75", "--warmup-steps", "10", "--threshold
           "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The one-process reference runs in-process with one thread, like the OMP_NUM_THREADS=1 ranks."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def single(*args) -> None:

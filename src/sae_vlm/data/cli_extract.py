@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from sae_vlm.cli_lists import comma_list
 from sae_vlm.data.extract import PRESETS, ExtractConfig, run_extract
 
 
@@ -39,8 +40,8 @@ def extract(
     if dtype not in ("fp16", "bf16", "fp32"):
         raise typer.BadParameter(f"--dtype {dtype!r} is not one of fp16, bf16, fp32")
     cfg = ExtractConfig(model=model, data=data, out=out,
-                        layers=tuple(x.strip() for x in layers.split(",") if x.strip()),
-                        tokens=tuple(x.strip() for x in tokens.split(",") if x.strip()),
+                        layers=comma_list(layers, "--layers", str, "hook points") if layers else (),
+                        tokens=comma_list(tokens, "--tokens", str, "token selections"),
                         dtype=dtype, model_dtype=model_dtype, batch_size=batch_size, shard_rows=shard_rows,
                         workers=workers, device=device, seed=seed)
     if quiet:

@@ -7,15 +7,9 @@ from typing import Optional
 
 import typer
 
+from sae_vlm.cli_lists import comma_list
 from sae_vlm.config import PRESETS, TrainConfig
 from sae_vlm.sae.model import ARCHS
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
 def train(
@@ -59,10 +53,10 @@ def train(
             raise typer.BadParameter(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
         fields.update(PRESETS[preset])
     given = dict(
-        archs=tuple(a.strip() for a in arch.split(",")) if arch else None,
-        expansions=_floats(width, "--width") if width else None,
-        ks=tuple(int(v) for v in _floats(k, "--k")) if k else None,
-        group_fractions=_floats(group_fractions, "--group-fractions") if group_fractions else None,
+        archs=comma_list(arch, "--arch", str, "architectures") if arch else None,
+        expansions=comma_list(width, "--width", float, "numbers") if width else None,
+        ks=comma_list(k, "--k", int, "integers") if k else None,
+        group_fractions=comma_list(group_fractions, "--group-fractions", float, "numbers") if group_fractions else None,
         batch_size=batch_size, steps=steps, lr=lr, warmup_steps=warmup_steps, aux_alpha=aux_alpha,
         threshold_start_step=threshold_start_step, dead_window=dead_window,
         checkpoint_every=checkpoint_every, log_every=log_every, log_to=log_to,

@@ -11,25 +11,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{flag} {text!r}: expected comma-separated numbers") from None
-    if not vals:
-        raise typer.BadParameter(f"{flag} {text!r}: expected at least one number")
-    return vals
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{flag} {text!r}: expected comma-separated latent ids like 39,120") from None
-    if not vals:
-        raise typer.BadParameter(f"{flag} {text!r}: expected at least one latent id")
-    return vals
+from sae_vlm.cli_lists import comma_list
 
 
 def _device(device: str) -> str:
@@ -95,7 +77,8 @@ def steer(
 
     if op not in OPS:
         raise typer.BadParameter(f"--op {op!r}: expected one of {', '.join(OPS)}")
-    lat, alphas = _ints(latents, "--latents"), _floats(alpha, "--alpha")
+    lat = list(comma_list(latents, "--latents", int, "latent ids like 39,120"))
+    alphas = list(comma_list(alpha, "--alpha", float, "numbers"))
     model, processor, sae_m, _ = _load(llava, sae, device, dtype)
     if not all(0 <= j < sae_m.cfg.d_sae for j in lat):
         raise typer.BadParameter(f"--latents {latents!r}: ids must be in 0..{sae_m.cfg.d_sae - 1}")
