@@ -120,6 +120,8 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
         neurons_ND = open_store(stores["eval"], layer=layer).all()
         metrics["layers"][layer] = summarize_layer(per, out / "eval" / layer, concepts_NC, neurons_ND)
 
+    metrics["zero_shot"] = zero_shot_recovered(runs, (*cls_layers, "last"), clip_dir)
+
     say("[5/6] steering the toy LLaVA: one latent per colour, clamped on blank images", quiet)
     metrics["steering"] = steer_colours(runs["tokens"], images["train"], llava_dir, quiet)
 
@@ -160,6 +162,36 @@ def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_
             "top16_purity": float(np.nanmean(purity)),
             "hierarchy": r_clip.get("hierarchy", {}).get("lca_mean_per_level"),
         }
+    return out
+
+
+ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "pattern")
+
+
+@torch.no_grad()
+def zero_shot_recovered(runs: dict, layers, clip_dir: Path, n: int = 500) -> dict:
+    """Tiny-CLIP zero-shot accuracy (colour, shape, pattern of one-object images) with each SAE's reconstruction
+    spliced in at its hook point, against the unmodified model: the "accuracy recovered"."""
+    from transformers import AutoProcessor, CLIPModel
+
+    from sae_vlm.backbones.hf import quiet_loading
+    from sae_vlm.eval.recon import accuracy_recovered
+    from sae_vlm.toyworld.quality import ZERO_SHOT, single_object_samples
+
+    with quiet_loading():
+        model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    samples = single_object_samples(n)
+    pixels = processor(images=[x.image for x in samples], return_tensors="pt")["pixel_values"]
+    saes = {f"{layer}/{d.name}": (layer, SAE.from_pretrained(d))
+            for layer in layers for d in sorted(p.parent for p in runs[layer].glob("saes/*/config.json"))}
+    out: dict = {}
+    for attr in ZERO_SHOT_ATTRIBUTES:
+        values, prompt = ZERO_SHOT[attr]
+        labels = [values.index(getattr(x.main, attr)) for x in samples]
+        text = dict(processor(text=[prompt(v) for v in values], return_tensors="pt", padding=True))
+        for key, (layer, sae) in saes.items():
+            out.setdefault(key, {})[attr] = accuracy_recovered(model, sae, layer, pixels, labels, text)
     return out
 
 
@@ -236,6 +268,9 @@ def demo(
     base = last["no_sae"]
     typer.echo(f"  last/raw neurons        MS clip {base['clip']['mean']:.3f}  MS truth {base['truth']['mean']:.3f}  "
                f"top-16 purity {base['top16_purity']:.2f}")
+    for key, per in m["zero_shot"].items():
+        typer.echo(f"  zero-shot accuracy, {key} spliced in: "
+                   + ", ".join(f"{a} {v['accuracy_spliced']:.0%} (unmodified {v['accuracy']:.0%})" for a, v in per.items()))
     st = m["steering"]
     per = ", ".join(f"{c} {v['hit_rate']:.0%}" for c, v in st["per_colour"].items())
     typer.echo(f"  steering a colour latent on blank images names that colour {st['mean_hit_rate']:.0%} of the time "
