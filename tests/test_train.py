@@ -400,6 +400,18 @@ def test_rerun_into_existing_run_needs_resume(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_resume_with_other_settings_is_refused_but_more_steps_are_fine(tmp_path):
+    data = save_npy(tmp_path / "x.npy", gaussian(512))
+    out = tmp_path / "run"
+    args = ["train", "--data", data, "--out", out, "--batch-size", "64", "--width", "2", "--k", "4",
+            "--checkpoint-every", "2", "--device", "cpu", "--quiet"]
+    assert cli(*args, "--steps", "4").exit_code == 0
+    r = cli(*args, "--steps", "6", "--resume", "--lr", "0.01")
+    assert r.exit_code == 2 and "different settings" in r.stderr and "lr=None" in r.stderr, r.output
+    assert cli(*args, "--steps", "6", "--resume").exit_code == 0
+    assert [row["step"] for row in log_rows(out)][-1] == 6
+
+
 def test_run_killed_before_first_checkpoint_is_not_overwritten(tmp_path):
     """train_config.json exists but no checkpoint: a plain rerun refuses, --resume starts over with a clean log."""
     data = save_npy(tmp_path / "x.npy", gaussian(512))

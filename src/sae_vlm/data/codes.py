@@ -3,7 +3,8 @@
   OUT/indices.npy  [N, k] int32   latent ids, by decreasing value
   OUT/values.npy   [N, k] fp16    their values (0 where a row has fewer than k active latents)
   OUT/codes.json   rows, d_sae, k, rows_per_group, truncated_rows (rows with more than k active latents,
-                   where the smallest were dropped), source; written last, so its presence means complete.
+                   where the smallest were dropped), source; removed first and written last, so its
+                   presence means the arrays beside it are complete and belong to it.
 With rows_per_group = g > 1, each output row is the mean of g consecutive input rows' dense codes (e.g.
 token-level codes mean-pooled per image when the store holds g tokens per image).
 """
@@ -45,27 +46,33 @@ def write_codes(sae, source, out_dir: str | Path, k: int | None = None, batch_si
         raise ValueError(f"rows_per_group={g} does not divide the source's {source.rows} rows")
     n_out = source.rows // g
     step = max(g, batch_size - batch_size % g)
+    # A rerun into the same directory: drop the old marker first, so new arrays never sit under old metadata.
+    (out / "codes.json").unlink(missing_ok=True)
     tmp_i, tmp_v = out / f".indices.npy.tmp{os.getpid()}", out / f".values.npy.tmp{os.getpid()}"
-    ind = np.lib.format.open_memmap(tmp_i, mode="w+", dtype=np.int32, shape=(n_out, k))
-    val = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=np.float16, shape=(n_out, k))
-    truncated = 0
-    sae_device = next(sae.parameters()).device if any(True for _ in sae.parameters()) else torch.device(device)
-    for start in tqdm(range(0, source.rows, step), disable=quiet, desc="codes", unit="batch"):
-        idx = torch.arange(start, min(start + step, source.rows))
-        codes_NF = sae.encode(source.get(idx).to(sae_device)).float()
-        if g > 1:
-            codes_NF = codes_NF.reshape(-1, g, codes_NF.shape[1]).mean(1)
-        truncated += int(((codes_NF != 0).sum(1) > k).sum())
-        v, i = codes_NF.topk(k, dim=1)
-        if v.numel() and v.abs().max() > FP16_MAX:
-            raise ValueError(f"an SAE code reaches {v.abs().max().item():.6g}, beyond fp16's max 65504")
-        lo = start // g
-        ind[lo : lo + len(i)] = i.cpu().numpy().astype(np.int32)
-        val[lo : lo + len(v)] = v.cpu().numpy().astype(np.float16)
-    ind.flush(), val.flush()
-    del ind, val
-    os.replace(tmp_i, out / "indices.npy")
-    os.replace(tmp_v, out / "values.npy")
+    try:
+        ind = np.lib.format.open_memmap(tmp_i, mode="w+", dtype=np.int32, shape=(n_out, k))
+        val = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=np.float16, shape=(n_out, k))
+        truncated = 0
+        sae_device = next(sae.parameters()).device if any(True for _ in sae.parameters()) else torch.device(device)
+        for start in tqdm(range(0, source.rows, step), disable=quiet, desc="codes", unit="batch"):
+            idx = torch.arange(start, min(start + step, source.rows))
+            codes_NF = sae.encode(source.get(idx).to(sae_device)).float()
+            if g > 1:
+                codes_NF = codes_NF.reshape(-1, g, codes_NF.shape[1]).mean(1)
+            truncated += int(((codes_NF != 0).sum(1) > k).sum())
+            v, i = codes_NF.topk(k, dim=1)
+            if v.numel() and v.abs().max() > FP16_MAX:
+                raise ValueError(f"an SAE code reaches {v.abs().max().item():.6g}, beyond fp16's max 65504")
+            lo = start // g
+            ind[lo : lo + len(i)] = i.cpu().numpy().astype(np.int32)
+            val[lo : lo + len(v)] = v.cpu().numpy().astype(np.float16)
+        ind.flush(), val.flush()
+        del ind, val
+        os.replace(tmp_i, out / "indices.npy")
+        os.replace(tmp_v, out / "values.npy")
+    finally:
+        tmp_i.unlink(missing_ok=True)
+        tmp_v.unlink(missing_ok=True)
     atomic_write_json(out / "codes.json", {"format": "sae-vlm-codes/1", "rows": n_out, "d_sae": d_sae, "k": k,
                                            "rows_per_group": g, "truncated_rows": truncated,
                                            "source": str(getattr(source, "path", type(source).__name__))})

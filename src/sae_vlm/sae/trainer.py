@@ -215,6 +215,7 @@ def _train(cfg: TrainConfig, source, resume: bool, place: D.Dist, device: torch.
 
     found = resume_step(out, place) if resume else None
     if found is not None:
+        check_same_run(out / "train_config.json", cfg)
         start, norm = load_checkpoint(found, members, place)
         if place.lead:
             truncate_log(out / "log.jsonl", start)
@@ -231,36 +232,57 @@ def _train(cfg: TrainConfig, source, resume: bool, place: D.Dist, device: torch.
             atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
     logger = Logger(out, cfg) if place.lead else None
-    shard = (place.rank, place.world) if place.ddp else None
     saves = place.lead or not place.ddp  # data-parallel copies are identical: rank 0 saves them
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=cfg.quiet or not place.lead)
+    shard = (place.rank, place.world) if place.ddp else None
     stats: list[dict] = [{} for _ in members]
-    for step in bar:
-        x_ND = batches(step, shard) / norm if members else None  # a rank with no SAE only joins the log gathers
-        done = step + 1
-        log_now = done % cfg.log_every == 0 or done == cfg.steps or done in cfg.keep_steps
-        stats = [train_step(m, x_ND, step, cfg, metrics=log_now, ddp=place.ddp) for m in members]
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            rows = [{"step": done, "sae": m.spec.name, **{k: float(v) for k, v in s.items()}} for m, s in zip(members, stats)]
-            rows = D.gather_rows(rows, names, place)
-            if logger is not None:
-                logger.write(rows)
-                if rows:
-                    bar.set_postfix(fve=f"{rows[0]['fve']:.3f}", l0=f"{rows[0]['l0']:.1f}")
-        if done in cfg.keep_steps and saves:
-            for m, s in zip(members, stats):
-                export(m, norm, out / "saes" / m.spec.name / f"step-{done}", cfg, done, s)
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            checkpoint(out, members, done, norm, place, device)
-    if logger is not None:
-        logger.close()
+    try:
+        for step in bar:
+            x_ND = batches(step, shard) / norm if members else None  # a rank with no SAE only joins log gathers
+            done = step + 1
+            log_now = done % cfg.log_every == 0 or done == cfg.steps or done in cfg.keep_steps
+            stats = [train_step(m, x_ND, step, cfg, metrics=log_now, ddp=place.ddp) for m in members]
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rows = [{"step": done, "sae": m.spec.name, **{k: float(v) for k, v in s.items()}}
+                        for m, s in zip(members, stats)]
+                rows = D.gather_rows(rows, names, place)
+                if logger is not None:
+                    logger.write(rows)
+                    if rows:
+                        bar.set_postfix(fve=f"{rows[0]['fve']:.3f}", l0=f"{rows[0]['l0']:.1f}")
+            if done in cfg.keep_steps and saves:
+                for m, s in zip(members, stats):
+                    export(m, norm, out / "saes" / m.spec.name / f"step-{done}", cfg, done, s)
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                checkpoint(out, members, done, norm, place, device)
+    finally:
+        if logger is not None:
+            logger.close()
     if start >= cfg.steps:  # resuming a finished run: its SAEs are already saved
         return {m.spec.name: SAE.from_pretrained(out / "saes" / m.spec.name) for m in members if saves}
     final = {m.spec.name: export(m, norm, out / "saes" / m.spec.name, cfg, cfg.steps, s)
              for m, s in zip(members, stats) if saves}
     checkpoint(out, members, cfg.steps, norm, place, device)
     return final
+
+
+# Settings a resumed run may change: they don't alter what is computed.
+RESUME_MAY_CHANGE = {"data", "out", "steps", "device", "quiet", "log_to", "log_every", "checkpoint_every", "keep_steps",
+                     "max_device_bytes"}
+
+
+def check_same_run(saved_config: Path, cfg: TrainConfig) -> None:
+    """Refuse a --resume whose settings differ from the run's: it would not continue the same computation."""
+    if not saved_config.is_file():
+        return
+    saved = json.loads(saved_config.read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved file
+    diff = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now if k not in RESUME_MAY_CHANGE and k in saved
+            and saved[k] != now[k]]
+    if diff:
+        raise ValueError(f"--resume with different settings than {saved_config}: {', '.join(diff)}; "
+                         "rerun with the run's settings or start a new --out")
 
 
 def export(m: Member, norm: float, directory: Path, cfg: TrainConfig, step: int, stats: dict) -> SAE:
