@@ -109,7 +109,8 @@ def test_evaluate_store_with_embedder_and_folder_taxonomy(tmp_path):
     assert m["rows"] == 24 and m["taxonomy"]["images_missing"] == 8  # the "misc" folder has no taxonomy
     miss = m["saes"][0]["hierarchy"]["missing_taxonomy"]
     assert all("misc" in n for n in miss["names"]) and miss["count"] == len(miss["names"])
-    assert list((tmp_path / "store").glob("embeddings__*.npy"))  # cached beside the store
+    assert list((out / "embeddings").glob("embeddings__*.npy"))  # cached in the eval output
+    assert not list((tmp_path / "store").glob("embeddings__*"))  # the input store is never written to
     assert len(list((out / "grids" / "batchtopk_x2_k4").glob("*.png"))) == 2
     # embeddings whose sidecar lists other image ids than the store's: a one-line error naming both
     from sae_vlm.data.source import as_source

@@ -209,6 +209,18 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from 'fp32' | 'fp16' | 'bf16' (or their long names) or a dtype; None / 'auto': fp16 on
+    CUDA, fp32 elsewhere. Anything else is a ValueError naming the choices."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not understood; expected auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """transformers' load report and weight progress bar, silenced for one load."""
@@ -244,9 +256,7 @@ def load_backbone(model_id_or_dir: str, device: str | torch.device = "cpu", dtyp
     """Load a hub id or local directory with `from_pretrained`, dispatching on the config's model_type."""
     from transformers import AutoConfig
 
-    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if isinstance(dtype, str) and dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not understood; expected one of {sorted(_DTYPES)}")
+    torch_dtype = resolve_dtype(dtype, device)  # validated before anything is loaded
     cfg = AutoConfig.from_pretrained(model_id_or_dir, revision=revision)
     mt = cfg.model_type
     import transformers as tf

@@ -6,9 +6,7 @@ OUT/img/*.png (thumbnails), OUT/plots/*.png, OUT/static/browse.js. index.html is
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +14,23 @@ from tqdm.auto import tqdm
 
 from sae_vlm.browse.data import Dictionary, RunView, TableQuery
 from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context, thumb_name
+from sae_vlm.io import atomic_save_image, atomic_write_text
 
 THUMB_PX = 128
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _thumb(src: Path, dst: Path) -> None:
-    from PIL import Image
+    from sae_vlm.steer.generate import open_image
 
     if dst.exists():
         return
-    with Image.open(src) as im:
-        im = im.convert("RGB")
-        im.thumbnail((THUMB_PX, THUMB_PX))
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".png.tmp")
-        os.close(fd)
-        im.save(tmp, format="PNG")
-    os.replace(tmp, dst)
+    im = open_image(src)
+    im.thumbnail((THUMB_PX, THUMB_PX))
+    atomic_save_image(dst, im)
 
 
 def chosen_latents(d: Dictionary, top: int, all_: bool) -> list[int]:

@@ -55,16 +55,13 @@ class TextSearch:
             w = w.float().cpu().numpy()
             self._concepts[d.name] = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
         if d.name not in self._concepts:
-            from PIL import Image
+            from sae_vlm.steer.generate import open_image
 
             top = d.top_idx if d.top_idx is not None else np.full((d.n, 1), -1)
             rows = np.unique(top[top >= 0])
             paths = {int(r): self.view.image_path(d, int(r)) for r in rows}
             rows = [r for r, p in paths.items() if p is not None]
-            images = []
-            for r in rows:
-                with Image.open(paths[r]) as im:
-                    images.append(im.convert("RGB"))
+            images = [open_image(paths[r]) for r in rows]
             emb = self.embedder().images(images) if images else np.zeros((0, 1), np.float32)
             pos = {r: i for i, r in enumerate(rows)}
             out = np.zeros((d.n, emb.shape[1]), np.float32)

@@ -8,7 +8,6 @@ but valid files (CMYK, 16-bit, grayscale, palette with transparency, EXIF-rotate
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from collections import deque
@@ -280,6 +279,3 @@ def prefetch_map(fn: Callable, items, workers: int, ahead: int) -> Iterator:
         while q:
             yield q.popleft().result()
 
-
-def records_json(src: ImageSource) -> str:
-    return json.dumps([r.__dict__ for r in src.records])

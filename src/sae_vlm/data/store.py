@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sae_vlm.io import atomic_write_bytes
+
 FORMAT = "sae-vlm-store/1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
 FP16_MAX = 65504.0
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -202,9 +194,6 @@ class StoreReader:
             sel = shard_of == j
             out[order[sel]] = from_storage(self._shard(int(j))[sidx[sel] - self._starts[j]], self.dtype)
         return torch.from_numpy(out)
-
-    def range(self, start: int, stop: int) -> torch.Tensor:
-        return self.get(torch.arange(start, min(stop, self.rows)))
 
     def all(self) -> torch.Tensor:
         parts = [from_storage(np.asarray(self._shard(j)), self.dtype) for j in range(len(self._shards))]

@@ -1,15 +1,13 @@
 """`sae-vlm evaluate RUN --data STORE`: MS, reconstruction, top images and hierarchy for every SAE of a run.
 
 Writes OUT/metrics.json (summaries), OUT/latents/<name>.npz (per-latent arrays), OUT/top/<name>/top_*.npy,
-OUT/tables.md (paper Tables A1/A6/A7 shape) and OUT/plots/*.png. Every file is written atomically.
+OUT/tables.md (paper Tables A1/A6/A7 shape), OUT/plots/*.png and, with --embedder, OUT/embeddings/ (the
+embedding cache; the input store is only read). Every file is written atomically.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -18,26 +16,13 @@ import torch
 import typer
 
 from sae_vlm.data.source import as_source
+from sae_vlm.io import atomic_save_npz, atomic_write_bytes
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.embed import backbone_embedder, cached_embeddings
 from sae_vlm.eval.ms import RotatedSource, _device, chance_similarity, ms_stats, summarize_ms
 from sae_vlm.eval.recon import heldout_rows, reconstruction_metrics
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
 from sae_vlm.eval.top import EncodedSource, render_grid, save_top, top_activating
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _atomic_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    _atomic_bytes(path, buf.getvalue())
 
 
 def find_saes(run_dir: str | Path) -> list[Path]:
@@ -67,7 +52,8 @@ def open_data(data, hook_point: str | None, token_selection: str | None):
 
 def load_embeddings(src, rows: int, embeddings=None, embedder=None, cache_dir=None, device="cpu", quiet=True):
     """Precomputed embeddings (checked against the store's image ids when a sidecar json lists them), or
-    embeddings of the store's images computed once with `embedder` and cached. None when neither is given."""
+    embeddings of the store's images computed once with `embedder` and cached in `cache_dir` (keyed by the
+    model and the store's image ids). None when neither is given."""
     store = src if hasattr(src, "image_ids") else None
     ids = [str(i) for i in store.image_ids()] if store is not None else None
     if embeddings is not None:
@@ -90,7 +76,7 @@ def load_embeddings(src, rows: int, embeddings=None, embedder=None, cache_dir=No
             raise ValueError(f"--embedder {embedder} needs a store with image paths; this source has none (pass --embeddings)")
         paths = store.paths()
         compute = backbone_embedder(embedder, paths, device=device, quiet=quiet)
-        return cached_embeddings(cache_dir, embedder, rows, compute), str(embedder)
+        return cached_embeddings(cache_dir, embedder, rows, compute, image_ids=ids), str(embedder)
     return None, None
 
 
@@ -120,9 +106,10 @@ def evaluate_run(run_dir, data, *, out=None, embeddings=None, embedder=None, tax
     out = Path(out) if out is not None else Path(run_dir) / "eval"
     sae_dirs = find_saes(run_dir)
     metrics: dict = {"run": str(run_dir), "data": str(data), "saes": [], "baselines": {}}
-    emb = emb_src = chance = None
-    taxa = names = None
-    cache_dir = Path(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else out
+    want_ms = embeddings is not None or embedder is not None
+    cache_dir = out / "embeddings"  # the input store is only read, never written to
+    per_source: dict[tuple, tuple] = {}  # (hook point, token selection) -> (emb, chance, taxa, names)
+    first_taxa = first_names = None
     results, per_layer_baseline = [], {}
     for sdir in sae_dirs:
         sae = SAE.from_pretrained(sdir, device=dev).eval()
@@ -130,12 +117,23 @@ def evaluate_run(run_dir, data, *, out=None, embeddings=None, embedder=None, tax
         src = open_data(data, cfg.hook_point, cfg.token_selection)
         if src.rows == 0:
             raise ValueError(f"evaluation set is empty: {data} has 0 rows for {cfg.hook_point}, expected at least 2")
-        if emb is None and (embeddings is not None or embedder is not None):
-            emb, emb_src = load_embeddings(src, src.rows, embeddings, embedder, cache_dir, dev, quiet)
-            chance = chance_similarity(emb)
-            metrics |= {"embeddings": emb_src, "rows": src.rows, "chance_similarity": chance}
-        if taxa is None:
-            taxa, names = _taxonomy(src, src.rows, taxonomy)
+        key = (cfg.hook_point, cfg.token_selection)
+        if key not in per_source:  # embeddings and taxonomy describe this source's rows: once per distinct source
+            per_image = int(getattr(src, "rows_per_image", 1) or 1)
+            if per_image > 1 and (want_ms or taxonomy is not None):
+                raise ValueError(f"{getattr(src, 'path', data)} has {per_image} rows per image ({cfg.token_selection} "
+                                 "tokens); MS and taxonomy need one row per image: evaluate a CLS, mean or pooled store")
+            emb = chance = None
+            if want_ms:
+                emb, emb_src = load_embeddings(src, src.rows, embeddings, embedder, cache_dir, dev, quiet)
+                chance = chance_similarity(emb)
+                if "embeddings" not in metrics:
+                    metrics |= {"embeddings": emb_src, "rows": src.rows, "chance_similarity": chance}
+            taxa, names = _taxonomy(src, src.rows, taxonomy) if per_image == 1 else (None, None)
+            if first_taxa is None and taxa is not None:
+                first_taxa, first_names = taxa, names
+            per_source[key] = (emb, chance, taxa, names)
+        emb, chance, taxa, names = per_source[key]
         layer = cfg.hook_point or "unknown"
         if emb is not None and layer not in per_layer_baseline:
             base = ms_stats(src, emb, device=dev, chunk_rows=chunk_rows, quiet=quiet)
@@ -147,7 +145,7 @@ def evaluate_run(run_dir, data, *, out=None, embeddings=None, embedder=None, tax
                 arrays["rotated_ms"] = rot.ms.numpy()
             per_layer_baseline[layer] = base.ms.numpy()
             metrics["baselines"][layer] = entry
-            _atomic_npz(out / "latents" / f"baseline__{layer}.npz", **arrays)
+            atomic_save_npz(out / "latents" / f"baseline__{layer}.npz", **arrays)
 
         name = sdir.name
         r = {"name": name, "path": str(sdir), "arch": cfg.arch, "hook_point": layer, "d_in": cfg.d_in,
@@ -189,19 +187,20 @@ def evaluate_run(run_dir, data, *, out=None, embeddings=None, embedder=None, tax
             order = np.argsort(np.nan_to_num(arrays["ms"], nan=-np.inf))[::-1][:grids]
             for j in order:
                 render_grid(ti[j].numpy(), lambda i: paths[i], out / "grids" / name / f"latent_{j}.png", values=tv[j].numpy())
-        _atomic_npz(out / "latents" / f"{name}.npz", **arrays)
+        atomic_save_npz(out / "latents" / f"{name}.npz", **arrays)
         if "ms" in arrays:
             plot_ms_levels(out / "plots" / f"ms_levels__{name}.png", name, arrays["ms"], cfg.group_sizes,
                            per_layer_baseline.get(layer))
         results.append(r)
     metrics["saes"] = results
-    if taxa is not None:
-        metrics["taxonomy"] = {"images_missing": H.missing_taxonomy(taxa, names)["count"], "file": str(taxonomy) if taxonomy else None}
-    _atomic_bytes(out / "tables.md", paper_tables(results, metrics["baselines"]).encode())
+    if first_taxa is not None:
+        metrics["taxonomy"] = {"images_missing": H.missing_taxonomy(first_taxa, first_names)["count"],
+                               "file": str(taxonomy) if taxonomy else None}
+    atomic_write_bytes(out / "tables.md", paper_tables(results, metrics["baselines"]).encode())
     plot_fve_vs_width(out / "plots" / "fve_vs_width.png", results)
     if any("hierarchy" in r for r in results):
         plot_lca_levels(out / "plots" / "lca_per_level.png", results)
-    _atomic_bytes(out / "metrics.json", json.dumps(metrics, indent=2, default=float).encode())  # last: marks done
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2, default=float).encode())  # last: marks done
     return metrics
 
 
@@ -209,7 +208,7 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="Training run directory (RUN/saes/<name>/) or one SAE directory."),
     data: str = typer.Option(..., help="Held-out activation store directory or a .npy of shape (rows, d_in)."),
     embeddings: Optional[Path] = typer.Option(None, help="Image embeddings .npy [rows, D] for the MS similarity."),
-    embedder: Optional[str] = typer.Option(None, help="Model id or dir to embed the store's images (cached)."),
+    embedder: Optional[str] = typer.Option(None, help="Model id or dir to embed the store's images (cached in OUT/embeddings)."),
     taxonomy: Optional[Path] = typer.Option(None, help="CSV (label,path) or JSON mapping labels to 7-level taxa."),
     out: Optional[Path] = typer.Option(None, help="Output directory (default RUN/eval)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),

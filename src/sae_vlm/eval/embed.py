@@ -1,6 +1,6 @@
 """Image embeddings for the MS similarity, computed once per dataset and cached.
 
-Cache: `DIR/embeddings__<model slug>.npy` + `.json` ({model_id, rows, dim}); reused only when both match.
+Cache: `DIR/embeddings__<model slug>.npy` + `.json` ({model_id, rows, dim[, image_ids_sha256]}); reused only when they match.
 The cache logic takes a callable or an array, so it does not depend on any backbone; `backbone_embedder`
 builds such a callable from a hub id / directory via the extraction code's loader ("last" hook point: CLIP
 image_embeds, DINOv2 pooler output).
@@ -8,14 +8,15 @@ image_embeds, DINOv2 pooler output).
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from sae_vlm.io import atomic_save_npy, atomic_write_json
 
 
 def _slug(model_id: str) -> str:
@@ -28,47 +29,51 @@ def cache_paths(cache_dir: str | Path, model_id: str) -> tuple[Path, Path]:
 
 
 def cached_embeddings(
-    cache_dir: str | Path, model_id: str, rows: int, compute: Callable[[], np.ndarray] | np.ndarray
+    cache_dir: str | Path, model_id: str, rows: int, compute: Callable[[], np.ndarray] | np.ndarray,
+    image_ids: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Embeddings [rows, D] for `model_id`: from the cache if it matches, else `compute()` and store them."""
+    """Embeddings [rows, D] for `model_id`: from the cache if it matches, else `compute()` and store them.
+    With `image_ids`, the cache also records their sha256 and is reused only for the same images."""
     npy, meta = cache_paths(cache_dir, model_id)
+    ids_sha = None
+    if image_ids is not None:
+        ids_sha = hashlib.sha256("\n".join(str(i) for i in image_ids).encode()).hexdigest()
     if npy.is_file() and meta.is_file():
         info = json.loads(meta.read_text())
-        if info.get("model_id") == str(model_id) and info.get("rows") == rows:
+        if info.get("model_id") == str(model_id) and info.get("rows") == rows and info.get("image_ids_sha256") == ids_sha:
             return np.load(npy, mmap_mode="r")
     emb = np.asarray(compute() if callable(compute) else compute, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != rows:
         raise ValueError(f"embedder {model_id} gave embeddings of shape {emb.shape} but the dataset has {rows} rows")
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=npy.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, emb)
-    os.replace(tmp, npy)
-    fd, tmp = tempfile.mkstemp(dir=npy.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"model_id": str(model_id), "rows": rows, "dim": int(emb.shape[1])}, f)
-    os.replace(tmp, meta)
+    atomic_save_npy(npy, emb)
+    info = {"model_id": str(model_id), "rows": rows, "dim": int(emb.shape[1])}
+    if ids_sha is not None:
+        info["image_ids_sha256"] = ids_sha
+    atomic_write_json(meta, info)
     return emb
 
 
 def backbone_embedder(model_id: str, paths: Sequence[str], *, device="cpu", batch_size: int = 64,
                       quiet: bool = True) -> Callable[[], np.ndarray]:
-    """A callable that embeds the images at `paths` with the backbone's "last" hook point."""
+    """A callable that embeds the images at `paths` with the backbone's "last" hook point.
+
+    Only image files can be embedded: a store of tar members or dataset rows raises ValueError at once."""
+    from sae_vlm.steer.generate import is_store_member
+
+    if any(is_store_member(p) for p in paths):
+        raise ValueError("--embedder needs a folder or path-list store; pass --embeddings")
 
     def compute() -> np.ndarray:
         import torch
-        from PIL import Image
         from tqdm.auto import tqdm
 
         from sae_vlm.backbones.hf import load_backbone
+        from sae_vlm.steer.generate import open_image
 
         bb = load_backbone(model_id, device=device)
         out = []
         for b0 in tqdm(range(0, len(paths), batch_size), desc="embeddings", disable=quiet, leave=False):
-            imgs = []
-            for p in paths[b0 : b0 + batch_size]:
-                with Image.open(p) as im:
-                    imgs.append(im.convert("RGB"))
+            imgs = [open_image(p) for p in paths[b0 : b0 + batch_size]]
             with torch.no_grad():
                 out.append(bb.capture(bb.preprocess(imgs), ["last"])["last"].float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 1), np.float32)

@@ -6,8 +6,8 @@ For latent k with activations a over N images, min–max normalised to ã ∈ [0
          = (‖Êᵀã‖² − ‖ã‖²) / ((Σ ã)² − ‖ã‖²)
 
 so every latent costs one pass over the rows (ÊᵀA, accumulated in float64) instead of N² pairs.
-A constant latent (max = min) gives 0/0 = NaN and counts as dead; so does a latent whose weight sum is 0
-(it is non-zero after normalisation on a single image only), which the pair formula also leaves undefined.
+A constant latent (max = min) gives 0/0 = NaN (`MSResult.dead`). A latent that is non-zero after normalisation
+on a single image only has no weighted pair either and also gets NaN; `summarize_ms` counts every NaN as dead.
 
 Inputs: dense activations [N, K] (tensor, ndarray, `.npy`, ActivationSource) or a sparse code store (any object
 with `indices` int [N, k], `values` [N, k] and `d_sae`): a latent that is not listed in a row is 0 there.
@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.data.source import as_source
+from sae_vlm.sae.distributed import resolve_device
 
 F64 = torch.float64
 
@@ -51,10 +52,7 @@ def is_sparse_codes(obj) -> bool:
     return all(hasattr(obj, a) for a in ("indices", "values", "d_sae")) and not isinstance(obj, (torch.Tensor, np.ndarray))
 
 
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+_device = resolve_device  # the evaluation modules' name for it (None: cuda when available)
 
 
 def unit_embeddings(embeddings, rows: int | None = None) -> torch.Tensor:

@@ -104,32 +104,17 @@ def heldout_rows(n: int, fraction: float = 0.1, seed: int = 0) -> torch.Tensor:
 # --- downstream: CLIP zero-shot with the reconstruction spliced in ------------------------------------------
 
 
-def _clip_layers(model):
-    for path in ("vision_model.encoder.layers", "encoder.layers"):
-        cur = model
-        for part in path.split("."):
-            cur = getattr(cur, part, None)
-        if cur is not None:
-            return cur
-    raise ValueError(f"cannot find vision encoder layers in {type(model).__name__}; expected a CLIPModel")
-
-
 @contextlib.contextmanager
 def splice_sae(model, hook_point: str, sae, token_selection: str = "cls") -> Iterator[None]:
     """Replace the activation at `hook_point` ("layer.<i>" residual after layer i, or "last" = image_embeds)
-    by the SAE reconstruction. At a layer, only the CLS token (token 0) is replaced for a "cls" SAE."""
-    if hook_point == "last":
-        module = getattr(model, "visual_projection", None)
-        if module is None:
-            raise ValueError(f"hook point 'last' needs a CLIPModel with visual_projection, got {type(model).__name__}")
-    elif hook_point.startswith("layer.") and hook_point[6:].lstrip("-").isdigit():
-        layers = _clip_layers(model)
-        i = int(hook_point[6:])
-        if not -len(layers) <= i < len(layers):
-            raise ValueError(f"hook point {hook_point!r} is out of range; the model has layers 0..{len(layers) - 1}")
-        module = layers[i]
-    else:
-        raise ValueError(f"hook point {hook_point!r} is not understood; expected 'layer.<i>' or 'last'")
+    by the SAE reconstruction. At a layer, only the CLS token (token 0) is replaced for a "cls" SAE.
+
+    The hook point is resolved and patched by `Backbone.patch` (the extraction code's layer lookup)."""
+    from sae_vlm.backbones.hf import Backbone
+
+    was_training = model.training
+    bb = Backbone(model)  # puts the model in eval mode; restored below so splicing has no side effect
+    model.train(was_training)
 
     def recon(t):
         if t.ndim == 2:
@@ -141,16 +126,8 @@ def splice_sae(model, hook_point: str, sae, token_selection: str = "cls") -> Ite
             t = sae(t.float()).to(t.dtype)
         return t
 
-    def hook(_m, _inp, out):
-        if isinstance(out, tuple):
-            return (recon(out[0]),) + tuple(out[1:])
-        return recon(out)
-
-    handle = module.register_forward_hook(hook)
-    try:
+    with bb.patch(hook_point, recon):
         yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from sae_vlm.io import atomic_save_figure
 
 
 def _width(r: dict) -> str:
@@ -61,11 +61,7 @@ def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
 
 
 def _save_fig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_save_figure(path, fig, format="png", dpi=100, bbox_inches="tight")
 
 
 def plot_ms_levels(path: Path, name: str, ms_K: np.ndarray, group_sizes, baseline_ms: np.ndarray | None) -> None:

@@ -6,9 +6,6 @@ the chunk's codes. Token-level codes are mean-pooled per image first (rows of on
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.data.source import as_source
+from sae_vlm.io import atomic_save_image, atomic_save_npy
 from sae_vlm.eval.ms import _device, is_sparse_codes
 
 
@@ -87,6 +85,33 @@ def _pooled_chunks(codes, image_ids, chunk_rows, dev):
         yield torch.tensor([carry_id], device=dev), carry_sum[None] / carry_n
 
 
+def running_top(stream, top: int, *, fill: float = float("-inf"), width: int | None = None, device=None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The running top-k merge: (values [K, top], indices [K, top] int64), best first, on the chunks' device.
+
+    `stream` yields (ids [R] or None, codes [R, K]); None ids number the rows consecutively from 0. Per chunk,
+    `torch.topk` over the running values concatenated with the chunk's codes. Slots never filled keep value
+    `fill` and index -1. The state is created from the first chunk, or up front when `width` (K) is given
+    (then an empty stream returns the filled state; otherwise (None, None))."""
+    vals_KT = idx_KT = None
+    if width is not None:
+        vals_KT = torch.full((width, top), fill, device=device)
+        idx_KT = torch.full((width, top), -1, dtype=torch.int64, device=device)
+    seen = 0
+    for ids, c_RK in stream:
+        if ids is None:
+            ids = torch.arange(seen, seen + c_RK.shape[0], device=c_RK.device)
+        seen += c_RK.shape[0]
+        if vals_KT is None:
+            vals_KT = torch.full((c_RK.shape[1], top), fill, device=c_RK.device)
+            idx_KT = torch.full((c_RK.shape[1], top), -1, dtype=torch.int64, device=c_RK.device)
+        cand_v = torch.cat([vals_KT, c_RK.T], 1)
+        cand_i = torch.cat([idx_KT, ids[None, :].expand(c_RK.shape[1], -1)], 1)
+        vals_KT, pos = cand_v.topk(top, dim=1)
+        idx_KT = cand_i.gather(1, pos)
+    return vals_KT, idx_KT
+
+
 @torch.no_grad()
 def top_activating(
     codes, *, top: int = 16, image_ids=None, device=None, chunk_rows: int = 1024, quiet: bool = True
@@ -104,36 +129,16 @@ def top_activating(
         stream = ((None, c) for c in _chunks(codes, chunk_rows, dev))
     else:
         stream = _pooled_chunks(codes, image_ids, chunk_rows, dev)
-    vals_KT = idx_KT = None
-    seen = 0
-    for ids, c_RK in tqdm(stream, desc="top images", disable=quiet, leave=False):
-        if ids is None:
-            ids = torch.arange(seen, seen + c_RK.shape[0], device=dev)
-        seen += c_RK.shape[0]
-        if vals_KT is None:
-            k = c_RK.shape[1]
-            vals_KT = torch.full((k, top), float("-inf"), device=dev)
-            idx_KT = torch.full((k, top), -1, dtype=torch.int64, device=dev)
-        cand_v = torch.cat([vals_KT, c_RK.T], 1)
-        cand_i = torch.cat([idx_KT, ids[None, :].expand(c_RK.shape[1], -1)], 1)
-        vals_KT, pos = cand_v.topk(top, dim=1)
-        idx_KT = cand_i.gather(1, pos)
+    vals_KT, idx_KT = running_top(tqdm(stream, desc="top images", disable=quiet, leave=False), top)
     return vals_KT.cpu(), idx_KT.cpu()
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def save_top(directory: str | Path, values_KT, indices_KT, prefix: str = "top") -> None:
     """`<prefix>_values.npy` and `<prefix>_indices.npy` beside the codes, each written atomically."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_save_npy(d / f"{prefix}_values.npy", np.asarray(values_KT, dtype=np.float32))
-    _atomic_save_npy(d / f"{prefix}_indices.npy", np.asarray(indices_KT, dtype=np.int64))
+    atomic_save_npy(d / f"{prefix}_values.npy", np.asarray(values_KT, dtype=np.float32))
+    atomic_save_npy(d / f"{prefix}_indices.npy", np.asarray(indices_KT, dtype=np.int64))
 
 
 def load_top(directory: str | Path, prefix: str = "top") -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +150,8 @@ def render_grid(indices, image_fn: Callable, path: str | Path, *, tile: int = 96
     """A PNG grid (4×4 for 16) of the images `image_fn(index)` returns (a path or a PIL image); -1 stays blank."""
     from PIL import Image, ImageDraw
 
+    from sae_vlm.steer.generate import is_store_member, open_image
+
     idx = [int(i) for i in np.asarray(indices).reshape(-1)]
     rows = (len(idx) + cols - 1) // cols
     canvas = Image.new("RGB", (cols * tile, rows * tile), "white")
@@ -154,25 +161,15 @@ def render_grid(indices, image_fn: Callable, path: str | Path, *, tile: int = 96
             continue
         img = image_fn(i)
         if not isinstance(img, Image.Image):
-            with Image.open(img) as opened:
-                img = opened.convert("RGB")
+            if is_store_member(img):
+                raise ValueError(f"image grids need a folder or path-list store; {img} is not a file (pass --grids 0)")
+            img = open_image(img)
         x, y = (slot % cols) * tile, (slot // cols) * tile
         canvas.paste(img.convert("RGB").resize((tile, tile)), (x, y))
         if values is not None:
             draw.text((x + 2, y + 2), f"{float(np.asarray(values).reshape(-1)[slot]):.2f}", fill="yellow")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_save_image(path, canvas)
     return path
 
-
-def top_metadata(directory: str | Path, **meta) -> None:
-    """A small json beside the top arrays (which codes, pooled or not, how many rows)."""
-    d = Path(directory)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, d / "top_meta.json")

@@ -20,8 +20,9 @@ import torch.distributed as dist
 CKPT = "ckpt/state.safetensors"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """'auto' or None: cuda when available, else cpu; anything else as `torch.device` reads it."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from sae_vlm.io import atomic_save_safetensors, atomic_write_text  # noqa: F401  (re-exported)
 from sae_vlm.sae import activations as act
 from sae_vlm.sae import sparse
 from sae_vlm.sae.sparse import SparseCodes
@@ -176,7 +177,7 @@ class SAE(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().float().cpu().contiguous() for n, t in self.state_dict().items()}
-        atomic_save_file(tensors, out / "model.safetensors")
+        atomic_save_safetensors(out / "model.safetensors", tensors)
         atomic_write_text(out / "config.json", json.dumps({**dataclasses.asdict(self.cfg), **self.meta}, indent=2))
 
     @classmethod
@@ -202,13 +203,6 @@ class SAE(nn.Module):
         return sae.to(device)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """Kept for callers that pass (tensors, path); see `sae_vlm.io.atomic_save_safetensors`."""
+    atomic_save_safetensors(path, tensors, metadata=metadata)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -12,23 +9,11 @@ import numpy as np
 import typer
 
 from sae_vlm.cli_lists import comma_list
-
-
-def _device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+from sae_vlm.io import atomic_write_json
 
 
 def write_json(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2)
 
 
 def _table(rows: list[dict], cols: list[str], width: int = 70) -> str:
@@ -47,7 +32,9 @@ def _load(llava: str, sae_dir: str, device: str, dtype: str):
     from sae_vlm.sae.model import SAE
     from sae_vlm.steer.generate import load_llava
 
-    dev = _device(device)
+    from sae_vlm.sae.distributed import resolve_device
+
+    dev = resolve_device(device)
     model, processor = load_llava(llava, device=dev, dtype=dtype)
     return model, processor, SAE.from_pretrained(sae_dir, device=dev), dev
 

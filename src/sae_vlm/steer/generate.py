@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sae_vlm.backbones.hf import quiet_loading
+from sae_vlm.backbones.hf import quiet_loading, resolve_dtype  # noqa: F401  (resolve_dtype: re-exported)
 from sae_vlm.steer.intervene import intervene
 
 WHITE = "white"
@@ -32,30 +33,31 @@ def white_image(size: int = 336) -> Image.Image:
     return Image.new("RGB", (size, size), "white")
 
 
+def is_store_member(path: str | Path) -> bool:
+    """True for a store image path that names no file: a tar member (`x.tar::member`) or a dataset row
+    (`name[i]`), as `sae_vlm.data.images` records them."""
+    s = str(path)
+    return not Path(s).is_file() and ("::" in s or re.search(r"\[\d+\]$", s) is not None)
+
+
 def open_image(spec: str | Path | Image.Image) -> Image.Image:
-    """'white', a path, or a PIL image -> RGB PIL image."""
+    """'white', a path, or a PIL image -> RGB PIL image, decoded like extraction does (`sae_vlm.data.images`:
+    EXIF rotation, 16-bit, transparency over white, decompression-bomb guard)."""
+    from sae_vlm.data.images import BadImage, decode_image, to_rgb
+
     if isinstance(spec, Image.Image):
-        return spec.convert("RGB")
+        return to_rgb(spec)
     if str(spec) == WHITE:
         return white_image()
     p = Path(spec)
     if not p.is_file():
+        if is_store_member(p):
+            raise ValueError(f"image {spec} is inside a tar shard or dataset, not a file; expected 'white' or an image file")
         raise FileNotFoundError(f"image {p} does not exist; expected 'white' or an image file")
-    with Image.open(p) as im:
-        return im.convert("RGB")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """'auto': fp16 on CUDA, fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype in (None, "auto"):
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not understood; expected auto or one of {sorted(names)}")
-    return names[dtype]
+    try:
+        return decode_image(p.read_bytes())
+    except BadImage as e:
+        raise ValueError(f"image {p}: {e}") from None
 
 
 def load_llava(model_id_or_dir: str, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.backbones.hf import Backbone
+from sae_vlm.eval.top import running_top
 from sae_vlm.steer.generate import Case, generate_cases
 from sae_vlm.steer.intervene import check_sae_width
 
@@ -100,20 +101,17 @@ def top_images(model, sae, images: Sequence, *, hook_point=None, top: int = 16, 
     check_sae_width(bb, hook_point, sae)
     dev = bb.device()
     sae.to(device=dev, dtype=torch.float32)
-    F = sae.cfg.d_sae
-    vals = torch.zeros(F, top, device=dev)
-    idx = torch.full((F, top), -1, dtype=torch.long, device=dev)
-    for b0 in tqdm(range(0, len(images), batch_size), desc="top images", disable=quiet, leave=False):
-        imgs = list(images[b0 : b0 + batch_size])
-        x_BTD = bb.capture(bb.preprocess(imgs), [hook_point])[hook_point].float()
-        x_BTD = x_BTD[:, None] if x_BTD.ndim == 2 else x_BTD
-        B, T, D = x_BTD.shape
-        pooled_BF = torch.stack([sae.encode(x_TD).mean(0) for x_TD in x_BTD])  # per image: [T, F] at most
-        ids = torch.arange(b0, b0 + B, device=dev)
-        cand_v = torch.cat([vals, pooled_BF.T], 1)
-        cand_i = torch.cat([idx, ids[None].expand(F, -1)], 1)
-        vals, pos = cand_v.topk(top, dim=1)
-        idx = cand_i.gather(1, pos)
+
+    def pooled_chunks():
+        for b0 in tqdm(range(0, len(images), batch_size), desc="top images", disable=quiet, leave=False):
+            imgs = list(images[b0 : b0 + batch_size])
+            x_BTD = bb.capture(bb.preprocess(imgs), [hook_point])[hook_point].float()
+            x_BTD = x_BTD[:, None] if x_BTD.ndim == 2 else x_BTD
+            pooled_BF = torch.stack([sae.encode(x_TD).mean(0) for x_TD in x_BTD])  # per image: [T, F] at most
+            yield torch.arange(b0, b0 + x_BTD.shape[0], device=dev), pooled_BF
+
+    # running values start at 0, so only positive pooled codes enter the top
+    vals, idx = running_top(pooled_chunks(), top, fill=0.0, width=sae.cfg.d_sae, device=dev)
     idx = torch.where(vals > 0, idx, torch.full_like(idx, -1))  # an inactive slot is no top image
     return vals.cpu().numpy(), idx.cpu().numpy()
 

@@ -22,7 +22,8 @@ from sae_vlm.config import TrainConfig
 from sae_vlm.data.extract import ExtractConfig, run_extract
 from sae_vlm.data.store import open_store
 from sae_vlm.eval.cli_evaluate import evaluate_run
-from sae_vlm.sae.model import SAE, atomic_write_text
+from sae_vlm.io import atomic_save_npy, atomic_save_npz, atomic_write_text
+from sae_vlm.sae.model import SAE
 from sae_vlm.sae.trainer import train
 from sae_vlm.toyworld.world import COLOURS, CONCEPT_INDEX, CONCEPTS, QUESTIONS, read_manifest
 
@@ -46,10 +47,7 @@ def say(msg: str, quiet: bool) -> None:
 
 def write_embeddings(path: Path, emb: np.ndarray, ids) -> Path:
     """.npy plus a sidecar .json of image ids, which `evaluate` checks against the store."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, np.asarray(emb, np.float32))
-    tmp.replace(path)
+    atomic_save_npy(path, np.asarray(emb, np.float32))
     atomic_write_text(path.with_suffix(".json"), json.dumps({"image_ids": [str(i) for i in ids]}))
     return path
 
@@ -200,13 +198,13 @@ def steer_colours(run: Path, train_images: Path, llava_dir: Path, quiet: bool) -
     tokens) and ask blank images "What colour is the object?"; count answers naming that colour."""
     from PIL import Image
 
-    from sae_vlm.steer.generate import Case, generate_cases, load_llava
+    from sae_vlm.steer.generate import Case, generate_cases, load_llava, open_image
     from sae_vlm.steer.score import top_images
 
     sae = SAE.from_pretrained(next(p.parent for p in sorted(run.glob("saes/*/config.json"))))
     model, processor = load_llava(str(llava_dir), device="cpu")
     recs = list(read_manifest(train_images).values())[:1000]
-    imgs = [Image.open(train_images / r["path"]).convert("RGB") for r in recs]
+    imgs = [open_image(train_images / r["path"]) for r in recs]
     concepts_NC = np.zeros((len(recs), len(CONCEPTS)), np.float32)
     for i, r in enumerate(recs):
         concepts_NC[i, r["concepts"]] = 1
@@ -240,9 +238,7 @@ def add_truth_ms(eval_dir: Path) -> None:
         key = "ms" if "ms" in truth.files else "no_sae_ms"
         arrays = dict(np.load(f))
         arrays["ms__truth" if key == "ms" else "no_sae_ms__truth"] = truth[key]
-        tmp = f.with_name(f.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(f)
+        atomic_save_npz(f, **arrays)
 
 
 def write_report(out: Path, run: Path, eval_dir: Path, store: Path) -> Path:

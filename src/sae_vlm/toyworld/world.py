@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sae_vlm.io import atomic_save_image, atomic_write_text
 
 IMAGE_SIZE = 48
 QUADRANT = IMAGE_SIZE // 2
@@ -283,15 +283,12 @@ def write_folder(samples, out_dir: str | Path) -> Path:
     for s in samples:
         rel = Path(s.taxonomy, f"{s.index:06d}.png")
         (out / rel.parent).mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out / rel.parent, suffix=".png.tmp")
-        with os.fdopen(fd, "wb") as f:
-            s.image.save(f, format="PNG")
-        os.replace(tmp, out / rel)
+        atomic_save_image(out / rel, s.image)
         rec = {"path": rel.as_posix(), "caption": s.caption, "taxonomy": s.taxonomy, "labels": s.labels,
                "concepts": np.flatnonzero(s.concepts).tolist()}
         lines.append(json.dumps(rec))
-    _atomic_write(out / "concepts.json", json.dumps(list(CONCEPTS)))
-    _atomic_write(out / MANIFEST, "\n".join(lines) + "\n")
+    atomic_write_text(out / "concepts.json", json.dumps(list(CONCEPTS)))
+    atomic_write_text(out / MANIFEST, "\n".join(lines) + "\n")
     return out
 
 
@@ -315,10 +312,3 @@ def folder_concepts(out_dir: str | Path, ids) -> np.ndarray:
             raise ValueError(f"image {rid!r} is not in {Path(out_dir) / MANIFEST}")
         out[i, rec["concepts"]] = 1.0
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -1,0 +1,76 @@
+"""Atomic file writes: one implementation, thin wrappers per format.
+
+`atomic_write_bytes` writes to a unique hidden temporary file in the target's directory
+(`.<name>.tmp<pid>.<random>`), fsyncs it and `os.replace`s it over the target, so readers see either the old
+file or the complete new one, never a partial write. A killed writer leaves at most a `.*.tmp*` file behind.
+Parent directories are created as needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` atomically (fsync + unique temporary name in the same directory + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path, obj, **json_kwargs) -> None:
+    """`json.dumps(obj, **json_kwargs)` written atomically (no trailing newline is added)."""
+    atomic_write_text(path, json.dumps(obj, **json_kwargs))
+
+
+def atomic_save_npy(path, array) -> None:
+    buf = io.BytesIO()
+    import numpy as np
+
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_npz(path, **arrays) -> None:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def atomic_save_image(path, image, format: str = "PNG") -> None:
+    """A PIL image saved atomically."""
+    buf = io.BytesIO()
+    image.save(buf, format=format)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_figure(path, fig, **savefig_kwargs) -> None:
+    """A matplotlib figure saved atomically (`savefig_kwargs` as for `fig.savefig`)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, **savefig_kwargs)
+    atomic_write_bytes(path, buf.getvalue())
