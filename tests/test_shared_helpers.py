@@ -37,14 +37,6 @@ def test_atomic_writers_round_trip_and_leave_no_temporaries(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
-def test_model_reexports_keep_their_call_order(tmp_path):
-    from sae_vlm.sae.model import atomic_save_file, atomic_write_text as wt
-
-    atomic_save_file({"w": torch.zeros(1)}, tmp_path / "s.safetensors", metadata={"k": "v"})
-    wt(tmp_path / "c.json", "{}")
-    assert (tmp_path / "s.safetensors").is_file() and (tmp_path / "c.json").read_text() == "{}"
-
-
 def test_open_image_decodes_like_extraction(tmp_path):
     from PIL import Image
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sae_vlm.sae.distributed import CKPT, Dist, check_in_sync
-from sae_vlm.sae.model import atomic_save_file, atomic_write_text
+from sae_vlm.io import atomic_save_safetensors, atomic_write_text
 
 __all__ = ["CKPT", "checkpoint", "load_checkpoint", "resume_step", "save_checkpoint", "truncate_log"]
 
@@ -79,7 +79,7 @@ def save_checkpoint(path: Path, members: list, step: int, norm: float, place: Di
         tensors[f"{name}/since_fired"] = m.dead.since_fired_F
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_save_file(tensors, path, metadata={"step": str(step), "members": json.dumps([m.spec.name for m in members]),
+    atomic_save_safetensors(path, tensors, metadata={"step": str(step), "members": json.dumps([m.spec.name for m in members]),
                                               "world": str(place.world), "ddp": str(int(place.ddp))})
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sae_vlm.io import atomic_save_safetensors, atomic_write_text  # noqa: F401  (re-exported)
+from sae_vlm.io import atomic_save_safetensors, atomic_write_text
 from sae_vlm.sae import activations as act
 from sae_vlm.sae import sparse
 from sae_vlm.sae.sparse import SparseCodes
@@ -202,7 +202,3 @@ class SAE(nn.Module):
         sae.load_state_dict(state)
         return sae.to(device)
 
-
-def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Kept for callers that pass (tensors, path); see `sae_vlm.io.atomic_save_safetensors`."""
-    atomic_save_safetensors(path, tensors, metadata=metadata)

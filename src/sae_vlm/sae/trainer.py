@@ -23,7 +23,8 @@ from sae_vlm.data.source import ActivationSource, as_source
 from sae_vlm.sae import distributed as D
 from sae_vlm.sae import losses, mechanics
 from sae_vlm.sae.checkpoint import checkpoint, load_checkpoint, resume_step, truncate_log
-from sae_vlm.sae.model import SAE, EncoderOutput, SAEConfig, atomic_write_text, group_sizes_from_fractions
+from sae_vlm.io import atomic_write_text
+from sae_vlm.sae.model import SAE, EncoderOutput, SAEConfig, group_sizes_from_fractions
 from sae_vlm.sae.runlog import Logger, check_log_sink
 from sae_vlm.sae.sparse import SparseCodes
 
