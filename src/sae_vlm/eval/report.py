@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,69 +61,60 @@ def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _save_fig(fig, path: Path) -> None:
-    atomic_save_figure(path, fig, format="png", dpi=100, bbox_inches="tight")
+@contextlib.contextmanager
+def _figure(path: Path, size=(5, 3.5)):
+    """Yield the axes of a new Agg figure; on exit, save it to `path` atomically and close it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        atomic_save_figure(path, fig, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def plot_ms_levels(path: Path, name: str, ms_K: np.ndarray, group_sizes, baseline_ms: np.ndarray | None) -> None:
     """MS histogram per Matryoshka level (one level for a plain SAE), raw neurons as the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from sae_vlm.eval.hierarchy import level_slices
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = np.linspace(-0.2, 1.0, 61)
-    for lvl, sl in enumerate(level_slices(group_sizes, len(ms_K))):
-        v = ms_K[sl][~np.isnan(ms_K[sl])]
-        if v.size:
-            ax.hist(v, bins=bins, histtype="step", density=True, label=f"level {lvl} ({v.size})")
-    if baseline_ms is not None:
-        b = baseline_ms[~np.isnan(baseline_ms)]
-        if b.size:
-            ax.hist(b, bins=bins, density=True, alpha=0.3, color="grey", label="neurons (No SAE)")
-    ax.set(xlabel="monosemanticity score", ylabel="density", title=name)
-    ax.legend(fontsize=7)
-    _save_fig(fig, path)
-    plt.close(fig)
+    with _figure(path, (6, 3.5)) as ax:
+        bins = np.linspace(-0.2, 1.0, 61)
+        for lvl, sl in enumerate(level_slices(group_sizes, len(ms_K))):
+            v = ms_K[sl][~np.isnan(ms_K[sl])]
+            if v.size:
+                ax.hist(v, bins=bins, histtype="step", density=True, label=f"level {lvl} ({v.size})")
+        if baseline_ms is not None:
+            b = baseline_ms[~np.isnan(baseline_ms)]
+            if b.size:
+                ax.hist(b, bins=bins, density=True, alpha=0.3, color="grey", label="neurons (No SAE)")
+        ax.set(xlabel="monosemanticity score", ylabel="density", title=name)
+        ax.legend(fontsize=7)
 
 
 def plot_fve_vs_width(path: Path, results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    series: dict[tuple, list] = defaultdict(list)
-    for r in results:
-        if r.get("recon", {}).get("fve") is not None:
-            series[(r["arch"], r["hook_point"])].append((r["d_sae"] / r["d_in"], 100 * r["recon"]["fve"]))
-    for (arch, layer), pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arch} {layer}")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="expansion factor (d_sae / d_in)", ylabel="FVE (%)")
-    ax.legend(fontsize=7)
-    _save_fig(fig, path)
-    plt.close(fig)
+    with _figure(path) as ax:
+        series: dict[tuple, list] = defaultdict(list)
+        for r in results:
+            if r.get("recon", {}).get("fve") is not None:
+                series[(r["arch"], r["hook_point"])].append((r["d_sae"] / r["d_in"], 100 * r["recon"]["fve"]))
+        for (arch, layer), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arch} {layer}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="expansion factor (d_sae / d_in)", ylabel="FVE (%)")
+        ax.legend(fontsize=7)
 
 
 def plot_lca_levels(path: Path, results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in results:
-        levels = r.get("hierarchy", {}).get("lca_mean_per_level")
-        if levels:
-            xs = [s["level"] for s in levels if "mean" in s]
-            ax.plot(xs, [s["mean"] for s in levels if "mean" in s], marker="o", label=r["name"])
-    ax.set(xlabel="Matryoshka level", ylabel="avg LCA depth (0..7)")
-    ax.legend(fontsize=7)
-    _save_fig(fig, path)
-    plt.close(fig)
+    with _figure(path) as ax:
+        for r in results:
+            levels = r.get("hierarchy", {}).get("lca_mean_per_level")
+            if levels:
+                xs = [s["level"] for s in levels if "mean" in s]
+                ax.plot(xs, [s["mean"] for s in levels if "mean" in s], marker="o", label=r["name"])
+        ax.set(xlabel="Matryoshka level", ylabel="avg LCA depth (0..7)")
+        ax.legend(fontsize=7)

@@ -7,6 +7,9 @@ treats eos id 2 as a legacy marker and then pools at the largest token id.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import PreTrainedTokenizerFast
 
 from sae_vlm.toyworld import world as W
@@ -99,3 +102,12 @@ def pixels(images_NHW3):
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def finish_shipped(out: Path, info: dict) -> Path:
+    """Write the training record beside a saved model and make every file world-readable (save_pretrained
+    leaves 0600 temp-file modes, and the files ship inside the package)."""
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    for f in out.iterdir():
+        f.chmod(0o644)
+    return out

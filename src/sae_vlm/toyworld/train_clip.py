@@ -276,10 +276,7 @@ def save(model, tok, out: str | Path, info: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     CLIPProcessor(image_processor=T.build_image_processor(), tokenizer=tok).save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(info, indent=1))
-    for f in out.iterdir():  # save_pretrained leaves 0600 temp-file modes; shipped files must be readable
-        f.chmod(0o644)
-    return out
+    return T.finish_shipped(out, info)
 
 
 def main(argv=None) -> None:

@@ -195,10 +195,7 @@ def save(model, tok, n_img: int, out: str | Path, info: dict) -> Path:
         chat_template=CHAT_TEMPLATE,
     )
     proc.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(info, indent=1))
-    for f in out.iterdir():  # save_pretrained leaves 0600 temp-file modes; shipped files must be readable
-        f.chmod(0o644)
-    return out
+    return T.finish_shipped(out, info)
 
 
 def main(argv=None) -> None:
