@@ -257,6 +257,8 @@ def load_backbone(model_id_or_dir: str, device: str | torch.device = "cpu", dtyp
     from transformers import AutoConfig
 
     torch_dtype = resolve_dtype(dtype, device)  # validated before anything is loaded
+    if str(model_id_or_dir).startswith((".", "/", "~")) and not Path(model_id_or_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"model directory {model_id_or_dir} does not exist; expected a hub id or a directory")
     cfg = AutoConfig.from_pretrained(model_id_or_dir, revision=revision)
     mt = cfg.model_type
     import transformers as tf

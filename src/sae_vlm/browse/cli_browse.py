@@ -11,11 +11,7 @@ import typer
 def _view(run_dir: Path, eval_dir: Optional[Path], data: Optional[str]):
     from sae_vlm.browse.data import RunView
 
-    try:
-        return RunView(run_dir, eval_dir, data)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    return RunView(run_dir, eval_dir, data)
 
 
 def browse(

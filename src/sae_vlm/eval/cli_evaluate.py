@@ -220,13 +220,9 @@ def evaluate(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Monosemanticity, reconstruction, top images and hierarchy of every SAE in a run."""
-    try:
-        m = evaluate_run(run_dir, data, out=out, embeddings=embeddings, embedder=embedder, taxonomy=taxonomy,
-                         device=device, heldout_frac=heldout_frac, dense_cutoff=dense_cutoff,
-                         rotation_seed=None if rotation_seed < 0 else rotation_seed, top=top, grids=grids, quiet=quiet)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    m = evaluate_run(run_dir, data, out=out, embeddings=embeddings, embedder=embedder, taxonomy=taxonomy,
+                     device=device, heldout_frac=heldout_frac, dense_cutoff=dense_cutoff,
+                     rotation_seed=None if rotation_seed < 0 else rotation_seed, top=top, grids=grids, quiet=quiet)
     dest = out if out is not None else Path(run_dir) / "eval"
     for r in m["saes"]:
         ms = r["ms"]

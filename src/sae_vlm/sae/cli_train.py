@@ -62,13 +62,9 @@ def train(
         checkpoint_every=checkpoint_every, log_every=log_every, log_to=log_to,
     )
     fields.update({key: v for key, v in given.items() if v is not None})
-    try:
-        cfg = TrainConfig(data=data, out=str(out), layer=layer, seed=seed, bf16=bf16, device=device, ddp=ddp, quiet=quiet,
-                          **fields)
-        saes = run_training(cfg, resume=resume)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cfg = TrainConfig(data=data, out=str(out), layer=layer, seed=seed, bf16=bf16, device=device, ddp=ddp, quiet=quiet,
+                      **fields)
+    saes = run_training(cfg, resume=resume)
     for name in saes:
         typer.echo(f"saved {out / 'saes' / name}")
 
@@ -85,10 +81,6 @@ def convert(
 
     if from_ != "dictionary-learning":
         raise typer.BadParameter(f"--from {from_!r}: only dictionary-learning is supported")
-    try:
-        sae = from_dictionary_learning(src, hook_point=hook_point, model_id=model_id)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    sae = from_dictionary_learning(src, hook_point=hook_point, model_id=model_id)
     sae.save_pretrained(dst)
     typer.echo(f"saved {sae.cfg.arch} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, k={sae.cfg.k}) to {dst}")
