@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo lint test clean
 
 $(BIN)/sae-vlm: pyproject.toml scripts/setup.sh
 	PY=$(PY) bash scripts/setup.sh $(VENV)
@@ -22,7 +22,12 @@ browser:
 demo: setup
 	$(BIN)/sae-vlm demo --out runs/demo
 
-test: setup browser
+# The conventions CONVENTIONS.md writes down: pyflakes, import order and line length (ruff); types (pyright, basic).
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pyright --pythonpath $(BIN)/python
+
+test: setup browser lint
 	$(BIN)/python -m pytest tests
 
 clean:

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from sae_vlm.backbones import Backbone, load_backbone
-from sae_vlm.data.extract import ExtractConfig, run_extract
+from sae_vlm.config import ExtractConfig
+from sae_vlm.data.extract import run_extract
 
 
 def tiny_model(args, tmp: Path) -> str:
@@ -59,26 +60,27 @@ def main() -> None:
         (tmp / "imgs").mkdir()
         for i in range(args.n_images):  # photo-like sizes so decode + resize cost is realistic
             Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(tmp / "imgs" / f"{i:06d}.png")
-        n_layers = len(bb.layers)
+        n_layers = bb.n_layers
         # bare forward: same batches, inputs already in memory
         px = bb.preprocess([Image.open(tmp / "imgs" / f"{i:06d}.png").convert("RGB") for i in range(args.batch_size)])
         px = px.to(bb.device(), bb.dtype())
         n_batches = (args.n_images + args.batch_size - 1) // args.batch_size
         with torch.inference_mode():
-            bb._run(px)  # warm-up
+            bb.run(px)  # warm-up
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(n_batches):
-                bb._run(px)
+                bb.run(px)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             bare = n_batches * args.batch_size / (time.perf_counter() - t)
         cfg = ExtractConfig(model=model, data=str(tmp / "imgs"), out=str(tmp / "store"),
                             layers=(f"layer.{n_layers - 1}", "last"), tokens=("cls",), batch_size=args.batch_size,
-                            shard_rows=max(args.batch_size, args.n_images // 4), workers=args.workers, device=args.device)
+                            shard_rows=max(args.batch_size, args.n_images // 4), workers=args.workers,
+                            device=args.device, quiet=True)
         t = time.perf_counter()
-        s = run_extract(cfg, backbone=bb, quiet=True)
+        s = run_extract(cfg, backbone=bb)
         ext = args.n_images / (time.perf_counter() - t)
         res = {"model": args.model or f"random CLIP hidden={args.hidden} layers={args.layers} image={args.image_size}",
                "device": args.device, "n_images": args.n_images, "batch_size": args.batch_size,

@@ -110,7 +110,8 @@ def main() -> None:
 
 def report(name: str, width: int, r: float, args) -> float:
     hours = 4096 * 110_000 / r / 3600
-    print(f"{name:<24} {width * args.d_in:>7} {r:>12,.0f} {1000 * args.batch_size / r:>9.1f} {hours:>14.1f}", flush=True)
+    ms_per_batch = 1000 * args.batch_size / r
+    print(f"{name:<24} {width * args.d_in:>7} {r:>12,.0f} {ms_per_batch:>9.1f} {hours:>14.1f}", flush=True)
     return r
 
 

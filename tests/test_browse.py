@@ -34,9 +34,10 @@ def built_run(tmp_path_factory):
     steps = [
         ["extract", "--model", str(clip), "--data", str(root / "imgs"), "--layers", "1", "--tokens", "cls",
          "--out", str(root / "store"), "--quiet", "--workers", "1"],
-        ["train", "--data", str(root / "store"), "--arch", "matryoshka", "--width", "2", "--k", "4", "--batch-size", "24",
-         "--steps", "20", "--out", str(root / "run"), "--quiet", "--device", "cpu"],
-        ["evaluate", str(root / "run"), "--data", str(root / "store"), "--embedder", str(clip), "--quiet", "--device", "cpu"],
+        ["train", "--data", str(root / "store"), "--arch", "matryoshka", "--width", "2", "--k", "4",
+         "--batch-size", "24", "--steps", "20", "--out", str(root / "run"), "--quiet", "--device", "cpu"],
+        ["evaluate", str(root / "run"), "--data", str(root / "store"), "--embedder", str(clip), "--quiet",
+         "--device", "cpu"],
     ]
     for args in steps:
         r = run.invoke(app, args)
@@ -60,7 +61,8 @@ def test_table_query_65536_latents():
                           "freq_max": "0.4", "per": "100", "page": "3"})
     ids = d.select(q)
     a = d.arrays
-    ref = [j for j in range(d.n) if a["support"][j] > 0 and d.level[j] == 1 and a["ms"][j] >= 0.2 and a["freq"][j] <= 0.4]
+    ref = [j for j in range(d.n)
+           if a["support"][j] > 0 and d.level[j] == 1 and a["ms"][j] >= 0.2 and a["freq"][j] <= 0.4]
     assert sorted(ids.tolist()) == ref
     assert np.all(np.diff(a["ms"][ids]) <= 0)
     # NaN latents go last in either order; dead filter is the complement of alive
@@ -87,7 +89,8 @@ def test_routes_and_safety(built_run):
     page = c.get(f"/sae/{SAE_NAME}", params={"sort": "ms", "order": "desc", "level": "1", "dead": "alive", "per": "5"})
     assert page.status_code == 200 and "latents match" in page.text
     lat = c.get(f"/sae/{SAE_NAME}/latent/9")
-    assert lat.status_code == 200 and 'id="nearest"' in lat.text and "Matryoshka level" in lat.text and "<svg" in lat.text
+    assert (lat.status_code == 200 and 'id="nearest"' in lat.text and "Matryoshka level" in lat.text
+            and "<svg" in lat.text)
     assert lat.text.count('class="top"') == 16
     assert c.get("/sae/neurons__layer.1/latent/0").text.count('class="top"') == 16  # raw-neuron baseline
     for url in (f"/sae/{SAE_NAME}/latent/64", f"/sae/{SAE_NAME}/latent/-1", f"/sae/{SAE_NAME}/latent/x", "/sae/nope",

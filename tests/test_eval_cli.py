@@ -17,9 +17,10 @@ from sae_vlm.eval.embed import cache_paths, cached_embeddings
 def _run(tmp_path, d_in=16, hook="layer.1"):
     torch.manual_seed(0)
     for name, cfg in [
-        ("batchtopk_x2_k4", SAEConfig(arch="batchtopk", d_in=d_in, d_sae=2 * d_in, k=4, hook_point=hook, token_selection="cls")),
-        ("matryoshka_x4_k4", SAEConfig(arch="matryoshka", d_in=d_in, d_sae=4 * d_in, k=4, group_sizes=(8, 24, 4 * d_in - 32),
-                                       hook_point=hook, token_selection="cls")),
+        ("batchtopk_x2_k4", SAEConfig(arch="batchtopk", d_in=d_in, d_sae=2 * d_in, k=4, hook_point=hook,
+                                      token_selection="cls")),
+        ("matryoshka_x4_k4", SAEConfig(arch="matryoshka", d_in=d_in, d_sae=4 * d_in, k=4,
+                                       group_sizes=(8, 24, 4 * d_in - 32), hook_point=hook, token_selection="cls")),
     ]:
         SAE(cfg).save_pretrained(tmp_path / "run" / "saes" / name)
     return tmp_path / "run"
@@ -68,7 +69,8 @@ def test_evaluate_bad_inputs(tmp_path):
     r = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(tmp_path / "acts.npy"), "--embeddings",
                                  str(tmp_path / "emb.npy"), "--out", str(tmp_path / "o1"), "--quiet"])
     assert r.exit_code == 2 and "emb.npy have shape (9, 8) but the activations have 10 rows" in r.output
-    r = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(tmp_path / "empty.npy"), "--out", str(tmp_path / "o2")])
+    r = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(tmp_path / "empty.npy"),
+                                 "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "evaluation set is empty" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nothing"), "--data", str(tmp_path / "acts.npy")])
     assert r.exit_code == 2 and "holds no SAEs" in r.output
@@ -85,7 +87,8 @@ def test_embedding_cache(tmp_path):
     a = cached_embeddings(tmp_path, "org/model", 4, compute)
     b = cached_embeddings(tmp_path, "org/model", 4, compute)
     assert len(calls) == 1 and np.array_equal(a, b)
-    assert json.loads(cache_paths(tmp_path, "org/model")[1].read_text()) == {"model_id": "org/model", "rows": 4, "dim": 3}
+    meta = json.loads(cache_paths(tmp_path, "org/model")[1].read_text())
+    assert meta == {"model_id": "org/model", "rows": 4, "dim": 3}
     with pytest.raises(ValueError, match="shape \\(4, 3\\) but the dataset has 5 rows"):
         cached_embeddings(tmp_path, "org/model", 5, compute)
 
@@ -97,8 +100,9 @@ def test_evaluate_store_with_embedder_and_folder_taxonomy(tmp_path):
     classes = ("00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax",
                "00001_Animalia_Chordata_Aves_Passeriformes_Corvidae_Pica_pica", "misc")
     make_images(tmp_path / "imgs", 8, classes=classes, size=(32, 32))
-    r = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(tmp_path / "imgs"), "--layers", "1",
-                                 "--tokens", "cls", "--out", str(tmp_path / "store"), "--quiet", "--workers", "1"])
+    r = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(tmp_path / "imgs"),
+                                 "--layers", "1", "--tokens", "cls", "--out", str(tmp_path / "store"), "--quiet",
+                                 "--workers", "1"])
     assert r.exit_code == 0, r.output
     run = _run(tmp_path, d_in=32)
     out = tmp_path / "out"

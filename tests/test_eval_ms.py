@@ -152,7 +152,7 @@ def test_device_argument_cpu(data, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", spy)
     sae_vlm.monosemanticity_score(acts, emb, device="cpu")
     assert seen and set(seen) == {"cpu"}
-    from sae_vlm.eval.ms import _device
+    from sae_vlm.device import resolve_device as _device
 
     assert _device("cpu").type == "cpu"
     assert _device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -62,14 +62,16 @@ def clip():
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=8, bos_token_id=0, eos_token_id=39, pad_token_id=1),
+        text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=39,
+                         pad_token_id=1),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            image_size=16, patch_size=8),
         projection_dim=8,
     )
     model = CLIPModel(cfg).eval()
-    text = {"input_ids": torch.tensor([[0, 5, 39], [0, 9, 39], [0, 17, 39]]), "attention_mask": torch.ones(3, 3, dtype=torch.long)}
+    text = {"input_ids": torch.tensor([[0, 5, 39], [0, 9, 39], [0, 17, 39]]),
+            "attention_mask": torch.ones(3, 3, dtype=torch.long)}
     pixels = torch.randn(12, 3, 16, 16)
     return model, text, pixels
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.top import load_top, render_grid, save_top, top_activating
+from sae_vlm.sae.groups import level_slices
 
 
 def test_streaming_topk_matches_full_sort():
@@ -52,7 +53,8 @@ def test_save_and_grid(tmp_path):
     save_top(tmp_path, v, i)
     lv, li = load_top(tmp_path)
     assert li.shape == (3, 16) and np.array_equal(li, i.numpy())
-    out = render_grid(li[0], lambda n: Image.new("RGB", (8, 8), (n * 10, 0, 0)), tmp_path / "g.png", tile=16, values=lv[0])
+    out = render_grid(li[0], lambda n: Image.new("RGB", (8, 8), (n * 10, 0, 0)), tmp_path / "g.png", tile=16,
+                      values=lv[0])
     with Image.open(out) as im:
         assert im.size == (64, 64)
         assert im.getpixel((16 * 1 + 8, 8))[0] == int(li[0, 1]) * 10
@@ -98,7 +100,8 @@ def _direct_depths(top_idx, taxa):
 def test_lca_depth_against_pair_loop():
     rng = np.random.default_rng(0)
     # a small random tree: 3 choices per level, so depths spread over 0..7
-    taxa = [tuple(f"L{lvl}_{c}" for lvl, c in enumerate(np.minimum.accumulate(rng.integers(0, 3, 7)))) for _ in range(60)]
+    taxa = [tuple(f"L{lvl}_{c}" for lvl, c in enumerate(np.minimum.accumulate(rng.integers(0, 3, 7))))
+            for _ in range(60)]
     taxa[7] = None  # missing taxonomy: excluded from pairs
     top_idx = np.stack([rng.choice(60, 16, replace=False) for _ in range(12)])
     top_val = np.ones((12, 16))
@@ -115,13 +118,13 @@ def test_lca_depth_against_pair_loop():
 
 
 def test_per_level_and_uniqueness():
-    stats = H.per_level([1.0, 2.0, np.nan, 4.0, 5.0, 6.0], (2, 4), exclude_K=[False, False, False, True, False, False])
+    stats = H.per_level([1.0, 2.0, np.nan, 4.0, 5.0, 6.0], (2, 4), exclude_F=[False, False, False, True, False, False])
     assert [s["count"] for s in stats] == [2, 2] and stats[1]["mean"] == 5.5
     with pytest.raises(ValueError, match="sum to 5, expected d_sae=6"):
-        H.level_slices((2, 3), 6)
+        level_slices((2, 3), 6)
     top = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 8, 9], [5, 6, 7, 4]])
     u = H.top_set_uniqueness(top, thresholds=(0.3, 1.0))
     np.testing.assert_allclose(u["max_jaccard"], [1.0, 1.0, 2 / 6, 0.0])
     assert u["pairs_at_least"] == {"0.3": 3, "1.0": 1} and u["pairs_total"] == 6
-    u2 = H.top_set_uniqueness(top, dead_K=[False, True, False, False])
+    u2 = H.top_set_uniqueness(top, dead_F=[False, True, False, False])
     assert np.isnan(u2["max_jaccard"][1]) and u2["max_jaccard"][0] == pytest.approx(2 / 6)

@@ -198,7 +198,8 @@ def test_load_backbone_from_full_clip_and_siglip_checkpoints(tmp_path, px):
         emb = cm.get_image_features(pixel_values=px)
     torch.testing.assert_close(bb.capture(px, ["last"])["last"], getattr(emb, "pooler_output", emb), rtol=0, atol=0)
 
-    sv = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    sv = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+              patch_size=8)
     sm = SiglipModel(SiglipConfig(vision_config=sv, text_config=text)).eval()
     sm.save_pretrained(tmp_path / "siglip")
     bb = load_backbone(str(tmp_path / "siglip"))
@@ -208,3 +209,35 @@ def test_load_backbone_from_full_clip_and_siglip_checkpoints(tmp_path, px):
     got = bb.capture(px, ["layer.0", "last"])
     torch.testing.assert_close(got["last"], ref.pooler_output, rtol=0, atol=0)
     torch.testing.assert_close(got["layer.0"], ref.hidden_states[1], rtol=0, atol=0)
+
+
+def test_a_new_family_is_one_registered_adapter(px):
+    """Adding a family: a `Family` record whose `parts` says where the layers and the pooled output are; capture,
+    hook points, widths and patching then work unchanged (here: a plain ViT, which has no adapter of its own)."""
+    from transformers import ViTConfig, ViTModel
+
+    from sae_vlm.backbones import FAMILIES, Family, Parts, family_of, register
+    from sae_vlm.backbones.base import first_attr
+
+    def parts(model):  # transformers 5 keeps a ViT's layers at the top, 4.x under `encoder`
+        return Parts("vit", lambda pv: model(pixel_values=pv), first_attr(model, "layers", "encoder.layer"),
+                     model.pooler, lambda t: t, model.config.hidden_size, model.config.hidden_size, has_cls=True)
+
+    with pytest.raises(ValueError, match="model type 'vit' .* is not supported; expected clip, dinov2, llava, siglip"):
+        family_of("vit")
+    register(Family("vit", ("vit",), lambda cfg: ViTModel, parts))
+    try:
+        torch.manual_seed(0)
+        m = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=8)).eval()
+        bb = Backbone(m)
+        assert bb.hook_points() == ["layer.0", "layer.1", "last"] and bb.width("last") == 32
+        with torch.no_grad():
+            ref = m(pixel_values=px, output_hidden_states=True)
+        got = bb.capture(px, ["layer.0", "last"])
+        torch.testing.assert_close(got["layer.0"], ref.hidden_states[1], rtol=0, atol=0)
+        torch.testing.assert_close(got["last"], ref.pooler_output, rtol=0, atol=0)
+        with bb.patch("layer.1", torch.zeros_like), torch.no_grad():
+            assert not torch.allclose(m(pixel_values=px).pooler_output, ref.pooler_output)
+    finally:
+        del FAMILIES["vit"]

@@ -30,7 +30,8 @@ def _run_in_process(args: list[str]) -> None:
 
 def _same_store(a: Path, b: Path) -> None:
     assert list_subdirs(a) == list_subdirs(b) and list_subdirs(a)
-    assert json.loads((a / "manifest.json").read_text())["skipped"] == json.loads((b / "manifest.json").read_text())["skipped"]
+    skipped_a, skipped_b = (json.loads((d / "manifest.json").read_text())["skipped"] for d in (a, b))
+    assert skipped_a == skipped_b
     for name in list_subdirs(a):
         ma, mb = (json.loads((d / name / "manifest.json").read_text()) for d in (a, b))
         assert ma["shards"] == mb["shards"] and ma["rows"] == mb["rows"]  # same files, same sha256
@@ -77,7 +78,8 @@ def test_two_ranks_equal_one(tmp_path):
             "--tokens", "mean,random-3", "--shard-rows", "3", "--batch-size", "2", "--workers", "1", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "sae_vlm.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+                          "-m", "sae_vlm.cli", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     _run_in_process([*args, "--out", str(tmp_path / "one")])
     _same_store(tmp_path / "two", tmp_path / "one")

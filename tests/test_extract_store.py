@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from sae_vlm.backbones import load_backbone
 from sae_vlm.cli import app
-from sae_vlm.data.extract import ExtractConfig, run_extract
+from sae_vlm.config import ExtractConfig
+from sae_vlm.data.extract import run_extract
 from sae_vlm.data.source import as_source
 from sae_vlm.data.store import open_store, to_storage
 
@@ -38,13 +39,18 @@ def test_cli_store_matches_direct_capture(setup):
     assert "11 images kept, 1 skipped" in output
     man = json.loads((out / "manifest.json").read_text())
     assert man["rows"] == 11 and man["revision"] == "local"
-    assert man["skipped"] == [{"path": str(root / "imgs" / "broken.jpg"), "reason": "not an image (unidentified format)"}]
-    assert sorted(man["subdirs"]) == sorted([f"layer.{i}__{t}" for i in (1, 2) for t in ("cls", "mean", "random-2", "all")] + ["last__pooled"])
+    assert man["skipped"] == [
+        {"path": str(root / "imgs" / "broken.jpg"), "reason": "not an image (unidentified format)"}
+    ]
+    subdirs = [f"layer.{i}__{t}" for i in (1, 2) for t in ("cls", "mean", "random-2", "all")] + ["last__pooled"]
+    assert sorted(man["subdirs"]) == sorted(subdirs)
 
     bb = load_backbone(str(model_dir))
     r = open_store(out, layer="layer.2__all")
     ims = r.images()
-    assert [im["id"] for im in ims][:2] == ["00000_Animalia_Chordata/img_0000.png", "00000_Animalia_Chordata/img_0001.png"]
+    assert [im["id"] for im in ims][:2] == [
+        "00000_Animalia_Chordata/img_0000.png", "00000_Animalia_Chordata/img_0001.png"
+    ]
     assert ims[0]["label"] == "00000_Animalia_Chordata" and ims[-1]["label"] is None  # cmyk.jpg sits at the root
     px = bb.preprocess([Image.open(im["path"]).convert("RGB") for im in ims])
     ref = bb.capture(px, ["layer.1", "layer.2", "last"])
@@ -53,8 +59,13 @@ def test_cli_store_matches_direct_capture(setup):
     assert r.rows == 11 * T and r.d_in == 32 and r.rows_per_image == T
     torch.testing.assert_close(r.all(), f16(ref["layer.2"].reshape(-1, 32)), rtol=0, atol=0)
     torch.testing.assert_close(open_store(out, "layer.1__cls").all(), f16(ref["layer.1"][:, 0]), rtol=0, atol=0)
-    torch.testing.assert_close(open_store(out, "1__mean").all(), f16(ref["layer.1"][:, 1:].mean(1)), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(open_store(out, "last").all(), f16(ref["last"]), rtol=0, atol=0)
+    torch.testing.assert_close(open_store(out, "1__mean").all(), f16(ref["layer.1"][:, 1:].mean(1)),
+                               rtol=1e-3, atol=1e-3)
+    last = open_store(out, "last")
+    torch.testing.assert_close(last.all(), f16(ref["last"]), rtol=0, atol=0)
+    # "last" is the projection (16 wide), not the residual (32): the manifest's width is what rows are read with
+    assert last.d_in == 16 and last.manifest["shape"] == [11, 16]
+    torch.testing.assert_close(last.get(torch.tensor([3, 0])), f16(ref["last"][[3, 0]]), rtol=0, atol=0)
     rr = open_store(out, "layer.1__random-2")
     tok = rr.token_index()
     want = ref["layer.1"][np.repeat(np.arange(11), 2), torch.from_numpy(tok).long()]
@@ -70,7 +81,8 @@ def test_cli_store_matches_direct_capture(setup):
     batches = list(rr.iter_batches(5, seed=1, buffer_rows=6))
     got = torch.cat(batches)
     assert got.shape == (22, 32) and [len(b) for b in batches[:-1]] == [5] * (len(batches) - 1)
-    assert torch.equal(got[torch.argsort(got[:, 0] * 1e3 + got[:, 1])], rr.all()[torch.argsort(rr.all()[:, 0] * 1e3 + rr.all()[:, 1])])
+    assert torch.equal(got[torch.argsort(got[:, 0] * 1e3 + got[:, 1])],
+                       rr.all()[torch.argsort(rr.all()[:, 0] * 1e3 + rr.all()[:, 1])])
     rr.verify()
 
 
@@ -81,7 +93,8 @@ def test_open_store_errors_and_rerun_is_noop(setup):
     with pytest.raises(ValueError, match="layer.1__cls"):
         open_store(out, layer="layer.1")  # several token selections at layer.1
     with pytest.raises(ValueError, match="different settings"):
-        run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(out), layers=("1",)), quiet=True)
+        run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(out), layers=("1",),
+                                  quiet=True))
 
 
 def test_dtypes_and_fp16_overflow(setup, tmp_path):
@@ -90,11 +103,12 @@ def test_dtypes_and_fp16_overflow(setup, tmp_path):
     for dt in ("bf16", "fp32"):
         out = tmp_path / dt
         run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(out), layers=("2",),
-                                  tokens=("cls",), dtype=dt, shard_rows=5), backbone=bb, quiet=True)
+                                  tokens=("cls",), dtype=dt, shard_rows=5, quiet=True), backbone=bb)
         r = open_store(out)
         assert r.manifest["dtype"] == dt and r.rows == 11
         ims = r.images()
-        ref = bb.capture(bb.preprocess([Image.open(im["path"]).convert("RGB") for im in ims]), ["layer.2"])["layer.2"][:, 0]
+        px = bb.preprocess([Image.open(im["path"]).convert("RGB") for im in ims])
+        ref = bb.capture(px, ["layer.2"])["layer.2"][:, 0]
         want = ref.to(torch.bfloat16).float() if dt == "bf16" else ref
         torch.testing.assert_close(r.all(), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="layer.7.*65504"):
@@ -102,7 +116,7 @@ def test_dtypes_and_fp16_overflow(setup, tmp_path):
     # through a real run: scale the model's output so the store would overflow
     with bb.patch("layer.2", lambda t: t * 1e5), pytest.raises(ValueError, match="layer.2.*fp16"):
         run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(tmp_path / "ovf"),
-                                  layers=("2",), tokens=("cls",)), backbone=bb, quiet=True)
+                                  layers=("2",), tokens=("cls",), quiet=True), backbone=bb)
     assert not (tmp_path / "ovf" / "manifest.json").exists()
 
 
@@ -169,5 +183,5 @@ def test_llava_tower_defaults_to_projector_layer(setup, tmp_path):
                       image_token_index=63)
     bb = Backbone(LlavaForConditionalGeneration(cfg).eval(), tiny_clip_processor(), model_id="tiny-llava")
     s = run_extract(ExtractConfig(model="tiny-llava", data=str(root / "imgs"), out=str(tmp_path / "llava"),
-                                  tokens=("random-2",)), backbone=bb, quiet=True)
+                                  tokens=("random-2",), quiet=True), backbone=bb)
     assert s["subdirs"] == ["layer.2__random-2"] and open_store(tmp_path / "llava").rows == 22

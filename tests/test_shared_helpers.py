@@ -12,8 +12,14 @@ from typer.testing import CliRunner
 
 from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
-from sae_vlm.io import (atomic_save_npy, atomic_save_npz, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
-                        atomic_write_text)
+from sae_vlm.io import (
+    atomic_save_npy,
+    atomic_save_npz,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 
 def test_atomic_writers_round_trip_and_leave_no_temporaries(tmp_path):
@@ -66,8 +72,8 @@ def test_embedder_and_grids_refuse_tar_and_dataset_paths(tmp_path):
 
 
 def test_resolve_dtype_and_device():
-    from sae_vlm.backbones.hf import load_backbone, resolve_dtype
-    from sae_vlm.sae.distributed import resolve_device
+    from sae_vlm.backbones import load_backbone
+    from sae_vlm.device import resolve_device, resolve_dtype
 
     assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(None, "cpu") is torch.float32
     assert resolve_dtype("auto", "cuda") is torch.float16
@@ -97,8 +103,9 @@ def test_evaluate_refuses_token_store_for_ms(tmp_path):
 
     model_dir = save_tiny_clip(tmp_path / "clip")
     make_images(tmp_path / "imgs", 4, size=(32, 32))
-    r = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(tmp_path / "imgs"), "--layers", "1",
-                                 "--tokens", "random-2", "--out", str(tmp_path / "store"), "--quiet", "--workers", "1"])
+    r = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(tmp_path / "imgs"),
+                                 "--layers", "1", "--tokens", "random-2", "--out", str(tmp_path / "store"), "--quiet",
+                                 "--workers", "1"])
     assert r.exit_code == 0, r.output
     SAE(SAEConfig(arch="batchtopk", d_in=32, d_sae=64, k=4, hook_point="layer.1", token_selection="random-2")
         ).save_pretrained(tmp_path / "run" / "saes" / "tok")
@@ -116,8 +123,9 @@ def test_evaluate_two_hook_points_gets_embeddings_per_source(tmp_path):
 
     model_dir = save_tiny_clip(tmp_path / "clip")
     make_images(tmp_path / "imgs", 4, size=(32, 32))
-    r = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(tmp_path / "imgs"), "--layers", "0,1",
-                                 "--tokens", "cls", "--out", str(tmp_path / "store"), "--quiet", "--workers", "1"])
+    r = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(tmp_path / "imgs"),
+                                 "--layers", "0,1", "--tokens", "cls", "--out", str(tmp_path / "store"), "--quiet",
+                                 "--workers", "1"])
     assert r.exit_code == 0, r.output
     for hp in ("layer.0", "layer.1"):
         SAE(SAEConfig(arch="batchtopk", d_in=32, d_sae=64, k=4, hook_point=hp, token_selection="cls")

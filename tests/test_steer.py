@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _steer_helpers import save_tiny_clip_model, save_tiny_llava, tiny_sae
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _steer_helpers import save_tiny_clip_model, save_tiny_llava, tiny_sae  # noqa: E402
-
-import sae_vlm  # noqa: E402
-from sae_vlm.backbones import Backbone  # noqa: E402
-from sae_vlm.steer import score as S  # noqa: E402
-from sae_vlm.steer.generate import Case, build_prompt, generate_cases, load_llava  # noqa: E402
-from sae_vlm.steer.intervene import make_edit_fn  # noqa: E402
+import sae_vlm
+from sae_vlm.backbones import Backbone
+from sae_vlm.steer import score as S
+from sae_vlm.steer.generate import Case, build_prompt, generate_cases, load_llava
+from sae_vlm.steer.intervene import make_edit_fn
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
@@ -212,7 +208,7 @@ def test_steering_score_end_to_end(llava, sae, images, tmp_path):
     chosen = S.select_latents("random:3", alive, seed=0)
     emb = embedder.images(images)
     concept = S.concept_embeddings(idx[chosen], emb)
-    res = S.steering_score(model, proc, sae, embedder, latents=chosen, concept_KD=concept, images=images[:2],
+    res = S.steering_score(model, proc, sae, embedder, latents=chosen, concept_JD=concept, images=images[:2],
                            alpha=100.0, class_names=["red", "green"], batch_size=4)
     assert res["steered"]["n"] == res["unsteered"]["n"] == len(chosen) * 2
     for key in ("steered", "unsteered"):

@@ -40,7 +40,8 @@ def test_captions_match_labels(samples):
             words = part.split()
             assert words[1:5] == [o["size"], o["pattern"], o["colour"], o["shape"]]
             assert " ".join(words[7:9]) == W.POSITION_WORDS[o["position"]]
-            assert o["shape_family"] == W.SHAPE_FAMILY[o["shape"]] and o["colour_family"] == W.COLOUR_FAMILY[o["colour"]]
+            assert (o["shape_family"] == W.SHAPE_FAMILY[o["shape"]]
+                    and o["colour_family"] == W.COLOUR_FAMILY[o["colour"]])
         # objects are ordered largest first, then in reading order; positions are distinct
         keys = [(o["size"] != "large", W.POSITIONS.index(o["position"])) for o in objs]
         assert keys == sorted(keys) and len({o["position"] for o in objs}) == len(objs)

@@ -84,7 +84,7 @@ def test_sweep_over_ranks_equals_one_process_across_a_resume(tmp_path, data):
     names = sorted(p.parent.name for p in ref.glob("saes/*/config.json"))
     assert len(names) == 4 and sorted(p.parent.name for p in run.glob("saes/*/config.json")) == names
     for name in names:
-        a, b = load_file(ref / "saes" / name / "model.safetensors"), load_file(run / "saes" / name / "model.safetensors")
+        a, b = (load_file(d / "saes" / name / "model.safetensors") for d in (ref, run))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
         assert (ref / "saes" / name / "config.json").read_text() == (run / "saes" / name / "config.json").read_text()
     assert log_rows(run) == log_rows(ref)

@@ -1,38 +1,252 @@
-"""The `sae-vlm` command. Each subcommand lives beside the code it drives; this file only wires them up."""
+"""The `sae-vlm` command. Every option is generated from a config dataclass field (config.py), which holds its
+default and help; each command builds its config, calls one library function and prints a summary."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import types
+import typing
+from typing import Any, Callable, Optional
 
 import typer
 
-from sae_vlm.browse.cli_browse import browse, report
-from sae_vlm.data.cli_extract import extract
-from sae_vlm.eval.cli_evaluate import evaluate
-from sae_vlm.sae.cli_train import convert, train
-from sae_vlm.steer.cli_steer import steer, steer_score
-from sae_vlm.toyworld.demo import demo
+from sae_vlm import config as C
 
-def one_line_errors(command):
+
+def comma_list(text: str, flag: str, cast: Callable = str) -> tuple:
+    """`"8, 16,64"` -> (8.0, 16.0, 64.0) with cast=float; a bad or empty list is a one-line error."""
+    what = {int: "integers", float: "numbers"}.get(cast, "values")
+    try:
+        values = tuple(cast(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated {what}") from None
+    if not values:
+        raise ValueError(f"{flag} {text!r}: expected at least one of the {what}")
+    return values
+
+
+# --- config fields -> typer parameters ---------------------------------------------------------------------------
+
+def _help_text(text: str) -> str:
+    """Help as typer's rich formatter shows it: square brackets are markup there, so they are escaped."""
+    return text.replace("[", "\\[")
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _shown(value) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _base_type(tp):
+    """The type without its `| None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _parameter(f: dataclasses.Field, tp, preset_fields: set[str]) -> inspect.Parameter:
+    """The typer parameter for one field, with the field's default and help."""
+    base, meta = _base_type(tp), f.metadata
+    has_default = f.default is not dataclasses.MISSING
+    value: Any = f.default if has_default else None
+    if meta.get("positional"):
+        info = typer.Argument(..., help=_help_text(meta["help"]), show_default=False)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=str, default=info)
+    if base is bool:
+        info = typer.Option(value, *([meta["flag"]] if meta["flag"] else []), help=_help_text(meta["help"]))
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=info)
+    if typing.get_origin(base) is tuple:
+        annotation = Optional[list[str]] if meta.get("repeat") else Optional[str]
+        default = None if value is None else list(value) if meta.get("repeat") else _shown(value) or None
+    else:
+        annotation, default = Optional[base], value
+    help_text = _help_text(meta["help"])
+    if not has_default and f.name in preset_fields:
+        help_text += " Required unless a --preset sets it."
+    elif not has_default:
+        default = ...
+    info = typer.Option(default, _flag(f), help=help_text)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=info)
+
+
+def _value(f: dataclasses.Field, tp, raw):
+    """A given command-line value in the field's type (comma lists split and cast)."""
+    base = _base_type(tp)
+    if typing.get_origin(base) is not tuple:
+        return raw
+    if f.metadata.get("repeat"):
+        return tuple(raw)
+    return comma_list(raw, _flag(f), typing.get_args(base)[0])
+
+
+def command(config_cls: type, run: Callable[[Any], None]) -> Callable[..., None]:
+    """A typer command whose options are `config_cls`'s fields (and --preset where the class has presets); it
+    builds the config and calls `run(config)`."""
+    hints = typing.get_type_hints(config_cls)
+    fields = [f for f in dataclasses.fields(config_cls) if f.metadata.get("cli", True)]
+    presets = C.presets_for(config_cls)
+    preset_fields = {k for fields_ in presets.values() for k in fields_}
+    params = [_parameter(f, hints[f.name], preset_fields) for f in fields]
+    if presets:
+        params.append(inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                        default=typer.Option(None, help=f"Paper recipe: {', '.join(presets)}; "
+                                                                        "the flags given override it.")))
+
+    def build(ctx: typer.Context, **kwargs) -> None:
+        # Only flags typed on the command line override a preset; the rest fall back to it, then to the field.
+        given = {f.name: _value(f, hints[f.name], kwargs[f.name]) for f in fields
+                 if getattr(ctx.get_parameter_source(f.name), "name", None) == "COMMANDLINE"}
+        values = {**C.preset_fields(config_cls, kwargs.get("preset")), **given}
+        missing = [_flag(f) for f in fields if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} is required (or a --preset that sets it)")
+        run(config_cls(**values))
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    build.__signature__ = inspect.Signature([ctx_param, *params])  # type: ignore[attr-defined]
+    build.__doc__ = _help_text(_help(config_cls))
+    return build
+
+
+def _help(config_cls: type) -> str:
+    """The command's help from the config's docstring, without its "`sae-vlm x`: " prefix."""
+    text = inspect.cleandoc(config_cls.__doc__ or "").split(": ", 1)[-1]
+    text = "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+    return text[:1].upper() + text[1:]
+
+
+def one_line_errors(fn: Callable[..., None]) -> Callable[..., None]:
     """Bad input (ValueError, or an OSError such as a missing path or an unknown model id) ends a command with one
     `error:` line and exit code 2, instead of a traceback."""
 
-    @functools.wraps(command)
+    @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            return fn(*args, **kwargs)
         except (ValueError, OSError) as e:
-            typer.echo(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", err=True)
+            text = str(e).strip()
+            typer.echo(f"error: {text.splitlines()[0] if text else type(e).__name__}", err=True)
             raise typer.Exit(2) from None
 
     return run
 
 
+# --- the commands: run one library function, print what it did ----------------------------------------------------
+
+def extract(cfg: C.ExtractConfig) -> None:
+    from sae_vlm.data.extract import run_extract
+
+    s = run_extract(cfg)
+    if s["rank"] != 0:
+        return
+    typer.echo(f"wrote {cfg.out}: {s['rows']} images kept, {len(s['skipped'])} skipped, {s['images_processed']} "
+               f"processed in {s['seconds']:.1f}s ({s['img_per_s']:.1f} img/s), subdirs {', '.join(s['subdirs'])}")
+    for sk in s["skipped"][:20]:
+        typer.echo(f"  skipped {sk['path']}: {sk['reason']}")
+    if len(s["skipped"]) > 20:
+        typer.echo(f"  ... {len(s['skipped']) - 20} more in {cfg.out}/manifest.json")
+
+
+def train(cfg: C.TrainConfig) -> None:
+    from sae_vlm.sae import trainer
+
+    for name in trainer.train(cfg):
+        typer.echo(f"saved {cfg.out}/saes/{name}")
+
+
+def evaluate(cfg: C.EvaluateConfig) -> None:
+    from sae_vlm.eval.run import evaluate_run
+
+    for r in evaluate_run(cfg)["saes"]:
+        ms = r["ms"]
+        ms_txt = f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['dead']} dead)" if ms and "mean" in ms else "MS –"
+        typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * r['recon']['fve']:.1f}%, L0 {r['recon']['l0_threshold']:.1f}")
+    typer.echo(f"wrote {cfg.out_dir}/metrics.json")
+
+
+def convert(cfg: C.ConvertConfig) -> None:
+    from sae_vlm.sae.convert import from_dictionary_learning
+
+    sae = from_dictionary_learning(cfg.src, hook_point=cfg.hook_point, model_id=cfg.model_id)
+    sae.save_pretrained(cfg.dst)
+    typer.echo(f"saved {sae.cfg.arch} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, k={sae.cfg.k}) to {cfg.dst}")
+
+
+def _table(rows: list[dict], cols: list[str], width: int = 70) -> str:
+    def cell(v) -> str:
+        s = ("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)).replace("\n", " ⏎ ")
+        return s if len(s) <= width else s[: width - 1] + "…"
+
+    cells = [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def steer(cfg: C.SteerConfig) -> None:
+    from sae_vlm.steer.generate import run_steer
+
+    rows = run_steer(cfg)
+    cols = ["latent", "alpha"] + (["image"] if len(cfg.image) > 1 else []) + (["prompt"] if len(cfg.prompt) > 1 else [])
+    typer.echo(_table(rows, cols + ["output"]))
+    typer.echo(f"wrote {cfg.out}")
+
+
+def steer_score(cfg: C.SteerScoreConfig) -> None:
+    from sae_vlm.steer.score import run_steer_score
+
+    res = run_steer_score(cfg)
+
+    def fmt(d: dict) -> str:
+        return f"{d['mean']:.3f} ± {d['std']:.3f} (n={d['n']})"
+
+    lines = [("steered", fmt(res["steered"])), ("unsteered", fmt(res["unsteered"]))]
+    if res["bounds"]:
+        lines += [("upper bound", fmt(res["bounds"]["upper"])), ("lower bound", fmt(res["bounds"]["lower"]))]
+    else:
+        lines += [("bounds", "n/a (no class names)")]
+    typer.echo("\n".join(f"{k:<12} {v}" for k, v in lines))
+    typer.echo(f"wrote {cfg.out}")
+
+
+def browse(cfg: C.BrowseConfig) -> None:
+    from sae_vlm.browse.app import serve
+
+    serve(cfg, announce=typer.echo)
+
+
+def report(cfg: C.ReportConfig) -> None:
+    from sae_vlm.browse.report import report_run
+
+    typer.echo(f"wrote {report_run(cfg)}")
+
+
+def demo(cfg: C.DemoConfig) -> None:
+    from sae_vlm.toyworld.demo import run_demo, summary_lines
+
+    for line in summary_lines(run_demo(cfg), cfg):
+        typer.echo(line)
+
+
+COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, train),
+            ("evaluate", C.EvaluateConfig, evaluate), ("convert", C.ConvertConfig, convert),
+            ("steer", C.SteerConfig, steer), ("steer-score", C.SteerScoreConfig, steer_score),
+            ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo)]
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Sparse autoencoders for vision-language models.")
-for name, fn in [("extract", extract), ("train", train), ("evaluate", evaluate), ("convert", convert),
-                 ("steer", steer), ("steer-score", steer_score), ("browse", browse), ("report", report),
-                 ("demo", demo)]:
-    app.command(name)(one_line_errors(fn))
+for _name, _cls, _run in COMMANDS:
+    app.command(_name)(one_line_errors(command(_cls, _run)))
 
 
 def main() -> None:

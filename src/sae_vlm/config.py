@@ -1,11 +1,101 @@
-"""Frozen training configs and the paper's presets (paper.md §2.7–2.8)."""
+"""Every setting of every command, in one place: frozen dataclasses whose fields carry the default and the help.
+
+The `sae-vlm` command line is generated from these fields (cli.py), the library functions take these objects,
+and runs save them. `option(...)` holds a field's help text and how it appears on the command line; `PRESETS` are
+the paper's recipes, by config class.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from dataclasses import dataclass
+from typing import Any
 
-from sae_vlm.sae.model import ARCHS
+from sae_vlm.sae.arch import ARCHS, arch_spec
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's warning limit; larger images are refused as decompression bombs
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, positional: bool = False,
+           repeat: bool = False, cli: bool = True) -> Any:
+    """A config field. `flag`: its command-line name(s) when not `--<field-name>` (`"--from"`,
+    `"--replace/--error-term"`); `positional`: an argument rather than an option; `repeat`: a tuple given by
+    repeating the flag (values may hold commas) rather than as a comma list; `cli=False`: library-only."""
+    meta = {"help": help, "flag": flag, "positional": positional, "repeat": repeat, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _choice(value, choices, name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+# Options several commands share, written once.
+def device_option(default: str = "auto") -> Any:
+    return option(default, "cpu, cuda, cuda:1 or auto (cuda when available).")
+
+
+def quiet_option() -> Any:
+    return option(False, "No progress bars.")
+
+
+def llava_hook_option() -> Any:
+    return option(None, "Vision-tower layer to edit; default: the one LLaVA's projector reads.")
+
+
+def model_dtype_option() -> Any:
+    return option("auto", "Model compute dtype: auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+
+
+def run_dir_option() -> Any:
+    return option(help="Training run directory (RUN/saes/<name>/) or one SAE directory.", positional=True)
+
+
+def eval_dir_option() -> Any:
+    return option(None, "Output of `sae-vlm evaluate`; default RUN/eval.", flag="--eval")
+
+
+def view_data_option() -> Any:
+    return option(None, "Activation store the evaluation read; default: the one metrics.json names.")
+
+
+# --- extract ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig:
+    """`sae-vlm extract`: images -> activations at several hook points and token selections, in one pass."""
+
+    model: str = option(help="Hub id or local directory that transformers' from_pretrained loads.")
+    data: str = option(help="Image folder, `datasets` folder or hub id, webdataset .tar shards, or a .txt path list.")
+    out: str = option(help="Store directory; rerun the same command to resume.")
+    layers: tuple[str, ...] = option((), "Comma list of hook points: 11 (= layer.11), last; default: the layer a "
+                                         "LLaVA projector reads, else last.")
+    tokens: tuple[str, ...] = option(("cls",), "Comma list of token selections: cls, mean, all, random-<k>.")
+    dtype: str = option("fp16", "Storage dtype: fp16, bf16 or fp32.")
+    model_dtype: str | None = option(None, "Model compute dtype: fp32, fp16 or bf16; unset: fp16 on CUDA, fp32 on CPU.")
+    batch_size: int = option(64, "Images per forward pass.")
+    shard_rows: int = option(4096, "Rows per shard (of the token selection with most rows per image).")
+    workers: int = option(4, "Image decoding threads.")
+    device: str = option("cpu", "cpu, cuda or cuda:1 (under torchrun: one GPU per local rank).")
+    seed: int = option(0, "Seed of the random-k token draws.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Larger images are skipped as decompression bombs.")
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        _choice(self.dtype, ("fp16", "bf16", "fp32"), "--dtype")
+        if not self.tokens:
+            raise ValueError("--tokens is empty; expected cls, mean, all or random-<k>")
+
+    def store_config(self, n_images: int) -> dict:
+        """The settings a resume must match (not batch size, workers, device or ranks: they do not change rows)."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "batch_size", "workers", "device", "quiet"):
+            d.pop(k)
+        return {**d, "layers": list(self.layers), "tokens": list(self.tokens), "n_images": n_images}
+
+
+# --- train -----------------------------------------------------------------------------------------------------
 
 PAPER_GROUPS = (1 / 16, 1 / 8, 1 / 4, 9 / 16)
 # iNat2021 kingdoms/phyla/classes/orders/families, so each Matryoshka level is sized like a taxonomy level.
@@ -13,7 +103,7 @@ INAT_COUNTS = (3, 13, 51, 273, 1103)
 INAT_GROUPS = tuple(c / sum(INAT_COUNTS) for c in INAT_COUNTS)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class SAESpec:
     """One SAE of a sweep; its width is an expansion factor of the data's d_in."""
 
@@ -27,45 +117,56 @@ class SAESpec:
         return f"{self.arch}_x{self.expansion:g}_k{self.k}"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    data: str
-    out: str
-    layer: str | None = None
-    archs: tuple[str, ...] = ("batchtopk",)
-    expansions: tuple[float, ...] = (8,)
-    ks: tuple[int, ...] = (20,)
-    group_fractions: tuple[float, ...] = PAPER_GROUPS
-    batch_size: int = 4096
-    steps: int = 10_000
-    lr: float | None = None  # None: 2e-4 / sqrt(F / 2^14) per SAE
-    warmup_steps: int = 1000
-    decay_start: int | None = None
-    grad_clip: float = 1.0
-    aux_alpha: float = 0.03
-    dead_window: int = 10_000_000  # samples without firing before a latent counts as dead
-    threshold_start_step: int = 1000
-    threshold_beta: float = 0.999
-    l1_coeff: float = 0.05
-    l0_coeff: float = 1.0
-    jumprelu_bandwidth: float = 1e-3
-    norm_batches: int = 100  # batches used to estimate the input-norm factor
-    seed: int = 0
-    bf16: bool = False
-    fast: bool = True  # sparse selection/decoder for top-k archs; False runs the straightforward dense path
-    device: str = "auto"
-    ddp: bool = False  # under torchrun: train every SAE data-parallel instead of spreading the sweep over ranks
-    max_device_bytes: int = 8 << 30  # data larger than this streams from the source instead of living on the device
-    checkpoint_every: int = 1000
-    keep_steps: tuple[int, ...] = ()
-    log_every: int = 100
-    log_to: str | None = None  # "wandb" or "tensorboard"
-    quiet: bool = False
+    """`sae-vlm train`: a sweep of SAEs (every arch × width × k) trained on one pass over the data.
+
+    Several GPUs: `torchrun --nproc_per_node N --no-python sae-vlm train ...` spreads the sweep's SAEs over the
+    ranks (same results as one process); add --ddp to split every batch over the ranks instead.
+    """
+
+    data: str = option(help="Activation store directory or a .npy file of shape (rows, d_in).")
+    out: str = option(help="Run directory (SAEs go to OUT/saes/<name>/).")
+    layer: str | None = option(None, "Hook point subfolder of a store with several, e.g. layer.22.")
+    archs: tuple[str, ...] = option(("batchtopk",), f"Comma list of architectures: {', '.join(ARCHS)}.", flag="--arch")
+    expansions: tuple[float, ...] = option((8,), "Comma list of expansion factors (d_sae / d_in), e.g. 8,16,64.",
+                                           flag="--width")
+    ks: tuple[int, ...] = option((20,), "Comma list of k (mean active latents; JumpReLU's target L0).", flag="--k")
+    group_fractions: tuple[float, ...] = option(PAPER_GROUPS, "Matryoshka group fractions, summing to 1.")
+    batch_size: int = option(4096, "Activations per step.")
+    steps: int = option(10_000, "Optimizer steps.")
+    lr: float | None = option(None, "Learning rate; unset: 2e-4/sqrt(F/2^14) per SAE (the paper's trainer).")
+    warmup_steps: int = option(1000, "Linear LR warmup steps.")
+    decay_start: int | None = option(None, "Step from which the LR decays linearly to 0; unset: no decay.")
+    grad_clip: float = option(1.0, "Gradient norm clip.")
+    aux_alpha: float = option(0.03, "AuxK loss weight.")
+    dead_window: int = option(10_000_000, "Samples without firing before a latent counts as dead.")
+    threshold_start_step: int = option(1000, "Step after which θ tracks the batch's smallest kept activation.")
+    threshold_beta: float = option(0.999, "EMA factor of θ.")
+    l1_coeff: float = option(0.05, "ReLU SAEs: L1 penalty weight.")
+    l0_coeff: float = option(1.0, "JumpReLU: weight of the (L0/k − 1)² sparsity term.")
+    jumprelu_bandwidth: float = option(1e-3, "JumpReLU: width of the straight-through estimator's kernel.")
+    norm_batches: int = option(100, "Batches used to estimate the input-norm factor.")
+    seed: int = option(0, "Seed for init and data order.")
+    bf16: bool = option(False, "bf16 autocast for the forward pass.")
+    fast: bool = option(True, "Sparse selection and decoder for top-k architectures; --no-fast: the plain dense path.")
+    device: str = option("auto", "cpu, cuda, cuda:1 or auto (under torchrun: cuda:LOCAL_RANK).")
+    ddp: bool = option(False, "Under torchrun: train each SAE data-parallel (rows rank::N of every batch per rank; "
+                              "batch top-k then keeps k·B/N entries of each rank's shard) instead of spreading the "
+                              "sweep's SAEs over the ranks.")
+    max_device_bytes: int = option(8 << 30, "Data larger than this streams from the source instead of living on "
+                                            "the device.")
+    checkpoint_every: int = option(1000, "Steps between resume checkpoints.")
+    keep_steps: tuple[int, ...] = option((), "Comma list of steps at which to also save every SAE "
+                                             "(saes/<name>/step-<n>/).")
+    log_every: int = option(100, "Steps between log lines.")
+    log_to: str | None = option(None, "Also log to wandb or tensorboard.")
+    resume: bool = option(False, "Continue the run in OUT from its last checkpoint.")
+    quiet: bool = option(False, "No progress bar.")
 
     def __post_init__(self):
         for a in self.archs:
-            if a not in ARCHS:
-                raise ValueError(f"unknown architecture {a!r}; expected one of {', '.join(ARCHS)}")
+            arch_spec(a)
         if self.batch_size <= 0 or self.steps <= 0:
             raise ValueError(f"batch_size and steps must be positive, got {self.batch_size} and {self.steps}")
         if self.log_to not in (None, "wandb", "tensorboard"):
@@ -75,23 +176,190 @@ class TrainConfig:
             raise ValueError(f"group fractions {self.group_fractions} must sum to 1 (they sum to {total:.6g})")
 
     def specs(self) -> list[SAESpec]:
-        return [SAESpec(a, e, k, self.group_fractions) for a, e, k in itertools.product(self.archs, self.expansions, self.ks)]
+        grid = itertools.product(self.archs, self.expansions, self.ks)
+        return [SAESpec(a, e, k, self.group_fractions) for a, e, k in grid]
 
 
-PRESETS: dict[str, dict] = {
-    # scripts/monosemanticity_score.sh: both architectures, six widths, k=20; downstream uses step 100k.
-    "paper-ms": dict(
-        archs=("batchtopk", "matryoshka"), expansions=(1, 2, 4, 8, 16, 64), ks=(20,), batch_size=4096,
-        steps=110_000, decay_start=109_999, keep_steps=(100_000,),
-    ),
+# --- evaluate --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """`sae-vlm evaluate`: monosemanticity, reconstruction, top images and hierarchy of every SAE in a run."""
+
+    run_dir: str = run_dir_option()
+    data: str = option(help="Held-out activation store directory or a .npy of shape (rows, d_in).")
+    embeddings: str | None = option(None, "Image embeddings .npy [rows, D] for the MS similarity.")
+    embedder: str | None = option(None, "Model id or directory to embed the store's images (cached in "
+                                         "OUT/embeddings).")
+    taxonomy: str | None = option(None, "CSV (label,path) or JSON mapping labels to 7-level taxa.")
+    out: str | None = option(None, "Output directory; default RUN/eval.")
+    device: str = device_option()
+    heldout_frac: float = option(1.0, "Fraction of --data rows used for the reconstruction metrics.")
+    dense_cutoff: float = option(0.1, "A latent firing on more than this fraction of rows is dense.")
+    rotation_seed: int = option(0, "Seed of the random-rotation baseline; -1 to skip it.")
+    top: int = option(16, "Top-activating images kept per latent.")
+    grids: int = option(0, "Render 4x4 image grids for this many highest-MS latents per SAE.")
+    chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False)
+    quiet: bool = quiet_option()
+
+    @property
+    def out_dir(self) -> str:
+        return self.out if self.out is not None else f"{self.run_dir}/eval"
+
+
+# --- convert ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertConfig:
+    """`sae-vlm convert`: import a checkpoint released with the paper into the sae-vlm format."""
+
+    src: str = option(help="dictionary_learning checkpoint (ae.pt).", positional=True)
+    dst: str = option(help="Output SAE directory.", positional=True)
+    source_format: str = option("dictionary-learning", "Source format.", flag="--from")
+    hook_point: str | None = option(None, "Hook point the SAE reads, e.g. layer.22.")
+    model_id: str | None = option(None, "Backbone model id, e.g. openai/clip-vit-large-patch14-336.")
+
+    def __post_init__(self):
+        _choice(self.source_format, ("dictionary-learning",), "--from")
+
+
+# --- steer -----------------------------------------------------------------------------------------------------
+
+EDIT_OPS = ("clamp", "add", "scale", "zero")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteerConfig:
+    """`sae-vlm steer`: generate with SAE latents edited in LLaVA's vision tower, every latent × α × image × prompt."""
+
+    llava: str = option(help="LLaVA hub id or directory (LlavaForConditionalGeneration + processor).")
+    sae: str = option(help="SAE directory trained at the layer the projector reads.")
+    latents: tuple[int, ...] = option(help="Comma list of latent ids, e.g. 39,120.")
+    alpha: tuple[float, ...] = option((0.0, 30.0, 50.0), "Comma list of values for the op (paper: clamp to "
+                                                         "0,30,40,50).")
+    image: tuple[str, ...] = option(("white",), "'white' or an image path; repeat for several.", repeat=True)
+    prompt: tuple[str, ...] = option(("Write me a short love poem",), "Prompt text; repeat for several.", repeat=True)
+    op: str = option("clamp", f"Edit: {' | '.join(EDIT_OPS)}.")
+    max_new_tokens: int = option(60, "New tokens per answer (greedy).")
+    replace: bool = option(False, "Replace the residual by the SAE reconstruction (paper) or keep the error term.",
+                           flag="--replace/--error-term")
+    hook_point: str | None = llava_hook_option()
+    unsteered: bool = option(True, "Also generate once per image and prompt with the model unpatched.")
+    batch_size: int = option(16, "Cases per generate call.")
+    device: str = device_option()
+    dtype: str = model_dtype_option()
+    out: str = option("steer.json", "JSON file with every output.")
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        _choice(self.op, EDIT_OPS, "--op")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteerScoreConfig:
+    """`sae-vlm steer-score`: the paper's steering score, cos(concept of latent j, the first word LLaVA says with
+    j clamped to α), beside the unsteered run and the upper and lower bounds."""
+
+    llava: str = option(help="LLaVA hub id or directory.")
+    sae: str = option(help="SAE directory (paper: ×64 Matryoshka, layer 22, random tokens).")
+    clip: str = option(help="CLIPModel id or directory: image embedder (concepts) and text tower (words).")
+    images: str = option("white", "'white' or an image folder or path list to steer on (labels = folders).")
+    latents: str = option("random:100", "39,120 | 0-999 | random:N | level:L[:N] | all (dead latents excluded).")
+    alpha: float = option(100.0, "Value for the op (paper: clamp to 100).")
+    op: str = option("clamp", f"Edit: {' | '.join(EDIT_OPS)}.")
+    pool: str | None = option(None, "Folder or path list to take top images from; default: --images.")
+    top: str | None = option(None, "Precomputed top-image indices [d_sae, 16] (.npy), indexing --top-images.")
+    top_images: str | None = option(None, "Folder or path list the --top indices refer to.")
+    per_class: int | None = option(None, "Steer on the first N images of each class folder.")
+    max_images: int | None = option(None, "Steer on at most this many images.")
+    bound_images: int = option(1000, "Labelled images (sampled) for the upper and lower bounds.")
+    replace: bool = option(True, "Replace the residual by the SAE reconstruction (paper) or keep the error term.",
+                           flag="--replace/--error-term")
+    hook_point: str | None = llava_hook_option()
+    max_new_tokens: int = option(5, "New tokens per answer (paper: 5).")
+    batch_size: int = option(16, "Cases per generate call (and images per encode batch).")
+    seed: int = option(0, "Seed for random latents and the shuffled class names.")
+    device: str = device_option()
+    dtype: str = model_dtype_option()
+    out: str = option("steer_score.json", "JSON file with the scores and every answer.")
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        _choice(self.op, EDIT_OPS, "--op")
+
+
+# --- browse and report -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class BrowseConfig:
+    """`sae-vlm browse`: serve a read-only browser of a run's latents: tables, top images, histograms, neighbours."""
+
+    run_dir: str = run_dir_option()
+    eval_dir: str | None = eval_dir_option()
+    data: str | None = view_data_option()
+    host: str = option("127.0.0.1", "Interface to listen on; keep loopback unless you mean to share.")
+    port: int = option(8765, "Port to listen on.")
+    clip: str | None = option(None, "CLIPModel id or directory: enables text search over latents.")
+    llava: str | None = option(None, "LLaVA id or directory: enables the steering panel.")
+    device: str = option("cpu", "Device for the --clip and --llava models.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """`sae-vlm report`: the browser's views as static HTML that opens from file:// with no server."""
+
+    run_dir: str = run_dir_option()
+    out: str = option(help="Directory for the static report (OUT/index.html).")
+    eval_dir: str | None = eval_dir_option()
+    data: str | None = view_data_option()
+    top: int = option(200, "Pages for this many highest-MS alive latents per SAE.")
+    all_latents: bool = option(False, "A page for every latent.", flag="--all")
+    quiet: bool = quiet_option()
+
+
+# --- demo ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """`sae-vlm demo`: the whole pipeline on the toy world: extract, train, evaluate, steer, report."""
+
+    out: str = option("runs/demo", "Output directory.")
+    quick: bool = option(False, "A smaller run (about a minute) for tests and a first look.")
+    quiet: bool = option(False, "No progress output.")
+
+
+# --- the paper's recipes ---------------------------------------------------------------------------------------
+
+_PAPER_TRAIN = dict(ks=(20,), batch_size=4096, steps=110_000, decay_start=109_999, keep_steps=(100_000,))
+PRESETS: dict[str, dict[type, dict]] = {
+    # scripts/monosemanticity_score.sh: CLS at four layers and the projection; both architectures, six widths.
+    "paper-ms": {
+        ExtractConfig: dict(model="openai/clip-vit-large-patch14-336", layers=("11", "17", "22", "23", "last"),
+                            tokens=("cls",)),
+        TrainConfig: dict(archs=("batchtopk", "matryoshka"), expansions=(1, 2, 4, 8, 16, 64), **_PAPER_TRAIN),
+    },
     # scripts/matryoshka_hierarchy.sh: Matryoshka x2, levels sized like the iNat taxonomy.
-    "paper-hierarchy": dict(
-        archs=("matryoshka",), expansions=(2,), ks=(20,), group_fractions=INAT_GROUPS, batch_size=4096,
-        steps=110_000, decay_start=109_999, keep_steps=(100_000,),
-    ),
-    # scripts/mllm_steering.sh: Matryoshka x64 on layer-22 random tokens.
-    "paper-steer": dict(
-        archs=("matryoshka",), expansions=(64,), ks=(20,), batch_size=4096,
-        steps=110_000, decay_start=109_999, keep_steps=(100_000,),
-    ),
+    "paper-hierarchy": {
+        TrainConfig: dict(archs=("matryoshka",), expansions=(2,), group_fractions=INAT_GROUPS, **_PAPER_TRAIN),
+    },
+    # scripts/mllm_steering.sh: Matryoshka x64 on two random tokens per image at layer 22.
+    "paper-steer": {
+        ExtractConfig: dict(model="openai/clip-vit-large-patch14-336", layers=("22",), tokens=("random-2",)),
+        TrainConfig: dict(archs=("matryoshka",), expansions=(64,), **_PAPER_TRAIN),
+    },
 }
+
+
+def presets_for(config_cls: type) -> dict[str, dict]:
+    """{preset name: the fields it sets} for one config class."""
+    return {name: by_cls[config_cls] for name, by_cls in PRESETS.items() if config_cls in by_cls}
+
+
+def preset_fields(config_cls: type, preset: str | None) -> dict:
+    """The fields a preset sets for one config class ({} for none); an unknown name is a ValueError."""
+    if preset is None:
+        return {}
+    known = presets_for(config_cls)
+    if preset not in known:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(known)}")
+    return dict(known[preset])

@@ -13,6 +13,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -36,23 +37,29 @@ def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
 
 
 def atomic_write_json(path, obj, **json_kwargs) -> None:
-    """`json.dumps(obj, **json_kwargs)` written atomically (no trailing newline is added)."""
-    atomic_write_text(path, json.dumps(obj, **json_kwargs))
+    """`json.dumps(obj, **json_kwargs)` and a newline, written atomically."""
+    atomic_write_text(path, json.dumps(obj, **json_kwargs) + "\n")
+
+
+def npy_bytes(array) -> bytes:
+    """The .npy file of an array (C order, no pickles), e.g. to checksum before writing it."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
 
 
 def atomic_save_npy(path, array) -> None:
-    buf = io.BytesIO()
-    import numpy as np
-
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, npy_bytes(array))
 
 
 def atomic_save_npz(path, **arrays) -> None:
     import numpy as np
 
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez(buf, **named)
     atomic_write_bytes(path, buf.getvalue())
 
 

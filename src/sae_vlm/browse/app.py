@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from sae_vlm.browse.data import RunView, TableQuery
 from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context
+from sae_vlm.config import BrowseConfig
 
 
 def safe_file(root: Path, rel: str) -> Path:
@@ -71,7 +72,10 @@ def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
     @app.get("/sae/{name}/latent")
     def latent_jump(name: str, j: int = 0):
         lookup(name)
-        return RedirectResponse(links.latent(name, j))
+        url = links.latent(name, j)
+        if url is None:
+            raise HTTPException(404, "no page for that latent")
+        return RedirectResponse(url)
 
     @app.get("/img/{name}/{row}")
     def image(name: str, row: str):
@@ -119,3 +123,16 @@ def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
         return FileResponse(safe_file(STATIC, file))
 
     return app
+
+
+def serve(cfg: BrowseConfig, announce=print) -> None:
+    """Serve `cfg.run_dir` with uvicorn until interrupted; `announce` gets the address line."""
+    import uvicorn
+
+    from sae_vlm.browse.tools import Steerer, TextSearch
+
+    view = RunView(cfg.run_dir, cfg.eval_dir, cfg.data)
+    search = TextSearch(view, cfg.clip, cfg.device) if cfg.clip else None
+    steerer = Steerer(view, cfg.llava, cfg.device) if cfg.llava else None
+    announce(f"serving {view.run_dir} at http://{cfg.host}:{cfg.port}/")
+    uvicorn.run(create_app(view, search, steerer), host=cfg.host, port=cfg.port, log_level="warning")

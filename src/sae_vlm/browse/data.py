@@ -11,20 +11,19 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
+from sae_vlm.sae.groups import latent_levels
+
+if TYPE_CHECKING:
+    from sae_vlm.sae.model import SAE
+
 SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level")
 RANGE_KEYS = ("ms", "freq", "support", "max_act")
 HIST_SAMPLE_ROWS = 2048
-
-
-def _levels(group_sizes, n: int) -> np.ndarray:
-    """Matryoshka level of each latent (0-based, contiguous groups); all 0 without groups."""
-    if not group_sizes:
-        return np.zeros(n, np.int64)
-    return np.searchsorted(np.cumsum(group_sizes), np.arange(n), side="right").astype(np.int64)
 
 
 @dataclass
@@ -41,12 +40,12 @@ class Dictionary:
     top_val: np.ndarray | None
     sae_dir: Path | None = None
     info: dict = field(default_factory=dict)  # arch, d_sae, k, group_sizes for the header
-    source: object = None  # the activation store subdir the top indices point into
-    _sae: object = None
+    source: Any = None  # the activation store subdir the top indices point into (a StoreReader, or None)
+    _sae: SAE | None = None
     _dec_unit: np.ndarray | None = None
     _sample: tuple | None = None
     _paths: list | None = None
-    _pending: object = None  # work left before the arrays are complete (see RunView.get)
+    _pending: Callable[[], None] | None = None  # work left before the arrays are complete (see RunView.get)
 
     @property
     def dead(self) -> np.ndarray:
@@ -63,8 +62,10 @@ class Dictionary:
     def n_levels(self) -> int:
         return int(self.level.max()) + 1 if self.n else 0
 
-    def sae(self):
-        if self._sae is None and self.sae_dir is not None:
+    def sae(self) -> SAE:
+        if self._sae is None:
+            if self.sae_dir is None:
+                raise ValueError(f"{self.name} holds raw neurons, not an SAE")
             from sae_vlm.sae.model import SAE
 
             self._sae = SAE.from_pretrained(self.sae_dir).eval()
@@ -163,7 +164,7 @@ class TableQuery:
     def parse(cls, params) -> "TableQuery":
         """From query parameters; bad values raise ValueError naming the parameter."""
 
-        def num(name, cast=float):
+        def num(name: str, cast: Callable = float) -> Any:
             v = params.get(name)
             if v in (None, ""):
                 return None
@@ -190,7 +191,7 @@ class TableQuery:
 def _store_for(data, hook_point, token_selection):
     if data is None:
         return None
-    from sae_vlm.eval.cli_evaluate import open_data
+    from sae_vlm.eval.run import open_data
 
     try:
         src = open_data(data, hook_point, token_selection)
@@ -203,7 +204,7 @@ class RunView:
     """A run directory, its evaluation directory and (optionally) the store the evaluation read."""
 
     def __init__(self, run_dir, eval_dir=None, data=None):
-        from sae_vlm.eval.cli_evaluate import find_saes
+        from sae_vlm.eval.run import find_saes
 
         self.run_dir = Path(run_dir).resolve()
         if not self.run_dir.is_dir():
@@ -257,7 +258,7 @@ class RunView:
         info = {k: cfg.get(k) for k in ("arch", "d_in", "d_sae", "k", "group_sizes", "token_selection")}
         info["recon"] = summary.get("recon")
         return Dictionary(sdir.name, "sae", cfg.get("hook_point") or "unknown", n, arrays,
-                          _levels(cfg.get("group_sizes"), n), top_idx, top_val, sdir, info,
+                          latent_levels(cfg.get("group_sizes"), n), top_idx, top_val, sdir, info,
                           _store_for(self.data, cfg.get("hook_point"), cfg.get("token_selection")))
 
     def _load_baseline(self, f: Path) -> Dictionary:
@@ -297,9 +298,9 @@ class RunView:
         """The image file behind store row `row`, or None (no store, out of range, not a plain file)."""
         if d.source is None or not hasattr(d.source, "paths") or not 0 <= row < d.source.rows:
             return None
-        if d._paths is None:
-            d._paths = d.source.paths()
-        p = Path(d._paths[row])
+        paths = d._paths if d._paths is not None else d.source.paths()
+        d._paths = paths
+        p = Path(paths[row])
         return p if p.is_file() else None
 
 

@@ -125,7 +125,7 @@ def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | No
     """A page of the latent table (server), or all `ids` in the given order (static report)."""
     extra = extra_ms(d)
     if ids is None:
-        ids = d.select(q)
+        ids = d.select(q or TableQuery())
     total = len(ids)
     pages = max(1, math.ceil(total / q.per)) if q else 1
     page = min(q.page, pages) if q else 1
@@ -137,9 +137,12 @@ def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | No
         base = {"sort": q.sort, "order": "desc" if q.desc else "asc", "dead": q.dead, "level": q.level, "per": q.per}
         for k, (lo, hi) in q.ranges.items():
             base |= {f"{k}_min": lo, f"{k}_max": hi}
+
+        def ascending(key: str) -> bool:
+            return (key == q.sort and q.desc) or (key != q.sort and key in ("id", "level"))
+
         ctx["sort_link"] = lambda key: links.table(d.name, **(base | {
-            "sort": key, "order": "asc" if (key == q.sort and q.desc) or (key != q.sort and key in ("id", "level")) else "desc",
-            "page": 1}))
+            "sort": key, "order": "asc" if ascending(key) else "desc", "page": 1}))
         ctx["page_link"] = lambda p: links.table(d.name, **(base | {"page": p}))
         ctx["form"] = base
     return ctx
@@ -150,7 +153,7 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
     d.check(j)
     a = d.arrays
     images = []
-    if d.top_idx is not None:
+    if d.top_idx is not None and d.top_val is not None:
         for row, val in zip(d.top_idx[j], d.top_val[j]):
             row = int(row)
             if row < 0:

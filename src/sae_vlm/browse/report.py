@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from sae_vlm.browse.data import Dictionary, RunView, TableQuery
 from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context, thumb_name
+from sae_vlm.config import ReportConfig
 from sae_vlm.io import atomic_save_image, atomic_write_text
 
 THUMB_PX = 128
@@ -61,7 +62,8 @@ def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = Fals
         order = sorted(included[name])
         by_ms = d.select(TableQuery())  # by MS, NaN last
         ids = np.array([j for j in by_ms if j in included[name]], np.int64)
-        _write(out / "s" / f"{name}.html", env.get_template("table.html").render(**table_context(view, d, links.at(1), ids=ids)))
+        table = env.get_template("table.html").render(**table_context(view, d, links.at(1), ids=ids))
+        _write(out / "s" / f"{name}.html", table)
         for j in tqdm(order, desc=f"report {name}", disable=quiet, leave=False):
             ctx = latent_context(view, d, j, links.at(2), order=order)
             for im in ctx["images"]:
@@ -71,3 +73,9 @@ def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = Fals
             _write(out / "s" / name / f"{j}.html", env.get_template("latent.html").render(**ctx))
     _write(out / "index.html", env.get_template("index.html").render(**index_context(view, links)))
     return out / "index.html"
+
+
+def report_run(cfg: ReportConfig) -> Path:
+    """The static report of `cfg.run_dir` in `cfg.out`; returns the path of its index.html."""
+    view = RunView(cfg.run_dir, cfg.eval_dir, cfg.data)
+    return write_report(view, cfg.out, top=cfg.top, all_latents=cfg.all_latents, quiet=cfg.quiet)

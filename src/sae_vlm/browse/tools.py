@@ -59,9 +59,10 @@ class TextSearch:
 
             top = d.top_idx if d.top_idx is not None else np.full((d.n, 1), -1)
             rows = np.unique(top[top >= 0])
-            paths = {int(r): self.view.image_path(d, int(r)) for r in rows}
-            rows = [r for r, p in paths.items() if p is not None]
-            images = [open_image(paths[r]) for r in rows]
+            found = {int(r): self.view.image_path(d, int(r)) for r in rows}
+            paths = {r: p for r, p in found.items() if p is not None}
+            rows = list(paths)
+            images = [open_image(p) for p in paths.values()]
             emb = self.embedder().images(images) if images else np.zeros((0, 1), np.float32)
             pos = {r: i for i, r in enumerate(rows)}
             out = np.zeros((d.n, emb.shape[1]), np.float32)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.data.store import FP16_MAX, atomic_write_json
+from sae_vlm.data.store import FP16_MAX
+from sae_vlm.io import atomic_write_json
 
 
 def _d_sae(sae) -> int:
@@ -66,7 +67,8 @@ def write_codes(sae, source, out_dir: str | Path, k: int | None = None, batch_si
             lo = start // g
             ind[lo : lo + len(i)] = i.cpu().numpy().astype(np.int32)
             val[lo : lo + len(v)] = v.cpu().numpy().astype(np.float16)
-        ind.flush(), val.flush()
+        ind.flush()
+        val.flush()
         del ind, val
         os.replace(tmp_i, out / "indices.npy")
         os.replace(tmp_v, out / "values.npy")
@@ -75,7 +77,8 @@ def write_codes(sae, source, out_dir: str | Path, k: int | None = None, batch_si
         tmp_v.unlink(missing_ok=True)
     atomic_write_json(out / "codes.json", {"format": "sae-vlm-codes/1", "rows": n_out, "d_sae": d_sae, "k": k,
                                            "rows_per_group": g, "truncated_rows": truncated,
-                                           "source": str(getattr(source, "path", type(source).__name__))})
+                                           "source": str(getattr(source, "path", type(source).__name__))},
+                      indent=1)
     return CodeStore(out)
 
 

@@ -8,75 +8,34 @@ order, so the store equals a single-process run byte for byte.
 from __future__ import annotations
 
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sae_vlm.backbones.hf import Backbone, load_backbone, parse_hook_point
-from sae_vlm.data.images import DEFAULT_MAX_PIXELS, BadImage, ImageSource, load_image, open_images, prefetch_map
+from sae_vlm.backbones import Backbone, load_backbone, parse_hook_point
+from sae_vlm.config import ExtractConfig
+from sae_vlm.data.images import BadImage, ImageSource, load_image, open_images, prefetch_map
 from sae_vlm.data.store import STORAGE, StoreWriter, to_storage
 from sae_vlm.data.tokens import POOLED, TokenSelection, parse_tokens, rows_per_image, select_tokens
+from sae_vlm.device import join_process_group
 
-PRESETS = {
-    "paper-ms": {"model": "openai/clip-vit-large-patch14-336", "layers": "11,17,22,23,last", "tokens": "cls"},
-    "paper-steer": {"model": "openai/clip-vit-large-patch14-336", "layers": "22", "tokens": "random-2"},
-}
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    model: str
-    data: str
-    out: str
-    layers: tuple[str, ...] = ()  # empty: the layer LLaVA's projector reads, else "last"
-    tokens: tuple[str, ...] = ("cls",)
-    dtype: str = "fp16"  # storage dtype: fp16 | bf16 | fp32
-    model_dtype: str | None = None  # compute dtype; default fp32 on CPU, fp16 on CUDA
-    batch_size: int = 64
-    shard_rows: int = 4096  # rows per shard (of the selection with most rows per image); skipped images make it less
-    workers: int = 4
-    device: str = "cpu"
-    seed: int = 0  # for random-k token draws
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def store_config(self, n_images: int) -> dict:
-        """The settings a resume must match (not batch size, workers, device or ranks: they do not change rows)."""
-        d = asdict(self)
-        for k in ("out", "batch_size", "workers", "device"):
-            d.pop(k)
-        return {**d, "layers": list(self.layers), "tokens": list(self.tokens), "n_images": n_images}
-
-
-def _dist(device: str) -> tuple[int, int]:
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(hours=12))
-    return dist.get_rank(), dist.get_world_size()
+Plan = list[tuple[str, str, TokenSelection]]  # (store subdir, hook point, token selection)
 
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
-def _plan(backbone: Backbone, layers, tokens) -> list[tuple[str, str, TokenSelection]]:
+def make_plan(backbone: Backbone, layers, tokens) -> Plan:
     """(subdir name, hook point, selection) for every requested combination; 'last' gets one 'pooled' subdir."""
     plan = []
     for hp in dict.fromkeys(parse_hook_point(x) for x in layers):
-        backbone._module(hp)  # validates the name early
+        backbone.module(hp)  # validates the name early
         sels = [POOLED] if hp == "last" else parse_tokens(list(tokens))
         for sel in sels:
             if sel.kind == "cls" and not backbone.has_cls:
@@ -86,35 +45,126 @@ def _plan(backbone: Backbone, layers, tokens) -> list[tuple[str, str, TokenSelec
     return plan
 
 
-def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None, quiet: bool = False) -> dict:
+class ShardWriter:
+    """Turns decoded images, in input order, into store shards: fills a batch, runs the backbone on it, keeps each
+    shard's rows until the stream has passed the shard, then writes it on a background thread (one write in
+    flight at a time bounds memory). Batches may span shards; a shard's images are contiguous in a batch."""
+
+    def __init__(self, cfg: ExtractConfig, backbone: Backbone, src: ImageSource, plan: Plan, store: StoreWriter,
+                 shard_images: int):
+        self.cfg, self.backbone, self.src, self.plan, self.store = cfg, backbone, src, plan, store
+        self.shard_images = shard_images
+        self.hook_points = list(dict.fromkeys(hp for _, hp, _ in plan))
+        self.shards: dict[int, dict] = {}  # shard -> rows computed so far
+        self.batch: list[tuple[int, int]] = []  # (shard, image index) of the batch being filled
+        self.pixels: list[torch.Tensor] = []
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: Future | None = None
+
+    def add(self, i: int, pixels: torch.Tensor | None, reason: str | None) -> None:
+        """Image i of the input, preprocessed, or None with the reason it was skipped."""
+        s = i // self.shard_images
+        shard = self.shards.setdefault(s, {"acts": {name: [] for name, _, _ in self.plan},
+                                           "tok": {name: [] for name, _, _ in self.plan}, "images": [], "skipped": []})
+        rec = self.src.records[i]
+        if pixels is None:
+            shard["skipped"].append({"path": rec.path, "reason": reason})
+            return
+        shard["images"].append({"id": rec.id, "path": rec.path, "label": rec.label})
+        self.batch.append((s, i))
+        self.pixels.append(pixels)
+        if len(self.pixels) >= self.cfg.batch_size:
+            self._run_batch()
+            self._write_shards(before=s)
+
+    def finish(self) -> None:
+        """Run the last batch, write every remaining shard and wait for the writes."""
+        self._run_batch()
+        self._write_shards(before=None)
+        if self.pending is not None:
+            self.pending.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _run_batch(self) -> None:
+        if not self.pixels:
+            return
+        bb, cfg = self.backbone, self.cfg
+        acts = bb.capture(torch.stack(self.pixels), self.hook_points)
+        ids = [self.src.records[i].id for _, i in self.batch]
+        shard_of = np.array([s for s, _ in self.batch])
+        for name, hp, sel in self.plan:
+            rows, tok = select_tokens(acts[hp], sel, ids, bb.has_cls, bb.n_registers, cfg.seed, hp)
+            arr, tok = to_storage(rows, cfg.dtype, hp), tok.numpy()
+            r = len(arr) // len(self.batch)
+            for s in np.unique(shard_of):
+                lo, hi = np.flatnonzero(shard_of == s)[[0, -1]]
+                self.shards[int(s)]["acts"][name].append(arr[lo * r : (hi + 1) * r])
+                self.shards[int(s)]["tok"][name].append(tok[lo * r : (hi + 1) * r])
+        self.batch.clear()
+        self.pixels.clear()
+
+    def _write_shards(self, before: int | None) -> None:
+        """Write every buffered shard < `before` (all of them if None); only with an empty batch."""
+        for s in sorted(self.shards):
+            if before is not None and s >= before:
+                break
+            b = self.shards.pop(s)
+            arrays = {name: np.concatenate(b["acts"][name]) if b["acts"][name]
+                      else np.zeros((0, self.backbone.width(hp)), STORAGE[self.cfg.dtype]) for name, hp, _ in self.plan}
+            toks = {k: (np.concatenate(v) if v else np.zeros(0, np.int32)) for k, v in b["tok"].items()}
+            if self.pending is not None:
+                self.pending.result()
+            self.pending = self.pool.submit(self.store.write_shard, s, arrays, toks, b["images"], b["skipped"])
+
+
+def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
     """Run one extraction (or resume it); returns a summary dict (rows, skipped, seconds, img_per_s)."""
-    rank, world = _dist(cfg.device)
-    device = cfg.device
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    rank, world, device, _ = join_process_group(torch.device(cfg.device))
     if backbone is None:
-        mdt = cfg.model_dtype or ("fp16" if device.startswith("cuda") else "fp32")
-        backbone = load_backbone(cfg.model, device=device, dtype=mdt)
-    src: ImageSource = open_images(cfg.data)
-    n = len(src)
-    if n == 0:
+        backbone = load_backbone(cfg.model, device=device, dtype=cfg.model_dtype or "auto")
+    src = open_images(cfg.data)
+    if len(src) == 0:
         raise ValueError(f"data source {cfg.data} holds no images")
     layers = list(cfg.layers) or ([backbone.default_layer] if backbone.default_layer else ["last"])
-    plan = _plan(backbone, layers, cfg.tokens)
+    plan = make_plan(backbone, layers, cfg.tokens)
     n_tokens = _n_tokens(backbone)
-    subdirs = {name: {"hook_point": hp, "tokens": sel.name, "rows_per_image": rows_per_image(sel, n_tokens)}
-               for name, hp, sel in plan}
-    writer = StoreWriter(cfg.out, cfg.store_config(n), subdirs)
-    writer.prepare(is_main=rank == 0)
+    subdirs = {name: {"hook_point": hp, "tokens": sel.name, "rows_per_image": rows_per_image(sel, n_tokens),
+                      "width": backbone.width(hp)} for name, hp, sel in plan}
+    store = StoreWriter(cfg.out, cfg.store_config(len(src)), subdirs)
+    store.prepare(is_main=rank == 0)
     _barrier(world)
     # a shard covers a fixed range of input images, so its content depends on nothing but the input order
     shard_images = max(1, cfg.shard_rows // max(sd["rows_per_image"] for sd in subdirs.values()))
-    n_shards = math.ceil(n / shard_images)
-    done = writer.done_shards()
-    mine = [s for s in range(n_shards) if s % world == rank and s not in done]
-    todo = [i for s in mine for i in range(s * shard_images, min(n, (s + 1) * shard_images))]
-    if done and rank == 0 and not quiet:
+    n_shards = math.ceil(len(src) / shard_images)
+    done = store.done_shards()
+    if done and rank == 0 and not cfg.quiet:
         print(f"resuming: {len(done)} of {n_shards} shards already done")
+    mine = [s for s in range(n_shards) if s % world == rank and s not in done]
+    todo = [i for s in mine for i in range(s * shard_images, min(len(src), (s + 1) * shard_images))]
+    t0 = time.perf_counter()
+    n_seen = _process(cfg, backbone, src, ShardWriter(cfg, backbone, src, plan, store, shard_images), todo, rank)
+    _barrier(world)
+    elapsed = time.perf_counter() - t0
+    if world > 1:  # images processed by all ranks, for the summary's throughput
+        t = torch.tensor([n_seen], device=device)
+        dist.all_reduce(t)
+        n_seen = int(t.item())
+    summary = {"rows": None, "skipped": None, "seconds": elapsed, "images_processed": n_seen,
+               "img_per_s": n_seen / elapsed if elapsed > 0 else float("nan"), "rank": rank, "world_size": world}
+    if rank == 0:
+        meta = {"model_id": backbone.model_id, "revision": backbone.revision, "d_model": backbone.d_model,
+                "data": cfg.data, "shard_images": shard_images}
+        root = store.finalize(n_shards, meta)
+        summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"])
+    _barrier(world)
+    return summary
+
+
+def _process(cfg: ExtractConfig, backbone: Backbone, src: ImageSource, writer: ShardWriter, todo: list[int],
+             rank: int) -> int:
+    """Decode and preprocess `todo` on worker threads, feed the writer in order; returns the images seen."""
 
     def load(i: int):
         try:
@@ -124,90 +174,17 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None, quiet: boo
         except Exception as e:  # a decodable image the processor cannot handle: skip it, never end the run
             return i, None, f"cannot preprocess: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    hook_points = list(dict.fromkeys(hp for _, hp, _ in plan))
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), disable=quiet or rank != 0, unit="img", desc="extract")
-    write_pool = ThreadPoolExecutor(1)
-    pending = None
-    bufs: dict[int, dict] = {}  # shard -> rows computed so far; batches may span shards
-    items: list[tuple[int, int]] = []  # (shard, image index) of the batch being filled
-    px: list[torch.Tensor] = []
     n_seen = 0
-
-    def new_buf():
-        return {"acts": {name: [] for name in subdirs}, "tok": {name: [] for name in subdirs}, "images": [], "skipped": []}
-
-    def flush_batch():
-        if not px:
-            return
-        acts = backbone.capture(torch.stack(px), hook_points)
-        ids = [src.records[i].id for _, i in items]
-        shard_of = np.array([s for s, _ in items])
-        for name, hp, sel in plan:
-            rows, tok = select_tokens(acts[hp], sel, ids, backbone.has_cls, backbone.n_registers, cfg.seed, hp)
-            arr, tok = to_storage(rows, cfg.dtype, hp), tok.numpy()
-            r = len(arr) // len(items)
-            for s in np.unique(shard_of):
-                lo, hi = np.flatnonzero(shard_of == s)[[0, -1]]  # a shard's images are contiguous in the batch
-                bufs[int(s)]["acts"][name].append(arr[lo * r : (hi + 1) * r])
-                bufs[int(s)]["tok"][name].append(tok[lo * r : (hi + 1) * r])
-        items.clear()
-        px.clear()
-
-    def submit_done(before: int | None):
-        """Write every buffered shard < `before` (all of them if None); call only with an empty batch."""
-        nonlocal pending
-        for s in sorted(bufs):
-            if before is not None and s >= before:
-                break
-            b = bufs.pop(s)
-            arrays = {k: (np.concatenate(v) if v else np.zeros((0, backbone.d_model), STORAGE[cfg.dtype]))
-                      for k, v in b["acts"].items()}
-            toks = {k: (np.concatenate(v) if v else np.zeros(0, np.int32)) for k, v in b["tok"].items()}
-            if pending is not None:
-                pending.result()  # one write in flight at a time bounds memory
-            pending = write_pool.submit(writer.write_shard, s, arrays, toks, b["images"], b["skipped"])
-
-    try:
-        for i, pv, reason in prefetch_map(load, todo, cfg.workers, ahead=max(2 * cfg.batch_size, 8)):
-            s = i // shard_images
-            buf = bufs.setdefault(s, new_buf())
-            rec = src.records[i]
-            if pv is None:
-                buf["skipped"].append({"path": rec.path, "reason": reason})
-            else:
-                buf["images"].append({"id": rec.id, "path": rec.path, "label": rec.label})
-                items.append((s, i))
-                px.append(pv)
-                if len(px) >= cfg.batch_size:
-                    flush_batch()
-                    submit_done(before=s)
-            n_seen += 1
-            bar.update(1)
-        flush_batch()
-        submit_done(before=None)
-        if pending is not None:
-            pending.result()
-    finally:
-        write_pool.shutdown(wait=True)
-        bar.close()
-    _barrier(world)
-    elapsed = time.perf_counter() - t0
-    if world > 1:  # images processed by all ranks, for the summary's throughput
-        import torch.distributed as dist
-
-        t = torch.tensor([n_seen], device=device if device.startswith("cuda") else "cpu")
-        dist.all_reduce(t)
-        n_seen = int(t.item())
-    summary = {"rows": None, "skipped": None, "seconds": elapsed, "images_processed": n_seen,
-               "img_per_s": n_seen / elapsed if elapsed > 0 else float("nan"), "rank": rank, "world_size": world}
-    if rank == 0:
-        meta = {"model_id": backbone.model_id, "revision": backbone.revision, "d_model": backbone.d_model,
-                "data": cfg.data, "shard_images": shard_images}
-        root = writer.finalize(n_shards, meta)
-        summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"])
-    _barrier(world)
-    return summary
+    with tqdm(total=len(todo), disable=cfg.quiet or rank != 0, unit="img", desc="extract") as bar:
+        try:
+            for i, pixels, reason in prefetch_map(load, todo, cfg.workers, ahead=max(2 * cfg.batch_size, 8)):
+                writer.add(i, pixels, reason)
+                n_seen += 1
+                bar.update(1)
+            writer.finish()
+        finally:
+            writer.close()
+    return n_seen
 
 
 def _n_tokens(backbone: Backbone) -> int:

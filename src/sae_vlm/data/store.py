@@ -24,15 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_vlm.io import atomic_write_bytes
+from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes
 
 FORMAT = "sae-vlm-store/1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
 FP16_MAX = 65504.0
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def to_storage(acts_ND: torch.Tensor, dtype: str, hook_point: str) -> np.ndarray:
@@ -44,7 +40,8 @@ def to_storage(acts_ND: torch.Tensor, dtype: str, hook_point: str) -> np.ndarray
     if dtype == "fp16":
         m = acts_ND.abs().max().item() if acts_ND.numel() else 0.0
         if m > FP16_MAX:
-            raise ValueError(f"activations at {hook_point} reach {m:.6g}, beyond fp16's max 65504; use --dtype bf16 or fp32")
+            raise ValueError(f"activations at {hook_point} reach {m:.6g}, beyond fp16's max 65504; "
+                             "use --dtype bf16 or fp32")
         return acts_ND.to(torch.float16).cpu().numpy()
     if dtype == "bf16":
         return acts_ND.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
@@ -57,14 +54,6 @@ def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def shard_name(s: int) -> str:
     return f"shard_{s:06d}"
 
@@ -75,7 +64,7 @@ class StoreWriter:
     def __init__(self, root: str | Path, config: dict, subdirs: dict[str, dict]):
         self.root = Path(root)
         self.config = config
-        self.subdirs = subdirs  # name -> {"hook_point", "tokens", "rows_per_image"}
+        self.subdirs = subdirs  # name -> {"hook_point", "tokens", "rows_per_image", "width"}
 
     def prepare(self, is_main: bool = True) -> None:
         """Create dirs and record the config; raise if `root` holds a different extraction."""
@@ -86,10 +75,10 @@ class StoreWriter:
                 old = json.loads(cfg_path.read_text())
                 if old != self.config:
                     diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
-                    raise ValueError(f"--out {self.root} holds an extraction with different settings ({', '.join(diff)}); "
-                                     "use a new --out directory or the same settings to resume")
+                    raise ValueError(f"--out {self.root} holds an extraction with different settings "
+                                     f"({', '.join(diff)}); use a new --out directory or the same settings to resume")
             else:
-                atomic_write_json(cfg_path, self.config)
+                atomic_write_json(cfg_path, self.config, indent=1)
             (self.root / "parts").mkdir(exist_ok=True)
             for name in self.subdirs:
                 (self.root / name).mkdir(exist_ok=True)
@@ -107,12 +96,12 @@ class StoreWriter:
         """Write every subdir's rows for shard s, then the part file that marks the shard done."""
         info = {}
         for name, arr in arrays.items():
-            data = _npy_bytes(arr)
+            data = npy_bytes(arr)
             atomic_write_bytes(self.root / name / f"{shard_name(s)}.npy", data)
             info[name] = {"rows": int(arr.shape[0]), "sha256": hashlib.sha256(data).hexdigest(),
                           "token_index": token_index[name].tolist()}
         atomic_write_json(self.root / "parts" / f"{shard_name(s)}.json",
-                          {"shard": s, "images": images, "skipped": skipped, "subdirs": info})
+                          {"shard": s, "images": images, "skipped": skipped, "subdirs": info}, indent=1)
 
     def finalize(self, n_shards: int, meta: dict) -> dict:
         """Merge the part files into one manifest per subdir and the root manifest (rank 0, after all shards)."""
@@ -139,16 +128,16 @@ class StoreWriter:
                 raise RuntimeError(f"{name}: shards hold {total} rows but {len(images)} images x {n_per} = {row}")
             d = self.root / name
             atomic_write_bytes(d / "rows.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"")
-            atomic_write_bytes(d / "token_index.npy", _npy_bytes(np.asarray(tok, dtype=np.int32)))
+            atomic_write_bytes(d / "token_index.npy", npy_bytes(np.asarray(tok, dtype=np.int32)))
             atomic_write_json(d / "manifest.json", {
                 "format": FORMAT, **meta, "hook_point": sd["hook_point"], "token_selection": sd["tokens"],
                 "dtype": self.config["dtype"], "storage_dtype": np.dtype(STORAGE[self.config["dtype"]]).name,
-                "shape": [total, meta["d_model"]], "rows": total, "images": len(images), "rows_per_image": n_per,
+                "shape": [total, sd["width"]], "rows": total, "images": len(images), "rows_per_image": n_per,
                 "rows_file": "rows.jsonl", "token_index_file": "token_index.npy", "shards": shards,
-                "skipped": skipped})
+                "skipped": skipped}, indent=1)
         root_manifest = {"format": FORMAT, **meta, "rows": len(images), "images": len(images),
                          "subdirs": list(self.subdirs), "skipped": skipped, "config": self.config}
-        atomic_write_json(self.root / "manifest.json", root_manifest)
+        atomic_write_json(self.root / "manifest.json", root_manifest, indent=1)
         return root_manifest
 
 
@@ -159,7 +148,8 @@ class StoreReader:
         self.path = Path(subdir)
         mp = self.path / "manifest.json"
         if not mp.exists():
-            raise FileNotFoundError(f"{self.path} has no manifest.json (incomplete extraction? rerun extract to resume)")
+            raise FileNotFoundError(f"{self.path} has no manifest.json "
+                                    "(incomplete extraction? rerun extract to resume)")
         self.manifest = json.loads(mp.read_text())
         self.dtype = self.manifest["dtype"]
         self.rows, self.d_in = (int(x) for x in self.manifest["shape"])
@@ -288,7 +278,7 @@ def open_store(path: str | Path, layer: str | None = None) -> StoreReader:
     layer = str(layer)
     if layer in names:
         return StoreReader(path / layer)
-    from sae_vlm.backbones.hf import parse_hook_point
+    from sae_vlm.backbones import parse_hook_point
 
     try:
         hp = parse_hook_point(layer.split("__")[0])

@@ -60,7 +60,8 @@ def random_positions(image_id: str, n_tokens: int, k: int, n_cls: int, n_registe
 
 def select_tokens(acts, sel: TokenSelection, image_ids: list[str], has_cls: bool, n_registers: int = 0,
                   seed: int = 0, hook_point: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
-    """acts [B, T, D] (or [B, D] for pooled points) -> (rows [B * r, D], token position per row [B * r]; -1 = pooled)."""
+    """acts [B, T, D] (or [B, D] for pooled points) -> (rows [B * r, D], token position per row [B * r];
+    -1 = pooled)."""
     if acts.ndim == 2:
         return acts, torch.full((acts.shape[0],), -1, dtype=torch.int32)
     B, T, D = acts.shape

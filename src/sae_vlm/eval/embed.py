@@ -1,6 +1,7 @@
 """Image embeddings for the MS similarity, computed once per dataset and cached.
 
-Cache: `DIR/embeddings__<model slug>.npy` + `.json` ({model_id, rows, dim[, image_ids_sha256]}); reused only when they match.
+Cache: `DIR/embeddings__<model slug>.npy` + `.json` ({model_id, rows, dim[, image_ids_sha256]}); reused only
+when they match.
 The cache logic takes a callable or an array, so it does not depend on any backbone; `backbone_embedder`
 builds such a callable from a hub id / directory via the extraction code's loader ("last" hook point: CLIP
 image_embeds, DINOv2 pooler output).
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sae_vlm.io import atomic_save_npy, atomic_write_json
 
@@ -40,7 +42,8 @@ def cached_embeddings(
         ids_sha = hashlib.sha256("\n".join(str(i) for i in image_ids).encode()).hexdigest()
     if npy.is_file() and meta.is_file():
         info = json.loads(meta.read_text())
-        if info.get("model_id") == str(model_id) and info.get("rows") == rows and info.get("image_ids_sha256") == ids_sha:
+        want = {"model_id": str(model_id), "rows": rows, "image_ids_sha256": ids_sha}
+        if all(info.get(k) == v for k, v in want.items()):
             return np.load(npy, mmap_mode="r")
     emb = np.asarray(compute() if callable(compute) else compute, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != rows:
@@ -53,8 +56,8 @@ def cached_embeddings(
     return emb
 
 
-def backbone_embedder(model_id: str, paths: Sequence[str], *, device="cpu", batch_size: int = 64,
-                      quiet: bool = True) -> Callable[[], np.ndarray]:
+def backbone_embedder(model_id: str, paths: Sequence[str], *, device: str | torch.device = "cpu",
+                      batch_size: int = 64, quiet: bool = True) -> Callable[[], np.ndarray]:
     """A callable that embeds the images at `paths` with the backbone's "last" hook point.
 
     Only image files can be embedded: a store of tar members or dataset rows raises ValueError at once."""
@@ -64,10 +67,9 @@ def backbone_embedder(model_id: str, paths: Sequence[str], *, device="cpu", batc
         raise ValueError("--embedder needs a folder or path-list store; pass --embeddings")
 
     def compute() -> np.ndarray:
-        import torch
         from tqdm.auto import tqdm
 
-        from sae_vlm.backbones.hf import load_backbone
+        from sae_vlm.backbones import load_backbone
         from sae_vlm.steer.generate import open_image
 
         bb = load_backbone(model_id, device=device)
@@ -79,3 +81,37 @@ def backbone_embedder(model_id: str, paths: Sequence[str], *, device="cpu", batc
         return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
     return compute
+
+
+def load_embeddings(src, rows: int, cache_dir: str | Path, embeddings=None, embedder=None,
+                    device: str | torch.device = "cpu", quiet: bool = True):
+    """Precomputed embeddings (checked against the store's image ids when a sidecar json lists them), or
+    embeddings of the store's images computed once with `embedder` and cached in `cache_dir` (keyed by the
+    model and the store's image ids). None when neither is given."""
+    store = src if hasattr(src, "image_ids") else None
+    ids = [str(i) for i in store.image_ids()] if store is not None else None
+    if embeddings is not None:
+        path = Path(embeddings)
+        if not path.is_file():
+            raise FileNotFoundError(f"embeddings file {path} does not exist")
+        emb = np.load(path, mmap_mode="r")
+        if emb.ndim != 2 or emb.shape[0] != rows:
+            raise ValueError(f"embeddings {path} have shape {emb.shape} but the activations have {rows} rows")
+        side = path.with_suffix(".json")
+        if ids is not None and side.is_file():
+            their = json.loads(side.read_text()).get("image_ids")
+            if their is not None and [str(i) for i in their] != ids:
+                bad = next((i for i, (a, b) in enumerate(zip(their, ids)) if str(a) != b), min(len(their), len(ids)))
+                theirs = their[bad] if bad < len(their) else "<end>"
+                ours = ids[bad] if bad < len(ids) else "<end>"
+                raise ValueError(f"image ids differ at row {bad}: embeddings {side} list {theirs}, "
+                                 f"the store has {ours}")
+        return emb, str(path)
+    if embedder is not None:
+        if store is None or not hasattr(store, "paths"):
+            raise ValueError(f"--embedder {embedder} needs a store with image paths; this source has none "
+                             "(pass --embeddings)")
+        paths = store.paths()
+        compute = backbone_embedder(embedder, paths, device=device, quiet=quiet)
+        return cached_embeddings(cache_dir, embedder, rows, compute, image_ids=ids), str(embedder)
+    return None, None

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_vlm.sae.groups import level_slices
+
 LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 _PREFIX = re.compile(r"^\d+_")
 
@@ -82,6 +84,23 @@ def image_taxonomy(
     return out
 
 
+def store_taxonomy(src, rows: int, taxonomy_file=None):
+    """Per-row taxonomy from the store's labels / paths (and an optional mapping file), or None."""
+    mapping = load_taxonomy_file(taxonomy_file) if taxonomy_file else None
+    store = src if hasattr(src, "labels") else None
+    if store is not None:
+        labels, paths = store.labels(), store.paths()
+    elif mapping is not None:  # plain arrays: the mapping is keyed by row number
+        labels, paths = [str(i) for i in range(rows)], None
+    else:
+        return None, None
+    taxa = image_taxonomy(labels, paths, mapping)
+    names = [str(p) for p in paths] if paths is not None else labels
+    if all(t is None for t in taxa) and mapping is None:
+        return None, None
+    return taxa, names
+
+
 def _prefix_codes(taxa: Sequence[tuple[str, ...] | None]) -> np.ndarray:
     """[N, 7] int ids of each path prefix (equal id at level l <=> equal first l+1 levels); -1 when missing."""
     codes = np.full((len(taxa), len(LEVELS)), -1, np.int64)
@@ -94,29 +113,30 @@ def _prefix_codes(taxa: Sequence[tuple[str, ...] | None]) -> np.ndarray:
     return codes
 
 
-def latent_lca_depths(top_idx_KT, top_val_KT, taxa: Sequence[tuple[str, ...] | None]) -> dict:
-    """Per latent: 'mean' (rounded mean depth), 'mode', 'raw_mean', 'pairs' (#pairs used) and 'dead' [K].
+def latent_lca_depths(top_idx_FT, top_val_FT, taxa: Sequence[tuple[str, ...] | None]) -> dict:
+    """Per latent: 'mean' (rounded mean depth), 'mode', 'raw_mean', 'pairs' (#pairs used) and 'dead' [F].
 
     Depth is NaN for a dead latent or one with fewer than two top images that have a taxonomy.
     """
-    idx = np.asarray(top_idx_KT, dtype=np.int64)
-    val = np.asarray(top_val_KT, dtype=np.float64)
+    idx = np.asarray(top_idx_FT, dtype=np.int64)
+    val = np.asarray(top_val_FT, dtype=np.float64)
     if idx.shape != val.shape or idx.ndim != 2:
         raise ValueError(f"top indices {idx.shape} and values {val.shape} must both be [latents, top]")
     if idx.size and (idx.min() < 0 or idx.max() >= len(taxa)):
-        raise ValueError(f"top image index {int(idx.max())} is outside the {len(taxa)} images that have taxonomy entries")
-    codes = _prefix_codes(taxa)[idx]  # [K, T, 7]
-    valid_KT = codes[..., 0] >= 0
-    same_KTTL = (codes[:, :, None, :] == codes[:, None, :, :]) & (codes[:, :, None, :] >= 0)
-    depth_KTT = same_KTTL.sum(-1)  # prefix ids make "equal at l" imply "equal below l"
+        raise ValueError(f"top image index {int(idx.max())} is outside the {len(taxa)} images that have taxonomy "
+                         "entries")
+    codes = _prefix_codes(taxa)[idx]  # [F, T, 7]
+    valid_FT = codes[..., 0] >= 0
+    same_FTTL = (codes[:, :, None, :] == codes[:, None, :, :]) & (codes[:, :, None, :] >= 0)
+    depth_FTT = same_FTTL.sum(-1)  # prefix ids make "equal at l" imply "equal below l"
     t = idx.shape[1]
     iu = np.triu_indices(t, k=1)
-    pair_ok_KP = (valid_KT[:, :, None] & valid_KT[:, None, :])[:, iu[0], iu[1]]
-    depth_KP = depth_KTT[:, iu[0], iu[1]]
-    n_pairs = pair_ok_KP.sum(1)
+    pair_ok_FP = (valid_FT[:, :, None] & valid_FT[:, None, :])[:, iu[0], iu[1]]
+    depth_FP = depth_FTT[:, iu[0], iu[1]]
+    n_pairs = pair_ok_FP.sum(1)
     dead = val[:, -1] <= 0 if t else np.ones(len(idx), bool)
-    raw_mean = np.where(n_pairs > 0, (depth_KP * pair_ok_KP).sum(1) / np.maximum(n_pairs, 1), np.nan)
-    counts = np.stack([((depth_KP == d) & pair_ok_KP).sum(1) for d in range(len(LEVELS) + 1)], 1)
+    raw_mean = np.where(n_pairs > 0, (depth_FP * pair_ok_FP).sum(1) / np.maximum(n_pairs, 1), np.nan)
+    counts = np.stack([((depth_FP == d) & pair_ok_FP).sum(1) for d in range(len(LEVELS) + 1)], 1)
     mode = np.where(n_pairs > 0, counts.argmax(1).astype(float), np.nan)  # ties -> shallower depth
     usable = (n_pairs > 0) & ~dead
     return {
@@ -128,23 +148,13 @@ def latent_lca_depths(top_idx_KT, top_val_KT, taxa: Sequence[tuple[str, ...] | N
     }
 
 
-def level_slices(group_sizes: Sequence[int] | None, d_sae: int) -> list[slice]:
-    """Contiguous latent ranges of the Matryoshka levels (one level for a plain SAE)."""
-    if not group_sizes:
-        return [slice(0, d_sae)]
-    if sum(group_sizes) != d_sae:
-        raise ValueError(f"group sizes {tuple(group_sizes)} sum to {sum(group_sizes)}, expected d_sae={d_sae}")
-    ends = np.cumsum(group_sizes)
-    return [slice(int(e - g), int(e)) for g, e in zip(group_sizes, ends)]
-
-
-def per_level(values_K, group_sizes, exclude_K=None) -> list[dict]:
-    """Mean / std / min / max / count of `values_K` in each level, NaNs and `exclude_K` left out."""
-    v = np.asarray(values_K, dtype=np.float64)
+def per_level(values_F, group_sizes, exclude_F=None) -> list[dict]:
+    """Mean / std / min / max / count of `values_F` in each level, NaNs and `exclude_F` left out."""
+    v = np.asarray(values_F, dtype=np.float64)
     out = []
     for lvl, sl in enumerate(level_slices(group_sizes, len(v))):
         x = v[sl]
-        keep = ~np.isnan(x) if exclude_K is None else ~np.isnan(x) & ~np.asarray(exclude_K)[sl]
+        keep = ~np.isnan(x) if exclude_F is None else ~np.isnan(x) & ~np.asarray(exclude_F)[sl]
         x = x[keep]
         stats = {"level": lvl, "latents": sl.stop - sl.start, "count": int(x.size)}
         if x.size:
@@ -153,14 +163,14 @@ def per_level(values_K, group_sizes, exclude_K=None) -> list[dict]:
     return out
 
 
-def top_set_uniqueness(top_idx_KT, dead_K=None, thresholds=(0.5, 0.75, 1.0)) -> dict:
+def top_set_uniqueness(top_idx_FT, dead_F=None, thresholds=(0.5, 0.75, 1.0)) -> dict:
     """Jaccard index between latents' top-image sets: per-latent max over the others, and pair counts.
 
     Sparse: only latents sharing an image are compared (inverted index via a sparse product).
     """
-    idx = torch.as_tensor(np.asarray(top_idx_KT, dtype=np.int64))
+    idx = torch.as_tensor(np.asarray(top_idx_FT, dtype=np.int64))
     k, t = idx.shape
-    live = torch.ones(k, dtype=torch.bool) if dead_K is None else ~torch.as_tensor(np.asarray(dead_K, dtype=bool))
+    live = torch.ones(k, dtype=torch.bool) if dead_F is None else ~torch.as_tensor(np.asarray(dead_F, dtype=bool))
     rows = torch.arange(k).repeat_interleave(t)
     cols = idx.reshape(-1)
     keep = live[rows]
@@ -168,23 +178,23 @@ def top_set_uniqueness(top_idx_KT, dead_K=None, thresholds=(0.5, 0.75, 1.0)) -> 
     ij = torch.stack([rows[keep], cols[keep]])
     ij = torch.unique(ij, dim=1)  # duplicates inside one latent's set count once
     m = torch.sparse_coo_tensor(ij, torch.ones(ij.shape[1]), (k, n_img), check_invariants=False).coalesce()
-    size_K = torch.sparse.sum(m, 1).to_dense() if m._nnz() else torch.zeros(k)
+    size_F = torch.sparse.sum(m, 1).to_dense() if m._nnz() else torch.zeros(k)
     with warnings.catch_warnings():  # "sparse CSR is beta" is noise here
         warnings.simplefilter("ignore", UserWarning)
         inter = torch.sparse.mm(m, m.t()).coalesce()
     a, b = inter.indices()
     off = a < b
     a, b, v = a[off], b[off], inter.values()[off]
-    jac = v / (size_K[a] + size_K[b] - v)
-    max_K = torch.zeros(k)
-    max_K.scatter_reduce_(0, a, jac, reduce="amax")
-    max_K.scatter_reduce_(0, b, jac, reduce="amax")
-    max_K[~live] = float("nan")
+    jac = v / (size_F[a] + size_F[b] - v)
+    max_F = torch.zeros(k)
+    max_F.scatter_reduce_(0, a, jac, reduce="amax")
+    max_F.scatter_reduce_(0, b, jac, reduce="amax")
+    max_F[~live] = float("nan")
     n_live = int(live.sum())
     return {
         "live_latents": n_live,
-        "max_jaccard": max_K.numpy(),
-        "mean_max_jaccard": float(np.nanmean(max_K.numpy())) if n_live else float("nan"),
+        "max_jaccard": max_F.numpy(),
+        "mean_max_jaccard": float(np.nanmean(max_F.numpy())) if n_live else float("nan"),
         "pairs_at_least": {str(th): int((jac >= th - 1e-12).sum()) for th in thresholds},
         "pairs_total": n_live * (n_live - 1) // 2,
     }

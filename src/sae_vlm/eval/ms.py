@@ -9,27 +9,28 @@ so every latent costs one pass over the rows (ÊᵀA, accumulated in float64) in
 A constant latent (max = min) gives 0/0 = NaN (`MSResult.dead`). A latent that is non-zero after normalisation
 on a single image only has no weighted pair either and also gets NaN; `summarize_ms` counts every NaN as dead.
 
-Inputs: dense activations [N, K] (tensor, ndarray, `.npy`, ActivationSource) or a sparse code store (any object
+Inputs: dense activations [N, F] (tensor, ndarray, `.npy`, ActivationSource) or a sparse code store (any object
 with `indices` int [N, k], `values` [N, k] and `d_sae`): a latent that is not listed in a row is 0 there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.data.source import as_source
-from sae_vlm.sae.distributed import resolve_device
+from sae_vlm.device import resolve_device
 
 F64 = torch.float64
 
 
 @dataclass(frozen=True)
 class MSResult:
-    """Per-latent MS and the statistics that say how much to trust it (all [K], CPU)."""
+    """Per-latent MS and the statistics that say how much to trust it (all [F], CPU)."""
 
     ms: torch.Tensor  # float64, NaN for dead / undefined latents
     support: torch.Tensor  # int64, #images with activation > 0
@@ -49,10 +50,10 @@ class MSResult:
 
 
 def is_sparse_codes(obj) -> bool:
-    return all(hasattr(obj, a) for a in ("indices", "values", "d_sae")) and not isinstance(obj, (torch.Tensor, np.ndarray))
+    has_fields = all(hasattr(obj, a) for a in ("indices", "values", "d_sae"))
+    return has_fields and not isinstance(obj, (torch.Tensor, np.ndarray))
 
 
-_device = resolve_device  # the evaluation modules' name for it (None: cuda when available)
 
 
 def unit_embeddings(embeddings, rows: int | None = None) -> torch.Tensor:
@@ -64,7 +65,8 @@ def unit_embeddings(embeddings, rows: int | None = None) -> torch.Tensor:
     if emb_ND.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [rows, dim], got shape {tuple(emb_ND.shape)}")
     if rows is not None and emb_ND.shape[0] != rows:
-        raise ValueError(f"embeddings have {emb_ND.shape[0]} rows but activations have {rows}; they must describe the same images")
+        raise ValueError(f"embeddings have {emb_ND.shape[0]} rows but activations have {rows}; "
+                         "they must describe the same images")
     if emb_ND.shape[0] == 0:
         raise ValueError("evaluation set is empty: embeddings have 0 rows, expected at least 2")
     emb_ND = emb_ND.detach().to("cpu", F64)
@@ -88,13 +90,14 @@ def chance_similarity(embeddings) -> float:
 def monosemanticity_score(
     activations, embeddings, *, device=None, chunk_rows: int = 4096, chunk_latents: int = 16384, quiet: bool = True
 ) -> torch.Tensor:
-    """MS per latent [K] (float64, CPU); NaN for a constant latent. See module doc for accepted inputs."""
-    return ms_stats(activations, embeddings, device=device, chunk_rows=chunk_rows, chunk_latents=chunk_latents, quiet=quiet).ms
+    """MS per latent [F] (float64, CPU); NaN for a constant latent. See module doc for accepted inputs."""
+    return ms_stats(activations, embeddings, device=device, chunk_rows=chunk_rows, chunk_latents=chunk_latents,
+                    quiet=quiet).ms
 
 
 def ms_stats(activations, embeddings, *, device=None, chunk_rows=4096, chunk_latents=16384, quiet=True) -> MSResult:
     """MS plus support, max/min activation; see `monosemanticity_score`."""
-    dev = _device(device)
+    dev = resolve_device(device)
     if is_sparse_codes(activations):
         return _ms_sparse(activations, embeddings, dev, chunk_rows, quiet)
     src = as_source(activations)
@@ -107,38 +110,38 @@ def _row_chunks(n: int, size: int, quiet: bool, desc: str):
     return tqdm(range(0, n, size), desc=desc, disable=quiet, leave=False)
 
 
-def _finish(num_K, den_K) -> torch.Tensor:
-    ms_K = num_K / den_K
+def _finish(num_F, den_F) -> torch.Tensor:
+    ms_F = num_F / den_F
     # den = 0 exactly when no pair carries weight (constant latent, or one image only): undefined.
-    return torch.where(den_K > 0, ms_K, torch.full_like(ms_K, float("nan"))).cpu()
+    return torch.where(den_F > 0, ms_F, torch.full_like(ms_F, float("nan"))).cpu()
 
 
 class _Accumulator:
-    """Running ÊᵀÃ [K, D], Σã and Σã² in float64; ã enters either as a dense chunk or as sparse entries."""
+    """Running ÊᵀÃ [F, D], Σã and Σã² in float64; ã enters either as a dense chunk or as sparse entries."""
 
     def __init__(self, k: int, d: int, dev):
-        self.etA_KD = torch.zeros(k, d, dtype=F64, device=dev)
-        self.sum_K = torch.zeros(k, dtype=F64, device=dev)
-        self.sq_K = torch.zeros(k, dtype=F64, device=dev)
+        self.etA_FD = torch.zeros(k, d, dtype=F64, device=dev)
+        self.sum_F = torch.zeros(k, dtype=F64, device=dev)
+        self.sq_F = torch.zeros(k, dtype=F64, device=dev)
 
     def add_dense(self, at_RC: torch.Tensor, e_RD: torch.Tensor, c0: int) -> None:
         c1 = c0 + at_RC.shape[1]
-        self.etA_KD[c0:c1] += at_RC.T @ e_RD
-        self.sum_K[c0:c1] += at_RC.sum(0)
-        self.sq_K[c0:c1] += (at_RC * at_RC).sum(0)
+        self.etA_FD[c0:c1] += at_RC.T @ e_RD
+        self.sum_F[c0:c1] += at_RC.sum(0)
+        self.sq_F[c0:c1] += (at_RC * at_RC).sum(0)
 
     def add_sparse(self, row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, e_RD: torch.Tensor) -> None:
         """Entries ã[row, col] = val (zero elsewhere); a sparse product avoids an [nnz, D] temporary."""
-        k = self.sum_K.shape[0]
-        m_KR = torch.sparse_coo_tensor(torch.stack([col, row]), val, (k, e_RD.shape[0]), check_invariants=False)
-        self.etA_KD += torch.sparse.mm(m_KR, e_RD)
-        self.sum_K.index_add_(0, col, val)
-        self.sq_K.index_add_(0, col, val * val)
+        k = self.sum_F.shape[0]
+        m_FR = torch.sparse_coo_tensor(torch.stack([col, row]), val, (k, e_RD.shape[0]), check_invariants=False)
+        self.etA_FD += torch.sparse.mm(m_FR, e_RD)
+        self.sum_F.index_add_(0, col, val)
+        self.sq_F.index_add_(0, col, val * val)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        num_K = (self.etA_KD * self.etA_KD).sum(1) - self.sq_K
-        den_K = self.sum_K * self.sum_K - self.sq_K
-        return num_K, den_K
+        num_F = (self.etA_FD * self.etA_FD).sum(1) - self.sq_F
+        den_F = self.sum_F * self.sum_F - self.sq_F
+        return num_F, den_F
 
 
 SPARSE_BELOW = 0.05  # a chunk with fewer non-minimal entries than this goes through the sparse product
@@ -146,32 +149,32 @@ SPARSE_BELOW = 0.05  # a chunk with fewer non-minimal entries than this goes thr
 
 def _ms_dense(src, e_ND, dev, chunk_rows, chunk_latents, quiet) -> MSResult:
     n, k = src.rows, src.d_in
-    lo_K = torch.full((k,), float("inf"), dtype=F64, device=dev)
-    hi_K = torch.full((k,), float("-inf"), dtype=F64, device=dev)
-    support_K = torch.zeros(k, dtype=torch.int64, device=dev)
+    lo_F = torch.full((k,), float("inf"), dtype=F64, device=dev)
+    hi_F = torch.full((k,), float("-inf"), dtype=F64, device=dev)
+    support_F = torch.zeros(k, dtype=torch.int64, device=dev)
     for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 1/2 (min/max)"):
-        a_RK = src.get(torch.arange(r0, min(r0 + chunk_rows, n))).to(dev)
-        lo_K = torch.minimum(lo_K, a_RK.amin(0).double())
-        hi_K = torch.maximum(hi_K, a_RK.amax(0).double())
-        support_K += (a_RK > 0).sum(0)
-    scale_K = torch.where(hi_K > lo_K, 1.0 / (hi_K - lo_K), torch.zeros_like(hi_K))
+        a_RF = src.get(torch.arange(r0, min(r0 + chunk_rows, n))).to(dev)
+        lo_F = torch.minimum(lo_F, a_RF.amin(0).double())
+        hi_F = torch.maximum(hi_F, a_RF.amax(0).double())
+        support_F += (a_RF > 0).sum(0)
+    scale_F = torch.where(hi_F > lo_F, 1.0 / (hi_F - lo_F), torch.zeros_like(hi_F))
 
     acc = _Accumulator(k, e_ND.shape[1], dev)
     for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 2/2 (ÊᵀÃ)"):
         rows = torch.arange(r0, min(r0 + chunk_rows, n))
-        a_RK = src.get(rows).to(dev)
+        a_RF = src.get(rows).to(dev)
         e_RD = e_ND[rows].to(dev)
         for c0 in range(0, k, chunk_latents):
             c1 = min(c0 + chunk_latents, k)
-            a_RC = a_RK[:, c0:c1]
+            a_RC = a_RF[:, c0:c1]
             # SAE codes are mostly at their minimum (0), where ã = 0: only the other entries matter
-            row, col = (a_RC.double() != lo_K[c0:c1]).nonzero(as_tuple=True)
+            row, col = (a_RC.double() != lo_F[c0:c1]).nonzero(as_tuple=True)
             if row.numel() < SPARSE_BELOW * a_RC.numel():
-                val = (a_RC[row, col].double() - lo_K[c0 + col]) * scale_K[c0 + col]
+                val = (a_RC[row, col].double() - lo_F[c0 + col]) * scale_F[c0 + col]
                 acc.add_sparse(row, col + c0, val, e_RD)
             else:
-                acc.add_dense((a_RC.double() - lo_K[c0:c1]) * scale_K[c0:c1], e_RD, c0)
-    return MSResult(_finish(*acc.result()), support_K.cpu(), hi_K.cpu(), lo_K.cpu(), n)
+                acc.add_dense((a_RC.double() - lo_F[c0:c1]) * scale_F[c0:c1], e_RD, c0)
+    return MSResult(_finish(*acc.result()), support_F.cpu(), hi_F.cpu(), lo_F.cpu(), n)
 
 
 def _ms_sparse(codes, embeddings, dev, chunk_rows, quiet) -> MSResult:
@@ -187,45 +190,47 @@ def _ms_sparse(codes, embeddings, dev, chunk_rows, quiet) -> MSResult:
         idx = torch.as_tensor(np.asarray(idx_all[r0:r1]), device=dev).long()
         val = torch.as_tensor(np.asarray(val_all[r0:r1]), device=dev).double()
         if idx.shape != val.shape or idx.ndim != 2:
-            raise ValueError(f"code store indices {tuple(idx.shape)} and values {tuple(val.shape)} must both be [rows, k]")
+            raise ValueError(f"code store indices {tuple(idx.shape)} and values {tuple(val.shape)} "
+                             "must both be [rows, k]")
         return r1, idx.reshape(-1), val.reshape(-1)
 
-    listed_K = torch.zeros(k, dtype=torch.int64, device=dev)
-    support_K = torch.zeros(k, dtype=torch.int64, device=dev)
-    lo_K = torch.full((k,), float("inf"), dtype=F64, device=dev)
-    hi_K = torch.full((k,), float("-inf"), dtype=F64, device=dev)
+    listed_F = torch.zeros(k, dtype=torch.int64, device=dev)
+    support_F = torch.zeros(k, dtype=torch.int64, device=dev)
+    lo_F = torch.full((k,), float("inf"), dtype=F64, device=dev)
+    hi_F = torch.full((k,), float("-inf"), dtype=F64, device=dev)
     for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 1/2 (min/max)"):
         _, idx, val = chunk(r0)
-        listed_K.index_add_(0, idx, torch.ones_like(idx))
-        support_K.index_add_(0, idx, (val > 0).long())
-        lo_K.scatter_reduce_(0, idx, val, reduce="amin")
-        hi_K.scatter_reduce_(0, idx, val, reduce="amax")
-    if int(listed_K.max()) > n:
-        raise ValueError(f"code store lists some latent {int(listed_K.max())} times in {n} rows; expected each latent at most once per row")
-    has_zero_K = listed_K < n  # some row does not list the latent: its activation there is 0
-    lo_K = torch.where(has_zero_K, lo_K.clamp(max=0.0), lo_K)
-    hi_K = torch.where(has_zero_K, hi_K.clamp(min=0.0), hi_K)
-    scale_K = torch.where(hi_K > lo_K, 1.0 / (hi_K - lo_K), torch.zeros_like(hi_K))
-    c_K = -lo_K * scale_K  # normalised value of a 0 activation
+        listed_F.index_add_(0, idx, torch.ones_like(idx))
+        support_F.index_add_(0, idx, (val > 0).long())
+        lo_F.scatter_reduce_(0, idx, val, reduce="amin")
+        hi_F.scatter_reduce_(0, idx, val, reduce="amax")
+    if int(listed_F.max()) > n:
+        raise ValueError(f"code store lists some latent {int(listed_F.max())} times in {n} rows; "
+                         "expected each latent at most once per row")
+    has_zero_F = listed_F < n  # some row does not list the latent: its activation there is 0
+    lo_F = torch.where(has_zero_F, lo_F.clamp(max=0.0), lo_F)
+    hi_F = torch.where(has_zero_F, hi_F.clamp(min=0.0), hi_F)
+    scale_F = torch.where(hi_F > lo_F, 1.0 / (hi_F - lo_F), torch.zeros_like(hi_F))
+    c_F = -lo_F * scale_F  # normalised value of a 0 activation
 
     # accumulate the listed corrections (ã − c); the constant c over all N rows is added in closed form after
     acc = _Accumulator(k, e_ND.shape[1], dev)
-    corr_sq_K = torch.zeros(k, dtype=F64, device=dev)
+    corr_sq_F = torch.zeros(k, dtype=F64, device=dev)
     esum_D = torch.zeros(e_ND.shape[1], dtype=F64, device=dev)
     for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 2/2 (ÊᵀÃ)"):
         r1, idx, val = chunk(r0)
         e_RD = e_ND[r0:r1].to(dev)
         esum_D += e_RD.sum(0)
-        at = (val - lo_K[idx]) * scale_K[idx]
+        at = (val - lo_F[idx]) * scale_F[idx]
         row = torch.arange(r1 - r0, device=dev).repeat_interleave(idx.numel() // (r1 - r0))  # row of each entry
-        acc.add_sparse(row, idx, at - c_K[idx], e_RD)
-        corr_sq_K.index_add_(0, idx, at * at - c_K[idx] ** 2)
-    etA_KD = c_K[:, None] * esum_D[None, :] + acc.etA_KD
-    sum_K = c_K * n + acc.sum_K
-    sq_K = c_K * c_K * n + corr_sq_K
-    num_K = (etA_KD * etA_KD).sum(1) - sq_K
-    den_K = sum_K * sum_K - sq_K
-    return MSResult(_finish(num_K, den_K), support_K.cpu(), hi_K.cpu(), lo_K.cpu(), n)
+        acc.add_sparse(row, idx, at - c_F[idx], e_RD)
+        corr_sq_F.index_add_(0, idx, at * at - c_F[idx] ** 2)
+    etA_FD = c_F[:, None] * esum_D[None, :] + acc.etA_FD
+    sum_F = c_F * n + acc.sum_F
+    sq_F = c_F * c_F * n + corr_sq_F
+    num_F = (etA_FD * etA_FD).sum(1) - sq_F
+    den_F = sum_F * sum_F - sq_F
+    return MSResult(_finish(num_F, den_F), support_F.cpu(), hi_F.cpu(), lo_F.cpu(), n)
 
 
 def random_rotation(d: int, seed: int = 0) -> torch.Tensor:
@@ -248,12 +253,12 @@ class RotatedSource:
         return x @ self.Q_DD.to(x.device)
 
 
-def summarize_ms(ms_K: torch.Tensor, chance: float | None = None, top: int = 10) -> dict:
+def summarize_ms(ms_F: torch.Tensor, chance: float | None = None, top: int = 10) -> dict:
     """Mean ± std over scored latents, best/worst, dead count, and the margin over chance."""
-    ms = ms_K.double()
+    ms = ms_F.double()
     ok = ~torch.isnan(ms)
     vals = ms[ok]
-    out = {"latents": int(ms.numel()), "dead": int((~ok).sum()), "scored": int(ok.sum())}
+    out: dict[str, Any] = {"latents": int(ms.numel()), "dead": int((~ok).sum()), "scored": int(ok.sum())}
     if vals.numel():
         order = torch.argsort(ms.nan_to_num(float("-inf")), descending=True)[: min(top, vals.numel())]
         worst = torch.argsort(ms.nan_to_num(float("inf")))[: min(top, vals.numel())]

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.data.source import as_source
-from sae_vlm.eval.ms import _device
+from sae_vlm.device import resolve_device
 
 F64 = torch.float64
 
@@ -24,7 +24,8 @@ class _Moments:
     """Streaming per-dimension mean and sum of squared deviations (Chan et al. merge), float64."""
 
     def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
+        self.n = 0
+        self.mean = self.m2 = torch.zeros((), dtype=F64)  # replaced by the first batch's
 
     def add(self, x_RD: torch.Tensor) -> None:
         x = x_RD.double()
@@ -49,7 +50,7 @@ def reconstruction_metrics(
     dense_cutoff: float = 0.1, quiet: bool = True,
 ) -> dict:
     """FVE, MSE, cosine, L0 (threshold / top-k), dead and dense fractions of `sae` on `data` (rows `rows`)."""
-    dev = _device(device)
+    dev = resolve_device(device)
     src = as_source(data)
     if src.d_in != sae.cfg.d_in:
         raise ValueError(f"activations have width {src.d_in} but the SAE expects d_in={sae.cfg.d_in}")
@@ -71,7 +72,7 @@ def reconstruction_metrics(
         sq_err += float((resid**2).sum())
         cos_sum += float(torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=1).sum())
         fired_F += (codes > 0).sum(0)
-        l0_thr += float((sae.encode(x, mode="threshold") > 0).sum()) if sae.cfg.arch != "relu" else float((codes > 0).sum())
+        l0_thr += float((sae.encode(x, mode="threshold") > 0).sum())  # ReLU SAEs: θ = 0, the ReLU codes
         if has_k:
             l0_topk += float((sae.encode(x, mode="topk") > 0).sum())
     n = rows.numel()
@@ -110,7 +111,7 @@ def splice_sae(model, hook_point: str, sae, token_selection: str = "cls") -> Ite
     by the SAE reconstruction. At a layer, only the CLS token (token 0) is replaced for a "cls" SAE.
 
     The hook point is resolved and patched by `Backbone.patch` (the extraction code's layer lookup)."""
-    from sae_vlm.backbones.hf import Backbone
+    from sae_vlm.backbones import Backbone
 
     was_training = model.training
     bb = Backbone(model)  # puts the model in eval mode; restored below so splicing has no side effect
@@ -133,10 +134,10 @@ def splice_sae(model, hook_point: str, sae, token_selection: str = "cls") -> Ite
 @torch.no_grad()
 def zero_shot_accuracy(model, pixel_values, labels: Sequence[int], text_inputs: dict, *, batch_size: int = 64) -> float:
     """Top-1 accuracy of CLIP zero-shot classification; `text_inputs` are tokenised class prompts."""
-    labels = torch.as_tensor(labels).long()
-    if labels.numel() != pixel_values.shape[0]:
-        raise ValueError(f"{labels.numel()} labels for {pixel_values.shape[0]} images; expected one label per image")
-    if labels.numel() == 0:
+    labels_N = torch.as_tensor(labels).long()
+    if labels_N.numel() != pixel_values.shape[0]:
+        raise ValueError(f"{labels_N.numel()} labels for {pixel_values.shape[0]} images; expected one label per image")
+    if labels_N.numel() == 0:
         raise ValueError("evaluation set is empty: 0 images for zero-shot accuracy")
     model.eval()
     dev = next(model.parameters()).device
@@ -144,12 +145,12 @@ def zero_shot_accuracy(model, pixel_values, labels: Sequence[int], text_inputs: 
     text = getattr(text, "pooler_output", text)  # 5.x may return an output object
     text = torch.nn.functional.normalize(text.float(), dim=-1)
     correct = 0
-    for b0 in range(0, labels.numel(), batch_size):
+    for b0 in range(0, labels_N.numel(), batch_size):
         img = model.get_image_features(pixel_values=pixel_values[b0 : b0 + batch_size].to(dev))
         img = getattr(img, "pooler_output", img)
         pred = (torch.nn.functional.normalize(img.float(), dim=-1) @ text.T).argmax(1).cpu()
-        correct += int((pred == labels[b0 : b0 + batch_size]).sum())
-    return correct / labels.numel()
+        correct += int((pred == labels_N[b0 : b0 + batch_size]).sum())
+    return correct / labels_N.numel()
 
 
 def accuracy_recovered(model, sae, hook_point: str, pixel_values, labels, text_inputs, *, token_selection="cls",

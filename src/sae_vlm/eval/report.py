@@ -41,7 +41,8 @@ def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
             if no_sae:
                 b = baselines.get(layer, {}).get("no_sae")
                 line += f" {b['mean']:.4f}±{b['std']:.4f} |" if b and "mean" in b else " – |"
-            line += "".join(f" {value(cells[(arch, layer)][w]) if w in cells[(arch, layer)] else '–'} |" for w in widths)
+            row = cells[(arch, layer)]
+            line += "".join(f" {value(row[w]) if w in row else '–'} |" for w in widths)
             lines.append(line)
         return "\n".join(lines)
 
@@ -77,14 +78,14 @@ def _figure(path: Path, size=(5, 3.5)):
         plt.close(fig)
 
 
-def plot_ms_levels(path: Path, name: str, ms_K: np.ndarray, group_sizes, baseline_ms: np.ndarray | None) -> None:
+def plot_ms_levels(path: Path, name: str, ms_F: np.ndarray, group_sizes, baseline_ms: np.ndarray | None) -> None:
     """MS histogram per Matryoshka level (one level for a plain SAE), raw neurons as the baseline."""
-    from sae_vlm.eval.hierarchy import level_slices
+    from sae_vlm.sae.groups import level_slices
 
     with _figure(path, (6, 3.5)) as ax:
-        bins = np.linspace(-0.2, 1.0, 61)
-        for lvl, sl in enumerate(level_slices(group_sizes, len(ms_K))):
-            v = ms_K[sl][~np.isnan(ms_K[sl])]
+        bins = np.linspace(-0.2, 1.0, 61).tolist()
+        for lvl, sl in enumerate(level_slices(group_sizes, len(ms_F))):
+            v = ms_F[sl][~np.isnan(ms_F[sl])]
             if v.size:
                 ax.hist(v, bins=bins, histtype="step", density=True, label=f"level {lvl} ({v.size})")
         if baseline_ms is not None:

@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.data.source import as_source
+from sae_vlm.device import resolve_device
+from sae_vlm.eval.ms import is_sparse_codes
 from sae_vlm.io import atomic_save_image, atomic_save_npy
-from sae_vlm.eval.ms import _device, is_sparse_codes
 
 
 class EncodedSource:
@@ -24,7 +25,7 @@ class EncodedSource:
     def __init__(self, sae, source, mode: str | None = None, device=None):
         self.sae, self.src, self.mode = sae, as_source(source), mode
         self.rows, self.d_in = self.src.rows, sae.cfg.d_sae
-        self.device = _device(device)
+        self.device = resolve_device(device)
         if self.src.d_in != sae.cfg.d_in:
             raise ValueError(f"activations have width {self.src.d_in} but the SAE expects d_in={sae.cfg.d_in}")
 
@@ -35,7 +36,7 @@ class EncodedSource:
 
 
 def _chunks(codes, chunk_rows: int, dev):
-    """Yield dense [R, K] float chunks of a dense source or a sparse code store."""
+    """Yield dense [R, F] float chunks of a dense source or a sparse code store."""
     if is_sparse_codes(codes):
         n, k = int(codes.indices.shape[0]), int(codes.d_sae)
         for r0 in range(0, n, chunk_rows):
@@ -54,7 +55,7 @@ def _rows_of(codes) -> int:
 
 
 def _pooled_chunks(codes, image_ids, chunk_rows, dev):
-    """Mean-pool token rows per image; yields (image ids [I], pooled codes [I, K]) for completed images."""
+    """Mean-pool token rows per image; yields (image ids [I], pooled codes [I, F]) for completed images."""
     ids_all = torch.as_tensor(np.asarray(image_ids)).long()
     if ids_all.numel() != _rows_of(codes):
         raise ValueError(f"{ids_all.numel()} image ids given for {_rows_of(codes)} code rows; expected one id per row")
@@ -64,13 +65,14 @@ def _pooled_chunks(codes, image_ids, chunk_rows, dev):
     run_ids = ids_all[starts]
     if run_ids.unique().numel() != run_ids.numel():
         raise ValueError("image ids of token rows are not contiguous; expected all rows of an image to be adjacent")
-    carry_id, carry_sum, carry_n = None, None, 0
+    carry_id: int | None = None
+    carry_sum, carry_n = torch.zeros(0, device=dev), torch.zeros((), device=dev)
     r0 = 0
-    for c_RK in _chunks(codes, chunk_rows, dev):
-        ids = ids_all[r0 : r0 + c_RK.shape[0]].to(dev)
-        r0 += c_RK.shape[0]
+    for c_RF in _chunks(codes, chunk_rows, dev):
+        ids = ids_all[r0 : r0 + c_RF.shape[0]].to(dev)
+        r0 += c_RF.shape[0]
         uniq, inv = torch.unique_consecutive(ids, return_inverse=True)
-        sums = torch.zeros(len(uniq), c_RK.shape[1], device=dev).index_add_(0, inv, c_RK)
+        sums = torch.zeros(len(uniq), c_RF.shape[1], device=dev).index_add_(0, inv, c_RF)
         counts = torch.zeros(len(uniq), device=dev).index_add_(0, inv, torch.ones_like(ids, dtype=torch.float))
         if carry_id is not None and int(uniq[0]) == carry_id:
             sums[0] += carry_sum
@@ -86,59 +88,60 @@ def _pooled_chunks(codes, image_ids, chunk_rows, dev):
 
 
 def running_top(stream, top: int, *, fill: float = float("-inf"), width: int | None = None, device=None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The running top-k merge: (values [K, top], indices [K, top] int64), best first, on the chunks' device.
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top-k merge: (values [F, top], indices [F, top] int64), best first, on the chunks' device.
 
-    `stream` yields (ids [R] or None, codes [R, K]); None ids number the rows consecutively from 0. Per chunk,
+    `stream` yields (ids [R] or None, codes [R, F]); None ids number the rows consecutively from 0. Per chunk,
     `torch.topk` over the running values concatenated with the chunk's codes. Slots never filled keep value
-    `fill` and index -1. The state is created from the first chunk, or up front when `width` (K) is given
-    (then an empty stream returns the filled state; otherwise (None, None))."""
-    vals_KT = idx_KT = None
-    if width is not None:
-        vals_KT = torch.full((width, top), fill, device=device)
-        idx_KT = torch.full((width, top), -1, dtype=torch.int64, device=device)
+    `fill` and index -1. The state is created from the first chunk, or up front when `width` (F) is given
+    (then an empty stream returns the filled state; without `width` it is a ValueError)."""
+
+    def start(f: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.full((f, top), fill, device=dev), torch.full((f, top), -1, dtype=torch.int64, device=dev))
+
+    state = start(width, device) if width is not None else None
     seen = 0
-    for ids, c_RK in stream:
+    for ids, c_RF in stream:
         if ids is None:
-            ids = torch.arange(seen, seen + c_RK.shape[0], device=c_RK.device)
-        seen += c_RK.shape[0]
-        if vals_KT is None:
-            vals_KT = torch.full((c_RK.shape[1], top), fill, device=c_RK.device)
-            idx_KT = torch.full((c_RK.shape[1], top), -1, dtype=torch.int64, device=c_RK.device)
-        cand_v = torch.cat([vals_KT, c_RK.T], 1)
-        cand_i = torch.cat([idx_KT, ids[None, :].expand(c_RK.shape[1], -1)], 1)
-        vals_KT, pos = cand_v.topk(top, dim=1)
-        idx_KT = cand_i.gather(1, pos)
-    return vals_KT, idx_KT
+            ids = torch.arange(seen, seen + c_RF.shape[0], device=c_RF.device)
+        seen += c_RF.shape[0]
+        vals_FT, idx_FT = state if state is not None else start(c_RF.shape[1], c_RF.device)
+        cand_v = torch.cat([vals_FT, c_RF.T], 1)
+        cand_i = torch.cat([idx_FT, ids[None, :].expand(c_RF.shape[1], -1)], 1)
+        vals_FT, pos = cand_v.topk(top, dim=1)
+        state = (vals_FT, cand_i.gather(1, pos))
+    if state is None:
+        raise ValueError("evaluation set is empty: no code rows to rank, expected at least 1")
+    return state
 
 
 @torch.no_grad()
 def top_activating(
     codes, *, top: int = 16, image_ids=None, device=None, chunk_rows: int = 1024, quiet: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [K, top] float32, indices [K, top] int64), best first, on the CPU.
+    """(values [F, top] float32, indices [F, top] int64), best first, on the CPU.
 
-    `codes`: dense [N, K] (tensor/array/.npy/ActivationSource, e.g. `EncodedSource`) or a sparse code store.
+    `codes`: dense [N, F] (tensor/array/.npy/ActivationSource, e.g. `EncodedSource`) or a sparse code store.
     Indices are row numbers, or with `image_ids` (one id per token row) image ids, codes mean-pooled per image.
     Latents seen on fewer than `top` rows pad with value -inf and index -1.
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     if _rows_of(codes) == 0:
         raise ValueError("evaluation set is empty: codes have 0 rows, expected at least 1")
     if image_ids is None:
         stream = ((None, c) for c in _chunks(codes, chunk_rows, dev))
     else:
         stream = _pooled_chunks(codes, image_ids, chunk_rows, dev)
-    vals_KT, idx_KT = running_top(tqdm(stream, desc="top images", disable=quiet, leave=False), top)
-    return vals_KT.cpu(), idx_KT.cpu()
+    vals_FT, idx_FT = running_top(tqdm(stream, desc="top images", disable=quiet, leave=False), top)
+    return vals_FT.cpu(), idx_FT.cpu()
 
 
-def save_top(directory: str | Path, values_KT, indices_KT, prefix: str = "top") -> None:
+def save_top(directory: str | Path, values_FT, indices_FT, prefix: str = "top") -> None:
     """`<prefix>_values.npy` and `<prefix>_indices.npy` beside the codes, each written atomically."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(d / f"{prefix}_values.npy", np.asarray(values_KT, dtype=np.float32))
-    atomic_save_npy(d / f"{prefix}_indices.npy", np.asarray(indices_KT, dtype=np.int64))
+    atomic_save_npy(d / f"{prefix}_values.npy", np.asarray(values_FT, dtype=np.float32))
+    atomic_save_npy(d / f"{prefix}_indices.npy", np.asarray(indices_FT, dtype=np.int64))
 
 
 def load_top(directory: str | Path, prefix: str = "top") -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sae_vlm.sae.distributed import CKPT, Dist, check_in_sync
 from sae_vlm.io import atomic_save_safetensors, atomic_write_text
+from sae_vlm.sae.distributed import CKPT, Dist, check_in_sync
 
 __all__ = ["CKPT", "checkpoint", "load_checkpoint", "resume_step", "save_checkpoint", "truncate_log"]
 
@@ -61,7 +61,7 @@ def resume_step(out: Path, place: Dist) -> Path | None:
     steps = {int(checkpoint_meta(p)["step"]): p for p in mine}
     if place.world == 1 or place.ddp:
         return max(steps.items())[1] if steps else None
-    every = [None] * place.world
+    every: list[list[int]] = [[] for _ in range(place.world)]
     dist.all_gather_object(every, sorted(steps))
     common = set.intersection(*(set(s) for s in every))
     return steps[max(common)] if common else None
@@ -79,15 +79,17 @@ def save_checkpoint(path: Path, members: list, step: int, norm: float, place: Di
         tensors[f"{name}/since_fired"] = m.dead.since_fired_F
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_save_safetensors(path, tensors, metadata={"step": str(step), "members": json.dumps([m.spec.name for m in members]),
-                                              "world": str(place.world), "ddp": str(int(place.ddp))})
+    meta = {"step": str(step), "members": json.dumps([m.spec.name for m in members]), "world": str(place.world),
+            "ddp": str(int(place.ddp))}
+    atomic_save_safetensors(path, tensors, metadata=meta)
 
 
 def load_checkpoint(path: Path, members: list, place: Dist = Dist()) -> tuple[int, float]:
     meta = checkpoint_meta(path)
     saved = json.loads(meta["members"])
     if saved != [m.spec.name for m in members]:
-        raise ValueError(f"checkpoint {path} holds SAEs {saved}, but the config asks for {[m.spec.name for m in members]}")
+        wanted = [m.spec.name for m in members]
+        raise ValueError(f"checkpoint {path} holds SAEs {saved}, but the config asks for {wanted}")
     tensors = load_file(str(path))
     for m in members:
         name = m.spec.name

@@ -25,7 +25,8 @@ def from_dictionary_learning(src: str | Path, hook_point: str | None = None, mod
         W_enc, b_enc, W_dec = state["W_enc"], state["b_enc"], state["W_dec"]
         arch, groups = "matryoshka", tuple(int(g) for g in state["group_sizes"].tolist())
     else:
-        raise ValueError(f"{src} is not a dictionary_learning BatchTopK/Matryoshka checkpoint; keys: {sorted(state)[:8]}")
+        raise ValueError(f"{src} is not a dictionary_learning BatchTopK/Matryoshka checkpoint; "
+                         f"keys: {sorted(state)[:8]}")
     d_in, d_sae = W_enc.shape
     sae = SAE(SAEConfig(arch, d_in, d_sae, int(state["k"]), groups, hook_point, model_id))
     with torch.no_grad():

@@ -11,20 +11,13 @@ Two layouts (chosen by `TrainConfig.ddp`):
 from __future__ import annotations
 
 import dataclasses
-import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from sae_vlm.device import join_process_group, resolve_device
+
 CKPT = "ckpt/state.safetensors"
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """'auto' or None: cuda when available, else cpu; anything else as `torch.device` reads it."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +31,11 @@ class Dist:
     @property
     def lead(self) -> bool:
         return self.rank == 0
+
+    @property
+    def saves(self) -> bool:
+        """Whether this rank writes its SAEs: data-parallel copies are identical, so only rank 0 does."""
+        return self.lead or not self.ddp
 
     def owns(self, index: int) -> bool:
         """Whether SAE `index` of the sweep trains (and is saved) here."""
@@ -57,17 +55,8 @@ class Dist:
 
 def setup_distributed(cfg) -> tuple[Dist, torch.device, bool]:
     """(place, device, whether we created the process group). WORLD_SIZE > 1 means torchrun launched us."""
-    device = resolve_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return Dist(), device, False
-    if device.type == "cuda":  # one GPU per local rank, whatever index was asked for
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
-    place = Dist(dist.get_rank(), dist.get_world_size(), cfg.ddp and dist.get_world_size() > 1)
+    rank, world, device, created = join_process_group(resolve_device(cfg.device))
+    place = Dist(rank, world, cfg.ddp and world > 1)
     if place.ddp and cfg.batch_size % place.world:
         raise ValueError(f"--ddp needs batch_size divisible by the {place.world} ranks, got {cfg.batch_size}")
     return place, device, created
@@ -77,9 +66,9 @@ def gather_rows(rows: list[dict], names: list[str], place: Dist) -> list[dict]:
     """Sweep spread over ranks: rank 0 gets every rank's rows, in sweep order (as one process writes them)."""
     if place.world == 1 or place.ddp:
         return rows if place.lead else []
-    parts = [None] * place.world if place.lead else None
+    parts: list[list[dict]] | None = [[] for _ in range(place.world)] if place.lead else None
     dist.gather_object(rows, parts, dst=0)
-    if not place.lead:
+    if parts is None:
         return []
     return sorted((r for part in parts for r in part), key=lambda r: names.index(r["sae"]))
 

@@ -1,13 +1,19 @@
-"""Loss terms. Every one has the same signature: (x, x̂, encoder output, sae, dead-latent mask) -> scalar."""
+"""Loss terms. Every one has the same signature: (x, x̂, encoder output, sae, dead-latent mask) -> scalar.
+
+Which terms an architecture trains with, and their weights, is in its record (arch.py)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from sae_vlm.sae import activations as act
 from sae_vlm.sae import sparse
-from sae_vlm.sae.model import SAE, EncoderOutput
 from sae_vlm.sae.sparse import SparseCodes
+
+if TYPE_CHECKING:  # the model imports the architecture records, which import these losses
+    from sae_vlm.sae.model import SAE, EncoderOutput
 
 
 def mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
@@ -29,11 +35,16 @@ def matryoshka_mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) ->
 
 def l1(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
     """Σ|f_j|·‖W_dec,j‖ averaged over the batch (decoder rows are unit norm, so this is Σ|f_j|)."""
-    return (enc.codes.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    norms_F, codes = sae.W_dec.norm(dim=1), enc.codes
+    if isinstance(codes, SparseCodes):
+        return (codes.values_M.abs() * norms_F[codes.cols_M]).sum() / codes.n_rows
+    return (codes.abs() * norms_F).sum(-1).mean()
 
 
 def l0_deviation(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None, bandwidth: float = 1e-3):
     """JumpReLU sparsity: (L0 / k − 1)², with L0 differentiable in θ through the straight-through step."""
+    if sae.cfg.k is None:
+        raise ValueError("the L0 penalty needs k, the target L0")
     l0 = act.step(enc.h_NF, sae.threshold, bandwidth).sum(-1).mean()
     return (l0 / sae.cfg.k - 1).pow(2)
 
@@ -51,14 +62,3 @@ def aux_k(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Te
     num = (e_ND - e_hat_ND).pow(2).sum(-1).mean()
     den = (e_ND - e_ND.mean(0)).pow(2).sum(-1).mean()
     return torch.nan_to_num(num / den, nan=0.0)
-
-
-def objective(arch: str) -> dict:
-    """The terms an architecture trains with, keyed by log name; weights come from the train config."""
-    recon = matryoshka_mse if arch == "matryoshka" else mse
-    terms = {"recon": recon, "aux": aux_k}
-    if arch == "relu":
-        terms["l1"] = l1
-    if arch == "jumprelu":
-        terms["l0_penalty"] = l0_deviation
-    return terms

@@ -22,7 +22,7 @@ def remove_parallel_grads_(W_dec_FD: torch.nn.Parameter) -> None:
 
 @torch.no_grad()
 def normalize_decoder_(W_dec_FD: torch.nn.Parameter, eps: float = 1e-8) -> None:
-    W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True) + eps
+    W_dec_FD.div_(W_dec_FD.norm(dim=1, keepdim=True) + eps)
 
 
 def fired_latents(codes, d_sae: int) -> tuple[torch.Tensor, int]:

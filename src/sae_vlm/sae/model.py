@@ -1,7 +1,7 @@
 """The sparse autoencoder: one module for all five architectures, and its on-disk format.
 
 h = ReLU((x − b_dec) W_enc + b_enc);  codes = select(h);  x̂ = codes W_dec + b_dec.
-The architectures differ only in how `select` works in training and at inference (see ARCHS).
+The architectures differ only in how `select` works in training and at inference: see their records in arch.py.
 """
 
 from __future__ import annotations
@@ -19,17 +19,13 @@ from torch import nn
 from sae_vlm.io import atomic_save_safetensors, atomic_write_text
 from sae_vlm.sae import activations as act
 from sae_vlm.sae import sparse
+from sae_vlm.sae.arch import ARCHS, ArchSpec, arch_spec
+from sae_vlm.sae.groups import group_bounds
 from sae_vlm.sae.sparse import SparseCodes
 
-# arch -> default inference mode. Training uses `train_select` below.
-ARCHS = {
-    "relu": "relu",  # ReLU + L1 penalty
-    "topk": "topk",  # per-row top-k
-    "batchtopk": "threshold",  # batch top-k in training, learned global θ at inference
-    "matryoshka": "threshold",  # BatchTopK with nested prefix losses
-    "jumprelu": "threshold",  # learned per-latent θ, straight-through estimator
-}
-MODES = ("relu", "topk", "batchtopk", "threshold")
+__all__ = ["ARCHS", "MODES", "SAE", "EncoderOutput", "SAEConfig"]
+
+MODES = ("relu", "topk", "batchtopk", "threshold")  # what `encode(x, mode=...)` accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,33 +40,17 @@ class SAEConfig:
     token_selection: str | None = None
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown architecture {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        spec = arch_spec(self.arch)
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.arch in ("topk", "batchtopk", "matryoshka", "jumprelu"):
+        if spec.needs_k:
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise ValueError(f"k={self.k} is invalid for d_sae={self.d_sae}; expected 1 <= k <= d_sae")
-        if self.arch == "matryoshka":
+        if spec.nested_groups:
             if not self.group_sizes or sum(self.group_sizes) != self.d_sae or min(self.group_sizes) <= 0:
                 raise ValueError(f"group_sizes {self.group_sizes} must be positive and sum to d_sae={self.d_sae}")
         if self.group_sizes is not None:
             object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
-
-
-def group_sizes_from_fractions(fractions, d_sae: int) -> tuple[int, ...]:
-    """int(f·F) for every group but the last, which takes the remainder (as the paper's trainer does)."""
-    fractions = [float(f) for f in fractions]
-    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"group fractions {fractions} must be positive and sum to 1 (they sum to {sum(fractions):.6g})")
-    sizes = [int(f * d_sae) for f in fractions[:-1]]
-    sizes.append(d_sae - sum(sizes))
-    if min(sizes) <= 0:
-        raise ValueError(f"group fractions {fractions} give an empty group at d_sae={d_sae}: sizes {sizes}")
-    return tuple(sizes)
-
-
-SPARSE_ARCHS = ("topk", "batchtopk", "matryoshka")  # archs with a fast sparse training path
 
 
 class EncoderOutput(NamedTuple):
@@ -90,13 +70,16 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec_FD.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(f))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        if cfg.arch == "jumprelu":
+        if self.arch.learned_threshold:
             self.threshold = nn.Parameter(torch.full((f,), 1e-3))
         else:
-            # θ < 0 means "not learned yet": the gate then passes every positive value.
-            init = 0.0 if cfg.arch == "relu" else -1.0
-            self.register_buffer("threshold", torch.tensor(init))
+            # θ < 0 means "not learned yet": the gate then passes every positive value. Untracked θ stays at 0.
+            self.register_buffer("threshold", torch.tensor(-1.0 if self.arch.tracks_threshold else 0.0))
         self.meta: dict = {}  # extra config.json fields (training summary, data path)
+
+    @property
+    def arch(self) -> ArchSpec:
+        return arch_spec(self.cfg.arch)
 
     # --- forward pieces ---
     def _check(self, x_ND: torch.Tensor) -> None:
@@ -120,7 +103,7 @@ class SAE(nn.Module):
 
     def encode(self, x_ND: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Dense codes for raw activations, by default in the architecture's inference mode."""
-        return self.select(self.pre_acts(x_ND), mode or ARCHS[self.cfg.arch])
+        return self.select(self.pre_acts(x_ND), mode or self.arch.inference)
 
     def decode(self, codes: torch.Tensor | SparseCodes) -> torch.Tensor:
         if isinstance(codes, SparseCodes):
@@ -129,9 +112,12 @@ class SAE(nn.Module):
 
     def decode_groups(self, codes: torch.Tensor | SparseCodes) -> list[torch.Tensor]:
         """Each Matryoshka group's contribution to the reconstruction (no bias), in order."""
+        groups = self.cfg.group_sizes
+        if groups is None:
+            raise ValueError(f"this {self.cfg.arch} SAE has no Matryoshka groups to decode")
         if isinstance(codes, SparseCodes):
-            return sparse.decode_groups(codes, self.W_dec, self.cfg.group_sizes)
-        bounds = torch.tensor((0, *self.cfg.group_sizes)).cumsum(0).tolist()
+            return sparse.decode_groups(codes, self.W_dec, groups)
+        bounds = group_bounds(groups)
         return [codes[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def values_at(self, x_ND, h_NF, rows_M, cols_M) -> torch.Tensor:
@@ -144,24 +130,24 @@ class SAE(nn.Module):
         return self.decode(self.encode(x_ND))
 
     def train_encode(self, x_ND: torch.Tensor, bandwidth: float = 1e-3, fast: bool = False) -> EncoderOutput:
-        """The training-time selection: batch top-k, per-row top-k, ReLU, or JumpReLU with an STE.
+        """The architecture's training selection: batch top-k, per-row top-k, ReLU, or JumpReLU with an STE.
 
-        `fast` (top-k archs only) selects without a graph over the N×F pre-activations and returns sparse
-        codes whose gradients touch only the selected entries; the function computed is the same.
+        `fast` (architectures with a fast path) selects without a graph over the N×F pre-activations and returns
+        sparse codes whose gradients touch only the selected entries; the function computed is the same.
         """
-        arch = self.cfg.arch
-        if fast and arch in SPARSE_ARCHS:
+        rule = self.arch.train_select
+        if fast and self.arch.fast_path:
             with torch.no_grad():
                 h = self.pre_acts(x_ND)
-            pick = sparse.topk_indices if arch == "topk" else sparse.batch_topk_indices
+            pick = sparse.topk_indices if rule == "topk" else sparse.batch_topk_indices
+            assert self.cfg.k is not None  # a top-k rule needs k: SAEConfig checks it
             rows, cols = pick(h, self.cfg.k)
             values = sparse.selected_values(self, x_ND, h, rows, cols)
             return EncoderOutput(h, SparseCodes(values, rows, cols, x_ND.shape[0]))
         h = self.pre_acts(x_ND)
-        if arch == "jumprelu":
+        if rule == "jumprelu":
             return EncoderOutput(h, act.jumprelu(h, self.threshold, bandwidth))
-        mode = {"relu": "relu", "topk": "topk"}.get(arch, "batchtopk")
-        return EncoderOutput(h, self.select(h, mode))
+        return EncoderOutput(h, self.select(h, rule))
 
     # --- scaling and I/O ---
     @torch.no_grad()
@@ -181,14 +167,16 @@ class SAE(nn.Module):
         atomic_write_text(out / "config.json", json.dumps({**dataclasses.asdict(self.cfg), **self.meta}, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, revision: str | None = None, device="cpu") -> "SAE":
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, revision: str | None = None,
+                        device: str | torch.device = "cpu") -> "SAE":
         path = Path(path_or_id)
         if not path.is_dir():
             if path.exists() or str(path_or_id).startswith((".", "/")):
                 raise FileNotFoundError(f"SAE directory {path} does not exist or is not a directory")
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(str(path_or_id), revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+            files = ["*.json", "*.safetensors"]
+            path = Path(snapshot_download(str(path_or_id), revision=revision, allow_patterns=files))
         cfg_file, weights = path / "config.json", path / "model.safetensors"
         for f in (cfg_file, weights):
             if not f.is_file():

@@ -21,15 +21,15 @@ class Logger:
     def __init__(self, out: Path, cfg):
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / "log.jsonl", "a")
-        self.sink = None
+        self.wandb = self.tensorboard = None
         if cfg.log_to == "wandb":
-            import wandb
+            import wandb  # pyright: ignore[reportMissingImports]  (optional: `pip install wandb`)
 
-            self.sink = wandb.init(project="sae-vlm", name=out.name, config=dataclasses.asdict(cfg), resume="allow")
+            self.wandb = wandb.init(project="sae-vlm", name=out.name, config=dataclasses.asdict(cfg), resume="allow")
         elif cfg.log_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.sink = SummaryWriter(str(out / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, rows: list[dict]) -> None:
         self.file.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -37,15 +37,15 @@ class Logger:
         os.fsync(self.file.fileno())
         for r in rows:
             scalars = {f"{r['sae']}/{k}": v for k, v in r.items() if k not in ("step", "sae")}
-            if self.sink is None:
-                continue
-            if hasattr(self.sink, "add_scalar"):
+            if self.tensorboard is not None:
                 for k, v in scalars.items():
-                    self.sink.add_scalar(k, v, r["step"])
-            else:
-                self.sink.log(scalars, step=r["step"])
+                    self.tensorboard.add_scalar(k, v, r["step"])
+            if self.wandb is not None:
+                self.wandb.log(scalars, step=r["step"])
 
     def close(self) -> None:
         self.file.close()
-        if self.sink is not None:
-            getattr(self.sink, "close", getattr(self.sink, "finish", lambda: None))()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -7,14 +7,13 @@ instead of B·F·d. The dense path in model.py computes the same function; tests
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+from sae_vlm.sae.groups import group_bounds
 
 
 class SparseCodes(NamedTuple):
@@ -126,8 +125,10 @@ class _Decode(torch.autograd.Function):
             crow = torch.zeros(n + 1, dtype=torch.long, device=rows_M.device)
             crow[1:] = torch.bincount(rows_M, minlength=n).cumsum(0)
             # entries are sorted by row, then column (see _from_flat), as a CSR pattern needs
-            pattern = torch.sparse_csr_tensor(crow, cols_M, torch.zeros_like(values_M), (n, d_sae),
-                                              check_invariants=False)
+            with warnings.catch_warnings():  # "CSR support is in beta": only here, not process-wide
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                pattern = torch.sparse_csr_tensor(crow, cols_M, torch.zeros_like(values_M), (n, d_sae),
+                                                  check_invariants=False)
             grad_values = torch.sparse.sampled_addmm(pattern, g_ND.contiguous(), W_dec_FD.T, beta=0).values()
         if ctx.needs_input_grad[1]:
             grad_W = latent_side_sum(rows_M, cols_M, values_M, g_ND.contiguous(), d_sae)
@@ -142,8 +143,8 @@ def decode(codes: SparseCodes, W_dec_FD: torch.Tensor, weights_M: torch.Tensor |
 
 def decode_groups(codes: SparseCodes, W_dec_FD: torch.Tensor, group_sizes) -> list[torch.Tensor]:
     """Each contiguous latent group's decode, in one pass: entries of group g go to output row g·N + row."""
-    bounds = torch.tensor(group_sizes, device=codes.cols_M.device).cumsum(0)
-    group_M = torch.bucketize(codes.cols_M, bounds, right=True)
+    ends = torch.tensor(group_bounds(group_sizes)[1:], device=codes.cols_M.device)
+    group_M = torch.bucketize(codes.cols_M, ends, right=True)
     key_M = (group_M * codes.n_rows + codes.rows_M) * W_dec_FD.shape[0] + codes.cols_M
     order = key_M.argsort()
     stacked = SparseCodes(codes.values_M[order], (group_M * codes.n_rows + codes.rows_M)[order], codes.cols_M[order],

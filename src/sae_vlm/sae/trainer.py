@@ -13,6 +13,7 @@ import json
 import math
 import zlib
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -20,11 +21,13 @@ from tqdm.auto import tqdm
 
 from sae_vlm.config import SAESpec, TrainConfig
 from sae_vlm.data.source import ActivationSource, as_source
-from sae_vlm.sae import distributed as D
-from sae_vlm.sae import losses, mechanics
-from sae_vlm.sae.checkpoint import checkpoint, load_checkpoint, resume_step, truncate_log
 from sae_vlm.io import atomic_write_text
-from sae_vlm.sae.model import SAE, EncoderOutput, SAEConfig, group_sizes_from_fractions
+from sae_vlm.sae import distributed as D
+from sae_vlm.sae import mechanics
+from sae_vlm.sae.arch import arch_spec
+from sae_vlm.sae.checkpoint import checkpoint, load_checkpoint, resume_step, truncate_log
+from sae_vlm.sae.groups import group_sizes_from_fractions
+from sae_vlm.sae.model import SAE, EncoderOutput, SAEConfig
 from sae_vlm.sae.runlog import Logger, check_log_sink
 from sae_vlm.sae.sparse import SparseCodes
 
@@ -39,13 +42,14 @@ class Batches:
         if source.rows < cfg.batch_size:
             raise ValueError(f"activation source has {source.rows} rows, fewer than batch_size={cfg.batch_size}")
         self.per_epoch = source.rows // cfg.batch_size  # the ragged tail of each epoch is dropped
-        fits = hasattr(source, "all") and source.rows * source.d_in * 4 <= cfg.max_device_bytes
-        self.data_ND = source.all().to(device, torch.float32) if fits else None
+        read_all = getattr(source, "all", None)  # in-memory and .npy sources can hand over every row at once
+        fits = read_all is not None and source.rows * source.d_in * 4 <= cfg.max_device_bytes
+        self.data_ND = read_all().to(device, torch.float32) if fits and read_all is not None else None
         if self.data_ND is not None:
             for start in range(0, source.rows, 65536):
                 check_finite(self.data_ND[start : start + 65536], torch.arange(start, min(start + 65536, source.rows)))
         self.perm_device = device if self.data_ND is not None else torch.device("cpu")
-        self._epoch, self._perm = -1, None
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def __call__(self, step: int, shard: tuple[int, int] | None = None) -> torch.Tensor:
         """The batch of `step`; `shard=(rank, world)` keeps only rows rank::world of it (data-parallel)."""
@@ -82,27 +86,25 @@ class Member:
     opt: torch.optim.Adam
     dead: mechanics.DeadLatents
     base_lr: float
-    terms: dict
+    terms: dict  # log name -> loss function, options bound
+    weights: dict  # log name -> weight
 
 
 def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict) -> Member:
+    arch = arch_spec(spec.arch)
     d_sae = int(round(spec.expansion * d_in))
-    groups = group_sizes_from_fractions(spec.group_fractions, d_sae) if spec.arch == "matryoshka" else None
-    k = spec.k if spec.arch != "relu" else min(spec.k, d_sae)
+    groups = group_sizes_from_fractions(spec.group_fractions, d_sae) if arch.nested_groups else None
+    k = spec.k if arch.needs_k else min(spec.k, d_sae)
     # Seeded per member, so an SAE's init doesn't depend on its place in the sweep.
     torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(spec.name.encode()))
     sae = SAE(SAEConfig(spec.arch, d_in, d_sae, k, groups, meta.get("hook_point"), meta.get("model_id"),
                         meta.get("token_selection"))).to(device)
     base_lr = cfg.lr if cfg.lr is not None else mechanics.default_lr(d_sae)
     opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), fused=True)
-    terms = losses.objective(spec.arch)
-    if "l0_penalty" in terms:
-        terms["l0_penalty"] = functools.partial(losses.l0_deviation, bandwidth=cfg.jumprelu_bandwidth)
-    return Member(spec, sae, opt, mechanics.DeadLatents(d_sae, cfg.dead_window, device), base_lr, terms)
-
-
-def term_weights(cfg: TrainConfig) -> dict:
-    return {"recon": 1.0, "aux": cfg.aux_alpha, "l1": cfg.l1_coeff, "l0_penalty": cfg.l0_coeff}
+    terms = {name: functools.partial(t.fn, **{kw: getattr(cfg, field) for kw, field in t.options})
+             for name, t in arch.terms.items()}
+    weights = {name: 1.0 if t.weight is None else getattr(cfg, t.weight) for name, t in arch.terms.items()}
+    return Member(spec, sae, opt, mechanics.DeadLatents(d_sae, cfg.dead_window, device), base_lr, terms, weights)
 
 
 def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metrics: bool = True,
@@ -111,17 +113,17 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
 
     `ddp`: x_ND is this rank's shard of the global batch; every rank calls this at the same steps.
     """
-    sae, weights = m.sae, term_weights(cfg)
+    sae = m.sae
     with torch.autocast(x_ND.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         enc = sae.train_encode(x_ND, cfg.jumprelu_bandwidth, fast=cfg.fast)
         x_hat = sae.decode(enc.codes).float()
     enc = as_float(enc)
     m.dead.update(enc.codes, sync=D.any_rank_fired if ddp else None)
     dead_F = m.dead.mask()
-    if sae.cfg.arch in ("topk", "batchtopk", "matryoshka") and step > cfg.threshold_start_step:
+    if sae.arch.tracks_threshold and step > cfg.threshold_start_step:
         mechanics.update_threshold_(sae.threshold, enc.codes, cfg.threshold_beta, sync=D.global_min if ddp else None)
     values = {name: fn(x_ND, x_hat, enc, sae, dead_F) for name, fn in m.terms.items()}
-    loss = sum(weights[name] * v for name, v in values.items())
+    loss = cast(torch.Tensor, sum(m.weights[name] * v for name, v in values.items()))
 
     lr = m.base_lr * mechanics.lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.decay_start)
     for group in m.opt.param_groups:
@@ -134,7 +136,7 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     m.opt.step()
     mechanics.normalize_decoder_(sae.W_dec)
-    if sae.cfg.arch == "jumprelu":
+    if sae.arch.learned_threshold:
         with torch.no_grad():
             sae.threshold.clamp_(min=0.0)
     if not metrics:
@@ -177,18 +179,19 @@ def estimate_norm_factor(batches: Batches, n: int) -> float:
     return math.sqrt(total / count)
 
 
-def source_meta(source, cfg: TrainConfig) -> dict:
+def source_meta(source) -> dict:
     """Where the activations came from, copied into every SAE's config.json."""
     manifest = getattr(source, "manifest", None) or {}
     keys = ("hook_point", "model_id", "token_selection")
     return {k: getattr(source, k, None) or manifest.get(k) for k in keys}
 
 
-def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool = False) -> dict[str, SAE]:
-    """Train the sweep; under torchrun each rank returns the SAEs it saved (see distributed.py)."""
+def train(cfg: TrainConfig, source: ActivationSource | None = None) -> dict[str, SAE]:
+    """Train the sweep (or continue it: `cfg.resume`); under torchrun each rank returns the SAEs it saved (see
+    distributed.py). `source` overrides `cfg.data` with activations in memory."""
     place, device, created = D.setup_distributed(cfg)
     try:
-        saes = _train(cfg, source, resume, place, device)
+        saes = _train(cfg, source, place, device)
         if place.world > 1:
             dist.barrier()
         return saes
@@ -197,15 +200,45 @@ def train(cfg: TrainConfig, source: ActivationSource | None = None, resume: bool
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, source, resume: bool, place: D.Dist, device: torch.device) -> dict[str, SAE]:
+@dataclasses.dataclass
+class Run:
+    """What every step of one launch needs: the settings, this rank's place, the data and this rank's SAEs."""
+
+    cfg: TrainConfig
+    place: D.Dist
+    device: torch.device
+    batches: Batches
+    members: list[Member]
+    names: list[str]  # every SAE of the sweep, in order (also those other ranks train)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def _train(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> dict[str, SAE]:
+    run = prepare(cfg, source, place, device)
+    restored = restore(run) if cfg.resume else None
+    start, norm = restored if restored is not None else initialise(run)
+    stats = loop(run, start, norm)
+    if start >= cfg.steps:  # resuming a finished run: its SAEs are already saved
+        return {m.spec.name: SAE.from_pretrained(run.out / "saes" / m.spec.name) for m in run.members if place.saves}
+    final = {m.spec.name: export(m, norm, run.out / "saes" / m.spec.name, cfg, cfg.steps, s)
+             for m, s in zip(run.members, stats) if place.saves}
+    checkpoint(run.out, run.members, cfg.steps, norm, place, device)
+    return final
+
+
+def prepare(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> Run:
+    """Check --out, open the data and build this rank's SAEs."""
     out = Path(cfg.out)
     # train_config.json is written before the first step, so this also catches a run killed before its first checkpoint.
-    if (any((out / "ckpt").glob("state*.safetensors")) or (out / "train_config.json").exists()) and not resume:
+    if (any((out / "ckpt").glob("state*.safetensors")) or (out / "train_config.json").exists()) and not cfg.resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     check_log_sink(cfg.log_to)
     source = as_source(source if source is not None else cfg.data, layer=cfg.layer)  # a tensor or array works too
     batches = Batches(source, cfg, device)
-    meta = source_meta(source, cfg)
+    meta = source_meta(source)
     specs = cfg.specs()
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
@@ -213,64 +246,73 @@ def _train(cfg: TrainConfig, source, resume: bool, place: D.Dist, device: torch.
     members = [build_member(spec, source.d_in, cfg, device, meta) for i, spec in enumerate(specs) if place.owns(i)]
     if place.world > 1:
         dist.barrier()  # every rank has checked `out` before rank 0 writes into it
+    return Run(cfg, place, device, batches, members, names)
 
-    found = resume_step(out, place) if resume else None
-    if found is not None:
-        check_same_run(out / "train_config.json", cfg)
-        start, norm = load_checkpoint(found, members, place)
-        if place.lead:
-            truncate_log(out / "log.jsonl", start)
-    else:
-        if place.lead:
-            truncate_log(out / "log.jsonl", 0)  # --resume without a checkpoint restarts from step 0
-        start, norm = 0, estimate_norm_factor(batches, cfg.norm_batches)
-        first = batches(0) / norm
-        for m in members:
-            with torch.no_grad():
-                m.sae.b_dec.copy_(mechanics.geometric_median(first))
-        out.mkdir(parents=True, exist_ok=True)
-        if place.lead:
-            atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
-    logger = Logger(out, cfg) if place.lead else None
-    saves = place.lead or not place.ddp  # data-parallel copies are identical: rank 0 saves them
+def restore(run: Run) -> tuple[int, float] | None:
+    """(step, norm factor) of the latest checkpoint every rank holds, loaded into the SAEs; None if there is none."""
+    found = resume_step(run.out, run.place)
+    if found is None:
+        return None
+    check_same_run(run.out / "train_config.json", run.cfg)
+    start, norm = load_checkpoint(found, run.members, run.place)
+    if run.place.lead:
+        truncate_log(run.out / "log.jsonl", start)
+    return start, norm
+
+
+def initialise(run: Run) -> tuple[int, float]:
+    """A fresh start: the input-norm factor, b_dec at the first batch's geometric median, the saved config."""
+    if run.place.lead:
+        truncate_log(run.out / "log.jsonl", 0)  # --resume without a checkpoint restarts from step 0
+    norm = estimate_norm_factor(run.batches, run.cfg.norm_batches)
+    first = run.batches(0) / norm
+    for m in run.members:
+        with torch.no_grad():
+            m.sae.b_dec.copy_(mechanics.geometric_median(first))
+    run.out.mkdir(parents=True, exist_ok=True)
+    if run.place.lead:
+        atomic_write_text(run.out / "train_config.json", json.dumps(dataclasses.asdict(run.cfg), indent=2))
+    return 0, norm
+
+
+def loop(run: Run, start: int, norm: float) -> list[dict]:
+    """Steps `start`..end: train, log, keep snapshots, checkpoint. Returns the last step's stats per SAE."""
+    cfg, place, members = run.cfg, run.place, run.members
+    logger = Logger(run.out, cfg) if place.lead else None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=cfg.quiet or not place.lead)
     shard = (place.rank, place.world) if place.ddp else None
     stats: list[dict] = [{} for _ in members]
     try:
         for step in bar:
-            x_ND = batches(step, shard) / norm if members else None  # a rank with no SAE only joins log gathers
             done = step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.steps or done in cfg.keep_steps
-            stats = [train_step(m, x_ND, step, cfg, metrics=log_now, ddp=place.ddp) for m in members]
+            if members:  # a rank with no SAE only joins the log gathers
+                x_ND = run.batches(step, shard) / norm
+                stats = [train_step(m, x_ND, step, cfg, metrics=log_now, ddp=place.ddp) for m in members]
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rows = [{"step": done, "sae": m.spec.name, **{k: float(v) for k, v in s.items()}}
                         for m, s in zip(members, stats)]
-                rows = D.gather_rows(rows, names, place)
+                rows = D.gather_rows(rows, run.names, place)
                 if logger is not None:
                     logger.write(rows)
                     if rows:
                         bar.set_postfix(fve=f"{rows[0]['fve']:.3f}", l0=f"{rows[0]['l0']:.1f}")
-            if done in cfg.keep_steps and saves:
+            if done in cfg.keep_steps and place.saves:
                 for m, s in zip(members, stats):
-                    export(m, norm, out / "saes" / m.spec.name / f"step-{done}", cfg, done, s)
+                    export(m, norm, run.out / "saes" / m.spec.name / f"step-{done}", cfg, done, s)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                checkpoint(out, members, done, norm, place, device)
+                checkpoint(run.out, members, done, norm, place, run.device)
     finally:
         if logger is not None:
             logger.close()
-    if start >= cfg.steps:  # resuming a finished run: its SAEs are already saved
-        return {m.spec.name: SAE.from_pretrained(out / "saes" / m.spec.name) for m in members if saves}
-    final = {m.spec.name: export(m, norm, out / "saes" / m.spec.name, cfg, cfg.steps, s)
-             for m, s in zip(members, stats) if saves}
-    checkpoint(out, members, cfg.steps, norm, place, device)
-    return final
+    return stats
 
 
 # Settings a resumed run may change: they don't alter what is computed.
 RESUME_MAY_CHANGE = {"data", "out", "steps", "device", "quiet", "log_to", "log_every", "checkpoint_every", "keep_steps",
-                     "max_device_bytes"}
+                     "max_device_bytes", "resume"}
 
 
 def check_same_run(saved_config: Path, cfg: TrainConfig) -> None:

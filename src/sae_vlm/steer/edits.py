@@ -11,7 +11,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-OPS = ("clamp", "add", "scale", "zero")
+from sae_vlm.config import EDIT_OPS
+
+OPS = EDIT_OPS  # clamp, add, scale, zero
+
 
 def check_edits(edits: Mapping | None, d_sae: int) -> dict[int, tuple[str, float]] | None:
     """Validated copy {latent: (op, value)}; ("zero",), "zero" and ("zero", None) are all accepted."""

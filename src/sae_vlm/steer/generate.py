@@ -11,12 +11,16 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sae_vlm.backbones.hf import quiet_loading, resolve_dtype  # noqa: F401  (resolve_dtype: re-exported)
+from sae_vlm.backbones import load_processor, quiet_loading
+from sae_vlm.config import SteerConfig
+from sae_vlm.device import resolve_device, resolve_dtype
+from sae_vlm.io import atomic_write_json
 from sae_vlm.steer.intervene import intervene
 
 WHITE = "white"
@@ -52,7 +56,8 @@ def open_image(spec: str | Path | Image.Image) -> Image.Image:
     p = Path(spec)
     if not p.is_file():
         if is_store_member(p):
-            raise ValueError(f"image {spec} is inside a tar shard or dataset, not a file; expected 'white' or an image file")
+            raise ValueError(f"image {spec} is inside a tar shard or dataset, not a file; "
+                             "expected 'white' or an image file")
         raise FileNotFoundError(f"image {p} does not exist; expected 'white' or an image file")
     try:
         return decode_image(p.read_bytes())
@@ -60,20 +65,14 @@ def open_image(spec: str | Path | Image.Image) -> Image.Image:
         raise ValueError(f"image {p}: {e}") from None
 
 
-def load_llava(model_id_or_dir: str, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):
+def load_llava(model_id_or_dir: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto"):
     """(LlavaForConditionalGeneration in eval mode, its AutoProcessor)."""
-    import transformers
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     with quiet_loading():
         model = LlavaForConditionalGeneration.from_pretrained(model_id_or_dir, dtype=resolve_dtype(dtype, device))
-    model.to(device).eval()
-    kw = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
-    try:
-        processor = AutoProcessor.from_pretrained(model_id_or_dir, **kw)
-    except (TypeError, ValueError):
-        processor = AutoProcessor.from_pretrained(model_id_or_dir)
-    return model, processor
+    cast(torch.nn.Module, model).to(device).eval()
+    return model, load_processor(model_id_or_dir)
 
 
 def build_prompt(processor, prompt: str) -> str:
@@ -144,3 +143,32 @@ def grid_cases(latents: Sequence[int], alphas: Sequence[float], images: Sequence
                     cases.append(Case(img, p, {int(j): (op, float(a))}))
                     rows.append({"latent": int(j), "alpha": float(a), "op": op, "image": name, "prompt": p})
     return cases, rows
+
+
+def load_steering(llava: str, sae_dir: str, device: str = "auto", dtype: str = "auto"):
+    """(LLaVA model, its processor, the SAE, the device) for a steering run."""
+    from sae_vlm.sae.model import SAE
+
+    dev = resolve_device(device)
+    model, processor = load_llava(llava, device=dev, dtype=dtype)
+    return model, processor, SAE.from_pretrained(sae_dir, device=dev), dev
+
+
+def run_steer(cfg: SteerConfig) -> list[dict]:
+    """Every latent × α × image × prompt (and, with `cfg.unsteered`, every image × prompt unpatched), generated in
+    batches; writes `cfg.out` (JSON) and returns one row per case with its output."""
+    model, processor, sae, _ = load_steering(cfg.llava, cfg.sae, cfg.device, cfg.dtype)
+    if not all(0 <= j < sae.cfg.d_sae for j in cfg.latents):
+        raise ValueError(f"--latents {','.join(map(str, cfg.latents))}: ids must be in 0..{sae.cfg.d_sae - 1}")
+    cases, rows = grid_cases(cfg.latents, cfg.alpha, cfg.image, cfg.prompt, op=cfg.op)
+    if cfg.unsteered:
+        base = [(img, p) for img in cfg.image for p in cfg.prompt]
+        cases = [Case(open_image(img), p, None) for img, p in base] + cases
+        rows = [{"latent": None, "alpha": None, "op": "none", "image": img, "prompt": p} for img, p in base] + rows
+    texts = generate_cases(model, processor, sae, cases, hook_point=cfg.hook_point, error_term=not cfg.replace,
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, quiet=cfg.quiet)
+    for r, t in zip(rows, texts):
+        r["output"] = t
+    atomic_write_json(cfg.out, {"llava": cfg.llava, "sae": cfg.sae, "mode": "replace" if cfg.replace else "error_term",
+                                "max_new_tokens": cfg.max_new_tokens, "results": rows}, indent=2)
+    return rows

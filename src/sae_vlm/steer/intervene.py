@@ -15,23 +15,16 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from sae_vlm.backbones.hf import Backbone, parse_hook_point
-from sae_vlm.sae.model import ARCHS
+from sae_vlm.backbones import Backbone, parse_hook_point
 from sae_vlm.steer.edits import apply_edits, check_batch_edits
+
 
 def as_backbone(model) -> Backbone:
     return model if isinstance(model, Backbone) else Backbone(model)
 
 
-def hook_width(bb: Backbone, hook_point: str) -> int:
-    """Width of the residual at a hook point, from the config (so a wrong SAE fails before any forward)."""
-    if parse_hook_point(hook_point) == "last" and getattr(bb, "_proj", None) is not None:
-        return int(bb._proj.out_features)
-    return int(bb.d_model)
-
-
 def check_sae_width(bb: Backbone, hook_point: str, sae) -> None:
-    want = hook_width(bb, hook_point)
+    want = bb.width(hook_point)
     if sae.cfg.d_in != want:
         raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the width {want} of hook point {hook_point!r} "
                          f"of {bb.model.config.model_type} {bb.model_id}")
@@ -39,15 +32,14 @@ def check_sae_width(bb: Backbone, hook_point: str, sae) -> None:
 
 def _edited_latent_codes(sae, x_ND: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
     """Codes of latents J only, [N, |J|], for the element-wise inference modes (threshold, relu)."""
-    mode = ARCHS[sae.cfg.arch]
     h = torch.relu((x_ND - sae.b_dec) @ sae.W_enc[:, J] + sae.b_enc[J])
-    if mode == "threshold":
+    if sae.arch.inference == "threshold":
         th = sae.threshold
         return h * (h > (th[J] if th.ndim else th))
     return h
 
 
-def _edit_cols(codes_RPJ: torch.Tensor, row_edits: list[dict], col_of: dict[int, int]) -> torch.Tensor:
+def _edit_cols(codes_RPJ: torch.Tensor, row_edits: list, col_of: dict[int, int]) -> torch.Tensor:
     return torch.stack([apply_edits(codes_RPJ[r], e, col_of) for r, e in enumerate(row_edits)])
 
 
@@ -83,11 +75,11 @@ def make_edit_fn(sae, edits, error_term: bool = True, positions: Sequence[int] |
         sel_R1, sel_1P = rows_R.to(dev)[:, None], pos_P.to(dev)[None, :]
         x_RPD = x_BTD[sel_R1, sel_1P].float()
         R, P = len(rows), len(pos_P)
-        row_edits = [per_item[b] for b in rows]
+        row_edits = [per_item[b] or {} for b in rows]  # none is None here
         J = sorted({j for e in row_edits for j in e})
         col_of = {j: c for c, j in enumerate(J)}
         J_t = torch.tensor(J, dtype=torch.long, device=dev)
-        if error_term and ARCHS[sae.cfg.arch] != "topk":
+        if error_term and sae.arch.elementwise:
             # element-wise gates: only the edited latents' codes are needed, one small matmul for all rows
             old = _edited_latent_codes(sae, x_RPD.reshape(R * P, D), J_t).reshape(R, P, len(J))
             new_RPD = x_RPD + (_edit_cols(old, row_edits, col_of) - old) @ sae.W_dec[J_t]
@@ -127,8 +119,7 @@ def intervene(model, hook_point: str | int | None, sae, edits, error_term: bool 
         if hook_point is None:
             raise ValueError("hook_point is None and neither the model (LLaVA) nor the SAE config names one")
     hook_point = parse_hook_point(hook_point)
-    bb._module(hook_point)  # range check now, not at the first forward
-    check_sae_width(bb, hook_point, sae)
+    check_sae_width(bb, hook_point, sae)  # also checks the point exists, now rather than at the first forward
     try:
         trained_at = parse_hook_point(sae.cfg.hook_point) if sae.cfg.hook_point else None
     except ValueError:  # a free-form name from an imported checkpoint
@@ -136,18 +127,5 @@ def intervene(model, hook_point: str | int | None, sae, edits, error_term: bool 
     if trained_at is not None and trained_at != hook_point:
         warnings.warn(f"SAE was trained at {trained_at!r} but is applied at {hook_point!r}", stacklevel=3)
     sae.to(device=bb.device(), dtype=torch.float32)
-    fn = make_edit_fn(sae, edits, error_term=error_term, positions=positions)
-    module, _ = bb._module(hook_point)
-
-    def hook(_m, _inp, output):
-        if isinstance(output, (tuple, list)):
-            return type(output)([fn(output[0]), *output[1:]])
-        return fn(output)
-
-    # prepend: transformers 5 records hidden_states (what LLaVA's projector reads) with its own forward hooks,
-    # installed lazily at the first forward; ours must run before them or the edit is invisible downstream.
-    handle = module.register_forward_hook(hook, prepend=True)
-    try:
+    with bb.patch(hook_point, make_edit_fn(sae, edits, error_term=error_term, positions=positions)):
         yield bb
-    finally:
-        handle.remove()

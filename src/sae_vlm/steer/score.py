@@ -10,16 +10,25 @@ and the lower bound cos(image, a shuffled class name).
 from __future__ import annotations
 
 import string
+from collections import abc
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.backbones.hf import Backbone
+from sae_vlm.backbones import Backbone, load_processor
+from sae_vlm.config import SteerScoreConfig
 from sae_vlm.eval.top import running_top
-from sae_vlm.steer.generate import Case, generate_cases
+from sae_vlm.io import atomic_write_json
+from sae_vlm.sae.groups import level_slices
+from sae_vlm.steer.generate import Case, generate_cases, load_steering, white_image
 from sae_vlm.steer.intervene import check_sae_width
+
+if TYPE_CHECKING:
+    from sae_vlm.data.images import ImageSource
 
 PROMPT = "What is shown in this image? Use exactly one word!"
 MAX_NEW_TOKENS = 5
@@ -32,16 +41,10 @@ class ClipEmbedder:
 
     @classmethod
     def load(cls, model_id_or_dir: str, device: str = "cpu", batch_size: int = 64) -> "ClipEmbedder":
-        import transformers
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import CLIPModel
 
-        model = CLIPModel.from_pretrained(model_id_or_dir).to(device)
-        kw = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
-        try:
-            proc = AutoProcessor.from_pretrained(model_id_or_dir, **kw)
-        except (TypeError, ValueError):
-            proc = AutoProcessor.from_pretrained(model_id_or_dir)
-        return cls(model, proc, batch_size)
+        model = cast(torch.nn.Module, CLIPModel.from_pretrained(model_id_or_dir)).to(device)
+        return cls(model, load_processor(model_id_or_dir), batch_size)
 
     def _dev(self):
         return next(self.model.parameters()).device
@@ -118,7 +121,7 @@ def top_images(model, sae, images: Sequence, *, hook_point=None, top: int = 16, 
 
 def alive_latents(top_indices_FT: np.ndarray, top_values_FT: np.ndarray | None = None) -> np.ndarray:
     """Boolean [F]: the latent has at least one top image with a positive pooled code."""
-    alive = (np.asarray(top_indices_FT) >= 0).any(1)
+    alive = np.asarray((np.asarray(top_indices_FT) >= 0).any(1))
     if top_values_FT is not None:
         alive &= (np.asarray(top_values_FT) > 0).any(1)
     return alive
@@ -146,8 +149,8 @@ def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=N
             lvl, _, n = rest.partition(":")
             if not lvl.isdigit() or int(lvl) >= len(group_sizes):
                 raise ValueError(f"latents {spec!r}: level must be 0..{len(group_sizes) - 1}")
-            start = int(sum(group_sizes[: int(lvl)]))
-            ids = [j for j in range(start, start + group_sizes[int(lvl)]) if alive_F[j]]
+            levels = level_slices(group_sizes, F)
+            ids = [j for j in range(F)[levels[int(lvl)]] if alive_F[j]]
             if n:
                 if not n.isdigit() or int(n) < 1:
                     raise ValueError(f"latents {spec!r}: expected level:L:N with N >= 1")
@@ -167,9 +170,9 @@ def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=N
     return sorted({j for j in ids if alive_F[j]})
 
 
-def concept_embeddings(top_indices_KT: np.ndarray, image_embeds_ND: np.ndarray) -> np.ndarray:
-    """Mean embedding of each latent's top images ([K, D]); -1 slots are skipped."""
-    idx = np.asarray(top_indices_KT)
+def concept_embeddings(top_indices_JT: np.ndarray, image_embeds_ND: np.ndarray) -> np.ndarray:
+    """Mean embedding of each latent's top images ([J, D]); -1 slots are skipped."""
+    idx = np.asarray(top_indices_JT)
     out = np.zeros((idx.shape[0], image_embeds_ND.shape[1]), np.float32)
     for k, row in enumerate(idx):
         row = row[row >= 0]
@@ -196,7 +199,7 @@ def similarity_bounds(embedder: ClipEmbedder, images: Sequence, class_names: Seq
 
 
 def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Sequence[int],
-                   concept_KD: np.ndarray, images: Sequence, image_names: Sequence[str] | None = None,
+                   concept_JD: np.ndarray, images: Sequence, image_names: Sequence[str] | None = None,
                    alpha: float = 100.0, op: str = "clamp", error_term: bool = False, hook_point=None,
                    prompt: str = PROMPT, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
                    class_names: Sequence[str] | None = None, seed: int = 0, quiet: bool = True) -> dict:
@@ -205,8 +208,8 @@ def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Se
     error_term=False is the paper's setting (the residual replaced by the edited reconstruction).
     """
     latents = [int(j) for j in latents]
-    if len(concept_KD) != len(latents):
-        raise ValueError(f"{len(concept_KD)} concept embeddings for {len(latents)} latents; expected one per latent")
+    if len(concept_JD) != len(latents):
+        raise ValueError(f"{len(concept_JD)} concept embeddings for {len(latents)} latents; expected one per latent")
     names = list(image_names) if image_names is not None else [f"image[{i}]" for i in range(len(images))]
     cases = [Case(img, prompt, None) for img in images]  # unsteered: model not patched at all
     cases += [Case(img, prompt, {j: (op, float(alpha))}) for j in latents for img in images]
@@ -215,7 +218,7 @@ def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Se
     words = [first_word(t) for t in texts]
     uniq = sorted(set(words))
     word_emb = dict(zip(uniq, _unit(embedder.texts(uniq))))
-    concept = _unit(np.asarray(concept_KD, np.float32))
+    concept = _unit(np.asarray(concept_JD, np.float32))
     n_img = len(images)
     base_words = words[:n_img]
     pairs, steered, unsteered = [], [], []
@@ -240,3 +243,112 @@ def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Se
     if class_names is not None:
         result["bounds"] = similarity_bounds(embedder, images, class_names, seed=seed)
     return result
+
+
+# ---- the command: images to steer on, top images per latent, concepts, scores, bounds -----------------------------
+def _image_list(spec: str) -> tuple[ImageSource, list[str] | None]:
+    """A folder or path list -> (ImageSource, its labels or None when any image has none)."""
+    from sae_vlm.data.images import open_images
+
+    src = open_images(spec)
+    labels = [r.label or "" for r in src.records]
+    return src, (labels if all(labels) else None)
+
+
+class LazyImages(abc.Sequence):
+    """An image source as a sequence decoded on demand, an item or a slice at a time (the pool may not fit in
+    memory)."""
+
+    def __init__(self, src, ids=None):
+        self.src, self.ids = src, list(range(len(src)) if ids is None else ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        from sae_vlm.data.images import load_image
+
+        if isinstance(i, slice):
+            return [load_image(self.src, int(j)) for j in self.ids[i]]
+        return load_image(self.src, int(self.ids[i]))
+
+
+def steer_images(cfg: SteerScoreConfig) -> tuple[list, list[str], list[str] | None]:
+    """(images, their names, their class names or None) to steer on: a white image, or --images, optionally only
+    the first --per-class images of each class folder, and at most --max-images."""
+    if cfg.images == "white":
+        return [white_image()], ["white"], None
+    src, labels = _image_list(cfg.images)
+    ids = list(range(len(src)))
+    if cfg.per_class is not None:
+        if labels is None:
+            raise ValueError(f"--per-class needs class folders, but {cfg.images} has unlabelled images")
+        taken: dict[str, int] = {}
+        kept = []
+        for i in ids:
+            if taken.get(labels[i], 0) < cfg.per_class:
+                kept.append(i)
+                taken[labels[i]] = taken.get(labels[i], 0) + 1
+        ids = kept
+    ids = ids[: cfg.max_images] if cfg.max_images else ids
+    return list(LazyImages(src, ids)), [src.records[i].id for i in ids], [labels[i] for i in ids] if labels else None
+
+
+TopTable = tuple["np.ndarray | None", np.ndarray, "ImageSource", "list | None"]
+
+
+def top_table(cfg: SteerScoreConfig, model, processor, sae) -> TopTable:
+    """(top values or None, top indices [d_sae, 16], the image pool they index, its labels or None): a precomputed
+    table (--top, --top-images), or the top images of --pool (default: --images) computed here."""
+    if cfg.top is not None:
+        if cfg.top_images is None:
+            raise ValueError("--top needs --top-images: the folder or path list its indices refer to")
+        top_idx = np.load(cfg.top)
+        vals_file = Path(str(cfg.top).replace("_indices.npy", "_values.npy"))
+        top_vals = np.load(vals_file) if vals_file != Path(cfg.top) and vals_file.is_file() else None
+        pool_src, pool_labels = _image_list(cfg.top_images)
+    else:
+        pool_spec = cfg.pool or (None if cfg.images == "white" else cfg.images)
+        if pool_spec is None:
+            raise ValueError("--images white needs --pool DIR or --top FILE.npy to find the top images")
+        pool_src, pool_labels = _image_list(pool_spec)
+        top_vals, top_idx = top_images(model, sae, LazyImages(pool_src), hook_point=cfg.hook_point,
+                                       batch_size=cfg.batch_size, processor=processor, quiet=cfg.quiet)
+    if top_idx.ndim != 2 or top_idx.shape[0] != sae.cfg.d_sae:
+        raise ValueError(f"top-image table has shape {top_idx.shape}; expected [d_sae={sae.cfg.d_sae}, 16]")
+    if top_idx.max() >= len(pool_src):
+        raise ValueError(f"top-image index {int(top_idx.max())} is out of range for {len(pool_src)} images")
+    return top_vals, top_idx, pool_src, pool_labels
+
+
+def run_steer_score(cfg: SteerScoreConfig) -> dict:
+    """The paper's steering score for the latents `cfg.latents` selects; writes `cfg.out` (JSON) and returns it."""
+    model, processor, sae, dev = load_steering(cfg.llava, cfg.sae, cfg.device, cfg.dtype)
+    embedder = ClipEmbedder.load(cfg.clip, device=str(dev))
+    images, names, labels = steer_images(cfg)
+    top_vals, top_idx, pool_src, pool_labels = top_table(cfg, model, processor, sae)
+    alive = alive_latents(top_idx, top_vals)
+    chosen = select_latents(cfg.latents, alive, sae.cfg.group_sizes, seed=cfg.seed)
+    if not chosen:
+        raise ValueError(f"--latents {cfg.latents!r} selects no live latent "
+                         f"({int(alive.sum())} of {len(alive)} are alive)")
+    # concept embeddings from the union of the chosen latents' top images, embedded once
+    need = sorted({int(i) for i in top_idx[chosen].reshape(-1) if i >= 0})
+    slot = {i: k for k, i in enumerate(need)}  # pool index -> row of the embeddings of needed images only
+    local = np.vectorize(lambda i: slot.get(int(i), -1), otypes=[np.int64])(top_idx[chosen])
+    concept = concept_embeddings(local, embedder.images(LazyImages(pool_src, need)))
+    res = steering_score(model, processor, sae, embedder, latents=chosen, concept_JD=concept, images=images,
+                         image_names=names, alpha=cfg.alpha, op=cfg.op, error_term=not cfg.replace,
+                         hook_point=cfg.hook_point, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                         class_names=labels, seed=cfg.seed, quiet=cfg.quiet)
+    if res["bounds"] is None and pool_labels is not None:  # a white image: bounds from the labelled pool
+        rng = np.random.default_rng(cfg.seed)
+        ids = sorted(rng.choice(len(pool_src), size=min(cfg.bound_images, len(pool_src)), replace=False).tolist())
+        res["bounds"] = similarity_bounds(embedder, LazyImages(pool_src, ids), [pool_labels[i] for i in ids], cfg.seed)
+        res["bounds"]["source"] = "pool"
+    elif res["bounds"] is not None:
+        res["bounds"]["source"] = "steered images"
+    res["settings"].update({"llava": cfg.llava, "sae": cfg.sae, "clip": cfg.clip, "latent_spec": cfg.latents,
+                            "dead_excluded": int((~alive).sum())})
+    atomic_write_json(cfg.out, res, indent=2)
+    return res

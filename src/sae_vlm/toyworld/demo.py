@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import typer
 
 from sae_vlm import toyworld
-from sae_vlm.config import TrainConfig
-from sae_vlm.data.extract import ExtractConfig, run_extract
+from sae_vlm.config import DemoConfig, EvaluateConfig, ExtractConfig, TrainConfig
+from sae_vlm.data.extract import run_extract
 from sae_vlm.data.store import open_store
-from sae_vlm.eval.cli_evaluate import evaluate_run
+from sae_vlm.eval.run import evaluate_run
 from sae_vlm.io import atomic_save_npy, atomic_save_npz, atomic_write_text
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.trainer import train
@@ -55,20 +54,20 @@ def write_embeddings(path: Path, emb: np.ndarray, ids) -> Path:
 FINE = [i for i, c in enumerate(CONCEPTS) if c.split(":")[0] in ("shape", "colour", "pattern")]
 
 
-def concept_purity(top_indices_KT: np.ndarray, top_values_KT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
+def concept_purity(top_indices_FT: np.ndarray, top_values_FT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
     """Per latent: the largest fraction of its top-16 images whose objects share one shape, colour or pattern.
 
     NaN for a latent with fewer than 16 images where it is positive (dead by the paper's rule).
     """
-    out = np.full(len(top_indices_KT), np.nan)
-    for j, (idx, val) in enumerate(zip(top_indices_KT, top_values_KT)):
+    out = np.full(len(top_indices_FT), np.nan)
+    for j, (idx, val) in enumerate(zip(top_indices_FT, top_values_FT)):
         if (val > 0).sum() == len(idx):
             out[j] = concepts_NC[idx][:, FINE].mean(0).max()
     return out
 
 
-def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
-    size = QUICK if quick else FULL
+def run_demo(cfg: DemoConfig) -> dict:
+    out, quiet, size = Path(cfg.out), cfg.quiet, QUICK if cfg.quick else FULL
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     clip_dir, llava_dir = toyworld.clip_path(), toyworld.llava_path()
@@ -83,42 +82,22 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
 
     n_layers = AutoConfig.from_pretrained(clip_dir).vision_config.num_hidden_layers
     llava_layer = f"layer.{n_layers - 2}"  # vision_feature_layer = -2, as in llava-1.5
-    cls_layers = (f"layer.{n_layers // 2 - 1}", llava_layer)
-    say(f"[2/6] extracting CLS at {', '.join(cls_layers)} and 'last'; 2 random tokens at {llava_layer} (toy LLaVA)", quiet)
-    stores = {}
-    for split in ("train", "eval"):
-        stores[split] = out / "stores" / split
-        run_extract(ExtractConfig(model=str(clip_dir), data=str(images[split]), out=str(stores[split]),
-                                  layers=(*cls_layers, "last"), tokens=("cls",), dtype="fp32", batch_size=128,
-                                  workers=2), quiet=quiet)
-    stores["tokens"] = out / "stores" / "llava_tokens"
-    run_extract(ExtractConfig(model=str(llava_dir), data=str(images["train"]), out=str(stores["tokens"]),
-                              tokens=("random-2",), dtype="fp32", batch_size=128, workers=2), quiet=quiet)
+    layers = (f"layer.{n_layers // 2 - 1}", llava_layer, "last")
+    say(f"[2/6] extracting CLS at {', '.join(layers[:2])} and 'last'; 2 random tokens at {llava_layer} (toy LLaVA)",
+        quiet)
+    stores = extract_stores(out, images, layers, clip_dir, llava_dir, quiet)
 
     say("[3/6] training BatchTopK and Matryoshka SAEs (x4, k=4) per hook point", quiet)
     runs = {}
-    for layer in (*cls_layers, "last"):
+    for layer in layers:
         runs[layer] = out / "runs" / layer
         train_sweep(stores["train"], layer, runs[layer], size, quiet)
     runs["tokens"] = out / "runs" / "llava_tokens"
     train_sweep(stores["tokens"], None, runs["tokens"], size, quiet, archs=("matryoshka",))
 
     say("[4/6] evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline", quiet)
-    ev = open_store(stores["eval"], layer="last")
-    ids = ev.image_ids()
-    emb = {"clip": write_embeddings(out / "embeddings" / "clip.npy", ev.all().numpy(), ids),
-           "truth": write_embeddings(out / "embeddings" / "truth.npy", toyworld.folder_concepts(images["eval"], ids), ids)}
-    concepts_NC = np.load(emb["truth"])
-    metrics: dict = {"size": size.__dict__, "layers": {}}
-    for layer in (*cls_layers, "last"):
-        per = {}
-        for name, path in emb.items():
-            per[name] = evaluate_run(runs[layer], stores["eval"], out=out / "eval" / layer / name, embeddings=path,
-                                     device="cpu", quiet=True)
-        neurons_ND = open_store(stores["eval"], layer=layer).all()
-        metrics["layers"][layer] = summarize_layer(per, out / "eval" / layer, concepts_NC, neurons_ND)
-
-    metrics["zero_shot"] = zero_shot_recovered(runs, (*cls_layers, "last"), clip_dir)
+    metrics: dict = {"size": size.__dict__, "layers": evaluate_layers(out, images, stores, runs, layers)}
+    metrics["zero_shot"] = zero_shot_recovered(runs, layers, clip_dir)
 
     say("[5/6] steering the toy LLaVA: one latent per colour, clamped on blank images", quiet)
     metrics["steering"] = steer_colours(runs["tokens"], images["train"], llava_dir, quiet)
@@ -130,13 +109,47 @@ def run_demo(out: Path, quick: bool = False, quiet: bool = False) -> dict:
     return metrics
 
 
+def extract_stores(out: Path, images: dict, layers, clip_dir: Path, llava_dir: Path, quiet: bool) -> dict[str, Path]:
+    """CLS rows of the tiny CLIP at `layers` for both splits; 2 random tokens per image where the toy LLaVA reads."""
+    stores = {}
+    for split in ("train", "eval"):
+        stores[split] = out / "stores" / split
+        run_extract(ExtractConfig(model=str(clip_dir), data=str(images[split]), out=str(stores[split]),
+                                  layers=tuple(layers), tokens=("cls",), dtype="fp32", batch_size=128, workers=2,
+                                  quiet=quiet))
+    stores["tokens"] = out / "stores" / "llava_tokens"
+    run_extract(ExtractConfig(model=str(llava_dir), data=str(images["train"]), out=str(stores["tokens"]),
+                              tokens=("random-2",), dtype="fp32", batch_size=128, workers=2, quiet=quiet))
+    return stores
+
+
+def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers) -> dict:
+    """Each hook point's SAEs evaluated under the tiny CLIP's and the ground-truth embeddings, and summarised."""
+    ev = open_store(stores["eval"], layer="last")
+    ids = ev.image_ids()
+    truth = toyworld.folder_concepts(images["eval"], ids)
+    emb = {"clip": write_embeddings(out / "embeddings" / "clip.npy", ev.all().numpy(), ids),
+           "truth": write_embeddings(out / "embeddings" / "truth.npy", truth, ids)}
+    concepts_NC = np.load(emb["truth"])
+    summary = {}
+    for layer in layers:
+        per = {name: evaluate_run(EvaluateConfig(run_dir=str(runs[layer]), data=str(stores["eval"]),
+                                                 out=str(out / "eval" / layer / name), embeddings=str(path),
+                                                 device="cpu", quiet=True))
+               for name, path in emb.items()}
+        neurons_ND = open_store(stores["eval"], layer=layer).all()
+        summary[layer] = summarize_layer(per, out / "eval" / layer, concepts_NC, neurons_ND)
+    return summary
+
+
 def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet: bool,
                 archs=("batchtopk", "matryoshka")) -> None:
     cfg = TrainConfig(data=str(store), out=str(run), layer=layer, archs=archs, expansions=(4,), ks=(4,),
                       batch_size=size.batch_size, steps=size.steps, lr=2e-3, warmup_steps=size.steps // 10,
                       threshold_start_step=size.steps // 4, dead_window=50 * size.batch_size,
-                      checkpoint_every=size.steps, log_every=max(1, size.steps // 10), quiet=quiet)
-    train(cfg, resume=(run / "ckpt").is_dir())
+                      checkpoint_every=size.steps, log_every=max(1, size.steps // 10), quiet=quiet,
+                      resume=(run / "ckpt").is_dir())
+    train(cfg)
 
 
 def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_ND: torch.Tensor) -> dict:
@@ -172,7 +185,7 @@ def zero_shot_recovered(runs: dict, layers, clip_dir: Path, n: int = 500) -> dic
     spliced in at its hook point, against the unmodified model: the "accuracy recovered"."""
     from transformers import AutoProcessor, CLIPModel
 
-    from sae_vlm.backbones.hf import quiet_loading
+    from sae_vlm.backbones import quiet_loading
     from sae_vlm.eval.recon import accuracy_recovered
     from sae_vlm.toyworld.quality import ZERO_SHOT, single_object_samples
 
@@ -249,27 +262,22 @@ def write_report(out: Path, run: Path, eval_dir: Path, store: Path) -> Path:
     return write_static(RunView(run, eval_dir / "clip", store), out / "report")
 
 
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Output directory."),
-    quick: bool = typer.Option(False, help="A smaller run (about a minute) for tests and a first look."),
-    quiet: bool = typer.Option(False, help="No progress output."),
-) -> None:
-    """The whole pipeline on the toy world: extract, train, evaluate, steer, report."""
-    m = run_demo(out, quick=quick, quiet=quiet)
-    last = m["layers"]["last"]
-    for name, r in last["saes"].items():
-        typer.echo(f"  last/{name:18s} FVE {100 * r['fve']:.1f}%  L0 {r['l0']:.1f}  "
-                   f"MS clip {r['ms_clip']['mean']:.3f}  MS truth {r['ms_truth']['mean']:.3f}  "
-                   f"corr {r['ms_correlation']:.2f}  top-16 purity {r['top16_purity']:.2f}")
+def summary_lines(m: dict, cfg: DemoConfig) -> list[str]:
+    """What the demo prints at the end: the `last` hook point's SAEs and neurons, zero-shot accuracy, steering."""
+    last, out = m["layers"]["last"], Path(cfg.out)
+    lines = [f"  last/{name:18s} FVE {100 * r['fve']:.1f}%  L0 {r['l0']:.1f}  MS clip {r['ms_clip']['mean']:.3f}  "
+             f"MS truth {r['ms_truth']['mean']:.3f}  corr {r['ms_correlation']:.2f}  "
+             f"top-16 purity {r['top16_purity']:.2f}" for name, r in last["saes"].items()]
     base = last["no_sae"]
-    typer.echo(f"  last/raw neurons        MS clip {base['clip']['mean']:.3f}  MS truth {base['truth']['mean']:.3f}  "
-               f"top-16 purity {base['top16_purity']:.2f}")
+    lines.append(f"  last/raw neurons        MS clip {base['clip']['mean']:.3f}  MS truth {base['truth']['mean']:.3f}  "
+                 f"top-16 purity {base['top16_purity']:.2f}")
     for key, per in m["zero_shot"].items():
-        typer.echo(f"  zero-shot accuracy, {key} spliced in: "
-                   + ", ".join(f"{a} {v['accuracy_spliced']:.0%} (unmodified {v['accuracy']:.0%})" for a, v in per.items()))
+        lines.append(f"  zero-shot accuracy, {key} spliced in: " + ", ".join(
+            f"{a} {v['accuracy_spliced']:.0%} (unmodified {v['accuracy']:.0%})" for a, v in per.items()))
     st = m["steering"]
-    per = ", ".join(f"{c} {v['hit_rate']:.0%}" for c, v in st["per_colour"].items())
-    typer.echo(f"  steering a colour latent on blank images names that colour {st['mean_hit_rate']:.0%} of the time "
-               f"(unsteered {st['mean_unsteered_hit_rate']:.0%}): {per}")
-    typer.echo(f"done in {m['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
-               f"plots in {out / 'eval'}/<layer>/<embedder>/plots/")
+    per_colour = ", ".join(f"{c} {v['hit_rate']:.0%}" for c, v in st["per_colour"].items())
+    lines.append(f"  steering a colour latent on blank images names that colour {st['mean_hit_rate']:.0%} of the time "
+                 f"(unsteered {st['mean_unsteered_hit_rate']:.0%}): {per_colour}")
+    lines.append(f"done in {m['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
+                 f"plots in {out / 'eval'}/<layer>/<embedder>/plots/")
+    return lines

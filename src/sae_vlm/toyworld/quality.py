@@ -70,7 +70,9 @@ def clip_zero_shot(path: str | Path | None = None, n: int = 500, seed: int = EVA
     res: dict = {"n_images": n}
     for attr, (values, prompt) in ZERO_SHOT.items():
         logits = _clip_logits(model, proc, images, [prompt(v) for v in values])
-        truth = torch.tensor([values.index(s.main.as_dict()[attr] if attr != "background" else s.background) for s in singles])
+        truth = torch.tensor(
+            [values.index(s.main.as_dict()[attr] if attr != "background" else s.background) for s in singles]
+        )
         res[attr] = (logits.argmax(1) == truth).float().mean().item()
         res[f"{attr}_chance"] = 1 / len(values)
     mixed = W.generate(n, seed)
@@ -114,8 +116,10 @@ def llava_accuracy(path: str | Path | None = None, n: int = 200, seed: int = EVA
         truth = [s.answer(kind) for s in samples]
         res[kind] = float(np.mean([g == t for g, t in zip(got, truth)]))
         if kind == "caption":
-            words = [np.mean([a == b for a, b in zip(g.split(), t.split())] + [0] * abs(len(g.split()) - len(t.split())))
-                     for g, t in zip(got, truth)]
+            words = [
+                np.mean([a == b for a, b in zip(g.split(), t.split())] + [0] * abs(len(g.split()) - len(t.split())))
+                for g, t in zip(got, truth)
+            ]
             res["caption_word_accuracy"] = float(np.mean(words))
             res["caption_positions"] = float(np.mean([_positions(g) == _positions(t) for g, t in zip(got, truth)]))
             res["caption_examples"] = [{"truth": t, "answer": g} for g, t in list(zip(got, truth))[:3]]
@@ -125,7 +129,8 @@ def llava_accuracy(path: str | Path | None = None, n: int = 200, seed: int = EVA
 
 
 def _training_lines(clip_dir, llava_dir) -> list[str]:
-    lines = ["## The models", "", "| model | parameters | size on disk | trained by | CPU time (1 thread) |", "|---|---|---|---|---|"]
+    lines = ["## The models", "",
+             "| model | parameters | size on disk | trained by | CPU time (1 thread) |", "|---|---|---|---|---|"]
     for name, d in (("tiny CLIP", clip_dir), ("toy LLaVA", llava_dir)):
         from safetensors import safe_open
 
@@ -133,8 +138,10 @@ def _training_lines(clip_dir, llava_dir) -> list[str]:
             n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
         info = json.loads((Path(d) / "training.json").read_text())
         mod = "train_clip" if name == "tiny CLIP" else "train_llava"
-        lines.append(f"| {name} | {n / 1e3:.0f}k | {(Path(d) / 'model.safetensors').stat().st_size / 2**20:.1f} MB | "
-                     f"`python -m sae_vlm.toyworld.{mod}` ({info['config']['steps']} steps, batch {info['config']['batch_size']}) "
+        size_mb = (Path(d) / "model.safetensors").stat().st_size / 2**20
+        cfg = info["config"]
+        lines.append(f"| {name} | {n / 1e3:.0f}k | {size_mb:.1f} MB | "
+                     f"`python -m sae_vlm.toyworld.{mod}` ({cfg['steps']} steps, batch {cfg['batch_size']}) "
                      f"| {info['cpu_seconds'] / 60:.1f} min |")
     return lines + [""]
 
@@ -151,7 +158,8 @@ def report(clip: dict, llava: dict, command: str, clip_dir=None, llava_dir=None)
     for attr, (values, prompt) in ZERO_SHOT.items():
         lines.append(f"| {attr} | \"{prompt(values[0])}\" | {clip[attr]:.3f} | {clip[attr + '_chance']:.3f} |")
     lines += ["", f"Full-caption retrieval among {clip['n_images']} images of 1-3 objects (top-1): "
-              f"image→caption {clip['retrieval_image_to_caption']:.3f}, caption→image {clip['retrieval_caption_to_image']:.3f} "
+              f"image→caption {clip['retrieval_image_to_caption']:.3f}, "
+              f"caption→image {clip['retrieval_caption_to_image']:.3f} "
               f"(chance {1 / clip['n_images']:.3f}).", "",
               "Position is not in the CLIP's pooled embedding (zero-shot at chance) although every caption names it; "
               "its patch tokens do carry it: the LLaVA, which reads them, names all positions right in "
@@ -161,13 +169,14 @@ def report(clip: dict, llava: dict, command: str, clip_dir=None, llava_dir=None)
     for kind, q in W.QUESTIONS.items():
         ch = llava["chance"].get(kind)
         lines.append(f"| {q} | {llava[kind]:.3f} | {'-' if ch is None else f'{ch:.3f}'} |")
-    lines += ["", f"Caption exact match {llava['caption']:.3f}; word accuracy {llava['caption_word_accuracy']:.3f}. Examples:", ""]
+    lines += ["", f"Caption exact match {llava['caption']:.3f}; "
+              f"word accuracy {llava['caption_word_accuracy']:.3f}. Examples:", ""]
     lines += [f"- truth: `{e['truth']}`  \n  answer: `{e['answer']}`" for e in llava["caption_examples"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--out", default="toyworld_quality.md")
     ap.add_argument("--clip", default=None, help="CLIP directory (default: the shipped one)")
     ap.add_argument("--llava", default=None, help="LLaVA directory (default: the shipped one)")

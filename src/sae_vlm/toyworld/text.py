@@ -88,8 +88,8 @@ def build_image_processor():
     s = W.IMAGE_SIZE
     return cls(
         do_resize=True, size={"shortest_edge": s}, resample=3, do_center_crop=True, crop_size={"height": s, "width": s},
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
-        do_convert_rgb=True,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD), do_convert_rgb=True,
     )
 
 

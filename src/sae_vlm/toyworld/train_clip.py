@@ -99,7 +99,9 @@ _QUERY_ATTRS = ("shape", "position", "pattern", "colour", "size", "background")
 _QUERY_P = np.array([0.3, 0.2, 0.15, 0.15, 0.1, 0.1])  # shape and position are the hard ones
 
 
-def describe(o: W.ToyObject, background: str, used: frozenset, colour_fam: bool, shape_fam: bool) -> tuple[str, np.ndarray]:
+def describe(
+    o: W.ToyObject, background: str, used: frozenset, colour_fam: bool, shape_fam: bool
+) -> tuple[str, np.ndarray]:
     """Text naming the attributes `used` of object `o` (family words if *_fam) and its mask [WIDTH]."""
     mask = np.ones(_WIDTH, np.float32)
 
@@ -108,18 +110,23 @@ def describe(o: W.ToyObject, background: str, used: frozenset, colour_fam: bool,
 
     adj = []
     if "size" in used:
-        adj.append(o.size), allow("size", [o.size])
+        adj.append(o.size)
+        allow("size", [o.size])
     if "pattern" in used:
-        adj.append(o.pattern), allow("pattern", [o.pattern])
+        adj.append(o.pattern)
+        allow("pattern", [o.pattern])
     if "colour" in used:
         if colour_fam:
-            adj.append(o.colour_family), allow("colour", W.COLOUR_FAMILIES[o.colour_family])
+            adj.append(o.colour_family)
+            allow("colour", W.COLOUR_FAMILIES[o.colour_family])
         else:
-            adj.append(o.colour), allow("colour", [o.colour])
+            adj.append(o.colour)
+            allow("colour", [o.colour])
     noun = "object"
     if "shape" in used:
         if shape_fam:
-            adj.append(o.shape_family), allow("shape", W.SHAPE_FAMILIES[o.shape_family])
+            adj.append(o.shape_family)
+            allow("shape", W.SHAPE_FAMILIES[o.shape_family])
         else:
             noun = o.shape
             allow("shape", [o.shape])
@@ -211,6 +218,14 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def optimizer(model, cfg: ClipTrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices only (not on embeddings, biases or norms)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
 def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -224,10 +239,7 @@ def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
     cap_id_N = torch.tensor([cap_ids[c] for c in captions])
     tok = T.build_tokenizer(for_clip=True)
     model = build_clip(cfg, len(tok))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
+    opt = optimizer(model, cfg)
     model.train()
     log = []
     bar = tqdm(range(cfg.steps), desc="train clip", disable=quiet)
@@ -241,10 +253,15 @@ def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
                 t, m, spec = captions[i], np.ones(_WIDTH, np.float32), None
             else:
                 t, m, spec = random_query(samples[i], rng)
-            texts.append(t), masks.append(m), full.append(is_full), tcap.append(cap_id_N[i].item())
+            texts.append(t)
+            masks.append(m)
+            full.append(is_full)
+            tcap.append(cap_id_N[i].item())
             if rng.random() < cfg.p_hard_negative:
                 nt, nm = hard_negative(samples[i], is_full, spec, rng)
-                neg_texts.append(nt), neg_masks.append(nm), neg_full.append(is_full)
+                neg_texts.append(nt)
+                neg_masks.append(nm)
+                neg_full.append(is_full)
                 neg_cap.append(cap_ids.get(nt, -1))  # a changed caption is (almost always) no image's caption
         enc = tok(texts + neg_texts, padding=True, return_tensors="pt")
         idx_t = torch.from_numpy(idx)
@@ -280,7 +297,7 @@ def save(model, tok, out: str | Path, info: dict) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--out", default=str(Path(__file__).parent / "weights" / "clip"))
     ap.add_argument("--steps", type=int, default=ClipTrainConfig.steps)
     ap.add_argument("--n-train", type=int, default=ClipTrainConfig.n_train)

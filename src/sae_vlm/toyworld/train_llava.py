@@ -26,6 +26,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -43,7 +44,8 @@ CHAT_TEMPLATE = (
     "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
     "{% else %}ASSISTANT: {% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}</s> "
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}</s> "
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -70,11 +72,17 @@ class LlavaTrainConfig:
 
 def build_llava(cfg: LlavaTrainConfig, clip_dir: str | Path, vocab_size: int):
     """A fresh LLaVA whose vision tower is a copy of the CLIP's (weights loaded, frozen)."""
-    from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     clip = CLIPModel.from_pretrained(clip_dir)
-    vcfg = clip.config.vision_config
-    n_img = (vcfg.image_size // vcfg.patch_size) ** 2
+    # CLIPConfig types vision_config as `dict | CLIPVisionConfig | None`; after init it is always a CLIPVisionConfig.
+    vcfg = cast(CLIPVisionConfig, clip.config.vision_config)
+    image_size, patch_size = vcfg.image_size, vcfg.patch_size
+    if not isinstance(image_size, int) or not isinstance(patch_size, int):
+        raise TypeError(
+            f"the CLIP in {clip_dir} must have integer image_size and patch_size, got {image_size!r} and {patch_size!r}"
+        )
+    n_img = (image_size // patch_size) ** 2
     tcfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp,
         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
@@ -179,7 +187,8 @@ def train(cfg: LlavaTrainConfig, clip_dir: str | Path, out: str | Path, quiet: b
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     cpu_s = time.process_time() - t0
-    save(model, tok, n_img, out, {"config": asdict(cfg), "clip": str(clip_dir), "log": log, "cpu_seconds": round(cpu_s, 1)})
+    info = {"config": asdict(cfg), "clip": str(clip_dir), "log": log, "cpu_seconds": round(cpu_s, 1)}
+    save(model, tok, n_img, out, info)
     return {"cpu_seconds": cpu_s, "final_loss": log[-1]["loss"]}
 
 
@@ -199,7 +208,7 @@ def save(model, tok, n_img: int, out: str | Path, info: dict) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     here = Path(__file__).parent / "weights"
     ap.add_argument("--clip", default=str(here / "clip"))
     ap.add_argument("--out", default=str(here / "llava"))

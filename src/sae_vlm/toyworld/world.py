@@ -54,7 +54,9 @@ RGB = {
     "black": (15, 15, 15), "gray": (128, 128, 128), "white": (240, 240, 240),
 }
 SIZE_PX = {"small": 12, "large": 20}
-POSITION_WORDS = {"topleft": "top left", "topright": "top right", "bottomleft": "bottom left", "bottomright": "bottom right"}
+POSITION_WORDS = {
+    "topleft": "top left", "topright": "top right", "bottomleft": "bottom left", "bottomright": "bottom right"
+}
 
 # Taxonomy levels of the main object, coarse to fine (7, like kingdom..species).
 TAXONOMY_LEVELS = ("shape_family", "shape", "colour_family", "colour", "pattern", "size", "position")
@@ -130,7 +132,8 @@ class Sample:
 
     @property
     def labels(self) -> dict:
-        return {"background": self.background, "count": len(self.objects), "objects": [o.as_dict() for o in self.objects]}
+        objects = [o.as_dict() for o in self.objects]
+        return {"background": self.background, "count": len(self.objects), "objects": objects}
 
     @property
     def concepts(self) -> np.ndarray:
@@ -185,7 +188,9 @@ def parse_taxonomy(label: str) -> dict[str, str]:
     """Inverse of `taxonomy_label`: {level: value}."""
     parts = label.split("_")
     if len(parts) != len(TAXONOMY_LEVELS) + 1 or not parts[0].isdigit():
-        raise ValueError(f"taxonomy label {label!r} is not of the form 'NNNNN_' + {len(TAXONOMY_LEVELS)} '_'-separated levels")
+        raise ValueError(
+            f"taxonomy label {label!r} is not of the form 'NNNNN_' + {len(TAXONOMY_LEVELS)} '_'-separated levels"
+        )
     return dict(zip(TAXONOMY_LEVELS, parts[1:]))
 
 

@@ -1,0 +1,211 @@
+"""The one interface every vision encoder is used through, and the registry of model families behind it.
+
+Hook points:
+  "layer.<i>"  residual stream after encoder layer i (0-based), equal to HF `hidden_states[i + 1]`, [B, T, D]
+  "last"       the pooled image vector, [B, D] (what each family calls it: see its adapter)
+Everything is done with forward hooks on the unmodified model, so the same object can be steered by `patch`.
+A family adapter (clip.py, siglip.py, dinov2.py, llava.py) only says where these parts are in its models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+class Parts(NamedTuple):
+    """Where a family keeps what the interface needs, found once per model."""
+
+    family: str  # the vision encoder's family: clip | siglip | dinov2 (a LLaVA reports its tower's)
+    run: Callable[[torch.Tensor], object]  # the vision forward on pixel values
+    layers: nn.ModuleList  # encoder layers; their outputs are the "layer.<i>" points
+    last: nn.Module | None  # module whose output gives "last"; None: the model has no such point
+    last_select: Callable[[torch.Tensor], torch.Tensor]  # that module's output -> [B, D]
+    last_width: int | None  # width of "last"
+    d_model: int  # width of the residual stream
+    has_cls: bool  # token 0 is a CLS token
+    n_registers: int = 0  # register tokens after CLS (DINOv2 with registers)
+    default_layer: str | None = None  # the layer a LLaVA projector reads
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family: the transformers config types it covers, the class to load, and its parts."""
+
+    name: str
+    model_types: tuple[str, ...]
+    hf_class: Callable[[object], type]  # config -> the transformers class `from_pretrained` loads
+    parts: Callable[[nn.Module], Parts]
+
+
+FAMILIES: dict[str, Family] = {}  # by config model_type
+
+
+def register(family: Family) -> Family:
+    for mt in family.model_types:
+        FAMILIES[mt] = family
+    return family
+
+
+def family_of(model_type: str, where: str = "the model") -> Family:
+    if model_type not in FAMILIES:
+        names = sorted({f.name for f in FAMILIES.values()})
+        raise ValueError(f"model type {model_type!r} of {where} is not supported; expected {', '.join(names)}")
+    return FAMILIES[model_type]
+
+
+def first_attr(obj, *paths: str) -> Any:
+    """The first dotted attribute path that exists on `obj` (HF moves modules between versions), else None."""
+    for p in paths:
+        cur = obj
+        for part in p.split("."):
+            cur = getattr(cur, part, None)
+            if cur is None:
+                break
+        if cur is not None:
+            return cur
+    return None
+
+
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    layers = first_attr(tower, "encoder.layers", "encoder.layer", "vision_model.encoder.layers",
+                        "vision_model.encoder.layer")
+    if layers is None:
+        raise ValueError(f"cannot find encoder layers in {type(tower).__name__}")
+    return layers
+
+
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def parse_hook_point(name: str | int) -> str:
+    """'11' or 11 -> 'layer.11'; 'layer.11' and 'last' stay as they are."""
+    s = str(name).strip()
+    if s == "last":
+        return s
+    if s.startswith("layer."):
+        s = s[len("layer.") :]
+    if not s.lstrip("-").isdigit():
+        raise ValueError(f"hook point {name!r} is not understood; expected an int, 'layer.<i>' or 'last'")
+    return f"layer.{int(s)}"
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once every requested point is seen, so later layers are not computed."""
+
+
+def _replace_output(output, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A module output with its first tensor (or the tensor itself) replaced by fn(it)."""
+    if isinstance(output, (tuple, list)):
+        return type(output)([fn(output[0]), *output[1:]])
+    return fn(output)
+
+
+class Backbone:
+    """A vision encoder (or a LLaVA vision tower) with named hook points; any registered family."""
+
+    def __init__(self, model: PreTrainedModel, processor=None, model_id: str = "local", revision: str = "local"):
+        self.model = model.eval()
+        self.processor = processor
+        self.model_id = model_id
+        self.revision = revision
+        self.parts = family_of(model.config.model_type, model_id).parts(model)
+        self.family = self.parts.family
+        self.has_cls = self.parts.has_cls
+        self.n_registers = self.parts.n_registers
+        self.n_prefix = int(self.has_cls) + self.n_registers  # non-patch tokens before the patches
+        self.d_model = self.parts.d_model
+        self.default_layer = self.parts.default_layer
+        self.n_layers = len(self.parts.layers)
+
+    def hook_points(self) -> list[str]:
+        pts = [f"layer.{i}" for i in range(self.n_layers)]
+        return pts + (["last"] if self.parts.last is not None else [])
+
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images -> pixel_values [B, 3, H, W] (float32, CPU) with the model's own image processor."""
+        if self.processor is None:
+            raise ValueError(f"no image processor was found for {self.model_id}; save one beside the model")
+        return torch.as_tensor(self.processor(images=list(images), return_tensors="np")["pixel_values"])
+
+    def run(self, pixel_values: torch.Tensor):
+        """The plain vision forward (no hooks of ours)."""
+        return self.parts.run(pixel_values.to(self.device(), self.dtype()))
+
+    def module(self, hook_point: str | int) -> nn.Module:
+        """The module whose output is the hook point; a ValueError names the points that exist."""
+        point = parse_hook_point(hook_point)
+        if point == "last":
+            if self.parts.last is None:
+                raise ValueError(f"hook point 'last' is not available for {self.model_id}; "
+                                 f"choose from {self.hook_points()}")
+            return self.parts.last
+        i, n = int(point.split(".")[1]), self.n_layers
+        if not -n <= i < n:
+            raise ValueError(f"hook point {point!r} is out of range; the model has layers 0..{n - 1}")
+        return self.parts.layers[i % n]
+
+    def width(self, hook_point: str | int) -> int:
+        """Width of the vectors at a hook point, from the config (so a wrong SAE fails before any forward)."""
+        self.module(hook_point)
+        if parse_hook_point(hook_point) == "last" and self.parts.last_width is not None:
+            return int(self.parts.last_width)
+        return int(self.d_model)
+
+    def _select(self, point: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.parts.last_select if point == "last" else identity
+
+    def _order(self, point: str) -> int:
+        return self.n_layers if point == "last" else int(point.split(".")[1]) % self.n_layers
+
+    @torch.inference_mode()
+    def capture(self, pixel_values: torch.Tensor, hook_points) -> dict[str, torch.Tensor]:
+        """One forward pass; returns {hook point: [B, T, D] for layers, [B, D] for 'last'} (model dtype)."""
+        points = list(dict.fromkeys(parse_hook_point(p) for p in hook_points))
+        out: dict[str, torch.Tensor] = {}
+        stop_at = max(self._order(p) for p in points)
+        handles = []
+        for p in points:
+            def hook(_m, _inp, output, p=p, select=self._select(p)):
+                out[p] = select(output[0] if isinstance(output, (tuple, list)) else output)
+                if self._order(p) == stop_at and len(out) == len(points):
+                    raise _StopForward
+
+            handles.append(self.module(p).register_forward_hook(hook))
+        try:
+            self.run(pixel_values)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = set(points) - set(out)
+        if missing:
+            raise RuntimeError(f"hook points {sorted(missing)} did not fire in the forward pass")
+        return out
+
+    @contextlib.contextmanager
+    def patch(self, hook_point: str | int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block, the hook point's module output `t` is replaced by `fn(t)` (for every forward)."""
+        module = self.module(hook_point)
+        # prepend: transformers 5 records hidden_states (what LLaVA's projector reads) with its own forward hooks,
+        # installed lazily at the first forward; ours must run before them or the change is invisible downstream.
+        handle = module.register_forward_hook(lambda _m, _inp, output: _replace_output(output, fn), prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()

@@ -1,0 +1,53 @@
+"""Where and in what precision tensors live, and which processes share the work: one reading of the `--device`
+and `--dtype` flags, and one process-group set-up, for every command."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """'auto' or None: cuda when available, else cpu; anything else as `torch.device` reads it."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from 'fp32' | 'fp16' | 'bf16' (or their long names) or a dtype; None / 'auto': fp16 on
+    CUDA, fp32 elsewhere. Anything else is a ValueError naming the choices."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not understood; expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# Generous: in extraction a rank waits at the final barrier until the slowest rank has finished its shards.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
+
+
+def join_process_group(device: torch.device) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, this rank's device, whether this call created the group).
+
+    WORLD_SIZE > 1 means torchrun launched us: nccl on CUDA (one GPU per local rank, whatever index was asked
+    for), gloo elsewhere. Without a launch and without a group: (0, 1, device, False)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1, device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), device, created
