@@ -25,7 +25,7 @@ def test_metrics_match_direct_formulas():
     torch.manual_seed(1)
     x = torch.randn(50, 12) * torch.linspace(0.5, 3, 12) + 10.0  # a large mean must not hurt the variances
     sae = _sae()
-    m = reconstruction_metrics(sae, x, device="cpu", chunk_rows=7, dense_cutoff=0.3)
+    m = reconstruction_metrics(sae, x, device="cpu", batch_rows=7, dense_cutoff=0.3)
     with torch.no_grad():
         codes = sae.encode(x)
         x_hat = sae.decode(codes)
@@ -39,7 +39,7 @@ def test_metrics_match_direct_formulas():
     freq = (codes > 0).double().mean(0)
     assert m["dead_frac"] == pytest.approx(float((freq == 0).double().mean()))
     assert m["dense_frac"] == pytest.approx(float((freq > 0.3).double().mean()))
-    whole = reconstruction_metrics(sae, x, device="cpu", chunk_rows=1000, dense_cutoff=0.3)
+    whole = reconstruction_metrics(sae, x, device="cpu", batch_rows=1000, dense_cutoff=0.3)
     assert whole["fve"] == pytest.approx(m["fve"], abs=1e-6)
 
 

@@ -244,7 +244,8 @@ def test_cli_steer_and_steer_score(llava_dir, sae, tmp_path):
                                  "--quiet"])
     assert r.exit_code == 0, r.output
     res = json.loads(out2.read_text())
-    assert res["bounds"]["source"] == "pool" and np.isfinite(res["steered"]["mean"])
+    assert res["bounds"]["source"] == "pool: first image of each class" and np.isfinite(res["steered"]["mean"])
+    assert res["bounds"]["upper"]["n"] == 4  # one image per colour folder, as imagenet_subset.py picks them
     assert "upper bound" in r.output
 
     # "images × few latents" with a precomputed top table (eval/top.py's files) and bounds from the class folders

@@ -163,12 +163,18 @@ def train(cfg: C.TrainConfig) -> None:
 
 
 def evaluate(cfg: C.EvaluateConfig) -> None:
+    from sae_vlm.eval.report import hierarchy_table
     from sae_vlm.eval.run import evaluate_run
 
-    for r in evaluate_run(cfg)["saes"]:
+    metrics = evaluate_run(cfg)
+    typer.echo(f"scored the SAEs at step {metrics['step']}")
+    for r in metrics["saes"]:
         ms = r["ms"]
         ms_txt = f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['dead']} dead)" if ms and "mean" in ms else "MS –"
         typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * r['recon']['fve']:.1f}%, L0 {r['recon']['l0_threshold']:.1f}")
+    for r in metrics["saes"]:
+        if "hierarchy" in r:
+            typer.echo("\n" + hierarchy_table(r))
     typer.echo(f"wrote {cfg.out_dir}/metrics.json")
 
 
@@ -204,7 +210,7 @@ def steer(cfg: C.SteerConfig) -> None:
 
 
 def steer_score(cfg: C.SteerScoreConfig) -> None:
-    from sae_vlm.steer.score import run_steer_score
+    from sae_vlm.steer.protocol import run_steer_score
 
     res = run_steer_score(cfg)
 

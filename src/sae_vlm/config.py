@@ -52,6 +52,11 @@ def run_dir_option() -> Any:
     return option(help="Training run directory (RUN/saes/<name>/) or one SAE directory.", positional=True)
 
 
+def step_option() -> Any:
+    return option(None, "Which snapshot of the SAEs: a step number or final; unset: the run's eval_step (the "
+                        "paper presets: 100000), else final.")
+
+
 def eval_dir_option() -> Any:
     return option(None, "Output of `sae-vlm evaluate`; default RUN/eval.", flag="--eval")
 
@@ -71,7 +76,8 @@ class ExtractConfig:
     out: str = option(help="Store directory; rerun the same command to resume.")
     layers: tuple[str, ...] = option((), "Comma list of hook points: 11 (= layer.11), last; default: the layer a "
                                          "LLaVA projector reads, else last.")
-    tokens: tuple[str, ...] = option(("cls",), "Comma list of token selections: cls, mean, all, random-<k>.")
+    tokens: tuple[str, ...] = option(("cls",), "Comma list of token selections: cls, first (token 0, also on SigLIP "
+                                               "where it is a patch), mean, all, random-<k>.")
     dtype: str = option("fp16", "Storage dtype: fp16, bf16 or fp32.")
     model_dtype: str | None = option(None, "Model compute dtype: fp32, fp16 or bf16; unset: fp16 on CUDA, fp32 on CPU.")
     batch_size: int = option(64, "Images per forward pass.")
@@ -98,9 +104,10 @@ class ExtractConfig:
 # --- train -----------------------------------------------------------------------------------------------------
 
 PAPER_GROUPS = (1 / 16, 1 / 8, 1 / 4, 9 / 16)
-# iNat2021 kingdoms/phyla/classes/orders/families, so each Matryoshka level is sized like a taxonomy level.
+# iNat2021 kingdoms/phyla/classes/orders/families, so each Matryoshka level is sized like a taxonomy level. The
+# paper's script passes these counts over their sum rounded to 3 decimals; at F=1536: groups 3/13/53/290/1177.
 INAT_COUNTS = (3, 13, 51, 273, 1103)
-INAT_GROUPS = tuple(c / sum(INAT_COUNTS) for c in INAT_COUNTS)
+INAT_GROUPS = (0.002, 0.009, 0.035, 0.189, 0.765)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,8 @@ class TrainConfig:
     checkpoint_every: int = option(1000, "Steps between resume checkpoints.")
     keep_steps: tuple[int, ...] = option((), "Comma list of steps at which to also save every SAE "
                                              "(saes/<name>/step-<n>/).")
+    eval_step: int | None = option(None, "The snapshot that evaluate, report, browse, steer and steer-score use "
+                                         "unless told otherwise: one of --keep-steps; unset: the final SAEs.")
     log_every: int = option(100, "Steps between log lines.")
     log_to: str | None = option(None, "Also log to wandb or tensorboard.")
     resume: bool = option(False, "Continue the run in OUT from its last checkpoint.")
@@ -174,6 +183,9 @@ class TrainConfig:
         total = sum(self.group_fractions)
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"group fractions {self.group_fractions} must sum to 1 (they sum to {total:.6g})")
+        if self.eval_step is not None and self.eval_step not in self.keep_steps:
+            raise ValueError(f"eval_step={self.eval_step} is not among the kept snapshots {self.keep_steps}; "
+                             "add it to --keep-steps")
 
     def specs(self) -> list[SAESpec]:
         grid = itertools.product(self.archs, self.expansions, self.ks)
@@ -188,6 +200,7 @@ class EvaluateConfig:
 
     run_dir: str = run_dir_option()
     data: str = option(help="Held-out activation store directory or a .npy of shape (rows, d_in).")
+    step: str | None = step_option()
     embeddings: str | None = option(None, "Image embeddings .npy [rows, D] for the MS similarity.")
     embedder: str | None = option(None, "Model id or directory to embed the store's images (cached in "
                                          "OUT/embeddings).")
@@ -196,6 +209,8 @@ class EvaluateConfig:
     device: str = device_option()
     heldout_frac: float = option(1.0, "Fraction of --data rows used for the reconstruction metrics.")
     dense_cutoff: float = option(0.1, "A latent firing on more than this fraction of rows is dense.")
+    batch_rows: int = option(4096, "Rows per validation batch of the per-batch FVE and L0 that the paper's "
+                                   "Tables A6/A7 average (beside the pooled values).")
     rotation_seed: int = option(0, "Seed of the random-rotation baseline; -1 to skip it.")
     top: int = option(16, "Top-activating images kept per latent.")
     grids: int = option(0, "Render 4x4 image grids for this many highest-MS latents per SAE.")
@@ -234,6 +249,7 @@ class SteerConfig:
 
     llava: str = option(help="LLaVA hub id or directory (LlavaForConditionalGeneration + processor).")
     sae: str = option(help="SAE directory trained at the layer the projector reads.")
+    step: str | None = step_option()
     latents: tuple[int, ...] = option(help="Comma list of latent ids, e.g. 39,120.")
     alpha: tuple[float, ...] = option((0.0, 30.0, 50.0), "Comma list of values for the op (paper: clamp to "
                                                          "0,30,40,50).")
@@ -262,9 +278,16 @@ class SteerScoreConfig:
 
     llava: str = option(help="LLaVA hub id or directory.")
     sae: str = option(help="SAE directory (paper: ×64 Matryoshka, layer 22, random tokens).")
+    step: str | None = step_option()
     clip: str = option(help="CLIPModel id or directory: image embedder (concepts) and text tower (words).")
     images: str = option("white", "'white' or an image folder or path list to steer on (labels = folders).")
-    latents: str = option("random:100", "39,120 | 0-999 | random:N | level:L[:N] | all (dead latents excluded).")
+    latents: str = option("paper", "paper: latents 0..999 on the white image, 0..9 on --images, dead ones included, "
+                                   "as the paper; first:N: 0..N-1; or live latents only: 39,120 | 0-999 | random:N "
+                                   "| level:L[:N] | all.")
+    word: str = option("paper", "The answer's first word: paper (up to the first space, punctuation kept) or "
+                                "stripped (without punctuation).")
+    class_names: str | None = option(None, "Names of class folders, '<label> <name>[, synonyms]' per line; default: "
+                                           "LOC_synset_mapping.txt in or beside the image folder, else folder names.")
     alpha: float = option(100.0, "Value for the op (paper: clamp to 100).")
     op: str = option("clamp", f"Edit: {' | '.join(EDIT_OPS)}.")
     pool: str | None = option(None, "Folder or path list to take top images from; default: --images.")
@@ -272,7 +295,6 @@ class SteerScoreConfig:
     top_images: str | None = option(None, "Folder or path list the --top indices refer to.")
     per_class: int | None = option(None, "Steer on the first N images of each class folder.")
     max_images: int | None = option(None, "Steer on at most this many images.")
-    bound_images: int = option(1000, "Labelled images (sampled) for the upper and lower bounds.")
     replace: bool = option(True, "Replace the residual by the SAE reconstruction (paper) or keep the error term.",
                            flag="--replace/--error-term")
     hook_point: str | None = llava_hook_option()
@@ -286,6 +308,7 @@ class SteerScoreConfig:
 
     def __post_init__(self):
         _choice(self.op, EDIT_OPS, "--op")
+        _choice(self.word, ("paper", "stripped"), "--word")
 
 
 # --- browse and report -----------------------------------------------------------------------------------------
@@ -330,12 +353,15 @@ class DemoConfig:
 
 # --- the paper's recipes ---------------------------------------------------------------------------------------
 
-_PAPER_TRAIN = dict(ks=(20,), batch_size=4096, steps=110_000, decay_start=109_999, keep_steps=(100_000,))
+_PAPER_PRECISION = dict(dtype="fp32", model_dtype="fp32")  # the paper computed and saved float32 activations
+# The paper trains 110k steps and scores the step-100000 snapshot (ae_100000.pt).
+_PAPER_TRAIN = dict(ks=(20,), batch_size=4096, steps=110_000, decay_start=109_999, keep_steps=(100_000,),
+                    eval_step=100_000)
 PRESETS: dict[str, dict[type, dict]] = {
     # scripts/monosemanticity_score.sh: CLS at four layers and the projection; both architectures, six widths.
     "paper-ms": {
         ExtractConfig: dict(model="openai/clip-vit-large-patch14-336", layers=("11", "17", "22", "23", "last"),
-                            tokens=("cls",)),
+                            tokens=("cls",), **_PAPER_PRECISION),
         TrainConfig: dict(archs=("batchtopk", "matryoshka"), expansions=(1, 2, 4, 8, 16, 64), **_PAPER_TRAIN),
     },
     # scripts/matryoshka_hierarchy.sh: Matryoshka x2, levels sized like the iNat taxonomy.
@@ -344,7 +370,8 @@ PRESETS: dict[str, dict[type, dict]] = {
     },
     # scripts/mllm_steering.sh: Matryoshka x64 on two random tokens per image at layer 22.
     "paper-steer": {
-        ExtractConfig: dict(model="openai/clip-vit-large-patch14-336", layers=("22",), tokens=("random-2",)),
+        ExtractConfig: dict(model="openai/clip-vit-large-patch14-336", layers=("22",), tokens=("random-2",),
+                            **_PAPER_PRECISION),
         TrainConfig: dict(archs=("matryoshka",), expansions=(64,), **_PAPER_TRAIN),
     },
 }

@@ -33,6 +33,7 @@ class Parts(NamedTuple):
     has_cls: bool  # token 0 is a CLS token
     n_registers: int = 0  # register tokens after CLS (DINOv2 with registers)
     default_layer: str | None = None  # the layer a LLaVA projector reads
+    last_note: str = ""  # what "last" is, in words (written into the store manifest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,14 @@ class Backbone:
         if parse_hook_point(hook_point) == "last" and self.parts.last_width is not None:
             return int(self.parts.last_width)
         return int(self.d_model)
+
+    def describe(self, hook_point: str | int) -> str:
+        """What the vectors at a hook point are, in words (the store manifest records it)."""
+        point = parse_hook_point(hook_point)
+        if point == "last":
+            return self.parts.last_note
+        i = point.split(".")[1]
+        return f"residual stream after encoder layer {i} (HF hidden_states[{i} + 1])"
 
     def _select(self, point: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.parts.last_select if point == "last" else identity

@@ -1,11 +1,15 @@
 """CLIP: CLIPModel (vision side only), CLIPVisionModel and CLIPVisionModelWithProjection.
 
-"last" is `image_embeds`, after `visual_projection`; without a projection, the pooled `post_layernorm` output.
+"last" is the output of `visual_projection` (not L2-normalised); without a projection, the pooled `post_layernorm`
+output.
 """
 
 from __future__ import annotations
 
 from sae_vlm.backbones.base import Family, Parts, encoder_layers, first_attr, identity, register
+
+PROJECTED = ("the image embedding after visual_projection, before L2 normalisation: what get_image_features "
+             "returns, not CLIPModel(...).image_embeds, which is normalised")
 
 
 def hf_class(config) -> type:
@@ -26,8 +30,11 @@ def parts(model) -> Parts:
     else:
         run = lambda pv: model(pixel_values=pv)  # noqa: E731
     last = proj if proj is not None else first_attr(model, "post_layernorm", "vision_model.post_layernorm")
+    note = (PROJECTED if proj is not None else "the pooled CLS token after post_layernorm (pooler_output), without "
+            "a projection")
     return Parts("clip", run, encoder_layers(model), last, identity,
-                 proj.out_features if proj is not None else vcfg.hidden_size, vcfg.hidden_size, has_cls=True)
+                 proj.out_features if proj is not None else vcfg.hidden_size, vcfg.hidden_size, has_cls=True,
+                 last_note=note)
 
 
 FAMILY = register(Family("clip", ("clip", "clip_vision_model"), hf_class, parts))

@@ -23,7 +23,8 @@ def parts(model) -> Parts:
 
     return Parts("dinov2", run, encoder_layers(model), first_attr(model, "layernorm", "vision_model.layernorm"),
                  cls_token, cfg.hidden_size, cfg.hidden_size, has_cls=True,
-                 n_registers=int(getattr(cfg, "num_register_tokens", 0) or 0))
+                 n_registers=int(getattr(cfg, "num_register_tokens", 0) or 0),
+                 last_note="the layer-normed CLS token (pooler_output)")
 
 
 FAMILY = register(Family("dinov2", ("dinov2", "dinov2_with_registers"), hf_class, parts))

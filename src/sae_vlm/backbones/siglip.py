@@ -18,7 +18,8 @@ def parts(model) -> Parts:
         return model(pixel_values=pv)
 
     return Parts("siglip", run, encoder_layers(model), first_attr(model, "head", "vision_model.head"), identity,
-                 vcfg.hidden_size, vcfg.hidden_size, has_cls=False)
+                 vcfg.hidden_size, vcfg.hidden_size, has_cls=False,
+                 last_note="the MAP head's pooler_output, before L2 normalisation")
 
 
 FAMILY = register(Family("siglip", ("siglip", "siglip_vision_model"), hf_class, parts))

@@ -204,7 +204,7 @@ class RunView:
     """A run directory, its evaluation directory and (optionally) the store the evaluation read."""
 
     def __init__(self, run_dir, eval_dir=None, data=None):
-        from sae_vlm.eval.run import find_saes
+        from sae_vlm.sae.runs import find_saes
 
         self.run_dir = Path(run_dir).resolve()
         if not self.run_dir.is_dir():
@@ -225,8 +225,9 @@ class RunView:
         summaries = {r["name"]: r for r in self.metrics.get("saes", [])}
         self.dicts: dict[str, Dictionary] = {}
         self._lock = threading.Lock()
-        for sdir in find_saes(self.run_dir):
-            d = self._load_sae(sdir, summaries.get(sdir.name, {}))
+        # the snapshot evaluate scored (an evaluation from before snapshots were chosen scored the final SAEs)
+        for name, sdir in find_saes(self.run_dir, self.metrics.get("step", "final"))[0]:
+            d = self._load_sae(name, sdir, summaries.get(name, {}))
             if d is not None:
                 self.dicts[d.name] = d
         for f in sorted((self.eval_dir / "latents").glob("baseline__*.npz")):
@@ -237,8 +238,8 @@ class RunView:
         self.plots = sorted(p.relative_to(self.eval_dir).as_posix() for p in (self.eval_dir / "plots").glob("*.png"))
         self.tables_md = (self.eval_dir / "tables.md").read_text() if (self.eval_dir / "tables.md").is_file() else ""
 
-    def _load_sae(self, sdir: Path, summary: dict) -> Dictionary | None:
-        f = self.eval_dir / "latents" / f"{sdir.name}.npz"
+    def _load_sae(self, name: str, sdir: Path, summary: dict) -> Dictionary | None:
+        f = self.eval_dir / "latents" / f"{name}.npz"
         if not f.is_file():
             return None
         cfg = json.loads((sdir / "config.json").read_text())
@@ -248,7 +249,7 @@ class RunView:
                   if (k in RANGE_KEYS or k.startswith("ms__")) and z[k].shape == (n,)}
         if "freq" not in arrays and "fire_freq" in z.files:
             arrays["freq"] = z["fire_freq"].astype(np.float64)
-        top_dir = self.eval_dir / "top" / sdir.name
+        top_dir = self.eval_dir / "top" / name
         if (top_dir / "top_indices.npy").is_file():
             top_idx, top_val = np.load(top_dir / "top_indices.npy"), np.load(top_dir / "top_values.npy")
         elif "top_indices" in z.files:
@@ -257,7 +258,7 @@ class RunView:
             top_idx = top_val = None
         info = {k: cfg.get(k) for k in ("arch", "d_in", "d_sae", "k", "group_sizes", "token_selection")}
         info["recon"] = summary.get("recon")
-        return Dictionary(sdir.name, "sae", cfg.get("hook_point") or "unknown", n, arrays,
+        return Dictionary(name, "sae", cfg.get("hook_point") or "unknown", n, arrays,
                           latent_levels(cfg.get("group_sizes"), n), top_idx, top_val, sdir, info,
                           _store_for(self.data, cfg.get("hook_point"), cfg.get("token_selection")))
 

@@ -131,7 +131,7 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
     plan = make_plan(backbone, layers, cfg.tokens)
     n_tokens = _n_tokens(backbone)
     subdirs = {name: {"hook_point": hp, "tokens": sel.name, "rows_per_image": rows_per_image(sel, n_tokens),
-                      "width": backbone.width(hp)} for name, hp, sel in plan}
+                      "width": backbone.width(hp), "note": backbone.describe(hp)} for name, hp, sel in plan}
     store = StoreWriter(cfg.out, cfg.store_config(len(src)), subdirs)
     store.prepare(is_main=rank == 0)
     _barrier(world)

@@ -64,7 +64,7 @@ class StoreWriter:
     def __init__(self, root: str | Path, config: dict, subdirs: dict[str, dict]):
         self.root = Path(root)
         self.config = config
-        self.subdirs = subdirs  # name -> {"hook_point", "tokens", "rows_per_image", "width"}
+        self.subdirs = subdirs  # name -> {"hook_point", "tokens", "rows_per_image", "width", "note"}
 
     def prepare(self, is_main: bool = True) -> None:
         """Create dirs and record the config; raise if `root` holds a different extraction."""
@@ -130,7 +130,8 @@ class StoreWriter:
             atomic_write_bytes(d / "rows.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"")
             atomic_write_bytes(d / "token_index.npy", npy_bytes(np.asarray(tok, dtype=np.int32)))
             atomic_write_json(d / "manifest.json", {
-                "format": FORMAT, **meta, "hook_point": sd["hook_point"], "token_selection": sd["tokens"],
+                "format": FORMAT, **meta, "hook_point": sd["hook_point"], "hook_point_note": sd["note"],
+                "token_selection": sd["tokens"],
                 "dtype": self.config["dtype"], "storage_dtype": np.dtype(STORAGE[self.config["dtype"]]).name,
                 "shape": [total, sd["width"]], "rows": total, "images": len(images), "rows_per_image": n_per,
                 "rows_file": "rows.jsonl", "token_index_file": "token_index.npy", "shards": shards,

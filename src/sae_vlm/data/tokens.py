@@ -2,6 +2,8 @@
 
   cls        token 0 (CLIP, DINOv2, LLaVA tower). SigLIP has no CLS token: asking for it is an error
              (use `--layers last` for SigLIP's MAP-pooled vector, or mean / random-k).
+  first      token 0, whatever it is: on SigLIP a patch token. The paper's `--cls_only` took it there, so its
+             SigLIP layer rows are reproduced with `first`; elsewhere it equals `cls`.
   mean       mean over patch tokens, excluding CLS and DINOv2 register tokens
   all        every token, CLS and registers included, in sequence order (T rows per image)
   random-k   k distinct tokens per image drawn from CLS + patches (registers excluded), sorted by position.
@@ -32,17 +34,17 @@ def parse_tokens(spec: str | list[str]) -> list[TokenSelection]:
     out = []
     for raw in items:
         s = raw.strip()
-        if s in ("cls", "mean", "all", "pooled"):
+        if s in ("cls", "first", "mean", "all", "pooled"):
             out.append(TokenSelection(s, s))
         elif s.startswith("random-") and s[len("random-") :].isdigit() and int(s[len("random-") :]) > 0:
             out.append(TokenSelection(s, "random", int(s[len("random-") :])))
         else:
-            raise ValueError(f"token selection {s!r} is not understood; expected cls, mean, all or random-<k>")
+            raise ValueError(f"token selection {s!r} is not understood; expected cls, first, mean, all or random-<k>")
     return list(dict.fromkeys(out))
 
 
 def rows_per_image(sel: TokenSelection, n_tokens: int) -> int:
-    return {"cls": 1, "mean": 1, "pooled": 1, "all": n_tokens, "random": sel.k}[sel.kind]
+    return {"cls": 1, "first": 1, "mean": 1, "pooled": 1, "all": n_tokens, "random": sel.k}[sel.kind]
 
 
 def image_seed(image_id: str, seed: int) -> int:
@@ -70,6 +72,8 @@ def select_tokens(acts, sel: TokenSelection, image_ids: list[str], has_cls: bool
         if not has_cls:
             raise ValueError(f"token selection 'cls' at {hook_point}: this model has no CLS token (SigLIP); "
                              "use --layers last for its pooled vector, or --tokens mean / random-k")
+        return acts[:, 0], torch.zeros(B, dtype=torch.int32)
+    if sel.kind == "first":
         return acts[:, 0], torch.zeros(B, dtype=torch.int32)
     if sel.kind == "mean":
         return acts[:, n_cls + n_registers :].float().mean(1).to(acts.dtype), torch.full((B,), -1, dtype=torch.int32)

@@ -1,9 +1,10 @@
 """Do latents of deeper Matryoshka levels pick more specific taxa? (paper.md §5)
 
-Each image gets a 7-level taxonomy path (kingdom, phylum, class, order, family, genus, species). For a latent,
-every pair of its top-16 images has an LCA depth = length of the common prefix of their paths (0..7); the
-latent's depth is the rounded mean ("mean") or the mode ("mode") of those 120 depths. Levels average over
-their live latents (the 16th top activation > 0). Images without a taxonomy are reported and left out.
+Each image gets a taxonomy path: iNat's 7 levels (kingdom, phylum, class, order, family, genus, species), a
+`--taxonomy` file, or the image's nested folders. For a latent, every pair of its top-16 images has an LCA depth =
+length of the common prefix of their paths; the latent's depth is the rounded mean ("mean") or the mode ("mode")
+of those 120 depths. Levels average over their live latents (the 16th top activation > 0). Images without a
+taxonomy are reported and left out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 
 from sae_vlm.sae.groups import level_slices
 
-LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 _PREFIX = re.compile(r"^\d+_")
 
 
@@ -84,8 +84,16 @@ def image_taxonomy(
     return out
 
 
-def store_taxonomy(src, rows: int, taxonomy_file=None):
-    """Per-row taxonomy from the store's labels / paths (and an optional mapping file), or None."""
+def folder_taxonomy(labels: Sequence[str | None]) -> list[tuple[str, ...] | None] | None:
+    """Each image's nested folder path as its taxonomy ('animals/mammals/rodents' -> 3 levels), or None when the
+    folders are not nested (one level of class folders is no hierarchy)."""
+    taxa = [tuple(p for p in str(lab).split("/") if p) if lab else None for lab in labels]
+    return taxa if any(t is not None and len(t) > 1 for t in taxa) else None
+
+
+def store_taxonomy(src, rows: int, taxonomy_file=None) -> tuple[list | None, list | None, str | None]:
+    """(per-row taxonomy, per-row names, its source) from a `--taxonomy` file ("file"), iNat-style labels
+    ("inat") or nested image folders ("folders"); (None, None, None) when there is none."""
     mapping = load_taxonomy_file(taxonomy_file) if taxonomy_file else None
     store = src if hasattr(src, "labels") else None
     if store is not None:
@@ -93,59 +101,81 @@ def store_taxonomy(src, rows: int, taxonomy_file=None):
     elif mapping is not None:  # plain arrays: the mapping is keyed by row number
         labels, paths = [str(i) for i in range(rows)], None
     else:
-        return None, None
-    taxa = image_taxonomy(labels, paths, mapping)
+        return None, None, None
     names = [str(p) for p in paths] if paths is not None else labels
-    if all(t is None for t in taxa) and mapping is None:
-        return None, None
-    return taxa, names
+    taxa = image_taxonomy(labels, paths, mapping)
+    if mapping is not None:
+        return taxa, names, "file"
+    if any(t is not None for t in taxa):
+        return taxa, names, "inat"
+    nested = folder_taxonomy(labels)
+    return (nested, names, "folders") if nested is not None else (None, None, None)
+
+
+def taxonomy_depth(taxa: Sequence[tuple[str, ...] | None]) -> int:
+    """The number of levels of the deepest path (7 for iNat)."""
+    return max((len(t) for t in taxa if t is not None), default=0)
 
 
 def _prefix_codes(taxa: Sequence[tuple[str, ...] | None]) -> np.ndarray:
-    """[N, 7] int ids of each path prefix (equal id at level l <=> equal first l+1 levels); -1 when missing."""
-    codes = np.full((len(taxa), len(LEVELS)), -1, np.int64)
+    """[N, depth] int ids of each path prefix (equal id at level l <=> equal first l+1 levels); -1 when missing."""
+    codes = np.full((len(taxa), taxonomy_depth(taxa)), -1, np.int64)
     seen: dict[tuple[str, ...], int] = {}
     for i, tax in enumerate(taxa):
         if tax is None:
             continue
-        for lvl in range(min(len(tax), len(LEVELS))):
+        for lvl in range(len(tax)):
             codes[i, lvl] = seen.setdefault(tuple(tax[: lvl + 1]), len(seen))
     return codes
 
 
 def latent_lca_depths(top_idx_FT, top_val_FT, taxa: Sequence[tuple[str, ...] | None]) -> dict:
-    """Per latent: 'mean' (rounded mean depth), 'mode', 'raw_mean', 'pairs' (#pairs used) and 'dead' [F].
+    """Per latent: 'mean' (rounded mean depth), 'mode', 'raw_mean', 'pairs' (#pairs used) and 'dead' [F], as
+    inat_depth.py computes them (paper.md §5).
 
-    Depth is NaN for a dead latent or one with fewer than two top images that have a taxonomy.
+    `top_idx_FT`/`top_val_FT` are best first. The pairs are `itertools.combinations` of the top images in
+    ascending order of activation (what `argsort(...)[-16:]` yields); 'mean' is Python's `round` of their mean
+    depth (half to even) and 'mode' is `Counter.most_common(1)`: among equally frequent depths, the one seen
+    first. Depth is NaN for a dead latent (16th activation 0) or one with fewer than two top images that have a
+    taxonomy; pairs with a missing taxonomy are left out.
     """
-    idx = np.asarray(top_idx_FT, dtype=np.int64)
+    idx = np.asarray(top_idx_FT, dtype=np.int64)[:, ::-1]
     val = np.asarray(top_val_FT, dtype=np.float64)
     if idx.shape != val.shape or idx.ndim != 2:
         raise ValueError(f"top indices {idx.shape} and values {val.shape} must both be [latents, top]")
     if idx.size and (idx.min() < 0 or idx.max() >= len(taxa)):
         raise ValueError(f"top image index {int(idx.max())} is outside the {len(taxa)} images that have taxonomy "
                          "entries")
-    codes = _prefix_codes(taxa)[idx]  # [F, T, 7]
-    valid_FT = codes[..., 0] >= 0
+    depth = taxonomy_depth(taxa)
+    codes = _prefix_codes(taxa)[idx]  # [F, T, depth]
+    valid_FT = codes[..., 0] >= 0 if depth else np.zeros(idx.shape, bool)
     same_FTTL = (codes[:, :, None, :] == codes[:, None, :, :]) & (codes[:, :, None, :] >= 0)
     depth_FTT = same_FTTL.sum(-1)  # prefix ids make "equal at l" imply "equal below l"
     t = idx.shape[1]
-    iu = np.triu_indices(t, k=1)
+    iu = np.triu_indices(t, k=1)  # row-major: the order of itertools.combinations
     pair_ok_FP = (valid_FT[:, :, None] & valid_FT[:, None, :])[:, iu[0], iu[1]]
     depth_FP = depth_FTT[:, iu[0], iu[1]]
     n_pairs = pair_ok_FP.sum(1)
     dead = val[:, -1] <= 0 if t else np.ones(len(idx), bool)
     raw_mean = np.where(n_pairs > 0, (depth_FP * pair_ok_FP).sum(1) / np.maximum(n_pairs, 1), np.nan)
-    counts = np.stack([((depth_FP == d) & pair_ok_FP).sum(1) for d in range(len(LEVELS) + 1)], 1)
-    mode = np.where(n_pairs > 0, counts.argmax(1).astype(float), np.nan)  # ties -> shallower depth
     usable = (n_pairs > 0) & ~dead
     return {
-        "mean": np.where(usable, np.floor(raw_mean + 0.5), np.nan),  # round half up, not to even
-        "mode": np.where(usable, mode, np.nan),
+        "mean": np.where(usable, np.round(raw_mean), np.nan),  # numpy rounds half to even, as Python's round
+        "mode": np.where(usable, _first_most_common(depth_FP, pair_ok_FP, depth), np.nan),
         "raw_mean": np.where(usable, raw_mean, np.nan),
         "pairs": n_pairs,
         "dead": dead,
     }
+
+
+def _first_most_common(depth_FP: np.ndarray, ok_FP: np.ndarray, max_depth: int) -> np.ndarray:
+    """Per row, the most frequent depth among the ok pairs; ties go to the depth that occurs first."""
+    n_pairs = depth_FP.shape[1]
+    hits_FDP = (depth_FP[:, None, :] == np.arange(max_depth + 1)[None, :, None]) & ok_FP[:, None, :]
+    counts_FD = hits_FDP.sum(2)
+    first_FD = np.where(hits_FDP.any(2), hits_FDP.argmax(2), n_pairs)  # position of the first occurrence
+    key_FD = np.where(counts_FD == counts_FD.max(1, keepdims=True), first_FD, n_pairs + 1)
+    return key_FD.argmin(1).astype(float)
 
 
 def per_level(values_F, group_sizes, exclude_F=None) -> list[dict]:

@@ -254,7 +254,7 @@ class RotatedSource:
 
 
 def summarize_ms(ms_F: torch.Tensor, chance: float | None = None, top: int = 10) -> dict:
-    """Mean ± std over scored latents, best/worst, dead count, and the margin over chance."""
+    """Mean ± std (unbiased) over scored latents, best/worst, dead count, and the margin over chance."""
     ms = ms_F.double()
     ok = ~torch.isnan(ms)
     vals = ms[ok]
@@ -264,7 +264,7 @@ def summarize_ms(ms_F: torch.Tensor, chance: float | None = None, top: int = 10)
         worst = torch.argsort(ms.nan_to_num(float("inf")))[: min(top, vals.numel())]
         out |= {
             "mean": float(vals.mean()),
-            "std": float(vals.std(unbiased=False)),
+            "std": float(vals.std()) if vals.numel() > 1 else float("nan"),  # unbiased, as metric.py prints it
             "max": float(vals.max()),
             "min": float(vals.min()),
             "best": [[int(i), float(ms[i])] for i in order],

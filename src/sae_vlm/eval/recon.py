@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -46,10 +47,14 @@ class _Moments:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    sae, data, *, rows: torch.Tensor | None = None, device=None, chunk_rows: int = 4096,
+    sae, data, *, rows: torch.Tensor | None = None, device=None, batch_rows: int = 4096,
     dense_cutoff: float = 0.1, quiet: bool = True,
 ) -> dict:
-    """FVE, MSE, cosine, L0 (threshold / top-k), dead and dense fractions of `sae` on `data` (rows `rows`)."""
+    """FVE, MSE, cosine, L0 (threshold / top-k), dead and dense fractions of `sae` on `data` (rows `rows`).
+
+    FVE and the threshold-mode L0 are given twice: pooled over all rows, and as the paper's validation computes
+    them (dictionary_learning's `validation`): per batch of `batch_rows` rows in the data's order, FVE with unbiased
+    per-dimension variances, then the mean over batches (batches of fewer than 2 rows are left out)."""
     dev = resolve_device(device)
     src = as_source(data)
     if src.d_in != sae.cfg.d_in:
@@ -60,10 +65,11 @@ def reconstruction_metrics(
     sae = sae.to(dev).eval()
     x_mom, r_mom = _Moments(), _Moments()
     sq_err = cos_sum = l0_thr = l0_topk = 0.0
+    batch_fve, batch_l0 = [], []
     fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=dev)
     has_k = sae.cfg.k is not None
-    for r0 in tqdm(range(0, rows.numel(), chunk_rows), desc="reconstruction", disable=quiet, leave=False):
-        x = src.get(rows[r0 : r0 + chunk_rows]).to(dev).float()
+    for r0 in tqdm(range(0, rows.numel(), batch_rows), desc="reconstruction", disable=quiet, leave=False):
+        x = src.get(rows[r0 : r0 + batch_rows]).to(dev).float()
         codes = sae.encode(x)
         x_hat = sae.decode(codes)
         resid = (x - x_hat).double()
@@ -72,7 +78,11 @@ def reconstruction_metrics(
         sq_err += float((resid**2).sum())
         cos_sum += float(torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=1).sum())
         fired_F += (codes > 0).sum(0)
-        l0_thr += float((sae.encode(x, mode="threshold") > 0).sum())  # ReLU SAEs: θ = 0, the ReLU codes
+        thr = float((sae.encode(x, mode="threshold") > 0).sum())  # ReLU SAEs: θ = 0, the ReLU codes
+        l0_thr += thr
+        if x.shape[0] > 1:
+            batch_fve.append(1.0 - float(resid.var(0).sum() / x.double().var(0).sum()))
+            batch_l0.append(thr / x.shape[0])
         if has_k:
             l0_topk += float((sae.encode(x, mode="topk") > 0).sum())
     n = rows.numel()
@@ -82,10 +92,13 @@ def reconstruction_metrics(
     return {
         "rows": n,
         "fve": fve,
+        "fve_batch_mean": float(np.mean(batch_fve)) if batch_fve else float("nan"),
         "mse": sq_err / (n * sae.cfg.d_in),
         "cosine": cos_sum / n,
         "l0_threshold": l0_thr / n,
+        "l0_threshold_batch_mean": float(np.mean(batch_l0)) if batch_l0 else float("nan"),
         "l0_topk": l0_topk / n if has_k else None,
+        "batch_rows": batch_rows,
         "dead_frac": float((fired_F == 0).double().mean()),
         "dense_frac": float((freq_F > dense_cutoff).double().mean()),
         "dense_cutoff": dense_cutoff,

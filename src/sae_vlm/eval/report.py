@@ -46,20 +46,44 @@ def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
             lines.append(line)
         return "\n".join(lines)
 
-    def fve(r):
-        v = r.get("recon", {}).get("fve")
-        return f"{100 * v:.1f}" if v is not None else "–"
+    def recon(key: str, scale: float = 1.0):
+        def cell(r):
+            v = r.get("recon", {}).get(key)
+            return f"{scale * v:.1f}" if v is not None and v == v else "–"
 
-    def l0(r):
-        v = r.get("recon", {}).get("l0_threshold")
-        return f"{v:.1f}" if v is not None else "–"
+        return cell
 
+    batch = next((r["recon"]["batch_rows"] for r in results if "batch_rows" in r.get("recon", {})), None)
+    per_batch = f"mean over validation batches of {batch} rows in the data's order, as the paper computes it"
     parts = [
-        table("Mean ± std MS (cf. paper Table A1)", lambda r: fmt_ms(r["ms"]), True),
-        table("Fraction of variance explained, % (cf. Table A6; No SAE = 100)", fve, False),
-        table("L0 at inference, threshold mode (cf. Table A7)", l0, False),
+        table("Mean ± std MS (cf. paper Table A1; unbiased std over scored latents)", lambda r: fmt_ms(r["ms"]), True),
+        table(f"Fraction of variance explained, % (cf. Table A6; No SAE = 100): {per_batch}",
+              recon("fve_batch_mean", 100), False),
+        table("Fraction of variance explained, %, pooled over all rows", recon("fve", 100), False),
+        table(f"L0 at inference, threshold mode (cf. Table A7): {per_batch}", recon("l0_threshold_batch_mean"), False),
+        table("L0 at inference, threshold mode, pooled over all rows", recon("l0_threshold"), False),
+        *[hierarchy_table(r) for r in results if "hierarchy" in r],
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def hierarchy_table(r: dict) -> str:
+    """Per Matryoshka level: latents, scored latents, mean LCA depth (both variants) and MS (cf. paper Table 2)."""
+    h = r["hierarchy"]
+    mean, majority = h["lca_mean_per_level"], h["lca_mode_per_level"]
+    ms = r.get("ms_per_level") or [{} for _ in mean]
+
+    def num(stats: dict, key: str, digits: int = 2) -> str:
+        return f"{stats[key]:.{digits}f}" if key in stats else "–"
+
+    lines = [f"### Hierarchy of {r['name']} (cf. Table 2): LCA depth 0..{h['taxonomy_depth']} "
+             f"against the {h['taxonomy_source']} taxonomy; latents whose 16th top activation is 0 left out",
+             "", "| Level | latents | scored | LCA depth (mean) | LCA depth (majority) | MS avg | MS max | MS min |",
+             "|---|---|---|---|---|---|---|---|"]
+    for lvl, (a, b, m) in enumerate(zip(mean, majority, ms)):
+        lines.append(f"| {lvl} | {a['latents']} | {a['count']} | {num(a, 'mean')} | {num(b, 'mean')} | "
+                     f"{num(m, 'mean')} | {num(m, 'max')} | {num(m, 'min')} |")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -111,11 +135,13 @@ def plot_fve_vs_width(path: Path, results: list[dict]) -> None:
 
 
 def plot_lca_levels(path: Path, results: list[dict]) -> None:
+    """Mean LCA depth per Matryoshka level, one line per SAE; the depth axis spans the taxonomy's levels."""
+    depth = max((r["hierarchy"]["taxonomy_depth"] for r in results if "hierarchy" in r), default=7)
     with _figure(path) as ax:
         for r in results:
             levels = r.get("hierarchy", {}).get("lca_mean_per_level")
             if levels:
                 xs = [s["level"] for s in levels if "mean" in s]
                 ax.plot(xs, [s["mean"] for s in levels if "mean" in s], marker="o", label=r["name"])
-        ax.set(xlabel="Matryoshka level", ylabel="avg LCA depth (0..7)")
+        ax.set(xlabel="Matryoshka level", ylabel=f"avg LCA depth (0..{depth})", ylim=(0, depth))
         ax.legend(fontsize=7)

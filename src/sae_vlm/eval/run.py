@@ -27,17 +27,7 @@ from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels
 from sae_vlm.eval.top import EncodedSource, render_grid, save_top, top_activating
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes
 from sae_vlm.sae.model import SAE
-
-
-def find_saes(run_dir: str | Path) -> list[Path]:
-    """SAE directories of a run (RUN/saes/*/config.json), or RUN itself when it is one SAE directory."""
-    run = Path(run_dir)
-    if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
-        return [run]
-    dirs = [p.parent for p in sorted(run.glob("saes/*/config.json"))]
-    if not dirs:
-        raise FileNotFoundError(f"{run} holds no SAEs; expected {run}/saes/<name>/config.json or an SAE directory")
-    return dirs
+from sae_vlm.sae.runs import find_saes
 
 
 def open_data(data, hook_point: str | None, token_selection: str | None):
@@ -64,6 +54,7 @@ class Inputs:
     chance: float | None = None
     taxa: list | None = None
     names: list | None = None
+    taxonomy_source: str | None = None  # file | inat | folders
 
 
 class Evaluation:
@@ -100,7 +91,7 @@ class Evaluation:
             if "embeddings" not in self.metrics:
                 self.metrics |= {"embeddings": emb_src, "rows": src.rows, "chance_similarity": inp.chance}
         if per_image == 1:
-            inp.taxa, inp.names = H.store_taxonomy(src, src.rows, cfg.taxonomy)
+            inp.taxa, inp.names, inp.taxonomy_source = H.store_taxonomy(src, src.rows, cfg.taxonomy)
         if self.first_taxonomy is None and inp.taxa is not None:
             self.first_taxonomy = inp
         self.inputs[key] = inp
@@ -139,7 +130,7 @@ class Evaluation:
     def reconstruction(self, sae: SAE, inp: Inputs, r: dict, arrays: dict) -> None:
         cfg, n = self.cfg, inp.src.rows
         rows = torch.arange(n) if cfg.heldout_frac >= 1 else heldout_rows(n, cfg.heldout_frac)
-        recon = reconstruction_metrics(sae, inp.src, rows=rows, device=self.dev, chunk_rows=cfg.chunk_rows,
+        recon = reconstruction_metrics(sae, inp.src, rows=rows, device=self.dev, batch_rows=cfg.batch_rows,
                                        dense_cutoff=cfg.dense_cutoff, quiet=cfg.quiet)
         arrays["fire_freq"] = recon.pop("fire_freq").numpy()
         r["recon"] = recon
@@ -162,6 +153,8 @@ class Evaluation:
         uniq = H.top_set_uniqueness(ti.numpy(), dead_F=dead_top)
         used = ti[~torch.as_tensor(dead_top)].clamp(min=0)
         r["hierarchy"] = {
+            "taxonomy_source": inp.taxonomy_source,
+            "taxonomy_depth": H.taxonomy_depth(inp.taxa),
             "lca_mean_per_level": H.per_level(lca["mean"], groups),
             "lca_mode_per_level": H.per_level(lca["mode"], groups),
             "dead_top": int(dead_top.sum()),
@@ -178,15 +171,16 @@ class Evaluation:
             render_grid(ti[j].numpy(), lambda i: paths[i], self.out / "grids" / name / f"latent_{j}.png",
                         values=tv[j].numpy())
 
-    def score(self, sdir: Path) -> dict:
+    def score(self, name: str, sdir: Path) -> dict:
         """Every step for one SAE; returns its metrics.json entry."""
         sae = SAE.from_pretrained(sdir, device=self.dev).eval()
-        scfg, name = sae.cfg, sdir.name
+        scfg = sae.cfg
         inp = self.inputs_for(sae)
         layer = scfg.hook_point or "unknown"
         self.baselines(layer, inp)
-        r = {"name": name, "path": str(sdir), "arch": scfg.arch, "hook_point": layer, "d_in": scfg.d_in,
-             "d_sae": scfg.d_sae, "k": scfg.k, "group_sizes": list(scfg.group_sizes) if scfg.group_sizes else None}
+        r = {"name": name, "path": str(sdir), "step": sae.meta.get("training", {}).get("step"), "arch": scfg.arch,
+             "hook_point": layer, "d_in": scfg.d_in, "d_sae": scfg.d_sae, "k": scfg.k,
+             "group_sizes": list(scfg.group_sizes) if scfg.group_sizes else None}
         codes, arrays = EncodedSource(sae, inp.src, device=self.dev), {}
         self.ms(sae, codes, inp, r, arrays)
         self.reconstruction(sae, inp, r, arrays)
@@ -203,10 +197,11 @@ class Evaluation:
     def finish(self, results: list[dict]) -> dict:
         metrics, out = self.metrics, self.out
         metrics["saes"] = results
-        if self.first_taxonomy is not None:
-            t = self.first_taxonomy
+        t = self.first_taxonomy
+        if t is not None and t.taxa is not None:
             metrics["taxonomy"] = {"images_missing": H.missing_taxonomy(t.taxa, t.names)["count"],
-                                   "file": str(self.cfg.taxonomy) if self.cfg.taxonomy else None}
+                                   "file": str(self.cfg.taxonomy) if self.cfg.taxonomy else None,
+                                   "source": t.taxonomy_source, "depth": H.taxonomy_depth(t.taxa)}
         atomic_write_bytes(out / "tables.md", paper_tables(results, metrics["baselines"]).encode())
         plot_fve_vs_width(out / "plots" / "fve_vs_width.png", results)
         if any("hierarchy" in r for r in results):
@@ -216,6 +211,9 @@ class Evaluation:
 
 
 def evaluate_run(cfg: EvaluateConfig) -> dict:
-    """Score every SAE of `cfg.run_dir` on `cfg.data`; returns what metrics.json holds."""
+    """Score every SAE of `cfg.run_dir` (at `cfg.step`, or the run's default snapshot) on `cfg.data`; returns what
+    metrics.json holds."""
+    saes, step = find_saes(cfg.run_dir, cfg.step)
     ev = Evaluation(cfg)
-    return ev.finish([ev.score(sdir) for sdir in find_saes(cfg.run_dir)])
+    ev.metrics["step"] = step  # which snapshot was scored: a step number or "final"
+    return ev.finish([ev.score(name, sdir) for name, sdir in saes])

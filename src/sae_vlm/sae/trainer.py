@@ -312,7 +312,7 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
 
 # Settings a resumed run may change: they don't alter what is computed.
 RESUME_MAY_CHANGE = {"data", "out", "steps", "device", "quiet", "log_to", "log_every", "checkpoint_every", "keep_steps",
-                     "max_device_bytes", "resume"}
+                     "max_device_bytes", "resume", "eval_step"}
 
 
 def check_same_run(saved_config: Path, cfg: TrainConfig) -> None:

@@ -145,19 +145,21 @@ def grid_cases(latents: Sequence[int], alphas: Sequence[float], images: Sequence
     return cases, rows
 
 
-def load_steering(llava: str, sae_dir: str, device: str = "auto", dtype: str = "auto"):
-    """(LLaVA model, its processor, the SAE, the device) for a steering run."""
+def load_steering(llava: str, sae_dir: str, step: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """(LLaVA model, its processor, the SAE at `step` or its run's default snapshot, the device)."""
     from sae_vlm.sae.model import SAE
+    from sae_vlm.sae.runs import resolve_sae_dir
 
+    sae_path = resolve_sae_dir(sae_dir, step)
     dev = resolve_device(device)
     model, processor = load_llava(llava, device=dev, dtype=dtype)
-    return model, processor, SAE.from_pretrained(sae_dir, device=dev), dev
+    return model, processor, SAE.from_pretrained(sae_path, device=dev), dev
 
 
 def run_steer(cfg: SteerConfig) -> list[dict]:
     """Every latent × α × image × prompt (and, with `cfg.unsteered`, every image × prompt unpatched), generated in
     batches; writes `cfg.out` (JSON) and returns one row per case with its output."""
-    model, processor, sae, _ = load_steering(cfg.llava, cfg.sae, cfg.device, cfg.dtype)
+    model, processor, sae, _ = load_steering(cfg.llava, cfg.sae, cfg.step, cfg.device, cfg.dtype)
     if not all(0 <= j < sae.cfg.d_sae for j in cfg.latents):
         raise ValueError(f"--latents {','.join(map(str, cfg.latents))}: ids must be in 0..{sae.cfg.d_sae - 1}")
     cases, rows = grid_cases(cfg.latents, cfg.alpha, cfg.image, cfg.prompt, op=cfg.op)

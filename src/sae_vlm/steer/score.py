@@ -4,31 +4,24 @@ concept_j = mean embedder image embedding of j's top-16 images (codes mean-poole
 ask "What is shown in this image? Use exactly one word!" (≤ 5 new tokens) with j clamped to α, keep the first
 word, embed it with the CLIP text tower; score = cos(concept_j, word). Reported beside: the unsteered run
 (same images, model unpatched) and, when class names are given, the upper bound cos(image, its class name)
-and the lower bound cos(image, a shuffled class name).
+and the lower bound cos(image, a shuffled class name). protocol.py runs it end to end.
 """
 
 from __future__ import annotations
 
 import string
-from collections import abc
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.backbones import Backbone, load_processor
-from sae_vlm.config import SteerScoreConfig
 from sae_vlm.eval.top import running_top
-from sae_vlm.io import atomic_write_json
 from sae_vlm.sae.groups import level_slices
-from sae_vlm.steer.generate import Case, generate_cases, load_steering, white_image
+from sae_vlm.steer.generate import Case, generate_cases
 from sae_vlm.steer.intervene import check_sae_width
-
-if TYPE_CHECKING:
-    from sae_vlm.data.images import ImageSource
 
 PROMPT = "What is shown in this image? Use exactly one word!"
 MAX_NEW_TOKENS = 5
@@ -85,10 +78,19 @@ def first_word(text: str) -> str:
     return parts[0].strip(string.punctuation) if parts else ""
 
 
+def paper_first_word(text: str) -> str:
+    """The answer up to its first space, punctuation kept ('Pencil.'), as steering_score.py takes it."""
+    return text.split(" ")[0]
+
+
+WORD_RULES = {"paper": paper_first_word, "stripped": first_word}
+
+
 def mean_std(x) -> dict:
+    """Mean and unbiased std (as the paper's torch `.std()`), NaN where undefined."""
     a = np.asarray(x, dtype=np.float64)
-    return {"mean": float(a.mean()) if a.size else float("nan"), "std": float(a.std()) if a.size else float("nan"),
-            "n": int(a.size)}
+    return {"mean": float(a.mean()) if a.size else float("nan"),
+            "std": float(a.std(ddof=1)) if a.size > 1 else float("nan"), "n": int(a.size)}
 
 
 # ---- top images from a folder (mean-pooled token codes at the steering layer) --------------------------------
@@ -127,15 +129,22 @@ def alive_latents(top_indices_FT: np.ndarray, top_values_FT: np.ndarray | None =
     return alive
 
 
-def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=None, seed: int = 0) -> list[int]:
-    """'39,120' | '0-999' | 'random:N' | 'level:L[:N]' | 'all' -> sorted alive latent ids (dead ones excluded)."""
+def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=None, seed: int = 0,
+                   paper_count: int = 10) -> list[int]:
+    """Sorted latent ids. 'paper': latents 0..paper_count−1 and 'first:N': 0..N−1, dead ones included, as
+    steering_score.py's --neuron_prefix; '39,120' | '0-999' | 'random:N' | 'level:L[:N]' | 'all': live ones only."""
     F = len(alive_F)
     rng = np.random.default_rng(seed)
+    s = spec.strip() if isinstance(spec, str) else ""
+    kind, _, rest = s.partition(":")
+    if kind in ("paper", "first"):
+        n = paper_count if kind == "paper" else int(rest) if rest.isdigit() and int(rest) > 0 else 0
+        if n < 1:
+            raise ValueError(f"latents {spec!r}: expected first:N with N >= 1")
+        return list(range(min(n, F)))
     if not isinstance(spec, str):
         ids = [int(j) for j in spec]
     else:
-        s = spec.strip()
-        kind, _, rest = s.partition(":")
         if kind == "all":
             ids = list(range(F))
         elif kind == "random":
@@ -162,12 +171,27 @@ def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=N
                     a, dash, b = t.partition("-")
                     ids += list(range(int(a), int(b) + 1)) if dash and a else [int(t)]  # "0-999": inclusive range
             except ValueError:
-                raise ValueError(f"latents {spec!r}: expected a list like 39,120 or 0-999, random:N, level:L[:N] "
-                                 "or all") from None
+                raise ValueError(f"latents {spec!r}: expected paper, first:N, a list like 39,120 or 0-999, "
+                                 "random:N, level:L[:N] or all") from None
     bad = [j for j in ids if not 0 <= j < F]
     if bad:
         raise ValueError(f"latent ids {bad} are out of range; the SAE has latents 0..{F - 1}")
     return sorted({j for j in ids if alive_F[j]})
+
+
+def paper_top_indices(top_indices_FT: np.ndarray, n_images: int) -> np.ndarray:
+    """Top-image tables as find_hai_indices.py's `argsort(codes)[-16:]` would fill them: a latent positive on fewer
+    images than slots also takes zero-activation images, those a stable ascending sort puts last (the highest
+    indices). So every latent, a dead one too, has a full set and a concept embedding."""
+    idx = np.array(top_indices_FT, dtype=np.int64, copy=True)
+    t = idx.shape[1]
+    for row in idx:
+        missing = int((row < 0).sum())
+        if missing:
+            taken = set(row[row >= 0].tolist())
+            fill = [i for i in range(n_images - 1, -1, -1) if i not in taken][:missing]
+            row[t - missing : t - missing + len(fill)] = fill
+    return idx
 
 
 def concept_embeddings(top_indices_JT: np.ndarray, image_embeds_ND: np.ndarray) -> np.ndarray:
@@ -188,9 +212,9 @@ def similarity_bounds(embedder: ClipEmbedder, images: Sequence, class_names: Seq
     if len(images) != len(class_names):
         raise ValueError(f"{len(class_names)} class names given for {len(images)} images; expected one per image")
     img = _unit(embedder.images(images) if image_embeds is None else image_embeds)
-    names = [str(c) for c in class_names]
+    names = [str(c) for c in class_names]  # embedded as given (see classes.py)
     uniq = sorted(set(names))
-    txt = dict(zip(uniq, _unit(embedder.texts([n.replace("_", " ").split("/")[-1] for n in uniq]))))
+    txt = dict(zip(uniq, _unit(embedder.texts(uniq))))
     perm = np.random.default_rng(seed).permutation(len(names))
     wrong = [names[p] for p in perm]
     upper = [float(img[i] @ txt[names[i]]) for i in range(len(names))]
@@ -202,11 +226,14 @@ def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Se
                    concept_JD: np.ndarray, images: Sequence, image_names: Sequence[str] | None = None,
                    alpha: float = 100.0, op: str = "clamp", error_term: bool = False, hook_point=None,
                    prompt: str = PROMPT, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
-                   class_names: Sequence[str] | None = None, seed: int = 0, quiet: bool = True) -> dict:
+                   class_names: Sequence[str] | None = None, seed: int = 0, word: str = "paper",
+                   quiet: bool = True) -> dict:
     """Steered and unsteered scores over all (latent, image) pairs; bounds when class names are given.
 
-    error_term=False is the paper's setting (the residual replaced by the edited reconstruction).
+    error_term=False is the paper's setting (the residual replaced by the edited reconstruction). `word`: how the
+    answer's first word is taken (WORD_RULES: "paper" keeps punctuation, "stripped" drops it).
     """
+    take_word = WORD_RULES[word]
     latents = [int(j) for j in latents]
     if len(concept_JD) != len(latents):
         raise ValueError(f"{len(concept_JD)} concept embeddings for {len(latents)} latents; expected one per latent")
@@ -215,7 +242,7 @@ def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Se
     cases += [Case(img, prompt, {j: (op, float(alpha))}) for j in latents for img in images]
     texts = generate_cases(model, processor, sae, cases, hook_point=hook_point, error_term=error_term,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, quiet=quiet)
-    words = [first_word(t) for t in texts]
+    words = [take_word(t) for t in texts]
     uniq = sorted(set(words))
     word_emb = dict(zip(uniq, _unit(embedder.texts(uniq))))
     concept = _unit(np.asarray(concept_JD, np.float32))
@@ -233,7 +260,7 @@ def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Se
                           "score": s, "unsteered_word": base_words[i], "unsteered_score": u})
     result = {
         "settings": {"alpha": float(alpha), "op": op, "error_term": error_term, "prompt": prompt,
-                     "max_new_tokens": max_new_tokens, "latents": latents, "images": names},
+                     "max_new_tokens": max_new_tokens, "latents": latents, "images": names, "word": word},
         "steered": mean_std(steered),
         "unsteered": mean_std(unsteered),
         "bounds": None,
@@ -243,112 +270,3 @@ def steering_score(model, processor, sae, embedder: ClipEmbedder, *, latents: Se
     if class_names is not None:
         result["bounds"] = similarity_bounds(embedder, images, class_names, seed=seed)
     return result
-
-
-# ---- the command: images to steer on, top images per latent, concepts, scores, bounds -----------------------------
-def _image_list(spec: str) -> tuple[ImageSource, list[str] | None]:
-    """A folder or path list -> (ImageSource, its labels or None when any image has none)."""
-    from sae_vlm.data.images import open_images
-
-    src = open_images(spec)
-    labels = [r.label or "" for r in src.records]
-    return src, (labels if all(labels) else None)
-
-
-class LazyImages(abc.Sequence):
-    """An image source as a sequence decoded on demand, an item or a slice at a time (the pool may not fit in
-    memory)."""
-
-    def __init__(self, src, ids=None):
-        self.src, self.ids = src, list(range(len(src)) if ids is None else ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        from sae_vlm.data.images import load_image
-
-        if isinstance(i, slice):
-            return [load_image(self.src, int(j)) for j in self.ids[i]]
-        return load_image(self.src, int(self.ids[i]))
-
-
-def steer_images(cfg: SteerScoreConfig) -> tuple[list, list[str], list[str] | None]:
-    """(images, their names, their class names or None) to steer on: a white image, or --images, optionally only
-    the first --per-class images of each class folder, and at most --max-images."""
-    if cfg.images == "white":
-        return [white_image()], ["white"], None
-    src, labels = _image_list(cfg.images)
-    ids = list(range(len(src)))
-    if cfg.per_class is not None:
-        if labels is None:
-            raise ValueError(f"--per-class needs class folders, but {cfg.images} has unlabelled images")
-        taken: dict[str, int] = {}
-        kept = []
-        for i in ids:
-            if taken.get(labels[i], 0) < cfg.per_class:
-                kept.append(i)
-                taken[labels[i]] = taken.get(labels[i], 0) + 1
-        ids = kept
-    ids = ids[: cfg.max_images] if cfg.max_images else ids
-    return list(LazyImages(src, ids)), [src.records[i].id for i in ids], [labels[i] for i in ids] if labels else None
-
-
-TopTable = tuple["np.ndarray | None", np.ndarray, "ImageSource", "list | None"]
-
-
-def top_table(cfg: SteerScoreConfig, model, processor, sae) -> TopTable:
-    """(top values or None, top indices [d_sae, 16], the image pool they index, its labels or None): a precomputed
-    table (--top, --top-images), or the top images of --pool (default: --images) computed here."""
-    if cfg.top is not None:
-        if cfg.top_images is None:
-            raise ValueError("--top needs --top-images: the folder or path list its indices refer to")
-        top_idx = np.load(cfg.top)
-        vals_file = Path(str(cfg.top).replace("_indices.npy", "_values.npy"))
-        top_vals = np.load(vals_file) if vals_file != Path(cfg.top) and vals_file.is_file() else None
-        pool_src, pool_labels = _image_list(cfg.top_images)
-    else:
-        pool_spec = cfg.pool or (None if cfg.images == "white" else cfg.images)
-        if pool_spec is None:
-            raise ValueError("--images white needs --pool DIR or --top FILE.npy to find the top images")
-        pool_src, pool_labels = _image_list(pool_spec)
-        top_vals, top_idx = top_images(model, sae, LazyImages(pool_src), hook_point=cfg.hook_point,
-                                       batch_size=cfg.batch_size, processor=processor, quiet=cfg.quiet)
-    if top_idx.ndim != 2 or top_idx.shape[0] != sae.cfg.d_sae:
-        raise ValueError(f"top-image table has shape {top_idx.shape}; expected [d_sae={sae.cfg.d_sae}, 16]")
-    if top_idx.max() >= len(pool_src):
-        raise ValueError(f"top-image index {int(top_idx.max())} is out of range for {len(pool_src)} images")
-    return top_vals, top_idx, pool_src, pool_labels
-
-
-def run_steer_score(cfg: SteerScoreConfig) -> dict:
-    """The paper's steering score for the latents `cfg.latents` selects; writes `cfg.out` (JSON) and returns it."""
-    model, processor, sae, dev = load_steering(cfg.llava, cfg.sae, cfg.device, cfg.dtype)
-    embedder = ClipEmbedder.load(cfg.clip, device=str(dev))
-    images, names, labels = steer_images(cfg)
-    top_vals, top_idx, pool_src, pool_labels = top_table(cfg, model, processor, sae)
-    alive = alive_latents(top_idx, top_vals)
-    chosen = select_latents(cfg.latents, alive, sae.cfg.group_sizes, seed=cfg.seed)
-    if not chosen:
-        raise ValueError(f"--latents {cfg.latents!r} selects no live latent "
-                         f"({int(alive.sum())} of {len(alive)} are alive)")
-    # concept embeddings from the union of the chosen latents' top images, embedded once
-    need = sorted({int(i) for i in top_idx[chosen].reshape(-1) if i >= 0})
-    slot = {i: k for k, i in enumerate(need)}  # pool index -> row of the embeddings of needed images only
-    local = np.vectorize(lambda i: slot.get(int(i), -1), otypes=[np.int64])(top_idx[chosen])
-    concept = concept_embeddings(local, embedder.images(LazyImages(pool_src, need)))
-    res = steering_score(model, processor, sae, embedder, latents=chosen, concept_JD=concept, images=images,
-                         image_names=names, alpha=cfg.alpha, op=cfg.op, error_term=not cfg.replace,
-                         hook_point=cfg.hook_point, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                         class_names=labels, seed=cfg.seed, quiet=cfg.quiet)
-    if res["bounds"] is None and pool_labels is not None:  # a white image: bounds from the labelled pool
-        rng = np.random.default_rng(cfg.seed)
-        ids = sorted(rng.choice(len(pool_src), size=min(cfg.bound_images, len(pool_src)), replace=False).tolist())
-        res["bounds"] = similarity_bounds(embedder, LazyImages(pool_src, ids), [pool_labels[i] for i in ids], cfg.seed)
-        res["bounds"]["source"] = "pool"
-    elif res["bounds"] is not None:
-        res["bounds"]["source"] = "steered images"
-    res["settings"].update({"llava": cfg.llava, "sae": cfg.sae, "clip": cfg.clip, "latent_spec": cfg.latents,
-                            "dead_excluded": int((~alive).sum())})
-    atomic_write_json(cfg.out, res, indent=2)
-    return res
