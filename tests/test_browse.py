@@ -91,7 +91,8 @@ def test_routes_and_safety(built_run):
     lat = c.get(f"/sae/{SAE_NAME}/latent/9")
     assert (lat.status_code == 200 and 'id="nearest"' in lat.text and "Matryoshka level" in lat.text
             and "<svg" in lat.text)
-    assert lat.text.count('class="top"') == 16
+    fired = int((view.dicts[SAE_NAME].top_val[9] > 0).sum())
+    assert 0 < fired < 16 and lat.text.count('class="top"') == fired  # only images on which the latent fired
     assert c.get("/sae/neurons__layer.1/latent/0").text.count('class="top"') == 16  # raw-neuron baseline
     for url in (f"/sae/{SAE_NAME}/latent/64", f"/sae/{SAE_NAME}/latent/-1", f"/sae/{SAE_NAME}/latent/x", "/sae/nope",
                 f"/img/{SAE_NAME}/24"):
@@ -165,26 +166,35 @@ LOADED_IMAGES = """return Array.from(document.querySelectorAll('img.top'))
 
 
 def _first_latent_by_ms(driver) -> int:
-    link = driver.find_element("css selector", "#latents tbody tr td a")
+    """Click the first visible latent of the table (dead ones are hidden by default)."""
+    link = next(a for a in driver.find_elements("css selector", "#latents tbody tr td:first-child a")
+                if a.is_displayed())
     j = int(link.text)
     link.click()
     return j
+
+
+def _all_top_images_loaded(driver) -> bool:
+    n = len(driver.find_elements("css selector", "img.top"))
+    return 0 < n <= 16 and driver.execute_script(LOADED_IMAGES) == n
 
 
 def test_browser_server_and_static_report(built_run, server, chrome, tmp_path):
     from selenium.webdriver.common.by import By
 
     d = chrome
-    d.get(f"{server}/sae/{SAE_NAME}?sort=id&order=asc")
+    d.get(f"{server}/sae/{SAE_NAME}?sort=id&order=asc&dead=all")
     d.find_element(By.ID, "sort-ms").click()  # a different column starts descending
-    assert "sort=ms" in d.current_url and "order=desc" in d.current_url
+    assert "sort=ms" in d.current_url and "order=desc" in d.current_url and "dead=all" in d.current_url
     ms = json.loads(d.execute_script(
         "return JSON.stringify(Array.from(document.querySelectorAll('#latents tbody tr'))"
         ".map(r => parseFloat(r.cells[2].dataset.v)).filter(v => !isNaN(v)))"))
     assert len(ms) > 1 and ms == sorted(ms, reverse=True)
+    d.get(f"{server}/sae/{SAE_NAME}?sort=ms&order=desc")  # by default only latents alive by the paper's rule
+    assert len(d.find_elements(By.CSS_SELECTOR, "#latents tbody tr")) < len(ms)
     j = _first_latent_by_ms(d)
     assert d.current_url.endswith(f"/sae/{SAE_NAME}/latent/{j}")
-    assert d.execute_script(LOADED_IMAGES) == 16
+    assert _all_top_images_loaded(d)
     assert d.find_element(By.CSS_SELECTOR, "svg.hist") and d.find_elements(By.CSS_SELECTOR, "#nearest a")
     shot = tmp_path / "latent.png"
     d.save_screenshot(str(shot))
@@ -209,9 +219,14 @@ def test_browser_server_and_static_report(built_run, server, chrome, tmp_path):
     d.get((out / "index.html").as_uri())
     d.find_element(By.LINK_TEXT, SAE_NAME).click()
     assert d.current_url.endswith(f"s/{SAE_NAME}.html")
+    rows = d.find_elements(By.CSS_SELECTOR, "#latents tbody tr")
+    shown = sum(r.is_displayed() for r in rows)
+    d.find_element(By.ID, "show-dead").click()  # the toggle shows the hidden dead latents
+    assert shown < sum(r.is_displayed() for r in rows) == len(rows)
+    d.find_element(By.ID, "show-dead").click()
     k = _first_latent_by_ms(d)
     assert k == j and d.current_url.startswith("file://")
-    assert d.execute_script(LOADED_IMAGES) == 16
+    assert _all_top_images_loaded(d)
     d.save_screenshot(str(tmp_path / "static.png"))
     assert (tmp_path / "static.png").stat().st_size > 1000
 

@@ -65,6 +65,10 @@ def test_parse_inat_label_and_mapping(tmp_path):
         "Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "corax")
     assert H.parse_inat_label("00012_Plantae_a_b_c_d_Genus_sp_subsp")[-1] == "sp_subsp"
     assert H.parse_inat_label("cat") is None and H.parse_inat_label("0_a_b") is None
+    # shorter trees keep iNat's 5-digit class id: the toy world's labels
+    toy = ("round", "circle", "orange", "dark", "dotted")
+    assert H.parse_inat_label("00011_" + "_".join(toy)) == toy
+    assert H.parse_inat_label("00011_round") is None and H.parse_inat_label("11_a_b_c") is None
     (tmp_path / "t.csv").write_text("label,path\ncat,Animalia/Chordata/Mammalia/Carnivora/Felidae/Felis/catus\n")
     (tmp_path / "t.json").write_text('{"dog": ["A", "B"]}')
     assert H.load_taxonomy_file(tmp_path / "t.csv")["cat"][-1] == "catus"
@@ -128,3 +132,35 @@ def test_per_level_and_uniqueness():
     assert u["pairs_at_least"] == {"0.3": 3, "1.0": 1} and u["pairs_total"] == 6
     u2 = H.top_set_uniqueness(top, dead_F=[False, True, False, False])
     assert np.isnan(u2["max_jaccard"][1]) and u2["max_jaccard"][0] == pytest.approx(2 / 6)
+
+
+def _auroc_by_pairs(score, positive):
+    """P(score of a positive > score of a negative) + half the ties, over every pair."""
+    p, n = score[positive], score[~positive]
+    return float(((p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()) / (len(p) * len(n)))
+
+
+@pytest.mark.parametrize("block_cells", [H.BLOCK_CELLS, 7])  # 7: latents scored one or two at a time
+def test_node_detection_against_pairwise_auroc(monkeypatch, block_cells):
+    monkeypatch.setattr(H, "BLOCK_CELLS", block_cells)
+    rng = np.random.default_rng(0)
+    leaves = [("a", "x", "1"), ("a", "x", "2"), ("a", "y", "3"), ("b", "z", "4")]
+    taxa = [leaves[i] for i in rng.integers(0, 4, 60)]
+    taxa[5] = None  # an image without a taxonomy is neither positive nor negative
+    codes = np.where(rng.random((60, 9)) < 0.4, np.round(rng.random((60, 9)), 1), 0.0)  # sparse, with ties
+    codes[:, 3] = [t is not None and t[0] == "b" for t in taxa]  # a perfect detector of node b
+    out = H.node_detection([torch.tensor(codes[:25]), torch.tensor(codes[25:])], taxa, group_sizes=[3, 6])
+    valid = np.array([t is not None for t in taxa])
+    nodes = {x["node"]: x for x in out["nodes"]}
+    assert set(nodes) == {"/".join(leaf[:d]) for leaf in leaves for d in (1, 2, 3)}
+    for name, x in nodes.items():
+        path = tuple(name.split("/"))
+        positive = np.array([t is not None and t[: len(path)] == path for t in taxa])[valid]
+        direct = [_auroc_by_pairs(codes[valid, j], positive) for j in range(9)]
+        assert x["auroc"] == pytest.approx(max(direct)) and direct[x["latent"]] == pytest.approx(max(direct)), name
+        assert x["level"] == (0 if x["latent"] < 3 else 1) and x["depth"] == len(path)
+    assert nodes["b"]["latent"] == 3 and nodes["b"]["auroc"] == 1.0
+    depth1 = out["per_depth"][0]
+    assert depth1["nodes"] == 2 and depth1["detected"] == np.mean([nodes[k]["auroc"] >= 0.9 for k in ("a", "b")])
+    with pytest.raises(ValueError, match="codes have 59 rows but 60 images"):
+        H.node_detection([torch.tensor(codes[:59])], taxa)

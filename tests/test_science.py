@@ -1,18 +1,19 @@
-"""The paper's claims, checked on the toy world's ground truth with the shipped tiny CLIP and toy LLaVA.
+"""The paper's three findings, checked on the toy world's ground truth with the shipped tiny CLIP and toy LLaVA.
 
-One `sae-vlm demo --quick` run (about 30 s) feeds every test. Numbers measured on the reference 2-core
-machine (quick run; the full `make demo` run in brackets) are quoted where a test leaves a margin.
+One `sae-vlm demo --quick` run (under 2 minutes) feeds every test. Numbers measured on the reference 2-core
+machine (quick run) are quoted where a test leaves a margin; README "What the demo shows" has the full run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from sae_vlm.cli import app
+from sae_vlm.toyworld import world as W
 
 
 @pytest.fixture(scope="module")
@@ -29,81 +30,109 @@ def sae_rows(metrics):
             yield layer, name, r, v["no_sae"]
 
 
-def test_demo_writes_metrics_plots_and_report(demo):
+def test_demo_writes_metrics_plots_and_a_portable_report(demo):
     out, metrics, printed = demo
     assert set(metrics["layers"]) == {"layer.1", "layer.2", "last"}
-    assert (out / "report" / "index.html").is_file()
     assert list((out / "eval" / "last" / "clip" / "plots").glob("*.png"))
     assert str(out / "metrics.json") in printed and "report" in printed
+    html = (out / "report" / "index.html").read_text()
+    # the findings come first, then every hook point's tables, as HTML tables
+    order = [html.index(h) for h in ("1. SAE latents", "2. Matryoshka levels", "3. Clamping", "Every hook point")]
+    assert order == sorted(order)
+    assert all(f"<h3>{layer}</h3>" in html for layer in metrics["layers"]) and "<pre>" not in html
+    # relative links only: the report opens from any folder and names no directory of this machine
+    assert str(out) not in html and str(out.parent) not in html
+    for src in re.findall(r'(?:src|href)="([^"#]+)"', html):
+        assert not src.startswith("/") and "://" not in src, src
+        assert (out / "report" / src).is_file(), src
+
+
+def test_findings_object_has_the_documented_shape(demo):
+    _, metrics, _ = demo
+    f = metrics["findings"]
+    assert set(f["ms"]) == set(metrics["layers"])
+    for v in f["ms"].values():
+        assert set(v) == {"sae", "neurons"} and len(v["sae"]) == 2
+    assert set(f["hierarchy"]) == {f"{layer}/matryoshka_x1_k8" for layer in metrics["layers"]}
+    for h in f["hierarchy"].values():
+        assert len(h["mean_lca_by_level"]) == 5 and len(h["best_level_by_depth"]) == 5
+        assert 0 <= h["nodes_detected"] <= 1
+    assert set(f["steering"]["success_by_concept"]) == set(W.COLOURS)
+    assert 0 <= f["steering"]["unsteered"] <= 1
 
 
 def test_sae_latents_are_more_monosemantic_than_neurons_under_both_embedders(demo):
-    # measured: SAE 0.67–0.77 (CLIP) and 0.61–0.64 (truth) against neurons 0.45 and 0.48
+    # measured: SAE 0.66–0.74 (tiny CLIP) and 0.50–0.59 (truth) against neurons 0.39 and 0.27
     _, metrics, _ = demo
     for layer, name, r, neurons in sae_rows(metrics):
-        assert r["ms_clip"]["mean"] > neurons["clip"]["mean"] + 0.1, (layer, name)
-        assert r["ms_truth"]["mean"] > neurons["truth"]["mean"] + 0.05, (layer, name)
-
-
-def test_top16_images_of_batchtopk_latents_are_purer_than_neurons(demo):
-    """Purity: the largest share of a unit's top-16 images whose objects share one shape, colour or pattern.
-
-    Measured for BatchTopK: 0.95 / 0.93 / 0.94 at layer.1 / layer.2 / last against neurons 0.89 / 0.85 / 0.90
-    (full run: 0.99 / 0.95 / 0.96 against 0.94 / 0.92 / 0.95). Matryoshka is mixed (0.88 / 0.93 / 0.90; full
-    run 0.98 / 0.96 / 0.92), so only BatchTopK and the mean over all SAEs are asserted.
-    """
-    _, metrics, _ = demo
-    sae, neuron = [], []
-    for layer, name, r, neurons in sae_rows(metrics):
-        sae.append(r["top16_purity"])
-        neuron.append(neurons["top16_purity"])
-        if name.startswith("batchtopk"):
-            assert r["top16_purity"] > neurons["top16_purity"], layer
-    assert np.mean(sae) > np.mean(neuron)
+        assert r["ms_clip"]["mean"] > neurons["clip"]["mean"] + 0.15, (layer, name)
+        assert r["ms_truth"]["mean"] > neurons["truth"]["mean"] + 0.1, (layer, name)
 
 
 def test_ms_under_tiny_clip_tracks_ms_under_ground_truth(demo):
-    # the project's counterpart of the paper's user study; measured 0.59–0.92 across SAEs (full run 0.64–0.77)
+    # the project's counterpart of the paper's user study; measured 0.92–0.96 across SAEs
     _, metrics, _ = demo
     for layer, name, r, _ in sae_rows(metrics):
-        assert r["ms_correlation"] > 0.4, (layer, name)
+        assert r["ms_correlation"] > 0.6, (layer, name)
 
 
-def test_matryoshka_lca_depth_per_level_is_reported(demo):
-    """The paper expects a shallower LCA (more general concepts) in early Matryoshka levels. The toy run does
-    not show it clearly: mean LCA depth per level 1.11 / 1.25 / 1.00 / – at layer.1, 1.10 / 1.33 / 1.14 / 1.00 at
-    layer.2, 1.54 / 1.40 / 1.00 / – at last (full run at last: 2.14 / 1.17 / 1.10 / 2.25), with few latents alive in
-    the late levels (each needs 16 positive images). So this test checks the measurement, not the trend."""
+def test_coarse_taxa_are_found_in_earlier_matryoshka_groups_than_species(demo):
+    """For each taxonomy node the latent that detects it best (AUROC); the mean Matryoshka level of those latents
+    per taxonomy depth. Measured: layer.1 0.5 / 1.0 / 1.5 / 1.5 / 1.5 (kingdom .. species), layer.2
+    1.0 / 1.2 / 1.2 / 1.7 / 1.4. At `last` (the contrastive projection) there is no order: 1.5 / 0.8 / 1.5 / 0.8 / 1.4
+    (README "What the demo shows" says why)."""
     _, metrics, _ = demo
-    for layer, name, r, _ in sae_rows(metrics):
-        if not name.startswith("matryoshka"):
-            continue
-        levels = r["hierarchy"]
-        assert [lv["level"] for lv in levels] == [0, 1, 2, 3]
-        assert levels[0]["count"] > 0
-        for lv in levels:
-            if lv["count"]:
-                assert 0 <= lv["mean"] <= 7
+    for layer in ("layer.1", "layer.2"):
+        best = metrics["findings"]["hierarchy"][f"{layer}/matryoshka_x1_k8"]["best_level_by_depth"]
+        assert best[0] < best[-1], (layer, best)
+
+
+def test_lca_depth_is_higher_at_the_last_matryoshka_level_than_at_the_first(demo):
+    """Measured: layer.2 2.50 -> 3.00 and last 2.50 -> 3.00. At layer.1 it falls (4.00 -> 3.20): its level-0
+    latents are dense kingdom / phylum directions (AUROC 0.99 for `round`, firing on 99% of images) whose 16 most
+    extreme images come from one order, so the top-16 LCA reads them as deep; README "What the demo shows"."""
+    _, metrics, _ = demo
+    for layer in ("layer.2", "last"):
+        lca = metrics["findings"]["hierarchy"][f"{layer}/matryoshka_x1_k8"]["mean_lca_by_level"]
+        assert lca[-1] > lca[0], (layer, lca)
+
+
+def test_every_node_is_scored_against_the_truth(demo):
+    out, _, _ = demo
+    nodes = json.loads((out / "eval" / "layer.2" / "truth" / "nodes" / "matryoshka_x1_k8.json").read_text())
+    rows = nodes["nodes"] if isinstance(nodes, dict) else nodes
+    assert {r["node"] for r in rows} == {"/".join(n) for n in W.NODES}
+    assert all(0 <= r["auroc"] <= 1 and 0 <= r["level"] <= 4 for r in rows)
 
 
 def test_clamping_a_colour_latent_makes_the_toy_llava_name_that_colour(demo):
-    """Measured on blank images: unsteered 0 of 3 answers name any colour; steered, the chosen latent of
-    yellow, blue and green names its colour in 9/9 answers each, red, orange and purple in none (mean 50%;
-    full run 48%). Asserted: more than unsteered on average, and at least two colours steer reliably."""
+    """On 24 held-out images of other colours per colour, latent and α chosen on 12 other images. Measured: 92–100%
+    for every colour, unsteered 0%; the difference-of-means baseline 79–100%. (The full run misses green: README.)"""
     _, metrics, _ = demo
-    st = metrics["steering"]
-    assert st["mean_hit_rate"] > st["mean_unsteered_hit_rate"] + 0.2
-    assert sum(v["hit_rate"] >= 2 / 3 for v in st["per_colour"].values()) >= 2
+    st = metrics["findings"]["steering"]
+    assert st["unsteered"] <= 0.1
+    for colour, rate in st["success_by_concept"].items():
+        assert rate >= 0.8, (colour, rate)
+    for v in metrics["steering"]["per_colour"].values():  # the evidence: the colour word goes from unlikely to likely
+        assert v["logprob_steered"] > v["logprob_unsteered"] + 5
+
+
+def test_dead_latents_stay_under_a_fifth_except_matryoshka_at_the_projection(demo):
+    """Measured (never firing on the 1000 eval images; the token SAE on any token of 1000 images): 8–19%
+    everywhere but `last`'s Matryoshka (39%): the projection's activations have rank ~14 (PCA: 99.6% of the
+    variance), so its last two groups find nothing left to reconstruct (README)."""
+    _, metrics, _ = demo
+    for key, frac in metrics["findings"]["dead_frac"].items():
+        if key != "last/matryoshka_x1_k8":
+            assert frac < 0.2, (key, frac)
 
 
 def test_zero_shot_accuracy_with_the_sae_spliced_in(demo):
-    """Accuracy recovered: the tiny CLIP's zero-shot colour / shape / pattern accuracy with each SAE's
-    reconstruction in place of its hook point. Measured: colour 100% of 100% everywhere; shape 37–48% of 52%,
-    pattern 50–69% of 79% (the SAEs keep colour, which the CLIP is sure of, and lose some of the rest)."""
+    """Accuracy recovered: the tiny CLIP's zero-shot shape / colour / pattern accuracy with each SAE's
+    reconstruction in place of its hook point. Measured: shape and colour 100% of 100%, pattern 96–98% of 97%."""
     _, metrics, _ = demo
     assert len(metrics["zero_shot"]) == 6
     for key, per in metrics["zero_shot"].items():
         assert set(per) == {"colour", "shape", "pattern"}
-        assert per["colour"]["accuracy_spliced"] >= 0.9 * per["colour"]["accuracy"], key
-        for v in per.values():
-            assert 0 <= v["accuracy_spliced"] <= 1 and v["accuracy"] > 0
+        for attr, v in per.items():
+            assert v["accuracy_spliced"] >= 0.9 * v["accuracy"] > 0, (key, attr)

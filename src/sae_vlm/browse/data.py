@@ -49,13 +49,15 @@ class Dictionary:
 
     @property
     def dead(self) -> np.ndarray:
+        """The paper's rule: a latent is dead when it is positive on fewer images than it has top-image slots
+        (its 16th top activation is 0), so MS ≈ 1 latents with 2 supporting images don't lead the tables."""
         if self.kind == "neurons":  # raw neurons are signed: dead means constant (MS undefined)
             return np.isnan(self.arrays["ms"])
+        if self.top_val is not None:
+            return ~(self.top_val[:, -1] > 0)
         sup = self.arrays.get("support")
         if sup is not None:
             return ~(sup > 0)
-        if self.top_val is not None:
-            return ~(self.top_val[:, 0] > 0)
         return np.zeros(self.n, bool)
 
     @property
@@ -154,7 +156,7 @@ class Dictionary:
 class TableQuery:
     sort: str = "ms"
     desc: bool = True
-    dead: str = "all"  # all | alive | dead
+    dead: str = "alive"  # alive | all | dead (alive: positive on all top-image slots, the paper's rule)
     level: int | None = None
     ranges: dict = field(default_factory=dict)  # key -> (lo, hi)
     page: int = 1
@@ -179,7 +181,7 @@ class TableQuery:
         order = params.get("order") or "desc"
         if order not in ("asc", "desc"):
             raise ValueError(f"order={order!r}; expected asc or desc")
-        dead = params.get("dead") or "all"
+        dead = params.get("dead") or "alive"
         if dead not in ("all", "alive", "dead"):
             raise ValueError(f"dead={dead!r}; expected all, alive or dead")
         ranges = {k: (num(f"{k}_min"), num(f"{k}_max")) for k in RANGE_KEYS}

@@ -17,6 +17,7 @@ HERE = Path(__file__).parent
 TEMPLATES, STATIC = HERE / "templates", HERE / "static"
 COLUMNS = (("id", "latent"), ("level", "level"), ("ms", "MS"), ("freq", "frequency"), ("support", "support"),
            ("max_act", "max act"))
+STRIP = 6  # thumbnails of top images per row of a latent table
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -104,21 +105,67 @@ def summary(d: Dictionary) -> dict:
             "levels": d.n_levels}
 
 
-def _row(d: Dictionary, j: int, extra: list[str]) -> dict:
+def _row(d: Dictionary, j: int, extra: list[str], view: RunView | None = None, links: Links | None = None,
+         strip: int = 0) -> dict:
     a = d.arrays
-    return {"j": j, "level": int(d.level[j]), "dead": bool(d.dead[j]),
-            **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", *extra)}}
+    row = {"j": j, "level": int(d.level[j]), "dead": bool(d.dead[j]),
+           **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", *extra)}}
+    if strip and view is not None and links is not None:
+        row["strip"] = [im["url"] for im in fired_images(view, d, j, links)[:strip] if im["url"]]
+    return row
+
+
+def fired_images(view: RunView, d: Dictionary, j: int, links: Links) -> list[dict]:
+    """Latent j's top images on which it fired (activation > 0), best first; raw neurons: all of them."""
+    if d.top_idx is None or d.top_val is None:
+        return []
+    images = []
+    for row, val in zip(d.top_idx[j], d.top_val[j]):
+        row = int(row)
+        if row < 0 or (d.kind == "sae" and val <= 0):
+            continue
+        images.append({"row": row, "value": float(val), "url": links.img(d.name, row, view.image_path(d, row))})
+    return images
 
 
 def extra_ms(d: Dictionary) -> list[str]:
     return sorted(k for k in d.arrays if k.startswith("ms__"))
 
 
-def index_context(view: RunView, links: Links) -> dict:
-    return {"links": links, "run": str(view.run_dir), "dicts": [summary(d) for d in view.dicts.values()],
-            "plots": [(p, links.plot(p)) for p in view.plots], "tables_md": view.tables_md, "embedder": view.embedder,
-            "notes": view.notes,
-            "title": f"sae-vlm · {view.run_dir.name}"}
+def index_context(view: RunView, links: Links, front: str = "") -> dict:
+    """The front page: `front` (HTML placed first), the dictionaries, plots and tables; no machine paths."""
+    return {"links": links, "run": view.run_dir.name, "dicts": [summary(d) for d in view.dicts.values()],
+            "plots": [(p, links.plot(p)) for p in view.plots], "tables": markdown_tables(view.tables_md),
+            "embedder": Path(view.embedder).name if view.embedder else None, "notes": view.notes,
+            "front": Markup(front), "title": f"sae-vlm · {view.run_dir.name}"}
+
+
+def markdown_tables(text: str) -> Markup:
+    """The evaluation's tables.md as HTML: `### ` headings, `|`-tables and paragraphs (all text escaped)."""
+    from markupsafe import escape
+
+    out, table = [], []
+
+    def flush() -> None:
+        if table:
+            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
+                    if not set(line.replace("|", "").strip()) <= {"-", ":"}]
+            head = "".join(f"<th>{escape(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+            out.append(f'<table class="lat md"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("### "):
+            out.append(f"<h3>{escape(line[4:])}</h3>")
+        elif line.strip():
+            out.append(f"<p>{escape(line)}</p>")
+    flush()
+    return Markup("\n".join(out))
 
 
 def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | None = None, ids=None) -> dict:
@@ -130,7 +177,8 @@ def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | No
     pages = max(1, math.ceil(total / q.per)) if q else 1
     page = min(q.page, pages) if q else 1
     shown = ids[(page - 1) * q.per : page * q.per] if q else ids
-    ctx = {"links": links, "d": summary(d), "rows": [_row(d, int(j), extra) for j in shown], "extra": extra,
+    ctx = {"links": links, "d": summary(d), "rows": [_row(d, int(j), extra, view, links, STRIP) for j in shown],
+           "extra": extra,
            "total": total, "page": page, "pages": pages, "q": q, "columns": COLUMNS, "embedder": view.embedder,
            "title": f"{d.name} · latents"}
     if q is not None:  # links that keep the filters and change one thing
@@ -152,14 +200,7 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
     """Everything the latent page shows; `order` is the list prev/next walk (default: all ids)."""
     d.check(j)
     a = d.arrays
-    images = []
-    if d.top_idx is not None and d.top_val is not None:
-        for row, val in zip(d.top_idx[j], d.top_val[j]):
-            row = int(row)
-            if row < 0:
-                continue
-            path = view.image_path(d, row)
-            images.append({"row": row, "value": float(val), "url": links.img(d.name, row, path)})
+    images = fired_images(view, d, j, links)
     hist = d.sample_activations(j)
     if order is None:
         prev_j, next_j = (j - 1 if j > 0 else None), (j + 1 if j + 1 < d.n else None)

@@ -13,7 +13,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sae_vlm.browse.data import Dictionary, RunView, TableQuery
-from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context, thumb_name
+from sae_vlm.browse.render import (
+    STATIC,
+    STRIP,
+    Links,
+    fired_images,
+    index_context,
+    latent_context,
+    make_env,
+    table_context,
+    thumb_name,
+)
 from sae_vlm.config import ReportConfig
 from sae_vlm.io import atomic_save_image, atomic_write_text
 
@@ -34,6 +44,13 @@ def _thumb(src: Path, dst: Path) -> None:
     atomic_save_image(dst, im)
 
 
+def _thumbs(view: RunView, d: Dictionary, images: list[dict], out: Path) -> None:
+    for im in images:
+        path = view.image_path(d, im["row"])
+        if path is not None:
+            _thumb(path, out / "img" / thumb_name(path))
+
+
 def chosen_latents(d: Dictionary, top: int, all_: bool) -> list[int]:
     """Latents that get a page: all, or the `top` highest by MS (then max activation) among the alive ones."""
     if all_:
@@ -46,7 +63,9 @@ def chosen_latents(d: Dictionary, top: int, all_: bool) -> list[int]:
     return sorted(int(j) for j in order[:top])
 
 
-def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = False, quiet: bool = True) -> Path:
+def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = False, quiet: bool = True,
+                 front: str = "") -> Path:
+    """The static pages of `view` in `out`; `front` is HTML placed first on index.html (links relative to it)."""
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     env = make_env()
@@ -60,18 +79,17 @@ def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = Fals
         shutil.copyfile(view.eval_dir / rel, out / "plots" / Path(rel).name)
     for name, d in dicts.items():
         order = sorted(included[name])
-        by_ms = d.select(TableQuery())  # by MS, NaN last
-        ids = np.array([j for j in by_ms if j in included[name]], np.int64)
+        # the table: latents with a page, and the dead ones (no page), which it hides until asked; by MS, NaN last
+        ids = np.array([j for j in d.select(TableQuery(dead="all")) if j in included[name] or d.dead[j]], np.int64)
+        for j in ids:
+            _thumbs(view, d, fired_images(view, d, int(j), links)[:STRIP], out)
         table = env.get_template("table.html").render(**table_context(view, d, links.at(1), ids=ids))
         _write(out / "s" / f"{name}.html", table)
         for j in tqdm(order, desc=f"report {name}", disable=quiet, leave=False):
             ctx = latent_context(view, d, j, links.at(2), order=order)
-            for im in ctx["images"]:
-                path = view.image_path(d, im["row"])
-                if path is not None:
-                    _thumb(path, out / "img" / thumb_name(path))
+            _thumbs(view, d, ctx["images"], out)
             _write(out / "s" / name / f"{j}.html", env.get_template("latent.html").render(**ctx))
-    _write(out / "index.html", env.get_template("index.html").render(**index_context(view, links)))
+    _write(out / "index.html", env.get_template("index.html").render(**index_context(view, links, front)))
     return out / "index.html"
 
 

@@ -25,13 +25,17 @@ _PREFIX = re.compile(r"^\d+_")
 
 
 def parse_inat_label(name: str) -> tuple[str, ...] | None:
-    """'00000_Animalia_Chordata_Aves_Order_Family_Genus_species' -> 7 levels; None if it is not of that form."""
+    """'00000_Animalia_Chordata_Aves_Order_Family_Genus_species' -> 7 levels (iNat: genus and epithet make the
+    species); a shorter label with iNat's 5-digit class id, '00042_A_B_C', -> one level per part (2 to 6);
+    None otherwise."""
     if not _PREFIX.match(name):
         return None
     parts = _PREFIX.sub("", name, count=1).split("_")
-    if len(parts) < 7 or not all(parts):
+    if not all(parts):
         return None
-    return (*parts[:6], "_".join(parts[6:]))
+    if len(parts) >= 7:
+        return (*parts[:6], "_".join(parts[6:]))
+    return tuple(parts) if len(parts) >= 2 and re.match(r"^\d{5}_", name) else None
 
 
 def load_taxonomy_file(path: str | Path) -> dict[str, tuple[str, ...]]:
@@ -235,3 +239,98 @@ def missing_taxonomy(taxa, names: Sequence[str] | None = None, used_rows=None) -
     rows = range(len(taxa)) if used_rows is None else sorted({int(r) for r in np.asarray(used_rows).reshape(-1)})
     miss = [r for r in rows if taxa[r] is None]
     return {"count": len(miss), "names": [names[r] if names is not None else str(r) for r in miss]}
+
+
+BLOCK_CELLS = 25_000_000  # node x latent cells scored at once
+
+
+def node_detection(chunks, taxa: Sequence[tuple[str, ...] | None], group_sizes=None) -> dict:
+    """For every taxonomy node (every path prefix), the latent that best detects it by AUROC.
+
+    `chunks` yields the codes [R, F] of consecutive rows (all rows, in order, one per image). A latent's codes score
+    each image; the node's images are the positives, the other images with a taxonomy the negatives. AUROC by
+    the rank-sum formula, ties averaged; codes are sparse, so only positive entries are ranked and the zeros of
+    a latent share one average rank. Returns per node (depth, name, best latent, its AUROC and Matryoshka level)
+    and per depth the mean best AUROC, the share detected at AUROC ≥ 0.9 and the mean level of the best latents.
+    """
+    prefix_ND = _prefix_codes(taxa)
+    valid_N = prefix_ND[:, 0] >= 0 if prefix_ND.shape[1] else np.zeros(len(taxa), bool)
+    rows, cols, vals, d_sae = [], [], [], 0
+    r0 = 0
+    for c in chunks:
+        c = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c)
+        d_sae = c.shape[1]
+        r, f = np.nonzero(c > 0)
+        rows.append(r + r0)
+        cols.append(f)
+        vals.append(c[r, f])
+        r0 += c.shape[0]
+    if r0 != len(taxa):
+        raise ValueError(f"codes have {r0} rows but {len(taxa)} images have taxonomy entries (or None)")
+    row_M, col_M, val_M = (np.concatenate(x) if x else np.zeros(0) for x in (rows, cols, vals))
+    keep = valid_N[row_M.astype(np.int64)]
+    row_M, col_M, val_M = row_M[keep].astype(np.int64), col_M[keep].astype(np.int64), val_M[keep]
+    n_valid = int(valid_N.sum())
+    rank_M = _ranks_within(col_M, val_M) + (n_valid - np.bincount(col_M, minlength=d_sae))[col_M]
+    n_nodes = int(prefix_ND.max()) + 1 if prefix_ND.size and prefix_ND.max() >= 0 else 0
+    pos = np.bincount(prefix_ND[valid_N][prefix_ND[valid_N] >= 0], minlength=n_nodes).astype(np.float64)
+    neg = n_valid - pos
+    zeros_F = (n_valid - np.bincount(col_M, minlength=d_sae)).astype(np.float64)
+    best_auroc = np.full(n_nodes, -np.inf)
+    best_latent = np.zeros(n_nodes, np.int64)
+    block = max(1, BLOCK_CELLS // max(n_nodes, 1))  # [nodes, latents] blocks stay ~200 MB at iNat x 65k latents
+    for f0 in range(0, d_sae, block):
+        f1 = min(d_sae, f0 + block)
+        sel = (col_M >= f0) & (col_M < f1)
+        node_EL = prefix_ND[row_M[sel]]  # the nodes each ranked entry's image belongs to, -1 below a short path
+        hit = node_EL >= 0
+        key = node_EL[hit] * (f1 - f0) + np.repeat(col_M[sel][:, None] - f0, node_EL.shape[1], 1)[hit]
+        rank_sum = np.bincount(key, weights=np.repeat(rank_M[sel][:, None], node_EL.shape[1], 1)[hit],
+                               minlength=n_nodes * (f1 - f0)).reshape(n_nodes, f1 - f0)
+        count = np.bincount(key, minlength=n_nodes * (f1 - f0)).reshape(n_nodes, f1 - f0)
+        total = (pos[:, None] - count) * (zeros_F[None, f0:f1] + 1) / 2 + rank_sum
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auroc = (total - pos[:, None] * (pos[:, None] + 1) / 2) / (pos[:, None] * neg[:, None])
+        auroc = np.where(np.isnan(auroc), -np.inf, auroc)
+        j = auroc.argmax(1)
+        better = auroc[np.arange(n_nodes), j] > best_auroc
+        best_auroc[better], best_latent[better] = auroc[better, j[better]], j[better] + f0
+    return _summarise_detection(best_latent, best_auroc, neg > 0, prefix_ND, taxa, group_sizes, d_sae)
+
+
+def _ranks_within(col_M: np.ndarray, val_M: np.ndarray) -> np.ndarray:
+    """1-based ranks of each entry's value among its column's entries (ascending), ties averaged."""
+    order = np.lexsort((val_M, col_M))
+    c, v = col_M[order], val_M[order]
+    idx = np.arange(len(c))
+    col_start = np.maximum.accumulate(np.where(np.r_[True, c[1:] != c[:-1]], idx, 0)) if len(c) else idx
+    pos = idx - col_start + 1
+    first = np.r_[True, (c[1:] != c[:-1]) | (v[1:] != v[:-1])] if len(c) else np.zeros(0, bool)
+    last = np.r_[first[1:], True] if len(c) else first
+    mean_rank = (pos[first] + pos[last]) / 2  # a group of equal values shares the mean of its positions
+    ranks = np.empty(len(c))
+    ranks[order] = mean_rank[np.cumsum(first) - 1]
+    return ranks
+
+
+def _summarise_detection(best_latent, best_auroc, defined_N, prefix_ND, taxa, group_sizes, d_sae) -> dict:
+    from sae_vlm.sae.groups import latent_levels
+
+    names: dict[int, tuple[str, ...]] = {}
+    for i, tax in enumerate(taxa):
+        if tax is not None:
+            for d in range(len(tax)):
+                names.setdefault(int(prefix_ND[i, d]), tuple(tax[: d + 1]))
+    ids = [n for n in sorted(names) if defined_N[n]]
+    levels_F = latent_levels(group_sizes, d_sae)
+    nodes = [{"node": "/".join(names[n]), "depth": len(names[n]), "latent": int(best_latent[n]),
+              "auroc": float(best_auroc[n]), "level": int(levels_F[best_latent[n]])} for n in ids]
+    per_depth = []
+    for d in range(1, max((x["depth"] for x in nodes), default=0) + 1):
+        at = [x for x in nodes if x["depth"] == d]
+        per_depth.append({"depth": d, "nodes": len(at),
+                          "mean_auroc": float(np.mean([x["auroc"] for x in at])) if at else float("nan"),
+                          "detected": float(np.mean([x["auroc"] >= 0.9 for x in at])) if at else float("nan"),
+                          "mean_best_level": float(np.mean([x["level"] for x in at])) if at else float("nan")})
+    detected = float(np.mean([x["auroc"] >= 0.9 for x in nodes])) if nodes else float("nan")
+    return {"nodes": nodes, "per_depth": per_depth, "detected": detected}

@@ -83,6 +83,14 @@ def hierarchy_table(r: dict) -> str:
     for lvl, (a, b, m) in enumerate(zip(mean, majority, ms)):
         lines.append(f"| {lvl} | {a['latents']} | {a['count']} | {num(a, 'mean')} | {num(b, 'mean')} | "
                      f"{num(m, 'mean')} | {num(m, 'max')} | {num(m, 'min')} |")
+    per_depth = h.get("node_detection_per_depth") or []
+    if per_depth:
+        lines += ["", f"Taxonomy nodes and the latent that best detects each (AUROC over the images); "
+                      f"{h['nodes_detected']:.0%} of all nodes are detected at AUROC ≥ 0.9.", "",
+                  "| depth | nodes | detected (AUROC ≥ 0.9) | mean best AUROC | mean Matryoshka level of its best |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {d['depth']} | {d['nodes']} | {d['detected']:.0%} | {d['mean_auroc']:.3f} | "
+                  f"{d['mean_best_level']:.2f} |" for d in per_depth]
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@ baselines, MS, reconstruction, top images, hierarchy, and the run-wide tables an
 
 Writes under the output directory: metrics.json (summaries, written last: it marks the evaluation done),
 latents/<name>.npz (per-latent arrays), top/<name>/top_*.npy, tables.md (paper Tables A1/A6/A7 shape), plots/*.png,
-grids/ with --grids and, with an embedder, embeddings/ (the cache; the input store is only read).
+nodes/<name>.json (each taxonomy node's best-detecting latent), grids/ with --grids and, with an embedder,
+embeddings/ (the cache; the input store is only read).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sae_vlm.eval.embed import load_embeddings
 from sae_vlm.eval.ms import RotatedSource, chance_similarity, ms_stats, summarize_ms
 from sae_vlm.eval.recon import heldout_rows, reconstruction_metrics
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
-from sae_vlm.eval.top import EncodedSource, render_grid, save_top, top_activating
+from sae_vlm.eval.top import EncodedSource, code_chunks, render_grid, save_top, top_activating
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.runs import find_saes
@@ -152,8 +153,13 @@ class Evaluation:
         lca = H.latent_lca_depths(ti.clamp(min=0).numpy(), tv.numpy(), inp.taxa)
         uniq = H.top_set_uniqueness(ti.numpy(), dead_F=dead_top)
         used = ti[~torch.as_tensor(dead_top)].clamp(min=0)
+        detection = H.node_detection(code_chunks(EncodedSource(sae, inp.src, device=self.dev), self.cfg.chunk_rows,
+                                                 self.dev), inp.taxa, groups)
+        atomic_write_bytes(self.out / "nodes" / f"{r['name']}.json", json.dumps(detection["nodes"]).encode())
         r["hierarchy"] = {
             "taxonomy_source": inp.taxonomy_source,
+            "nodes_detected": detection["detected"],  # share of taxonomy nodes some latent detects at AUROC >= 0.9
+            "node_detection_per_depth": detection["per_depth"],
             "taxonomy_depth": H.taxonomy_depth(inp.taxa),
             "lca_mean_per_level": H.per_level(lca["mean"], groups),
             "lca_mode_per_level": H.per_level(lca["mode"], groups),

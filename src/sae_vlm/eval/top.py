@@ -35,7 +35,7 @@ class EncodedSource:
         return sae.encode(self.src.get(idx_N).to(self.device), mode=self.mode).float()
 
 
-def _chunks(codes, chunk_rows: int, dev):
+def code_chunks(codes, chunk_rows: int, dev):
     """Yield dense [R, F] float chunks of a dense source or a sparse code store."""
     if is_sparse_codes(codes):
         n, k = int(codes.indices.shape[0]), int(codes.d_sae)
@@ -68,7 +68,7 @@ def _pooled_chunks(codes, image_ids, chunk_rows, dev):
     carry_id: int | None = None
     carry_sum, carry_n = torch.zeros(0, device=dev), torch.zeros((), device=dev)
     r0 = 0
-    for c_RF in _chunks(codes, chunk_rows, dev):
+    for c_RF in code_chunks(codes, chunk_rows, dev):
         ids = ids_all[r0 : r0 + c_RF.shape[0]].to(dev)
         r0 += c_RF.shape[0]
         uniq, inv = torch.unique_consecutive(ids, return_inverse=True)
@@ -129,7 +129,7 @@ def top_activating(
     if _rows_of(codes) == 0:
         raise ValueError("evaluation set is empty: codes have 0 rows, expected at least 1")
     if image_ids is None:
-        stream = ((None, c) for c in _chunks(codes, chunk_rows, dev))
+        stream = ((None, c) for c in code_chunks(codes, chunk_rows, dev))
     else:
         stream = _pooled_chunks(codes, image_ids, chunk_rows, dev)
     vals_FT, idx_FT = running_top(tqdm(stream, desc="top images", disable=quiet, leave=False), top)

@@ -94,17 +94,23 @@ def _left_padding(tokenizer):
         tokenizer.padding_side = old
 
 
+def batch_inputs(model, processor, cases: Sequence[Case]) -> dict:
+    """The cases' prompts and images as one left-padded batch on the model's device and dtype."""
+    with _left_padding(processor.tokenizer):
+        inputs = processor(images=[c.image for c in cases], text=[build_prompt(processor, c.prompt) for c in cases],
+                           return_tensors="pt", padding=True)
+    dev = next(model.parameters()).device
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    return inputs
+
+
 @torch.no_grad()
 def generate_batch(model, processor, sae, cases: Sequence[Case], *, hook_point=None, error_term: bool = True,
                    max_new_tokens: int = 60, positions: Sequence[int] | None = None) -> list[str]:
     """One left-padded greedy `generate` call for all cases; returns the new text of each (special tokens dropped)."""
     tok = processor.tokenizer
-    texts = [build_prompt(processor, c.prompt) for c in cases]
-    with _left_padding(tok):
-        inputs = processor(images=[c.image for c in cases], text=texts, return_tensors="pt", padding=True)
-    dev = next(model.parameters()).device
-    inputs = {k: v.to(dev) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    inputs = batch_inputs(model, processor, cases)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, num_beams=1)
     edits = [c.edits for c in cases]

@@ -3,8 +3,8 @@
     from sae_vlm import toyworld
     samples = toyworld.generate(100, seed=0)           # images + captions + labels + concept vectors
     toyworld.write_folder(samples, "toy_images")       # ImageFolder tree named by taxonomy label
-    CLIPModel.from_pretrained(toyworld.clip_path())    # shipped weights, a few MB
-    LlavaForConditionalGeneration.from_pretrained(toyworld.llava_path())
+    CLIPModel.from_pretrained(toyworld.clip_path())    # shipped weights, 1.5 MB (float32)
+    LlavaForConditionalGeneration.from_pretrained(toyworld.llava_path(), dtype=torch.float32)  # stored float16
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """`sae-vlm demo`: the whole pipeline on the toy world, through the same code paths a real model takes.
 
-generate images → extract (tiny CLIP: CLS at two layers + the projection; toy LLaVA: 2 random tokens at the
-layer its projector reads) → train BatchTopK and Matryoshka SAEs → evaluate (MS under the tiny CLIP and under the
-ground-truth concepts, FVE, L0, hierarchy, neuron baseline) → steer the toy LLaVA with the latent of a concept →
-metrics.json, plots and report/index.html.
+generate images of the toy phylogeny → extract (tiny CLIP: CLS at two layers + the projection; toy LLaVA: 2 random
+tokens at the layer its projector reads) → train BatchTopK and Matryoshka SAEs (Matryoshka groups sized like the
+taxonomy's levels) → evaluate (MS under the tiny CLIP and under the ground-truth concepts, FVE, L0, LCA depth and
+taxonomy-node detection, neuron baseline) → steer the toy LLaVA towards each colour with one latent, against a
+difference-of-means baseline → metrics.json (with its `findings`), plots and report/index.html.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from sae_vlm.eval.run import evaluate_run
 from sae_vlm.io import atomic_save_npy, atomic_save_npz, atomic_write_text
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.trainer import train
-from sae_vlm.toyworld.world import COLOURS, CONCEPT_INDEX, CONCEPTS, QUESTIONS, read_manifest
+from sae_vlm.toyworld import world as W
+from sae_vlm.toyworld.steering import steer_colours
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class DemoSize:
     batch_size: int
 
 
-FULL = DemoSize(n_train=10000, n_eval=3000, steps=3000, batch_size=512)
-QUICK = DemoSize(n_train=2000, n_eval=1000, steps=400, batch_size=256)
+FULL = DemoSize(n_train=10000, n_eval=3000, steps=2000, batch_size=256)
+QUICK = DemoSize(n_train=2000, n_eval=1000, steps=1500, batch_size=256)
 
 
 def say(msg: str, quiet: bool) -> None:
@@ -51,18 +53,27 @@ def write_embeddings(path: Path, emb: np.ndarray, ids) -> Path:
     return path
 
 
-FINE = [i for i, c in enumerate(CONCEPTS) if c.split(":")[0] in ("shape", "colour", "pattern")]
+CLASSES = [W.CONCEPT_INDEX[W.node_name(n)] for n in W.NODES if len(n) == 3]  # the 8 colour classes
+# Matryoshka groups sized like the taxonomy's levels (2 kingdoms .. 32 species), as paper-hierarchy is like iNat's
+TAXONOMY_GROUPS = tuple(n / len(W.NODES) for n in (2, 4, 8, 16, 32))
+WIDTH, K = 1, 8  # 64 latents for 71 concepts (62 taxa + 9 nuisance values); a creature has 8 of them
+# AuxK revives latents that have not fired for 10 batches, weighted 10x the paper's 0.03: at these sizes the
+# paper's settings leave 20-50% of the latents dead (README, "What the demo shows")
+AUX_ALPHA, DEAD_BATCHES = 0.3, 10
+# LLaVA's image tokens vary more than a CLS (a creature cut by patch borders, at any place): at x1 the token SAE
+# has no latent the LLaVA reads as cyan (38% success); at x2 every colour steers (README)
+TOKEN_WIDTH = 2
 
 
 def concept_purity(top_indices_FT: np.ndarray, top_values_FT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
-    """Per latent: the largest fraction of its top-16 images whose objects share one shape, colour or pattern.
+    """Per latent: the largest fraction of its top-16 images whose creatures belong to one class (colour).
 
     NaN for a latent with fewer than 16 images where it is positive (dead by the paper's rule).
     """
     out = np.full(len(top_indices_FT), np.nan)
     for j, (idx, val) in enumerate(zip(top_indices_FT, top_values_FT)):
         if (val > 0).sum() == len(idx):
-            out[j] = concepts_NC[idx][:, FINE].mean(0).max()
+            out[j] = concepts_NC[idx][:, CLASSES].mean(0).max()
     return out
 
 
@@ -87,23 +98,24 @@ def run_demo(cfg: DemoConfig) -> dict:
         quiet)
     stores = extract_stores(out, images, layers, clip_dir, llava_dir, quiet)
 
-    say("[3/6] training BatchTopK and Matryoshka SAEs (x4, k=4) per hook point", quiet)
+    say(f"[3/6] training BatchTopK and Matryoshka SAEs (x{WIDTH}, k={K}) per hook point", quiet)
     runs = {}
     for layer in layers:
         runs[layer] = out / "runs" / layer
         train_sweep(stores["train"], layer, runs[layer], size, quiet)
     runs["tokens"] = out / "runs" / "llava_tokens"
-    train_sweep(stores["tokens"], None, runs["tokens"], size, quiet, archs=("matryoshka",))
+    train_sweep(stores["tokens"], None, runs["tokens"], size, quiet, archs=("matryoshka",), width=TOKEN_WIDTH)
 
     say("[4/6] evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline", quiet)
     metrics: dict = {"size": size.__dict__, "layers": evaluate_layers(out, images, stores, runs, layers)}
     metrics["zero_shot"] = zero_shot_recovered(runs, layers, clip_dir)
 
-    say("[5/6] steering the toy LLaVA: one latent per colour, clamped on blank images", quiet)
-    metrics["steering"] = steer_colours(runs["tokens"], images["train"], llava_dir, quiet)
+    say("[5/6] steering the toy LLaVA towards each colour: one latent clamped on images of other colours", quiet)
+    metrics["steering"] = steer_colours(runs["tokens"], llava_dir)
+    metrics["findings"] = findings(metrics)
 
     say("[6/6] writing report/index.html and metrics.json", quiet)
-    write_report(out, runs["last"], out / "eval" / "last", stores["eval"])
+    write_report(out, runs["last"], out / "eval" / "last", stores["eval"], metrics)
     metrics["seconds"] = round(time.time() - t0, 1)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))  # last: marks done
     return metrics
@@ -143,10 +155,12 @@ def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers) -
 
 
 def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet: bool,
-                archs=("batchtopk", "matryoshka")) -> None:
-    cfg = TrainConfig(data=str(store), out=str(run), layer=layer, archs=archs, expansions=(4,), ks=(4,),
-                      batch_size=size.batch_size, steps=size.steps, lr=2e-3, warmup_steps=size.steps // 10,
-                      threshold_start_step=size.steps // 4, dead_window=50 * size.batch_size,
+                archs=("batchtopk", "matryoshka"), width: float = WIDTH) -> None:
+    cfg = TrainConfig(data=str(store), out=str(run), layer=layer, archs=archs, expansions=(width,), ks=(K,),
+                      group_fractions=TAXONOMY_GROUPS, batch_size=size.batch_size, steps=size.steps, lr=2e-3,
+                      warmup_steps=size.steps // 10,
+                      threshold_start_step=size.steps // 4, dead_window=DEAD_BATCHES * size.batch_size,
+                      aux_alpha=AUX_ALPHA,
                       checkpoint_every=size.steps, log_every=max(1, size.steps // 10), quiet=quiet,
                       resume=(run / "ckpt").is_dir())
     train(cfg)
@@ -171,23 +185,51 @@ def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_
             "fve": r_clip["recon"]["fve"], "l0": r_clip["recon"]["l0_threshold"],
             "dead_frac": r_clip["recon"].get("dead_frac"),
             "top16_purity": float(np.nanmean(purity)),
-            "hierarchy": r_clip.get("hierarchy", {}).get("lca_mean_per_level"),
+            "hierarchy": hierarchy_summary(r_truth.get("hierarchy")),
         }
     return out
 
 
-ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "pattern")
+def hierarchy_summary(h: dict | None) -> dict | None:
+    """Mean LCA depth per Matryoshka level and, per taxonomy depth, the mean level of its nodes' best latents."""
+    if not h:
+        return None
+    return {"mean_lca_by_level": [lv.get("mean") for lv in h["lca_mean_per_level"]],
+            "best_level_by_depth": [d["mean_best_level"] for d in h["node_detection_per_depth"]],
+            "auroc_by_depth": [d["mean_auroc"] for d in h["node_detection_per_depth"]],
+            "nodes_detected": h["nodes_detected"]}
+
+
+def findings(m: dict) -> dict:
+    """The three findings of the paper on the toy world, in numbers (the front page of the report)."""
+    def ms(key: str, embedder: str) -> dict:
+        return {layer: {"sae": {n: r[key]["mean"] for n, r in v["saes"].items()},
+                        "neurons": v["no_sae"][embedder]["mean"]} for layer, v in m["layers"].items()}
+
+    hierarchy = {f"{layer}/{n}": r["hierarchy"] for layer, v in m["layers"].items() for n, r in v["saes"].items()
+                 if r["hierarchy"] and len(r["hierarchy"]["mean_lca_by_level"]) > 1}
+    st = m["steering"]
+    steering = {"success_by_concept": {c: v["success"] for c, v in st["per_colour"].items()},
+                "unsteered": st["max_unsteered"],
+                "baseline_by_concept": {c: v["baseline"]["success"] for c, v in st["per_colour"].items()}}
+    dead = {f"{layer}/{n}": r["dead_frac"] for layer, v in m["layers"].items() for n, r in v["saes"].items()}
+    dead[f"llava_tokens/matryoshka_x{TOKEN_WIDTH}_k{K}"] = st["dead_frac"]  # never firing on a token of 1000 images
+    return {"ms": ms("ms_clip", "clip"), "ms_truth": ms("ms_truth", "truth"), "hierarchy": hierarchy,
+            "steering": steering, "dead_frac": dead}
+
+
+ZERO_SHOT_ATTRIBUTES = ("shape", "colour", "pattern")  # phylum, class and species nodes
 
 
 @torch.no_grad()
 def zero_shot_recovered(runs: dict, layers, clip_dir: Path, n: int = 500) -> dict:
-    """Tiny-CLIP zero-shot accuracy (colour, shape, pattern of one-object images) with each SAE's reconstruction
+    """Tiny-CLIP zero-shot accuracy (shape, colour and species of the creature) with each SAE's reconstruction
     spliced in at its hook point, against the unmodified model: the "accuracy recovered"."""
     from transformers import AutoProcessor, CLIPModel
 
     from sae_vlm.backbones import quiet_loading
     from sae_vlm.eval.recon import accuracy_recovered
-    from sae_vlm.toyworld.quality import ZERO_SHOT, single_object_samples
+    from sae_vlm.toyworld.quality import ZERO_SHOT, single_object_samples, truth_of
 
     with quiet_loading():
         model = CLIPModel.from_pretrained(clip_dir).eval()
@@ -199,48 +241,10 @@ def zero_shot_recovered(runs: dict, layers, clip_dir: Path, n: int = 500) -> dic
     out: dict = {}
     for attr in ZERO_SHOT_ATTRIBUTES:
         values, prompt = ZERO_SHOT[attr]
-        labels = [values.index(getattr(x.main, attr)) for x in samples]
+        labels = [values.index(truth_of(x, attr)) for x in samples]
         text = dict(processor(text=[prompt(v) for v in values], return_tensors="pt", padding=True))
         for key, (layer, sae) in saes.items():
             out.setdefault(key, {})[attr] = accuracy_recovered(model, sae, layer, pixels, labels, text)
-    return out
-
-
-def steer_colours(run: Path, train_images: Path, llava_dir: Path, quiet: bool) -> dict:
-    """For each colour, clamp the latent whose top images most often show it (paper §6: replace mode, all
-    tokens) and ask blank images "What colour is the object?"; count answers naming that colour."""
-    from PIL import Image
-
-    from sae_vlm.steer.generate import Case, generate_cases, load_llava, open_image
-    from sae_vlm.steer.score import top_images
-
-    sae = SAE.from_pretrained(next(p.parent for p in sorted(run.glob("saes/*/config.json"))))
-    model, processor = load_llava(str(llava_dir), device="cpu")
-    recs = list(read_manifest(train_images).values())[:1000]
-    imgs = [open_image(train_images / r["path"]) for r in recs]
-    concepts_NC = np.zeros((len(recs), len(CONCEPTS)), np.float32)
-    for i, r in enumerate(recs):
-        concepts_NC[i, r["concepts"]] = 1
-    vals, idx = top_images(model, sae, imgs, processor=processor, quiet=quiet)
-    blanks = [Image.new("RGB", (48, 48), rgb) for rgb in ((240, 240, 240), (128, 128, 128), (15, 15, 15))]
-    question = QUESTIONS["colour"]
-    first = lambda text: text.split()[0].strip(".,!").lower() if text.split() else ""  # noqa: E731
-    unsteered = [first(t) for t in generate_cases(model, processor, sae, [Case(b, question, None) for b in blanks],
-                                                   max_new_tokens=3)]
-    out = {"question": question, "unsteered_answers": unsteered, "per_colour": {}}
-    for colour in COLOURS:
-        c = CONCEPT_INDEX[f"colour:{colour}"]
-        purity = np.array([concepts_NC[i[i >= 0], c].mean() if (i >= 0).any() else 0.0 for i in idx])
-        latent = int(np.lexsort((-vals[:, 0], -purity))[0])  # purest top images, then the strongest
-        alphas = [m * float(vals[latent, 0]) for m in (2, 5, 10)]  # multiples of its largest pooled code
-        cases = [Case(b, question, {latent: ("clamp", a)}) for a in alphas for b in blanks]
-        said = [first(t) for t in generate_cases(model, processor, sae, cases, error_term=False, max_new_tokens=3)]
-        out["per_colour"][colour] = {"latent": latent, "top16_purity": float(purity[latent]), "alphas": alphas,
-                                     "answers": said, "hit_rate": float(np.mean([w == colour for w in said])),
-                                     "unsteered_hit_rate": float(np.mean([w == colour for w in unsteered]))}
-    rates = [v["hit_rate"] for v in out["per_colour"].values()]
-    out["mean_hit_rate"] = float(np.mean(rates))
-    out["mean_unsteered_hit_rate"] = float(np.mean([v["unsteered_hit_rate"] for v in out["per_colour"].values()]))
     return out
 
 
@@ -254,12 +258,15 @@ def add_truth_ms(eval_dir: Path) -> None:
         atomic_save_npz(f, **arrays)
 
 
-def write_report(out: Path, run: Path, eval_dir: Path, store: Path) -> Path:
+def write_report(out: Path, run: Path, eval_dir: Path, store: Path, metrics: dict) -> Path:
+    """report/index.html: the findings first, then the `last` hook point's SAEs as `sae-vlm report` shows them."""
     from sae_vlm.browse.data import RunView
     from sae_vlm.browse.report import write_report as write_static
+    from sae_vlm.toyworld.front import front_page
 
     add_truth_ms(eval_dir)
-    return write_static(RunView(run, eval_dir / "clip", store), out / "report")
+    front = front_page(metrics, out / "report", out / "eval")
+    return write_static(RunView(run, eval_dir / "clip", store), out / "report", front=front)
 
 
 def summary_lines(m: dict, cfg: DemoConfig) -> list[str]:
@@ -274,10 +281,16 @@ def summary_lines(m: dict, cfg: DemoConfig) -> list[str]:
     for key, per in m["zero_shot"].items():
         lines.append(f"  zero-shot accuracy, {key} spliced in: " + ", ".join(
             f"{a} {v['accuracy_spliced']:.0%} (unmodified {v['accuracy']:.0%})" for a, v in per.items()))
+    for name, h in m["findings"]["hierarchy"].items():
+        lca = " / ".join("–" if v is None else f"{v:.2f}" for v in h["mean_lca_by_level"])
+        best = " / ".join(f"{v:.1f}" for v in h["best_level_by_depth"])
+        lines.append(f"  hierarchy {name}: LCA depth by level {lca}; Matryoshka level of the best latent by taxonomy "
+                     f"depth {best}; {h['nodes_detected']:.0%} of nodes detected at AUROC >= 0.9")
     st = m["steering"]
-    per_colour = ", ".join(f"{c} {v['hit_rate']:.0%}" for c, v in st["per_colour"].items())
-    lines.append(f"  steering a colour latent on blank images names that colour {st['mean_hit_rate']:.0%} of the time "
-                 f"(unsteered {st['mean_unsteered_hit_rate']:.0%}): {per_colour}")
+    per_colour = ", ".join(f"{c} {v['success']:.0%}" for c, v in st["per_colour"].items())
+    lines.append(f"  steering: clamping a colour's latent makes the toy LLaVA name that colour on images of other "
+                 f"colours: {per_colour} (unsteered at most {st['max_unsteered']:.0%}; difference-of-means "
+                 f"baseline {st['baseline_mean_success']:.0%} on average)")
     lines.append(f"done in {m['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
                  f"plots in {out / 'eval'}/<layer>/<embedder>/plots/")
     return lines

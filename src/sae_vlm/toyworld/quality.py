@@ -25,27 +25,33 @@ def _an(word: str) -> str:
 
 
 # attribute -> (values, prompt per value); prompts are the partial descriptions the CLIP trained on
+# The taxonomy levels (kingdom .. species: one prompt per node of the level) and the nuisances.
+_NODE_TEXT = {
+    "kingdom": lambda p: f"{_an(p[0])} {p[0]} object",
+    "shape": lambda p: f"a {p[1]}",
+    "colour": lambda p: f"{_an(p[2])} {p[2]} object",
+    "shade": lambda p: f"a {p[3]} {p[2]} object",
+    "pattern": lambda p: f"a {p[4]} {p[3]} {p[2]} object",
+}
 ZERO_SHOT = {
-    "shape_family": (tuple(W.SHAPE_FAMILIES), lambda v: f"{_an(v)} {v} object"),
-    "shape": (W.SHAPES, lambda v: f"a {v}"),
-    "colour_family": (tuple(W.COLOUR_FAMILIES), lambda v: f"a {v} object"),
-    "colour": (W.COLOURS, lambda v: f"{_an(v)} {v} object"),
-    "pattern": (W.PATTERNS, lambda v: f"a {v} object"),
+    **{lvl: (tuple(dict.fromkeys(sp[: d + 1] for sp in W.SPECIES)), _NODE_TEXT[lvl])
+       for d, lvl in enumerate(W.TAXONOMY_LEVELS)},
     "size": (W.SIZES, lambda v: f"a {v} object"),
     "position": (W.POSITIONS, lambda v: f"an object in the {W.POSITION_WORDS[v]}"),
     "background": (W.BACKGROUNDS, lambda v: f"an object on a {v} background"),
 }
 
 
+def truth_of(s: W.Sample, attr: str):
+    """The sample's value for a ZERO_SHOT key: its taxonomy node at that level, or a nuisance."""
+    if attr in W.TAXONOMY_LEVELS:
+        return W.taxonomy_path(s.main)[: W.TAXONOMY_LEVELS.index(attr) + 1]
+    return s.background if attr == "background" else s.main.as_dict()[attr]
+
+
 def single_object_samples(n: int, seed: int = EVAL_SEED) -> list[W.Sample]:
-    """The first n one-object samples of world `seed`."""
-    out, i = [], 0
-    while len(out) < n:
-        s = W.sample(i, seed)
-        if len(s.objects) == 1:
-            out.append(s)
-        i += 1
-    return out
+    """The first n samples of world `seed` (every image shows one creature)."""
+    return W.generate(n, seed)
 
 
 @torch.no_grad()
@@ -56,8 +62,8 @@ def _clip_logits(model, processor, images, texts) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_zero_shot(path: str | Path | None = None, n: int = 500, seed: int = EVAL_SEED) -> dict:
-    """{attribute: accuracy} on n one-object images (prompt per value, argmax), plus caption retrieval top-1
-    among n images of 1-3 objects (image->caption and caption->image)."""
+    """{attribute: accuracy} on n images (prompt per value, argmax), plus caption retrieval top-1
+    among them (image->caption and caption->image)."""
     from transformers import AutoProcessor, CLIPModel
 
     from sae_vlm import toyworld
@@ -70,9 +76,7 @@ def clip_zero_shot(path: str | Path | None = None, n: int = 500, seed: int = EVA
     res: dict = {"n_images": n}
     for attr, (values, prompt) in ZERO_SHOT.items():
         logits = _clip_logits(model, proc, images, [prompt(v) for v in values])
-        truth = torch.tensor(
-            [values.index(s.main.as_dict()[attr] if attr != "background" else s.background) for s in singles]
-        )
+        truth = torch.tensor([values.index(truth_of(s, attr)) for s in singles])
         res[attr] = (logits.argmax(1) == truth).float().mean().item()
         res[f"{attr}_chance"] = 1 / len(values)
     mixed = W.generate(n, seed)
@@ -98,13 +102,13 @@ def _positions(caption: str) -> list[str]:
 
 @torch.no_grad()
 def llava_accuracy(path: str | Path | None = None, n: int = 200, seed: int = EVAL_SEED, batch: int = 50) -> dict:
-    """{question kind: accuracy} on n images of 1-3 objects; captions also give word accuracy (position-wise)."""
+    """{question kind: accuracy} on n images; captions also give word accuracy (position-wise)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from sae_vlm import toyworld
 
     path = path or toyworld.llava_path()
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(path)
     samples = W.generate(n, seed)
     res: dict = {"n_images": n}
@@ -123,8 +127,8 @@ def llava_accuracy(path: str | Path | None = None, n: int = 200, seed: int = EVA
             res["caption_word_accuracy"] = float(np.mean(words))
             res["caption_positions"] = float(np.mean([_positions(g) == _positions(t) for g, t in zip(got, truth)]))
             res["caption_examples"] = [{"truth": t, "answer": g} for g, t in list(zip(got, truth))[:3]]
-    res["chance"] = {"one_word": 1 / len(W.SHAPES), "colour": 1 / len(W.COLOURS), "shape": 1 / len(W.SHAPES),
-                     "pattern": 1 / len(W.PATTERNS), "size": 1 / len(W.SIZES), "count": 1 / 3}
+    res["chance"] = {"one_word": 1 / len(W.SHAPES), "colour": 1 / len(W.COLOURS), "shade": 1 / len(W.SHADES),
+                     "shape": 1 / len(W.SHAPES), "pattern": 1 / len(W.PATTERNS), "size": 1 / len(W.SIZES)}
     return res
 
 
@@ -153,18 +157,19 @@ def report(clip: dict, llava: dict, command: str, clip_dir=None, llava_dir=None)
              f"Fresh images from world seed {EVAL_SEED} (training used seed 0). Reproduce with:", "",
              f"    {command}", "",
              *_training_lines(clip_dir or toyworld.clip_path(), llava_dir or toyworld.llava_path()),
-             f"## Tiny CLIP: zero-shot accuracy on {clip['n_images']} one-object images", "",
+             f"## Tiny CLIP: zero-shot accuracy on {clip['n_images']} images", "",
              "| attribute | prompt (example) | accuracy | chance |", "|---|---|---|---|"]
     for attr, (values, prompt) in ZERO_SHOT.items():
-        lines.append(f"| {attr} | \"{prompt(values[0])}\" | {clip[attr]:.3f} | {clip[attr + '_chance']:.3f} |")
-    lines += ["", f"Full-caption retrieval among {clip['n_images']} images of 1-3 objects (top-1): "
+        lines.append(f"| {attr} ({len(values)}) | \"{prompt(values[0])}\" | {clip[attr]:.3f} | "
+                     f"{clip[attr + '_chance']:.3f} |")
+    lines += ["", f"Full-caption retrieval among {clip['n_images']} images (top-1): "
               f"image→caption {clip['retrieval_image_to_caption']:.3f}, "
               f"caption→image {clip['retrieval_caption_to_image']:.3f} "
               f"(chance {1 / clip['n_images']:.3f}).", "",
               "Position is not in the CLIP's pooled embedding (zero-shot at chance) although every caption names it; "
               "its patch tokens do carry it: the LLaVA, which reads them, names all positions right in "
               f"{llava['caption_positions']:.0%} of its captions.", "",
-              f"## Toy LLaVA: greedy answers on {llava['n_images']} images of 1-3 objects", "",
+              f"## Toy LLaVA: greedy answers on {llava['n_images']} images", "",
               "| question | accuracy | chance |", "|---|---|---|"]
     for kind, q in W.QUESTIONS.items():
         ch = llava["chance"].get(kind)

@@ -1,6 +1,6 @@
 """The toy world's word-level tokenizer and image processor, built offline (no hub).
 
-One lowercase vocabulary covers captions, partial descriptions ("a warm round object"), questions, answers and
+One lowercase vocabulary covers captions, partial descriptions ("a dark red object"), questions, answers and
 the prompt words. Ids 0-4 are `<pad> <unk> <s> </s> <image>`; `</s>` is 3, not 2, because CLIP's text model
 treats eos id 2 as a legacy marker and then pools at the largest token id.
 """
@@ -16,7 +16,7 @@ from sae_vlm.toyworld import world as W
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 PAD, UNK, BOS, EOS, IMAGE = range(len(SPECIALS))
-CLIP_MAX_LEN = 48  # a 3-object caption is 35 tokens with <s> and </s>
+CLIP_MAX_LEN = 24  # a caption is 16 tokens with <s> and </s>
 LLAVA_MAX_LEN = 256
 
 # CLIP's usual normalisation; the images are already IMAGE_SIZE, so resize and crop are no-ops for them and
@@ -30,8 +30,7 @@ def words() -> list[str]:
     ws: list[str] = []
     for text in [
         "a an and in the on background object of",
-        " ".join(W.SHAPES + W.COLOURS + W.PATTERNS + W.SIZES + W.BACKGROUNDS + W.COUNT_WORDS),
-        " ".join(list(W.SHAPE_FAMILIES) + list(W.COLOUR_FAMILIES)),
+        " ".join(W.KINGDOMS + W.SHAPES + W.COLOURS + W.SHADES + W.PATTERNS + W.SIZES + W.BACKGROUNDS),
         " ".join(W.POSITION_WORDS.values()),
         *W.QUESTIONS.values(),
         "user assistant : .",

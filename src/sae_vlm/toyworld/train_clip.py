@@ -74,20 +74,21 @@ def build_clip(cfg: ClipTrainConfig, vocab_size: int):
 
 
 # ---- label encodings for the multi-positive targets --------------------------------------------------------
-_GROUPS = [*W.OBJECT_ATTRS, "background"]
-_VALUES = {**W.ATTR_VALUES, "background": W.BACKGROUNDS}
+_VALUES = {"shape": W.SHAPES, "colour": W.COLOURS, "shade": W.SHADES, "pattern": W.PATTERNS, **W.NUISANCES}
+_GROUPS = list(_VALUES)
 _OFFSET = dict(zip(_GROUPS, np.cumsum([0] + [len(_VALUES[g]) for g in _GROUPS])[:-1]))
 _WIDTH = sum(len(v) for v in _VALUES.values())
 
 
 def scene_onehots(samples) -> np.ndarray:
-    """[N, 3, WIDTH] one-hot per object slot (background columns set on every present object; empty slots 0)."""
-    out = np.zeros((len(samples), 3, _WIDTH), np.float32)
+    """[N, 1, WIDTH] one-hot per attribute group of each image's creature (and its background)."""
+    out = np.zeros((len(samples), 1, _WIDTH), np.float32)
     for i, s in enumerate(samples):
-        for j, o in enumerate(s.objects):
-            for g in W.OBJECT_ATTRS:
-                out[i, j, _OFFSET[g] + _VALUES[g].index(getattr(o, g))] = 1
-            out[i, j, _OFFSET["background"] + W.BACKGROUNDS.index(s.background)] = 1
+        o = s.main
+        values = {"shape": o.shape, "colour": o.colour, "shade": o.shade, "pattern": o.pattern, "size": o.size,
+                  "position": o.position, "background": s.background}
+        for g, v in values.items():
+            out[i, 0, _OFFSET[g] + _VALUES[g].index(v)] = 1
     return out
 
 
@@ -95,98 +96,91 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-_QUERY_ATTRS = ("shape", "position", "pattern", "colour", "size", "background")
-_QUERY_P = np.array([0.3, 0.2, 0.15, 0.15, 0.1, 0.1])  # shape and position are the hard ones
+_DEPTH_P = np.array([0.15, 0.2, 0.2, 0.2, 0.25])  # which taxonomy level a partial description names
+_NUISANCE_P = np.array([0.4, 0.4, 0.2])  # how many nuisances it also names: 0, 1 or 2
 
 
-def describe(
-    o: W.ToyObject, background: str, used: frozenset, colour_fam: bool, shape_fam: bool
-) -> tuple[str, np.ndarray]:
-    """Text naming the attributes `used` of object `o` (family words if *_fam) and its mask [WIDTH]."""
+@dataclass(frozen=True)
+class Query:
+    """A partial description: the creature's path down to `depth` (kingdom .. species), some nuisances."""
+
+    path: tuple[str, ...]  # kingdom, shape, colour, shade, pattern (a prefix of the species)
+    nuisances: tuple[tuple[str, str], ...]  # (group, value)
+    shape_noun: bool  # name the shape as the noun ("a dark red circle") rather than "object"
+
+
+def describe(q: Query) -> tuple[str, np.ndarray]:
+    """The text of a query and the mask [WIDTH] of attribute values it is true of."""
     mask = np.ones(_WIDTH, np.float32)
 
     def allow(group: str, values) -> None:
         mask[_OFFSET[group] : _OFFSET[group] + len(_VALUES[group])] = [v in values for v in _VALUES[group]]
 
-    adj = []
-    if "size" in used:
-        adj.append(o.size)
-        allow("size", [o.size])
-    if "pattern" in used:
-        adj.append(o.pattern)
-        allow("pattern", [o.pattern])
-    if "colour" in used:
-        if colour_fam:
-            adj.append(o.colour_family)
-            allow("colour", W.COLOUR_FAMILIES[o.colour_family])
-        else:
-            adj.append(o.colour)
-            allow("colour", [o.colour])
-    noun = "object"
-    if "shape" in used:
-        if shape_fam:
-            adj.append(o.shape_family)
-            allow("shape", W.SHAPE_FAMILIES[o.shape_family])
-        else:
-            noun = o.shape
-            allow("shape", [o.shape])
+    level = dict(zip(W.TAXONOMY_LEVELS, q.path))
+    nuis = dict(q.nuisances)
+    adj = ([nuis["size"]] if "size" in nuis else []) + [level[k] for k in ("pattern", "shade", "colour") if k in level]
+    if len(q.path) == 1:
+        adj.append(level["kingdom"])
+        allow("shape", W.SHAPES_OF[level["kingdom"]])
+    for g in ("shape", "colour", "shade", "pattern"):
+        if g in level:
+            allow(g, [level[g]])
+    noun = level["shape"] if "shape" in level and (q.shape_noun or len(q.path) == 2) else "object"
     words = adj + [noun]
     text = f"{_article(words[0])} {' '.join(words)}"
-    if "position" in used:
-        text += f" in the {W.POSITION_WORDS[o.position]}"
-        allow("position", [o.position])
-    if "background" in used:
-        text += f" on a {background} background"
-        allow("background", [background])
+    if "position" in nuis:
+        text += f" in the {W.POSITION_WORDS[nuis['position']]}"
+    if "background" in nuis:
+        text += f" on a {nuis['background']} background"
+    for g, v in q.nuisances:
+        allow(g, [v])
     return text, mask
 
 
-def random_query(s: W.Sample, rng: np.random.Generator):
-    """A partial description of one random object of `s`: (text, mask, spec) with spec = describe's arguments."""
-    o = s.objects[rng.integers(len(s.objects))]
-    k = int(rng.integers(1, 4))
-    used = frozenset(rng.choice(_QUERY_ATTRS, k, replace=False, p=_QUERY_P).tolist())
-    spec = (o, s.background, used, bool(rng.random() < 0.3), bool(rng.random() < 0.3))
-    return (*describe(*spec), spec)
+def random_query(s: W.Sample, rng: np.random.Generator) -> tuple[str, np.ndarray, Query]:
+    """A partial description of the creature of `s`: (text, mask, query)."""
+    depth = int(rng.choice(len(_DEPTH_P), p=_DEPTH_P)) + 1
+    n_nuis = int(rng.choice(len(_NUISANCE_P), p=_NUISANCE_P))
+    groups = rng.choice(list(W.NUISANCES), n_nuis, replace=False).tolist()
+    values = {"size": s.main.size, "position": s.main.position, "background": s.background}
+    q = Query(W.taxonomy_path(s.main)[:depth], tuple((g, values[g]) for g in sorted(groups)),
+              bool(rng.random() < 0.5))
+    return (*describe(q), q)
 
 
 def _other(values, current, rng):
     return values[(values.index(current) + int(rng.integers(1, len(values)))) % len(values)]
 
 
-def perturb(o: W.ToyObject, bg: str, attr: str, rng, shape_fam=False, colour_fam=False, taken=()):
-    """(object, background) with one attribute changed to another value (the other family when named by family)."""
-    d = {a: getattr(o, a) for a in W.OBJECT_ATTRS}
-    if attr == "background":
-        return o, _other(W.BACKGROUNDS, bg, rng)
-    if attr == "shape" and shape_fam:
-        fam = _other(tuple(W.SHAPE_FAMILIES), o.shape_family, rng)
-        d["shape"] = W.SHAPE_FAMILIES[fam][rng.integers(len(W.SHAPE_FAMILIES[fam]))]
-    elif attr == "colour" and colour_fam:
-        fam = _other(tuple(W.COLOUR_FAMILIES), o.colour_family, rng)
-        d["colour"] = W.COLOUR_FAMILIES[fam][rng.integers(len(W.COLOUR_FAMILIES[fam]))]
-    elif attr == "position":
-        free = [p for p in W.POSITIONS if p not in taken and p != o.position] or [_other(W.POSITIONS, o.position, rng)]
-        d["position"] = free[rng.integers(len(free))]
-    else:
-        d[attr] = _other(W.ATTR_VALUES[attr], d[attr], rng)
-    return W.ToyObject(**d), bg
+def sibling(path: tuple[str, ...], level: int, rng) -> tuple[str, ...]:
+    """The species path with level `level` moved to a sibling node (same parent), the levels below redrawn."""
+    options = [sp for sp in W.SPECIES if sp[:level] == path[:level] and sp[level] != path[level]]
+    return options[rng.integers(len(options))]
 
 
-def hard_negative(s: W.Sample, full: bool, spec, rng):
-    """A near-miss text for sample s: its caption or query with one attribute of one object changed."""
+def hard_negative(s: W.Sample, full: bool, q: Query | None, rng) -> tuple[str, np.ndarray]:
+    """A near-miss text: the caption or query with one taxonomy level moved to a sibling, or one nuisance changed."""
     if full:
-        j = int(rng.integers(len(s.objects)))
-        attr = _QUERY_ATTRS[rng.choice(len(_QUERY_ATTRS), p=_QUERY_P)]
-        taken = [x.position for x in s.objects]
-        o, bg = perturb(s.objects[j], s.background, attr, rng, taken=taken)
-        objs = list(s.objects)
-        objs[j] = o
-        return W.caption_of(objs, bg), np.ones(_WIDTH, np.float32)
-    o, bg, used, cf, sf = spec
-    attr = sorted(used)[rng.integers(len(used))]
-    o2, bg2 = perturb(o, bg, attr, rng, shape_fam=sf, colour_fam=cf)
-    return describe(o2, bg2, used, cf, sf)
+        o = s.main
+        if rng.random() < 0.75:
+            _, shape, colour, shade, pattern = sibling(W.taxonomy_path(o), int(rng.integers(5)), rng)
+            o = W.ToyObject(shape, colour, shade, pattern, o.size, o.position)
+            return W.caption_of([o], s.background), np.ones(_WIDTH, np.float32)
+        g = list(W.NUISANCES)[rng.integers(3)]
+        values = {"size": o.size, "position": o.position, "background": s.background}
+        values[g] = _other(W.NUISANCES[g], values[g], rng)
+        o = W.ToyObject(o.shape, o.colour, o.shade, o.pattern, values["size"], values["position"])
+        return W.caption_of([o], values["background"]), np.ones(_WIDTH, np.float32)
+    assert q is not None
+    if q.nuisances and rng.random() < 0.3:
+        j = int(rng.integers(len(q.nuisances)))
+        g, v = q.nuisances[j]
+        nuis = list(q.nuisances)
+        nuis[j] = (g, _other(W.NUISANCES[g], v, rng))
+        return describe(Query(q.path, tuple(nuis), q.shape_noun))
+    full_path = W.taxonomy_path(s.main)
+    level = len(q.path) - 1  # the finest level the query names goes to a sibling
+    return describe(Query(sibling(full_path, level, rng)[: len(q.path)], q.nuisances, q.shape_noun))
 
 
 def match_matrix(query_QW, is_full_Q, caption_id_Q, scene_IOW, caption_id_I) -> torch.Tensor:

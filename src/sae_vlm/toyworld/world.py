@@ -1,29 +1,31 @@
-"""A procedural world of small pictures with known concepts: the ground truth for the toy demo and tests.
+"""A procedural world of small pictures with a known phylogeny: the ground truth for the toy demo and tests.
 
-Every image is 48x48 RGB (`IMAGE_SIZE`): a plain background (black, gray, white) and 1-3 objects, each in its
-own quadrant of the 2x2 grid. 48 px is the smallest size where a 12 px object still shows 3 stripes or a 3x3
-grid of dots, and it cuts into 4x4 patches of 12 px (2x2 per quadrant) for the tiny CLIP, which keeps its
-sequence at 17 tokens and training at a few CPU minutes.
+Every image is 48x48 RGB (`IMAGE_SIZE`): a plain background (black, gray, white) and one creature in one
+quadrant of the 2x2 grid. 48 px is the smallest size where a 12 px creature still shows 3 stripes or a 3x3 grid
+of dots, and it cuts into 4x4 patches of 12 px (2x2 per quadrant) for the tiny CLIP, which keeps its sequence at
+17 tokens and training at a few CPU minutes.
 
-Concepts (two-level families for shape and colour):
+Creatures form a 5-level taxonomy, branching 2 at every level (2 kingdoms ... 32 species). Each node adds one
+visual trait that its whole subtree inherits and no other subtree has, as a genus's traits are inherited by its
+species in iNat:
 
-  shape    round: circle, ring              angular: square, triangle, diamond
-  colour   warm:  red, orange, yellow       cool:    blue, green, purple
-  pattern  solid, striped, dotted           size     small (12 px), large (20 px)
-  position topleft, topright, bottomleft, bottomright          background black, gray, white
+  kingdom  body plan        round                                      angular
+  phylum   shape            circle            ring                     square           triangle
+  class    hue              red     orange    yellow    green          cyan     blue    purple   pink
+  order    shade            light / dark of the class's hue (16 colours, each in one order only)
+  species  pattern          striped / dotted, inked in a darker tone of the order's colour
 
-Objects are listed largest first, then in reading order of their quadrants; the first one is the *main*
-object. It names the image's taxonomy path, 7 levels like iNat (shape family / shape / colour family / colour /
-pattern / size / position), written as a folder label `00123_round_circle_warm_red_striped_small_topleft`
-(numeric class id, then the levels) which `sae_vlm.eval.hierarchy.parse_inat_label` reads unchanged.
+A hue, a shade of it and a pattern in it occur in one subtree only, so a latent for "red" finds circles, and a
+latent for "dark red" finds dark red circles: the top images of finer concepts share longer taxonomy paths. Size,
+position and background are drawn independently of the species (nuisances, like pose and habitat).
 
-Generation is deterministic: sample i of `generate(n, seed)` depends only on (seed, i), so a prefix of a longer
-run is the shorter run.
+An image's label names its species like an iNat folder: `00011_round_circle_orange_dark_dotted` (class id,
+then the 5 levels), which `sae_vlm.eval.hierarchy.parse_inat_label` reads. Generation is deterministic: sample i
+of `generate(n, seed)` depends only on (seed, i), so a prefix of a longer run is the shorter run.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,86 +38,91 @@ from sae_vlm.io import atomic_save_image, atomic_write_text
 IMAGE_SIZE = 48
 QUADRANT = IMAGE_SIZE // 2
 
-SHAPE_FAMILIES = {"round": ("circle", "ring"), "angular": ("square", "triangle", "diamond")}
-COLOUR_FAMILIES = {"warm": ("red", "orange", "yellow"), "cool": ("blue", "green", "purple")}
-SHAPES = tuple(s for v in SHAPE_FAMILIES.values() for s in v)
-COLOURS = tuple(c for v in COLOUR_FAMILIES.values() for c in v)
-SHAPE_FAMILY = {s: f for f, v in SHAPE_FAMILIES.items() for s in v}
-COLOUR_FAMILY = {c: f for f, v in COLOUR_FAMILIES.items() for c in v}
-PATTERNS = ("solid", "striped", "dotted")
+# The tree, written as each level's children of each node.
+KINGDOMS = ("round", "angular")
+SHAPES_OF = {"round": ("circle", "ring"), "angular": ("square", "triangle")}
+COLOURS_OF = {"circle": ("red", "orange"), "ring": ("yellow", "green"), "square": ("cyan", "blue"),
+              "triangle": ("purple", "pink")}
+SHADES = ("light", "dark")
+PATTERNS = ("striped", "dotted")
+TAXONOMY_LEVELS = ("kingdom", "shape", "colour", "shade", "pattern")  # kingdom, phylum, class, order, species
+
+SHAPES = tuple(s for k in KINGDOMS for s in SHAPES_OF[k])
+COLOURS = tuple(c for s in SHAPES for c in COLOURS_OF[s])
+KINGDOM_OF = {s: k for k, v in SHAPES_OF.items() for s in v}
+SHAPE_OF = {c: s for s, v in COLOURS_OF.items() for c in v}
+SPECIES = tuple((KINGDOM_OF[SHAPE_OF[c]], SHAPE_OF[c], c, sh, p) for c in COLOURS for sh in SHADES for p in PATTERNS)
+
 SIZES = ("small", "large")
 POSITIONS = ("topleft", "topright", "bottomleft", "bottomright")  # reading order of the 2x2 grid
 BACKGROUNDS = ("black", "gray", "white")
-COUNT_WORDS = ("one", "two", "three")
+NUISANCES = {"size": SIZES, "position": POSITIONS, "background": BACKGROUNDS}
 
-RGB = {
-    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 40),
-    "blue": (40, 80, 230), "green": (40, 175, 60), "purple": (150, 60, 200),
-    "black": (15, 15, 15), "gray": (128, 128, 128), "white": (240, 240, 240),
+HUE_RGB = {
+    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 40), "green": (40, 175, 60),
+    "cyan": (30, 190, 200), "blue": (40, 80, 230), "purple": (150, 60, 200), "pink": (240, 110, 180),
 }
+BACKGROUND_RGB = {"black": (15, 15, 15), "gray": (128, 128, 128), "white": (240, 240, 240)}
 SIZE_PX = {"small": 12, "large": 20}
 POSITION_WORDS = {
     "topleft": "top left", "topright": "top right", "bottomleft": "bottom left", "bottomright": "bottom right"
 }
 
-# Taxonomy levels of the main object, coarse to fine (7, like kingdom..species).
-TAXONOMY_LEVELS = ("shape_family", "shape", "colour_family", "colour", "pattern", "size", "position")
-OBJECT_ATTRS = ("shape", "colour", "pattern", "size", "position")  # the independent draws per object
-ATTR_VALUES = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS, "size": SIZES, "position": POSITIONS}
 
-# Fixed concept vocabulary of the multi-hot vector: "attribute:value", image-level union over objects.
-CONCEPTS: tuple[str, ...] = (
-    *(f"shape_family:{f}" for f in SHAPE_FAMILIES), *(f"shape:{s}" for s in SHAPES),
-    *(f"colour_family:{f}" for f in COLOUR_FAMILIES), *(f"colour:{c}" for c in COLOURS),
-    *(f"pattern:{p}" for p in PATTERNS), *(f"size:{s}" for s in SIZES), *(f"position:{p}" for p in POSITIONS),
-    *(f"background:{b}" for b in BACKGROUNDS), *(f"count:{c}" for c in COUNT_WORDS),
-)
+def node_name(path: tuple[str, ...]) -> str:
+    """A taxonomy node as a concept name: 'taxon:round/circle/red'."""
+    return "taxon:" + "/".join(path)
+
+
+# Every node of the tree (kingdoms first, species last), then the nuisances.
+NODES: tuple[tuple[str, ...], ...] = tuple(
+    dict.fromkeys(sp[:depth] for depth in range(1, len(TAXONOMY_LEVELS) + 1) for sp in SPECIES))
+CONCEPTS: tuple[str, ...] = (*(node_name(n) for n in NODES),
+                             *(f"{attr}:{v}" for attr, values in NUISANCES.items() for v in values))
 CONCEPT_INDEX = {c: i for i, c in enumerate(CONCEPTS)}
 
-# Questions the toy LLaVA answers; every answer but the caption is one word about the main object.
+# Questions the toy LLaVA answers; every answer but the caption is one word about the creature.
 QUESTIONS = {
     "caption": "What is shown in this image?",
     "one_word": "What is shown in this image? Use exactly one word!",
     "colour": "What colour is the object? Use exactly one word!",
+    "shade": "How light is the object? Use exactly one word!",
     "shape": "What shape is the object? Use exactly one word!",
     "pattern": "What pattern does the object have? Use exactly one word!",
     "size": "What size is the object? Use exactly one word!",
-    "count": "How many objects are there? Use exactly one word!",
 }
 # The prompt format of the toy LLaVA (llava-1.5 style); `<image>` is expanded by the LlavaProcessor.
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
-_N_OBJECTS_P = (0.4, 0.3, 0.3)
-
 
 @dataclass(frozen=True)
 class ToyObject:
+    """A creature: its species (shape, colour, shade, pattern) and where and how large it is drawn."""
+
     shape: str
     colour: str
+    shade: str
     pattern: str
     size: str
     position: str
 
     @property
-    def shape_family(self) -> str:
-        return SHAPE_FAMILY[self.shape]
-
-    @property
-    def colour_family(self) -> str:
-        return COLOUR_FAMILY[self.colour]
+    def kingdom(self) -> str:
+        return KINGDOM_OF[self.shape]
 
     def phrase(self) -> str:
-        """'a small striped red triangle in the top left'"""
-        return f"a {self.size} {self.pattern} {self.colour} {self.shape} in the {POSITION_WORDS[self.position]}"
+        """'a small striped dark red circle in the top left'"""
+        where = POSITION_WORDS[self.position]
+        return f"a {self.size} {self.pattern} {self.shade} {self.colour} {self.shape} in the {where}"
 
     def as_dict(self) -> dict:
-        d = {a: getattr(self, a) for a in OBJECT_ATTRS}
-        return {**d, "shape_family": self.shape_family, "colour_family": self.colour_family}
+        return {"kingdom": self.kingdom, "shape": self.shape, "colour": self.colour, "shade": self.shade,
+                "pattern": self.pattern, "size": self.size, "position": self.position}
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One generated image with its ground truth; `objects[0]` is the main object."""
+    """One generated image with its ground truth; `objects[0]` (the only object) is the creature."""
 
     index: int
     image: Image.Image = field(repr=False, compare=False)
@@ -146,8 +153,8 @@ class Sample:
     def answer(self, kind: str) -> str:
         """The answer to `QUESTIONS[kind]`."""
         m = self.main
-        answers = {"caption": self.caption, "one_word": m.shape, "colour": m.colour, "shape": m.shape,
-                   "pattern": m.pattern, "size": m.size, "count": COUNT_WORDS[len(self.objects) - 1]}
+        answers = {"caption": self.caption, "one_word": m.shape, "colour": m.colour, "shade": m.shade,
+                   "shape": m.shape, "pattern": m.pattern, "size": m.size}
         if kind not in answers:
             raise ValueError(f"question kind {kind!r} is not known; expected one of {sorted(answers)}")
         return answers[kind]
@@ -157,31 +164,29 @@ def caption_of(objects, background: str) -> str:
     return " and ".join(o.phrase() for o in objects) + f" on a {background} background"
 
 
+def taxonomy_path(obj: ToyObject) -> tuple[str, ...]:
+    return (obj.kingdom, obj.shape, obj.colour, obj.shade, obj.pattern)
+
+
 def concept_vector(objects, background: str) -> np.ndarray:
+    """Multi-hot over CONCEPTS: every node on each creature's path, its size and position, the background."""
     v = np.zeros(len(CONCEPTS), np.float32)
-    names = [f"background:{background}", f"count:{COUNT_WORDS[len(objects) - 1]}"]
+    names = [f"background:{background}"]
     for o in objects:
-        names += [f"{k}:{val}" for k, val in o.as_dict().items()]
+        path = taxonomy_path(o)
+        names += [node_name(path[:d]) for d in range(1, len(path) + 1)]
+        names += [f"size:{o.size}", f"position:{o.position}"]
     v[[CONCEPT_INDEX[n] for n in names]] = 1.0
     return v
 
 
-def _leaf_ids() -> dict[tuple[str, ...], int]:
-    leaves = itertools.product(SHAPES, COLOURS, PATTERNS, SIZES, POSITIONS)
-    return {(SHAPE_FAMILY[s], s, COLOUR_FAMILY[c], c, p, z, q): i for i, (s, c, p, z, q) in enumerate(leaves)}
-
-
-_LEAF_ID = _leaf_ids()
-
-
-def taxonomy_path(obj: ToyObject) -> tuple[str, ...]:
-    return tuple(getattr(obj, lvl) for lvl in TAXONOMY_LEVELS)
+_SPECIES_ID: dict[tuple[str, ...], int] = {sp: i for i, sp in enumerate(SPECIES)}
 
 
 def taxonomy_label(obj: ToyObject) -> str:
-    """'00123_round_circle_warm_red_striped_small_topleft': class id, then the 7 levels."""
+    """'00011_round_circle_orange_dark_dotted': species id, then the 5 levels."""
     path = taxonomy_path(obj)
-    return f"{_LEAF_ID[path]:05d}_" + "_".join(path)
+    return f"{_SPECIES_ID[path]:05d}_" + "_".join(path)
 
 
 def parse_taxonomy(label: str) -> dict[str, str]:
@@ -195,6 +200,12 @@ def parse_taxonomy(label: str) -> dict[str, str]:
 
 
 # ---- drawing --------------------------------------------------------------------------------------------------
+def body_rgb(colour: str, shade: str) -> np.ndarray:
+    """The order's colour: the class hue mixed halfway to white (light) or darkened to 55% (dark)."""
+    hue = np.array(HUE_RGB[colour], np.float32)
+    return hue + 0.5 * (255 - hue) if shade == "light" else hue * 0.55
+
+
 def _shape_mask(shape: str, s: int) -> np.ndarray:
     """Boolean [s, s] mask of a shape filling an s x s box (coordinates in [-1, 1] at pixel centres)."""
     t = (np.arange(s) + 0.5) / s * 2 - 1
@@ -208,16 +219,12 @@ def _shape_mask(shape: str, s: int) -> np.ndarray:
         return (np.abs(u) <= 0.8) & (np.abs(v) <= 0.8)
     if shape == "triangle":  # apex up
         return (v >= -0.9) & (v <= 0.85) & (np.abs(u) <= (v + 0.9) / 1.75)
-    if shape == "diamond":
-        return np.abs(u) + np.abs(v) <= 1.0
     raise ValueError(f"shape {shape!r} is not known; expected one of {SHAPES}")
 
 
 def _pattern_mask(pattern: str, s: int) -> np.ndarray:
-    """True where the darker pattern colour goes: 2-px horizontal stripes, or 2x2 dots on a 4-px grid."""
+    """True where the darker ink goes: 2-px horizontal stripes, or 2x2 dots on a 4-px grid."""
     y, x = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
-    if pattern == "solid":
-        return np.zeros((s, s), bool)
     if pattern == "striped":
         return (y % 4) >= 2
     if pattern == "dotted":
@@ -226,17 +233,17 @@ def _pattern_mask(pattern: str, s: int) -> np.ndarray:
 
 
 def render(objects, background: str, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw objects on the background; `rng` adds small colour jitter, position jitter and pixel noise."""
+    """Draw the creatures on the background; `rng` adds small colour and position jitter and pixel noise."""
     rng = rng if rng is not None else np.random.default_rng(0)
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
-    img[:] = RGB[background]
+    img[:] = BACKGROUND_RGB[background]
     for o in objects:
         s = SIZE_PX[o.size]
         qy, qx = divmod(POSITIONS.index(o.position), 2)
         oy = qy * QUADRANT + int(rng.integers(0, QUADRANT - s + 1))
         ox = qx * QUADRANT + int(rng.integers(0, QUADRANT - s + 1))
-        base = np.clip(np.array(RGB[o.colour], np.float32) + rng.uniform(-15, 15, 3), 0, 255)
-        fill = np.where(_pattern_mask(o.pattern, s)[..., None], base * 0.4, base)
+        base = np.clip(body_rgb(o.colour, o.shade) + rng.uniform(-10, 10, 3), 0, 255)
+        fill = np.where(_pattern_mask(o.pattern, s)[..., None], base * 0.45, base)
         mask = _shape_mask(o.shape, s)
         box = img[oy : oy + s, ox : ox + s]
         box[mask] = fill[mask]
@@ -245,15 +252,10 @@ def render(objects, background: str, rng: np.random.Generator | None = None) -> 
 
 
 def _draw_scene(rng: np.random.Generator) -> tuple[tuple[ToyObject, ...], str]:
-    n = int(rng.choice(3, p=_N_OBJECTS_P)) + 1
-    quadrants = rng.permutation(len(POSITIONS))[:n]
-    objs = [
-        ToyObject(SHAPES[rng.integers(len(SHAPES))], COLOURS[rng.integers(len(COLOURS))],
-                  PATTERNS[rng.integers(len(PATTERNS))], SIZES[rng.integers(len(SIZES))], POSITIONS[q])
-        for q in quadrants
-    ]
-    objs.sort(key=lambda o: (o.size != "large", POSITIONS.index(o.position)))  # largest first, then reading order
-    return tuple(objs), BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    _, shape, colour, shade, pattern = SPECIES[rng.integers(len(SPECIES))]
+    obj = ToyObject(shape, colour, shade, pattern, SIZES[rng.integers(len(SIZES))],
+                    POSITIONS[rng.integers(len(POSITIONS))])
+    return (obj,), BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
 
 
 def sample(index: int, seed: int = 0) -> Sample:
@@ -273,6 +275,14 @@ def generate(n: int, seed: int = 0, start: int = 0) -> list[Sample]:
 def to_array(samples) -> np.ndarray:
     """uint8 [N, H, W, 3]."""
     return np.stack([np.asarray(s.image) for s in samples])
+
+
+def species_sample(species: tuple[str, ...], size: str = "large", position: str = "topleft",
+                   background: str = "gray", seed: int = 0) -> Sample:
+    """One picture of a given species (for probes and quality checks)."""
+    _, shape, colour, shade, pattern = species
+    objects = (ToyObject(shape, colour, shade, pattern, size, position),)
+    return Sample(-1, render(objects, background, np.random.default_rng(seed)), objects, background)
 
 
 # ---- on disk --------------------------------------------------------------------------------------------------
@@ -317,3 +327,4 @@ def folder_concepts(out_dir: str | Path, ids) -> np.ndarray:
             raise ValueError(f"image {rid!r} is not in {Path(out_dir) / MANIFEST}")
         out[i, rec["concepts"]] = 1.0
     return out
+

@@ -14,3 +14,11 @@ document.querySelectorAll("table[data-sortable] th").forEach(function (th, col) 
     rows.forEach(function (r) { body.appendChild(r); });
   });
 });
+
+// The static latent table hides latents that are dead by the paper's rule until asked to show them.
+var showDead = document.getElementById("show-dead");
+if (showDead) {
+  showDead.addEventListener("change", function () {
+    document.getElementById("latents").classList.toggle("hide-dead", !showDead.checked);
+  });
+}

@@ -1,0 +1,109 @@
+"""The demo report's front page: the paper's three findings on the toy world, each with its numbers and a plot,
+then the evaluation tables of every hook point. Links are relative to report/index.html."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from markupsafe import escape
+
+from sae_vlm.browse.render import markdown_tables
+from sae_vlm.eval.report import _figure
+
+
+def _ms_plot(path: Path, f: dict) -> None:
+    """Mean MS per hook point: raw neurons against each SAE, under the tiny CLIP and the ground truth."""
+    layers = list(f["ms"])
+    names = sorted({n for v in f["ms"].values() for n in v["sae"]})
+    with _figure(path, size=(7, 3.2)) as ax:
+        width = 0.8 / (2 * (1 + len(names)))
+        for e, (key, hatch) in enumerate((("ms", ""), ("ms_truth", "//"))):
+            for i, series in enumerate(["neurons", *names]):
+                ys = [f[key][la]["neurons"] if series == "neurons" else f[key][la]["sae"].get(series, np.nan)
+                      for la in layers]
+                x = np.arange(len(layers)) + (e * (1 + len(names)) + i) * width - 0.4
+                label = f"{series} ({'tiny CLIP' if key == 'ms' else 'ground truth'})"
+                ax.bar(x, ys, width, hatch=hatch, color=f"C{i}", edgecolor="k", linewidth=0.3, label=label)
+        ax.set_xticks(np.arange(len(layers)), layers)
+        ax.set(ylabel="mean MS", ylim=(0, 1))
+        ax.legend(fontsize=6, ncol=2)
+
+
+def _hierarchy_plot(path: Path, f: dict) -> None:
+    """Left: mean LCA depth per Matryoshka level. Right: the level of each taxonomy depth's best-detecting latents."""
+    import matplotlib.pyplot as plt
+
+    with _figure(path, size=(7, 3)) as ax:
+        fig = ax.figure
+        ax.remove()
+        left, right = fig.subplots(1, 2)
+        for name, h in f["hierarchy"].items():
+            lca = [np.nan if v is None else v for v in h["mean_lca_by_level"]]
+            left.plot(range(len(lca)), lca, marker="o", label=name)
+            right.plot(range(1, len(h["best_level_by_depth"]) + 1), h["best_level_by_depth"], marker="o", label=name)
+        left.set(xlabel="Matryoshka level", ylabel="mean LCA depth of top-16 images", ylim=(0, 5))
+        right.set(xlabel="taxonomy depth (1 = kingdom, 5 = species)", ylabel="level of the best latent")
+        right.legend(fontsize=6)
+        plt.tight_layout()
+
+
+def _steering_plot(path: Path, f: dict) -> None:
+    st = f["steering"]
+    colours = list(st["success_by_concept"])
+    x = np.arange(len(colours))
+    with _figure(path, size=(6, 2.6)) as ax:
+        ax.bar(x - 0.2, [st["success_by_concept"][c] for c in colours], 0.4, color=colours, edgecolor="k",
+               linewidth=0.4, label="SAE latent clamped")
+        ax.bar(x + 0.2, [st["baseline_by_concept"][c] for c in colours], 0.4, color=colours, alpha=0.35,
+               edgecolor="k", linewidth=0.4, label="difference of means added")
+        ax.axhline(st["unsteered"], color="k", linestyle="--", linewidth=1, label="unsteered (largest)")
+        ax.axhline(0.8, color="grey", linestyle=":", linewidth=1)
+        ax.set_xticks(x, colours)
+        ax.set(ylabel="answers naming the colour", ylim=(0, 1.05))
+        ax.legend(fontsize=6, loc="lower right")
+
+
+def front_page(metrics: dict, report_dir: Path, eval_root: Path) -> str:
+    """Write the findings' plots into report_dir/plots and return the HTML of the front page."""
+    f, plots = metrics["findings"], report_dir / "plots"
+    _ms_plot(plots / "finding_ms.png", f)
+    _hierarchy_plot(plots / "finding_hierarchy.png", f)
+    _steering_plot(plots / "finding_steering.png", f)
+    ms_rows = "".join(
+        f"<tr><td>{escape(layer)}</td><td>{v['neurons']:.3f}</td><td>{f['ms_truth'][layer]['neurons']:.3f}</td>"
+        + "".join(f"<td>{escape(n)}: {m:.3f} / {f['ms_truth'][layer]['sae'][n]:.3f}</td>" for n, m in v["sae"].items())
+        + "</tr>" for layer, v in f["ms"].items())
+    def joined(values, digits: int) -> str:
+        return " / ".join("–" if x is None else f"{x:.{digits}f}" for x in values)
+
+    h_rows = "".join(f"<tr><td>{escape(n)}</td><td>{joined(h['mean_lca_by_level'], 2)}</td>"
+                     f"<td>{joined(h['best_level_by_depth'], 1)}</td><td>{h['nodes_detected']:.0%}</td></tr>"
+                     for n, h in f["hierarchy"].items())
+    st = f["steering"]
+    s_rows = "".join(f"<tr><td>{escape(c)}</td><td>{v:.0%}</td><td>{st['baseline_by_concept'][c]:.0%}</td></tr>"
+                     for c, v in st["success_by_concept"].items())
+    tables = "".join(f"<h3>{escape(d.name)}</h3>{markdown_tables((d / 'clip' / 'tables.md').read_text())}"
+                     for d in sorted(eval_root.iterdir()) if (d / "clip" / "tables.md").is_file())
+    return f"""<h1>The paper's findings on the toy world</h1>
+<div class="finding"><h2>1. SAE latents are more monosemantic than neurons</h2>
+<p>Mean MS, under the tiny CLIP / under the ground-truth concepts.</p>
+<table class="lat md"><thead><tr><th>hook point</th><th>neurons (CLIP)</th><th>neurons (truth)</th>
+<th colspan="9">SAEs (CLIP / truth)</th></tr></thead>
+<tbody>{ms_rows}</tbody></table><img src="plots/finding_ms.png" alt="MS of SAE latents against neurons"></div>
+<div class="finding"><h2>2. Matryoshka levels follow the taxonomy</h2>
+<p>Mean LCA depth of each level's top-16 images (0..5); for each taxonomy depth (kingdom .. species), the mean
+Matryoshka level of the latents that best detect its nodes (AUROC); the share of all 62 nodes detected at
+AUROC ≥ 0.9. Measured against the ground-truth taxonomy.</p>
+<table class="lat md"><thead><tr><th>SAE</th><th>LCA depth by level</th><th>level of the best latent by depth</th>
+<th>nodes detected</th></tr></thead><tbody>{h_rows}</tbody></table>
+<img src="plots/finding_hierarchy.png" alt="hierarchy per level"></div>
+<div class="finding"><h2>3. Clamping a colour latent steers the toy LLaVA</h2>
+<p>Share of answers to "What colour is the object?" on held-out images of other colours that name the colour
+whose latent is clamped on every image token (latent and α chosen on separate images); unsteered, the toy LLaVA
+names it in at most {st['unsteered']:.0%} of its answers. Beside it, the difference-of-means baseline.</p>
+<table class="lat md"><thead><tr><th>colour</th><th>SAE latent</th><th>difference of means</th></tr></thead>
+<tbody>{s_rows}</tbody></table>
+<img src="plots/finding_steering.png" alt="steering success per colour"></div>
+<h2>Every hook point</h2>{tables}
+"""
