@@ -37,9 +37,10 @@ def test_demo_writes_metrics_plots_and_a_portable_report(demo):
     assert str(out / "metrics.json") in printed and "report" in printed
     html = (out / "report" / "index.html").read_text()
     # the findings come first, then every hook point's tables, as HTML tables
-    order = [html.index(h) for h in ("1. SAE latents", "2. Matryoshka levels", "3. Clamping", "Every hook point")]
+    order = [html.index(h) for h in ("1. SAE latents", "2. Do Matryoshka levels", "3. Clamping", "Every hook point")]
     assert order == sorted(order)
-    assert all(f"<h3>{layer}</h3>" in html for layer in metrics["layers"]) and "<pre>" not in html
+    heads = [html.index(f"<h3>{layer}</h3>") for layer in metrics["layers"]]
+    assert heads == sorted(heads) and "<pre>" not in html
     # relative links only: the report opens from any folder and names no directory of this machine
     assert str(out) not in html and str(out.parent) not in html
     for src in re.findall(r'(?:src|href)="([^"#]+)"', html):

@@ -83,15 +83,16 @@ def front_page(metrics: dict, report_dir: Path, eval_root: Path) -> str:
     st = f["steering"]
     s_rows = "".join(f"<tr><td>{escape(c)}</td><td>{v:.0%}</td><td>{st['baseline_by_concept'][c]:.0%}</td></tr>"
                      for c, v in st["success_by_concept"].items())
-    tables = "".join(f"<h3>{escape(d.name)}</h3>{markdown_tables((d / 'clip' / 'tables.md').read_text())}"
-                     for d in sorted(eval_root.iterdir()) if (d / "clip" / "tables.md").is_file())
+    md = {layer: eval_root / layer / "clip" / "tables.md" for layer in metrics["layers"]}
+    tables = "".join(f"<h3>{escape(layer)}</h3>{markdown_tables(p.read_text())}"
+                     for layer, p in md.items() if p.is_file())
     return f"""<h1>The paper's findings on the toy world</h1>
 <div class="finding"><h2>1. SAE latents are more monosemantic than neurons</h2>
 <p>Mean MS, under the tiny CLIP / under the ground-truth concepts.</p>
 <table class="lat md"><thead><tr><th>hook point</th><th>neurons (CLIP)</th><th>neurons (truth)</th>
 <th colspan="9">SAEs (CLIP / truth)</th></tr></thead>
 <tbody>{ms_rows}</tbody></table><img src="plots/finding_ms.png" alt="MS of SAE latents against neurons"></div>
-<div class="finding"><h2>2. Matryoshka levels follow the taxonomy</h2>
+<div class="finding"><h2>2. Do Matryoshka levels follow the taxonomy?</h2>
 <p>Mean LCA depth of each level's top-16 images (0..5); for each taxonomy depth (kingdom .. species), the mean
 Matryoshka level of the latents that best detect its nodes (AUROC); the share of all 62 nodes detected at
 AUROC ≥ 0.9. Measured against the ground-truth taxonomy.</p>
