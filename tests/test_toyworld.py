@@ -134,14 +134,14 @@ def llava():
 def test_shipped_clip_loads_and_sees_colours(clip):
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from sae_vlm.toyworld.quality import ZERO_SHOT, single_object_samples, truth_of
+    from sae_vlm.toyworld.quality import ZERO_SHOT, truth_of
 
     model, proc = clip
     tok = AutoTokenizer.from_pretrained(toyworld.clip_path())
     assert tok.eos_token_id == T.EOS == model.config.text_config.eos_token_id
     ip = AutoImageProcessor.from_pretrained(toyworld.clip_path())
     assert ip.crop_size == {"height": W.IMAGE_SIZE, "width": W.IMAGE_SIZE}
-    imgs = single_object_samples(30, seed=7)
+    imgs = W.generate(30, seed=7)
     values, prompt = ZERO_SHOT["colour"]
     enc = proc(text=[prompt(v) for v in values], images=[s.image for s in imgs], return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -44,6 +44,11 @@ def llava_hook_option() -> Any:
     return option(None, "Vision-tower layer to edit; default: the one LLaVA's projector reads.")
 
 
+def replace_option(default: bool) -> Any:
+    return option(default, "Replace the residual by the SAE reconstruction (paper) or keep the error term.",
+                  flag="--replace/--error-term")
+
+
 def model_dtype_option() -> Any:
     return option("auto", "Model compute dtype: auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
 
@@ -257,8 +262,7 @@ class SteerConfig:
     prompt: tuple[str, ...] = option(("Write me a short love poem",), "Prompt text; repeat for several.", repeat=True)
     op: str = option("clamp", f"Edit: {' | '.join(EDIT_OPS)}.")
     max_new_tokens: int = option(60, "New tokens per answer (greedy).")
-    replace: bool = option(False, "Replace the residual by the SAE reconstruction (paper) or keep the error term.",
-                           flag="--replace/--error-term")
+    replace: bool = replace_option(False)
     hook_point: str | None = llava_hook_option()
     unsteered: bool = option(True, "Also generate once per image and prompt with the model unpatched.")
     batch_size: int = option(16, "Cases per generate call.")
@@ -295,8 +299,7 @@ class SteerScoreConfig:
     top_images: str | None = option(None, "Folder or path list the --top indices refer to.")
     per_class: int | None = option(None, "Steer on the first N images of each class folder.")
     max_images: int | None = option(None, "Steer on at most this many images.")
-    replace: bool = option(True, "Replace the residual by the SAE reconstruction (paper) or keep the error term.",
-                           flag="--replace/--error-term")
+    replace: bool = replace_option(True)
     hook_point: str | None = llava_hook_option()
     max_new_tokens: int = option(5, "New tokens per answer (paper: 5).")
     batch_size: int = option(16, "Cases per generate call (and images per encode batch).")

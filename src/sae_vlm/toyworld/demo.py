@@ -229,12 +229,12 @@ def zero_shot_recovered(runs: dict, layers, clip_dir: Path, n: int = 500) -> dic
 
     from sae_vlm.backbones import quiet_loading
     from sae_vlm.eval.recon import accuracy_recovered
-    from sae_vlm.toyworld.quality import ZERO_SHOT, single_object_samples, truth_of
+    from sae_vlm.toyworld.quality import EVAL_SEED, ZERO_SHOT, truth_of
 
     with quiet_loading():
         model = CLIPModel.from_pretrained(clip_dir).eval()
     processor = AutoProcessor.from_pretrained(clip_dir)
-    samples = single_object_samples(n)
+    samples = W.generate(n, seed=EVAL_SEED)
     pixels = processor(images=[x.image for x in samples], return_tensors="pt")["pixel_values"]
     saes = {f"{layer}/{d.name}": (layer, SAE.from_pretrained(d))
             for layer in layers for d in sorted(p.parent for p in runs[layer].glob("saes/*/config.json"))}

@@ -49,11 +49,6 @@ def truth_of(s: W.Sample, attr: str):
     return s.background if attr == "background" else s.main.as_dict()[attr]
 
 
-def single_object_samples(n: int, seed: int = EVAL_SEED) -> list[W.Sample]:
-    """The first n samples of world `seed` (every image shows one creature)."""
-    return W.generate(n, seed)
-
-
 @torch.no_grad()
 def _clip_logits(model, processor, images, texts) -> torch.Tensor:
     enc = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
@@ -71,16 +66,15 @@ def clip_zero_shot(path: str | Path | None = None, n: int = 500, seed: int = EVA
     path = path or toyworld.clip_path()
     model = CLIPModel.from_pretrained(path).eval()
     proc = AutoProcessor.from_pretrained(path)
-    singles = single_object_samples(n, seed)
-    images = [s.image for s in singles]
+    samples = W.generate(n, seed)
+    images = [s.image for s in samples]
     res: dict = {"n_images": n}
     for attr, (values, prompt) in ZERO_SHOT.items():
         logits = _clip_logits(model, proc, images, [prompt(v) for v in values])
-        truth = torch.tensor([values.index(truth_of(s, attr)) for s in singles])
+        truth = torch.tensor([values.index(truth_of(s, attr)) for s in samples])
         res[attr] = (logits.argmax(1) == truth).float().mean().item()
         res[f"{attr}_chance"] = 1 / len(values)
-    mixed = W.generate(n, seed)
-    logits = _clip_logits(model, proc, [s.image for s in mixed], [s.caption for s in mixed])
+    logits = _clip_logits(model, proc, images, [s.caption for s in samples])
     diag = torch.arange(n)
     res["retrieval_image_to_caption"] = (logits.argmax(1) == diag).float().mean().item()
     res["retrieval_caption_to_image"] = (logits.argmax(0) == diag).float().mean().item()

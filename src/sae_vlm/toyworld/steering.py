@@ -35,11 +35,6 @@ BETAS = (1, 2, 4)  # × the mean norm of an image token
 N_CODES, N_SELECT, N_EVAL = 1000, 12, 24
 
 
-def first_word(text: str) -> str:
-    parts = text.split()
-    return parts[0].strip(".,!").lower() if parts else ""
-
-
 @torch.no_grad()
 def read_layer(bb, images, batch: int = 100) -> torch.Tensor:
     """[N, T, D] image tokens (CLS dropped, as LLaVA's projector drops it) at the layer the projector reads."""
@@ -75,9 +70,10 @@ def training_codes(bb, sae: SAE) -> tuple[np.ndarray, torch.Tensor, torch.Tensor
 
 def first_words(model, processor, sae, images, question: str, edits: dict | None) -> list[str]:
     from sae_vlm.steer.generate import Case, generate_cases
+    from sae_vlm.steer.score import first_word
 
     cases = [Case(im, question, edits) for im in images]
-    return [first_word(t) for t in generate_cases(model, processor, sae, cases, max_new_tokens=3)]
+    return [first_word(t).lower() for t in generate_cases(model, processor, sae, cases, max_new_tokens=3)]
 
 
 def mean_difference(x_ND: torch.Tensor, in_N: torch.Tensor, norm: float) -> torch.Tensor:
