@@ -138,3 +138,20 @@ def test_zero_shot_accuracy_with_the_sae_spliced_in(demo):
         assert set(per) == {"colour", "shape", "pattern"}
         for attr, v in per.items():
             assert v["accuracy_spliced"] >= 0.9 * v["accuracy"] > 0, (key, attr)
+
+
+def test_a_demo_killed_before_its_first_checkpoint_trains_again_on_rerun(demo, tmp_path):
+    """A kill mid-training leaves train_config.json but no checkpoint; rerunning the demo must not stop at
+    "already holds a run" (it did), and the trainer restarts that hook point from step 0."""
+    import shutil
+
+    from sae_vlm.toyworld.demo import DemoSize, train_sweep
+
+    out, _, _ = demo
+    run, size = tmp_path / "run", DemoSize(n_train=0, n_eval=0, steps=20, batch_size=64)
+    train_sweep(out / "stores" / "train", "layer.1", run, size, quiet=True, archs=("batchtopk",))
+    shutil.rmtree(run / "ckpt")
+    shutil.rmtree(run / "saes")
+    assert (run / "train_config.json").is_file()
+    train_sweep(out / "stores" / "train", "layer.1", run, size, quiet=True, archs=("batchtopk",))
+    assert list((run / "saes").glob("batchtopk_*/config.json"))

@@ -162,7 +162,7 @@ def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet
                       threshold_start_step=size.steps // 4, dead_window=DEAD_BATCHES * size.batch_size,
                       aux_alpha=AUX_ALPHA,
                       checkpoint_every=size.steps, log_every=max(1, size.steps // 10), quiet=quiet,
-                      resume=(run / "ckpt").is_dir())
+                      resume=(run / "train_config.json").is_file())  # a killed demo picks up where it was
     train(cfg)
 
 
