@@ -1,7 +1,15 @@
 """Shared test fixtures."""
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # shard checksums passed are remembered under XDG_CACHE_HOME: keep the tests' out of the user's cache
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sae-vlm-test-cache-")
 
 
 @pytest.fixture(scope="module")

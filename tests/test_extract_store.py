@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from sae_vlm.backbones import load_backbone
 from sae_vlm.cli import app
 from sae_vlm.config import ExtractConfig
+from sae_vlm.data import extract as extract_mod
 from sae_vlm.data.extract import run_extract
 from sae_vlm.data.source import as_source
 from sae_vlm.data.store import open_store, to_storage
@@ -78,11 +80,7 @@ def test_cli_store_matches_direct_capture(setup):
     torch.testing.assert_close(rr.get(idx), rr.all()[idx])
     src = as_source(out / "layer.1__random-2")
     assert src.rows == 22 and src.d_in == 32
-    batches = list(rr.iter_batches(5, seed=1, buffer_rows=6))
-    got = torch.cat(batches)
-    assert got.shape == (22, 32) and [len(b) for b in batches[:-1]] == [5] * (len(batches) - 1)
-    assert torch.equal(got[torch.argsort(got[:, 0] * 1e3 + got[:, 1])],
-                       rr.all()[torch.argsort(rr.all()[:, 0] * 1e3 + rr.all()[:, 1])])
+    torch.testing.assert_close(rr.read_rows(3, 17), rr.all()[3:17], rtol=0, atol=0)
     rr.verify()
 
 
@@ -185,3 +183,19 @@ def test_llava_tower_defaults_to_projector_layer(setup, tmp_path):
     s = run_extract(ExtractConfig(model="tiny-llava", data=str(root / "imgs"), out=str(tmp_path / "llava"),
                                   tokens=("random-2",), quiet=True), backbone=bb)
     assert s["subdirs"] == ["layer.2__random-2"] and open_store(tmp_path / "llava").rows == 22
+
+
+def test_store_that_does_not_fit_the_disk_is_refused_then_resumes(setup, tmp_path, monkeypatch):
+    root, model_dir, _, _ = setup
+    out = tmp_path / "store"
+    args = ["extract", "--model", str(model_dir), "--data", str(root / "imgs"), "--layers", "1", "--tokens", "all",
+            "--out", str(out), "--device", "cpu", "--quiet"]
+    real = shutil.disk_usage
+    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "needs about" in r.stderr and "GB are free" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (out / "manifest.json").exists()
+    monkeypatch.setattr(extract_mod.shutil, "disk_usage", real)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert open_store(out).rows > 0

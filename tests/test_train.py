@@ -198,11 +198,11 @@ def epoch_rows(batches: trainer.Batches, epoch: int) -> torch.Tensor:
     return torch.cat([batches(epoch * n + i)[:, 0] for i in range(n)]).long()
 
 
-@pytest.mark.parametrize("max_device_bytes", [8 << 30, 0], ids=["in-memory", "streamed"])
-def test_fresh_permutation_every_epoch(tmp_path, max_device_bytes):
+@pytest.mark.parametrize("max_memory", [8.0, 1e-9], ids=["in-memory", "streamed"])
+def test_fresh_permutation_every_epoch(tmp_path, max_memory):
     rows, bs = 1000, 64  # 15 batches per epoch, a ragged tail of 40 rows dropped
     ids_N = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, 4).contiguous()  # row i holds i
-    cfg = TrainConfig(data="ids", out=str(tmp_path), batch_size=bs, seed=0, max_device_bytes=max_device_bytes)
+    cfg = TrainConfig(data="ids", out=str(tmp_path), batch_size=bs, seed=0, max_memory=max_memory)
     batches = trainer.Batches(TensorSource(ids_N), cfg, torch.device("cpu"))
     assert batches.per_epoch == rows // bs
     e0, e1 = epoch_rows(batches, 0), epoch_rows(batches, 1)
@@ -221,7 +221,7 @@ def test_streamed_and_in_memory_batches_agree(tmp_path):
     x = torch.from_numpy(gaussian(700))
     cfg = TrainConfig(data="x", out=str(tmp_path), batch_size=64)
     mem = trainer.Batches(NumpySource(x.numpy()), cfg, torch.device("cpu"))
-    stream = trainer.Batches(NumpySource(x.numpy()), dataclasses.replace(cfg, max_device_bytes=0), torch.device("cpu"))
+    stream = trainer.Batches(NumpySource(x.numpy()), dataclasses.replace(cfg, max_memory=1e-9), torch.device("cpu"))
     assert mem.data_ND is not None and stream.data_ND is None
     for step in (0, 5, 10, 23):
         assert torch.equal(mem(step), stream(step))
@@ -353,7 +353,7 @@ def test_non_finite_activation_names_the_row(tmp_path, value, row):
 def test_non_finite_row_is_named_when_streaming(tmp_path):
     arr = gaussian(512)
     arr[77, 0] = np.nan
-    cfg = TrainConfig(data="x", out=str(tmp_path), batch_size=512, max_device_bytes=0)
+    cfg = TrainConfig(data="x", out=str(tmp_path), batch_size=512, max_memory=1e-9)
     batches = trainer.Batches(NumpySource(arr), cfg, torch.device("cpu"))
     with pytest.raises(ValueError, match="nan at row 77"):
         batches(0)

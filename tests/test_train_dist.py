@@ -62,9 +62,14 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-def test_sweep_over_ranks_equals_one_process_across_a_resume(tmp_path, data):
+# 2048 rows x 64 B: in memory, or streamed from disk in windows of ~300 rows
+MEMORY = pytest.mark.parametrize("memory", [[], ["--max-memory", "0.00004"]], ids=["in-memory", "streamed"])
+
+
+@MEMORY
+def test_sweep_over_ranks_equals_one_process_across_a_resume(tmp_path, data, memory):
     sweep = ["--data", data, "--arch", "batchtopk,matryoshka", "--width", "2,4", "--k", "4", "--batch-size", "64",
-             *COMMON]
+             *COMMON, *memory]
     ref, run = tmp_path / "ref", tmp_path / "run"
     single(*sweep, "--steps", "200", "--out", ref)
 
@@ -94,9 +99,11 @@ def test_sweep_over_ranks_equals_one_process_across_a_resume(tmp_path, data):
     assert r.exit_code == 2 and "state.rank0-of-2.safetensors" in r.stderr and "same number of processes" in r.stderr
 
 
-def test_ddp_matches_one_process_quality_and_resumes(tmp_path, data):
+@MEMORY
+def test_ddp_matches_one_process_quality_and_resumes(tmp_path, data, memory):
+    """Streamed, each rank reads only its own chunks: other batches than one process, the same quality."""
     args = ["--data", data, "--arch", "batchtopk,matryoshka", "--width", "4", "--k", "4", "--batch-size", "128",
-            *COMMON]
+            *COMMON, *memory]
     ref, run = tmp_path / "ref", tmp_path / "run"
     single(*args, "--steps", "200", "--out", ref)
     r = torchrun(*args, "--ddp", "--steps", "100", "--out", run)
@@ -109,13 +116,14 @@ def test_ddp_matches_one_process_quality_and_resumes(tmp_path, data):
     rows_ref, rows_run = log_rows(ref), log_rows(run)
     assert [(x["step"], x["sae"]) for x in rows_run] == [(x["step"], x["sae"]) for x in rows_ref]
     for a, b in zip(rows_ref[-2:], rows_run[-2:]):
-        assert abs(a["fve"] - b["fve"]) < 0.03 and a["l0"] == pytest.approx(b["l0"], abs=0.5), (a, b)
+        assert b["fve"] > a["fve"] - 0.03 and a["l0"] == pytest.approx(b["l0"], abs=0.5), (a, b)
     x = torch.from_numpy(np.load(data))
     for name in ("batchtopk_x4_k4", "matryoshka_x4_k4"):
         a, b = SAE.from_pretrained(ref / "saes" / name), SAE.from_pretrained(run / "saes" / name)
         with torch.no_grad():
             fa, fb = float(trainer.fve(x, a(x))), float(trainer.fve(x, b(x)))
-        assert abs(fa - fb) < 0.03, (name, fa, fb)
+        # streamed, the ranks' batches differ from one process's: only "not worse" is the claim
+        assert fb > fa - 0.03 and (memory or fb < fa + 0.03), (name, fa, fb)
         saved = load_file(run / "ckpt/state.safetensors")
         assert torch.equal(saved[f"{name}/sae/W_dec"], b.W_dec.detach()), "the export is rank 0's final state"
 

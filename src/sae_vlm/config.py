@@ -166,8 +166,9 @@ class TrainConfig:
     ddp: bool = option(False, "Under torchrun: train each SAE data-parallel (rows rank::N of every batch per rank; "
                               "batch top-k then keeps k·B/N entries of each rank's shard) instead of spreading the "
                               "sweep's SAEs over the ranks.")
-    max_device_bytes: int = option(8 << 30, "Data larger than this streams from the source instead of living on "
-                                            "the device.")
+    max_memory: float | None = option(None, "GB the training data may occupy on the device; a store or .npy "
+                                            "larger than this streams from disk (block-shuffled). Unset: half the "
+                                            "device's free memory.")
     checkpoint_every: int = option(1000, "Steps between resume checkpoints.")
     keep_steps: tuple[int, ...] = option((), "Comma list of steps at which to also save every SAE "
                                              "(saes/<name>/step-<n>/).")
@@ -183,6 +184,8 @@ class TrainConfig:
             arch_spec(a)
         if self.batch_size <= 0 or self.steps <= 0:
             raise ValueError(f"batch_size and steps must be positive, got {self.batch_size} and {self.steps}")
+        if self.max_memory is not None and not (0 < self.max_memory < float("inf")):
+            raise ValueError(f"--max-memory {self.max_memory}: expected a positive number of GB")
         if self.log_to not in (None, "wandb", "tensorboard"):
             raise ValueError(f"log_to={self.log_to!r}; expected wandb or tensorboard")
         total = sum(self.group_fractions)

@@ -51,3 +51,22 @@ def join_process_group(device: torch.device) -> tuple[int, int, torch.device, bo
     if created:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of the device: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", info["MemFree"])
+    except (OSError, KeyError, ValueError):  # not Linux
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(max_memory_gb: float | None, device: torch.device) -> int:
+    """Bytes the training data may hold in memory: --max-memory, or half the device's free memory."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * 1e9)
+    return free_memory_bytes(device) // 2

@@ -8,6 +8,7 @@ order, so the store equals a single-process run byte for byte.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -141,6 +142,8 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
     done = store.done_shards()
     if done and rank == 0 and not cfg.quiet:
         print(f"resuming: {len(done)} of {n_shards} shards already done")
+    if rank == 0:
+        check_disk_space(cfg, subdirs, n_shards - len(done), shard_images)
     mine = [s for s in range(n_shards) if s % world == rank and s not in done]
     todo = [i for s in mine for i in range(s * shard_images, min(len(src), (s + 1) * shard_images))]
     t0 = time.perf_counter()
@@ -160,6 +163,16 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
         summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"])
     _barrier(world)
     return summary
+
+
+def check_disk_space(cfg: ExtractConfig, subdirs: dict[str, dict], shards_left: int, shard_images: int) -> None:
+    """Refuse up front a store the disk cannot hold: a full disk mid-run costs the user the time until then."""
+    values = sum(sd["rows_per_image"] * sd["width"] for sd in subdirs.values())
+    need = shards_left * shard_images * values * np.dtype(STORAGE[cfg.dtype]).itemsize
+    free = shutil.disk_usage(cfg.out).free
+    if need > free:
+        raise OSError(f"--out {cfg.out}: the store needs about {need / 1e9:.1f} GB more, {free / 1e9:.1f} GB are free "
+                      "on that disk; free space or choose another --out, then rerun the same command to resume")
 
 
 def _process(cfg: ExtractConfig, backbone: Backbone, src: ImageSource, writer: ShardWriter, todo: list[int],

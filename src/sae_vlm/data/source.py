@@ -6,11 +6,15 @@ exist: an in-memory tensor, a numpy array or memmap (`.npy`), and the on-disk st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from sae_vlm.data.loader import FileRows, RowFile, npy_layout
 
 
 @runtime_checkable
@@ -40,13 +44,23 @@ class TensorSource:
 
 
 class NumpySource:
-    """A numpy array or memmap, e.g. `np.load(path, mmap_mode="r")`; rows are read on demand."""
+    """A numpy array or memmap, e.g. `np.load(path, mmap_mode="r")`; rows are read on demand. Opened from a .npy
+    `path`, it also reads rows with positioned reads (`files`), which the streaming loader uses."""
 
-    def __init__(self, arr_ND: np.ndarray):
+    def __init__(self, arr_ND: np.ndarray, path: Path | None = None):
         if arr_ND.ndim != 2:
             raise ValueError(f"activations must be 2-D [rows, d_in], got shape {arr_ND.shape}")
         self.arr_ND = arr_ND
         self.rows, self.d_in = arr_ND.shape
+        self.files = None
+        if path is not None:
+            offset, _, dtype = npy_layout(path)
+            self.files = FileRows([RowFile(path, offset, self.rows, 0)], self.d_in, dtype)
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        if self.files is None:
+            return torch.from_numpy(np.array(self.arr_ND[r0:r1], dtype=np.float32))
+        return self.files.read_float(r0, r1)
 
     def get(self, idx_N: torch.Tensor) -> torch.Tensor:
         idx = idx_N.cpu().numpy()
@@ -70,7 +84,11 @@ def as_source(data, layer: str | None = None) -> ActivationSource:
         if path.suffix == ".npy":
             if not path.is_file():
                 raise FileNotFoundError(f"activation file {path} does not exist")
-            return NumpySource(np.load(path, mmap_mode="r"))
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except ValueError as e:
+                raise ValueError(f"{path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+            return NumpySource(arr, path)
         if path.is_dir():
             from sae_vlm.data.store import open_store
 
@@ -79,3 +97,17 @@ def as_source(data, layer: str | None = None) -> ActivationSource:
     if isinstance(data, ActivationSource):
         return data
     raise TypeError(f"cannot read activations from {type(data).__name__}; expected a tensor, array, .npy or store dir")
+
+
+def sequential_chunks(source: ActivationSource, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 rows [R, d_in]) of consecutive chunks, in order, the next one read while this one is used."""
+    read = getattr(source, "read_rows", None) or (lambda r0, r1: source.get(torch.arange(r0, r1)))
+    starts = range(0, source.rows, chunk_rows)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, 0, min(chunk_rows, source.rows)) if source.rows else None
+        for r0 in starts:
+            assert pending is not None
+            x_RD = pending.result()
+            r1 = min(r0 + chunk_rows, source.rows)
+            pending = pool.submit(read, r1, min(r1 + chunk_rows, source.rows)) if r1 < source.rows else None
+            yield r0, x_RD

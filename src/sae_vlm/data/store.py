@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sae_vlm.data.loader import FileRows, RowFile, npy_layout
 from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes
 
 FORMAT = "sae-vlm-store/1"
@@ -142,6 +144,38 @@ class StoreWriter:
         return root_manifest
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def verify_once(path: Path, sha256: str, what: str = "") -> None:
+    """Check a file's sha256 the first time it is read, and again only if its size or mtime changed. Passed checks
+    are remembered for this process and in ~/.cache/sae-vlm/verified/, so later runs don't re-hash a large store."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, sha256)
+    mark = _cache_dir() / hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
+    if key in _VERIFIED or mark.is_file():
+        _VERIFIED.add(key)
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    if h.hexdigest() != sha256:
+        raise ValueError(f"shard {path}{what} is corrupt: its sha256 differs from the manifest's; "
+                         "re-extract it (delete it and its parts/ file, rerun extract)")
+    _VERIFIED.add(key)
+    try:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    except OSError:  # a read-only home only costs a re-hash next time
+        pass
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sae-vlm" / "verified"
+
+
 class StoreReader:
     """One (hook point, token selection) of a store as an ActivationSource (float32 rows on demand)."""
 
@@ -159,8 +193,12 @@ class StoreReader:
         self.rows_per_image = int(self.manifest["rows_per_image"])
         self._shards = [sh for sh in self.manifest["shards"] if sh["rows"] > 0]
         self._starts = np.cumsum([0] + [sh["rows"] for sh in self._shards])
+        if self._starts[-1] != self.rows:
+            raise ValueError(f"{mp}: its shards hold {self._starts[-1]} rows but its shape says {self.rows}")
         self._mm: dict[int, np.ndarray] = {}
         self._images: list[dict] | None = None
+        self.files = FileRows([self._row_file(j) for j in range(len(self._shards))], self.d_in,
+                              np.dtype(STORAGE[self.dtype]), check=self._verify, bf16=self.dtype == "bf16")
 
     def __len__(self) -> int:
         return self.rows
@@ -168,10 +206,29 @@ class StoreReader:
     def __repr__(self) -> str:
         return f"StoreReader({str(self.path)!r}, rows={self.rows}, d_in={self.d_in}, dtype={self.dtype})"
 
+    def _row_file(self, j: int) -> RowFile:
+        sh, path = self._shards[j], self.path / self._shards[j]["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} of the store is missing")
+        offset, shape, dtype = npy_layout(path)
+        if shape != (sh["rows"], self.d_in) or dtype != np.dtype(STORAGE[self.dtype]):
+            raise ValueError(f"shard {path} holds {dtype} {list(shape)}; the manifest says "
+                             f"{np.dtype(STORAGE[self.dtype])} {[sh['rows'], self.d_in]}")
+        return RowFile(path, offset, sh["rows"], int(self._starts[j]))
+
+    def _verify(self, j: int) -> None:
+        a, b = int(self._starts[j]), int(self._starts[j + 1])
+        verify_once(self.path / self._shards[j]["file"], self._shards[j]["sha256"], f" (rows {a}..{b})")
+
     def _shard(self, j: int) -> np.ndarray:
         if j not in self._mm:
+            self._verify(j)
             self._mm[j] = np.load(self.path / self._shards[j]["file"], mmap_mode="r")
         return self._mm[j]
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) as float32, read with large positioned reads (no per-row page faults)."""
+        return self.files.read_float(r0, r1)
 
     def get(self, idx_N: torch.Tensor) -> torch.Tensor:
         idx = np.asarray(idx_N.cpu().numpy() if isinstance(idx_N, torch.Tensor) else idx_N, dtype=np.int64)
@@ -187,33 +244,7 @@ class StoreReader:
         return torch.from_numpy(out)
 
     def all(self) -> torch.Tensor:
-        parts = [from_storage(np.asarray(self._shard(j)), self.dtype) for j in range(len(self._shards))]
-        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, self.d_in), np.float32))
-
-    def iter_batches(self, batch_size: int, seed: int = 0, buffer_rows: int = 1 << 18, shuffle: bool = True):
-        """Shuffled float32 batches: shards in random order, rows mixed in a buffer of ~buffer_rows."""
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(self._shards)) if shuffle else np.arange(len(self._shards))
-        buf: list[np.ndarray] = []
-        n = 0
-
-        def drain(final: bool):
-            x = np.concatenate(buf)
-            if shuffle:
-                x = x[rng.permutation(len(x))]
-            cut = len(x) if final else len(x) - len(x) % batch_size
-            for i in range(0, cut, batch_size):
-                yield torch.from_numpy(x[i : i + batch_size])
-            return x[cut:]
-
-        for j in order:
-            buf.append(from_storage(np.asarray(self._shard(int(j))), self.dtype))
-            n += len(buf[-1])
-            if n >= buffer_rows:
-                rest = yield from drain(False)
-                buf, n = ([rest] if len(rest) else []), len(rest)
-        if n:
-            yield from drain(True)
+        return self.read_rows(0, self.rows)
 
     # ---- metadata --------------------------------------------------------------------------------------
     def images(self) -> list[dict]:
@@ -248,11 +279,9 @@ class StoreReader:
         return self.manifest["skipped"]
 
     def verify(self) -> None:
-        """Recompute every shard's sha256; raise naming the first shard that does not match."""
-        for sh in self.manifest["shards"]:
-            h = hashlib.sha256((self.path / sh["file"]).read_bytes()).hexdigest()
-            if h != sh["sha256"]:
-                raise ValueError(f"shard {self.path / sh['file']} is corrupt: sha256 {h} != manifest {sh['sha256']}")
+        """Check every shard's sha256 (cached: see `verify_once`); raise naming the first that does not match."""
+        for j in range(len(self._shards)):
+            self._verify(j)
 
 
 def list_subdirs(root: str | Path) -> list[str]:

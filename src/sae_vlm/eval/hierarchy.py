@@ -253,23 +253,56 @@ def node_detection(chunks, taxa: Sequence[tuple[str, ...] | None], group_sizes=N
     a latent share one average rank. Returns per node (depth, name, best latent, its AUROC and Matryoshka level)
     and per depth the mean best AUROC, the share detected at AUROC ≥ 0.9 and the mean level of the best latents.
     """
-    prefix_ND = _prefix_codes(taxa)
-    valid_N = prefix_ND[:, 0] >= 0 if prefix_ND.shape[1] else np.zeros(len(taxa), bool)
-    rows, cols, vals, d_sae = [], [], [], 0
-    r0 = 0
-    for c in chunks:
-        c = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c)
-        d_sae = c.shape[1]
-        r, f = np.nonzero(c > 0)
-        rows.append(r + r0)
-        cols.append(f)
-        vals.append(c[r, f])
-        r0 += c.shape[0]
-    if r0 != len(taxa):
-        raise ValueError(f"codes have {r0} rows but {len(taxa)} images have taxonomy entries (or None)")
-    row_M, col_M, val_M = (np.concatenate(x) if x else np.zeros(0) for x in (rows, cols, vals))
-    keep = valid_N[row_M.astype(np.int64)]
-    row_M, col_M, val_M = row_M[keep].astype(np.int64), col_M[keep].astype(np.int64), val_M[keep]
+    collector = NodeCollector(taxa, group_sizes)
+    for c_RF in chunks:
+        collector.add(c_RF)
+    return collector.result()
+
+
+class NodeCollector:
+    """`node_detection` fed chunk by chunk: `add` keeps the positive code entries of the images that have a
+    taxonomy, `result` ranks them and scores every node."""
+
+    def __init__(self, taxa: Sequence[tuple[str, ...] | None], group_sizes=None):
+        self.taxa, self.group_sizes = taxa, group_sizes
+        self.prefix_ND = _prefix_codes(taxa)
+        self.valid_N = self.prefix_ND[:, 0] >= 0 if self.prefix_ND.shape[1] else np.zeros(len(taxa), bool)
+        self.rows: list[np.ndarray] = []
+        self.cols: list[np.ndarray] = []
+        self.vals: list[np.ndarray] = []
+        self.n = self.d_sae = 0
+
+    def add(self, c_RF) -> None:
+        """Codes [R, F] (tensor on any device, or array) of the next R rows."""
+        if isinstance(c_RF, torch.Tensor):  # only the positive entries leave the device
+            r, f = (c_RF > 0).nonzero(as_tuple=True)
+            r, f, v = r.cpu().numpy(), f.cpu().numpy(), c_RF[r, f].detach().cpu().numpy()
+        else:
+            c_RF = np.asarray(c_RF)
+            r, f = np.nonzero(c_RF > 0)
+            v = c_RF[r, f]
+        valid_R = np.zeros(c_RF.shape[0], bool)
+        part = self.valid_N[self.n : self.n + c_RF.shape[0]]
+        valid_R[: len(part)] = part  # rows past the taxonomy are an error in `result`
+        keep = valid_R[r]
+        self.rows.append(r[keep].astype(np.int64) + self.n)
+        self.cols.append(f[keep].astype(np.int64))
+        self.vals.append(v[keep])
+        self.n, self.d_sae = self.n + c_RF.shape[0], c_RF.shape[1]
+
+    def result(self) -> dict:
+        if self.n != len(self.taxa):
+            raise ValueError(f"codes have {self.n} rows but {len(self.taxa)} images have taxonomy entries (or None)")
+        row_M, col_M, val_M = (np.concatenate(x) if x else np.zeros(0, t)
+                               for x, t in ((self.rows, np.int64), (self.cols, np.int64), (self.vals, np.float64)))
+        best_latent, best_auroc, defined = _best_detectors(row_M, col_M, val_M, self.d_sae, self.prefix_ND,
+                                                           self.valid_N)
+        return _summarise_detection(best_latent, best_auroc, defined, self.prefix_ND, self.taxa, self.group_sizes,
+                                    self.d_sae)
+
+
+def _best_detectors(row_M, col_M, val_M, d_sae: int, prefix_ND, valid_N) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(best latent, its AUROC, whether the AUROC is defined) per node, from the positive entries of valid rows."""
     n_valid = int(valid_N.sum())
     rank_M = _ranks_within(col_M, val_M) + (n_valid - np.bincount(col_M, minlength=d_sae))[col_M]
     n_nodes = int(prefix_ND.max()) + 1 if prefix_ND.size and prefix_ND.max() >= 0 else 0
@@ -295,7 +328,7 @@ def node_detection(chunks, taxa: Sequence[tuple[str, ...] | None], group_sizes=N
         j = auroc.argmax(1)
         better = auroc[np.arange(n_nodes), j] > best_auroc
         best_auroc[better], best_latent[better] = auroc[better, j[better]], j[better] + f0
-    return _summarise_detection(best_latent, best_auroc, neg > 0, prefix_ND, taxa, group_sizes, d_sae)
+    return best_latent, best_auroc, neg > 0
 
 
 def _ranks_within(col_M: np.ndarray, val_M: np.ndarray) -> np.ndarray:

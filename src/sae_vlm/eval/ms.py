@@ -5,7 +5,8 @@ For latent k with activations a over N images, min–max normalised to ã ∈ [0
     MS_k = Σ_{n≠m} ã_n ã_m cos(e_n, e_m) / Σ_{n≠m} ã_n ã_m
          = (‖Êᵀã‖² − ‖ã‖²) / ((Σ ã)² − ‖ã‖²)
 
-so every latent costs one pass over the rows (ÊᵀA, accumulated in float64) instead of N² pairs.
+so all latents cost one pass over the rows instead of N² pairs: `MSAccumulator` sums the raw ÊᵀA, Σa and Σa²
+(float64) and applies the min–max normalisation to those sums once the min and max are known.
 A constant latent (max = min) gives 0/0 = NaN (`MSResult.dead`). A latent that is non-zero after normalisation
 on a single image only has no weighted pair either and also gets NaN; `summarize_ms` counts every NaN as dead.
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.data.source import as_source
+from sae_vlm.data.source import as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 
 F64 = torch.float64
@@ -96,141 +97,139 @@ def monosemanticity_score(
 
 
 def ms_stats(activations, embeddings, *, device=None, chunk_rows=4096, chunk_latents=16384, quiet=True) -> MSResult:
-    """MS plus support, max/min activation; see `monosemanticity_score`."""
+    """MS plus support, max/min activation, in one pass over the rows; see `monosemanticity_score`."""
     dev = resolve_device(device)
     if is_sparse_codes(activations):
         return _ms_sparse(activations, embeddings, dev, chunk_rows, quiet)
     src = as_source(activations)
     if src.rows == 0:
         raise ValueError("evaluation set is empty: activations have 0 rows, expected at least 2")
-    return _ms_dense(src, unit_embeddings(embeddings, src.rows), dev, chunk_rows, chunk_latents, quiet)
+    e_ND = unit_embeddings(embeddings, src.rows)
+    acc = MSAccumulator(src.d_in, e_ND.shape[1], dev, chunk_latents)
+    chunks = tqdm(sequential_chunks(src, chunk_rows), desc="MS", total=-(-src.rows // chunk_rows), disable=quiet,
+                  leave=False)
+    for r0, a_RF in chunks:
+        acc.add(a_RF, e_ND[r0 : r0 + a_RF.shape[0]])
+    return acc.result()
 
 
-def _row_chunks(n: int, size: int, quiet: bool, desc: str):
-    return tqdm(range(0, n, size), desc=desc, disable=quiet, leave=False)
-
-
-def _finish(num_F, den_F) -> torch.Tensor:
+def _finish(num_F, den_F, paired_F) -> torch.Tensor:
     ms_F = num_F / den_F
-    # den = 0 exactly when no pair carries weight (constant latent, or one image only): undefined.
-    return torch.where(den_F > 0, ms_F, torch.full_like(ms_F, float("nan"))).cpu()
+    # no pair carries weight (constant latent, or one image above the minimum only): undefined
+    return torch.where((den_F > 0) & paired_F, ms_F, torch.full_like(ms_F, float("nan"))).cpu()
 
 
-class _Accumulator:
-    """Running ÊᵀÃ [F, D], Σã and Σã² in float64; ã enters either as a dense chunk or as sparse entries."""
+SPARSE_BELOW = 0.05  # a chunk with fewer non-zero entries than this goes through the sparse product
 
-    def __init__(self, k: int, d: int, dev):
-        self.etA_FD = torch.zeros(k, d, dtype=F64, device=dev)
-        self.sum_F = torch.zeros(k, dtype=F64, device=dev)
-        self.sq_F = torch.zeros(k, dtype=F64, device=dev)
 
-    def add_dense(self, at_RC: torch.Tensor, e_RD: torch.Tensor, c0: int) -> None:
-        c1 = c0 + at_RC.shape[1]
-        self.etA_FD[c0:c1] += at_RC.T @ e_RD
-        self.sum_F[c0:c1] += at_RC.sum(0)
-        self.sq_F[c0:c1] += (at_RC * at_RC).sum(0)
+class MSAccumulator:
+    """MS of F latents in one pass over consecutive chunks of rows.
 
-    def add_sparse(self, row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, e_RD: torch.Tensor) -> None:
-        """Entries ã[row, col] = val (zero elsewhere); a sparse product avoids an [nnz, D] temporary."""
+    Accumulates the raw ΣaE [F, D], Σa, Σa², min, max, the count of entries at the running min and the support
+    per latent, and ΣE and N, all float64; `result` applies the min–max normalisation ã = (a − lo)·scale in
+    closed form: Σã e = scale·(Σa e − lo·Σe), Σã = scale·(Σa − N·lo), Σã² = scale²·(Σa² − 2·lo·Σa + N·lo²).
+    """
+
+    def __init__(self, width: int, dim: int, device=None, chunk_latents: int = 16384):
+        dev = resolve_device(device)
+        self.chunk_latents, self.n = chunk_latents, 0
+        self.S_FD = torch.zeros(width, dim, dtype=F64, device=dev)
+        self.esum_D = torch.zeros(dim, dtype=F64, device=dev)
+        self.sum_F = torch.zeros(width, dtype=F64, device=dev)
+        self.sq_F = torch.zeros(width, dtype=F64, device=dev)
+        self.lo_F = torch.full((width,), float("inf"), dtype=F64, device=dev)
+        self.hi_F = torch.full((width,), float("-inf"), dtype=F64, device=dev)
+        self.at_lo_F = torch.zeros(width, dtype=torch.int64, device=dev)
+        self.support_F = torch.zeros(width, dtype=torch.int64, device=dev)
+
+    def add(self, a_RF: torch.Tensor, e_RD: torch.Tensor) -> None:
+        """Dense activations [R, F] of consecutive rows and those rows' unit embeddings [R, D]."""
+        dev = self.S_FD.device
+        a_RF, e_RD = a_RF.to(dev), e_RD.to(dev, F64)
+        lo_F = a_RF.amin(0)
+        self._merge(lo_F.double(), a_RF.amax(0).double(), (a_RF == lo_F).sum(0), e_RD)
+        self.support_F += (a_RF > 0).sum(0)
+        k = a_RF.shape[1]
+        for c0 in range(0, k, self.chunk_latents):
+            c1 = min(c0 + self.chunk_latents, k)
+            a_RC = a_RF[:, c0:c1].double()
+            # zeros add nothing to any sum, and SAE codes are mostly 0: only the other entries matter
+            row, col = a_RC.nonzero(as_tuple=True)
+            if row.numel() < SPARSE_BELOW * a_RC.numel():
+                self._add_entries(row, col + c0, a_RC[row, col], e_RD)
+            else:
+                self.S_FD[c0:c1] += a_RC.T @ e_RD
+                self.sum_F[c0:c1] += a_RC.sum(0)
+                self.sq_F[c0:c1] += (a_RC * a_RC).sum(0)
+
+    def add_entries(self, rows_M, cols_M, values_M, n_rows: int, e_RD: torch.Tensor) -> None:
+        """`n_rows` consecutive rows given as entries a[row, col] = value, each latent at most once per row; an
+        entry not listed is 0."""
+        dev, k = self.S_FD.device, self.sum_F.shape[0]
+        rows_M, cols_M, values_M, e_RD = rows_M.to(dev), cols_M.to(dev), values_M.to(dev, F64), e_RD.to(dev, F64)
+        listed_F = torch.bincount(cols_M, minlength=k)
+        if int(listed_F.max()) > n_rows:
+            raise ValueError(f"code store lists some latent {int(listed_F.max())} times in {n_rows} rows; "
+                             "expected each latent at most once per row")
+        zeros_F = n_rows - listed_F
+        lo_F = self.lo_F.new_full((k,), float("inf")).scatter_reduce_(0, cols_M, values_M, reduce="amin")
+        hi_F = self.hi_F.new_full((k,), float("-inf")).scatter_reduce_(0, cols_M, values_M, reduce="amax")
+        lo_F = torch.where(zeros_F > 0, lo_F.clamp(max=0.0), lo_F)
+        hi_F = torch.where(zeros_F > 0, hi_F.clamp(min=0.0), hi_F)
+        at_lo_F = torch.zeros_like(listed_F).index_add_(0, cols_M, (values_M == lo_F[cols_M]).long())
+        self._merge(lo_F, hi_F, at_lo_F + torch.where(lo_F == 0, zeros_F, 0), e_RD)
+        self.support_F.index_add_(0, cols_M, (values_M > 0).long())
+        self._add_entries(rows_M, cols_M, values_M, e_RD)
+
+    def _merge(self, lo_F, hi_F, at_lo_F, e_RD) -> None:
+        """Merge a chunk's min (and how many entries sit at it), max, rows and ΣE into the running ones."""
+        lower, same = lo_F < self.lo_F, lo_F == self.lo_F
+        self.at_lo_F = torch.where(lower, at_lo_F, self.at_lo_F + torch.where(same, at_lo_F, 0))
+        self.lo_F, self.hi_F = torch.minimum(self.lo_F, lo_F), torch.maximum(self.hi_F, hi_F)
+        self.n += e_RD.shape[0]
+        self.esum_D += e_RD.sum(0)
+
+    def _add_entries(self, row, col, val, e_RD) -> None:
+        """Entries a[row, col] = val (zero elsewhere); a sparse product avoids an [nnz, D] temporary."""
         k = self.sum_F.shape[0]
         m_FR = torch.sparse_coo_tensor(torch.stack([col, row]), val, (k, e_RD.shape[0]), check_invariants=False)
-        self.etA_FD += torch.sparse.mm(m_FR, e_RD)
+        self.S_FD += torch.sparse.mm(m_FR, e_RD)
         self.sum_F.index_add_(0, col, val)
         self.sq_F.index_add_(0, col, val * val)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        num_F = (self.etA_FD * self.etA_FD).sum(1) - self.sq_F
-        den_F = self.sum_F * self.sum_F - self.sq_F
-        return num_F, den_F
-
-
-SPARSE_BELOW = 0.05  # a chunk with fewer non-minimal entries than this goes through the sparse product
-
-
-def _ms_dense(src, e_ND, dev, chunk_rows, chunk_latents, quiet) -> MSResult:
-    n, k = src.rows, src.d_in
-    lo_F = torch.full((k,), float("inf"), dtype=F64, device=dev)
-    hi_F = torch.full((k,), float("-inf"), dtype=F64, device=dev)
-    support_F = torch.zeros(k, dtype=torch.int64, device=dev)
-    for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 1/2 (min/max)"):
-        a_RF = src.get(torch.arange(r0, min(r0 + chunk_rows, n))).to(dev)
-        lo_F = torch.minimum(lo_F, a_RF.amin(0).double())
-        hi_F = torch.maximum(hi_F, a_RF.amax(0).double())
-        support_F += (a_RF > 0).sum(0)
-    scale_F = torch.where(hi_F > lo_F, 1.0 / (hi_F - lo_F), torch.zeros_like(hi_F))
-
-    acc = _Accumulator(k, e_ND.shape[1], dev)
-    for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 2/2 (ÊᵀÃ)"):
-        rows = torch.arange(r0, min(r0 + chunk_rows, n))
-        a_RF = src.get(rows).to(dev)
-        e_RD = e_ND[rows].to(dev)
-        for c0 in range(0, k, chunk_latents):
-            c1 = min(c0 + chunk_latents, k)
-            a_RC = a_RF[:, c0:c1]
-            # SAE codes are mostly at their minimum (0), where ã = 0: only the other entries matter
-            row, col = (a_RC.double() != lo_F[c0:c1]).nonzero(as_tuple=True)
-            if row.numel() < SPARSE_BELOW * a_RC.numel():
-                val = (a_RC[row, col].double() - lo_F[c0 + col]) * scale_F[c0 + col]
-                acc.add_sparse(row, col + c0, val, e_RD)
-            else:
-                acc.add_dense((a_RC.double() - lo_F[c0:c1]) * scale_F[c0:c1], e_RD, c0)
-    return MSResult(_finish(*acc.result()), support_F.cpu(), hi_F.cpu(), lo_F.cpu(), n)
+    def result(self) -> MSResult:
+        if self.n == 0:
+            raise ValueError("evaluation set is empty: activations have 0 rows, expected at least 2")
+        n, lo_F, hi_F = self.n, self.lo_F, self.hi_F
+        scale_F = torch.where(hi_F > lo_F, 1.0 / (hi_F - lo_F), torch.zeros_like(hi_F))
+        etA_FD = scale_F[:, None] * (self.S_FD - lo_F[:, None] * self.esum_D[None, :])
+        sum_F = scale_F * (self.sum_F - n * lo_F)
+        sq_F = scale_F * scale_F * (self.sq_F - 2 * lo_F * self.sum_F + n * lo_F * lo_F)
+        num_F = (etA_FD * etA_FD).sum(1) - sq_F
+        den_F = sum_F * sum_F - sq_F
+        # the closed form's rounding leaves den slightly off 0 where no pair exists: count the images instead
+        paired_F = n - self.at_lo_F >= 2
+        return MSResult(_finish(num_F, den_F, paired_F), self.support_F.cpu(), hi_F.cpu(), lo_F.cpu(), n)
 
 
 def _ms_sparse(codes, embeddings, dev, chunk_rows, quiet) -> MSResult:
-    """Sparse codes: ã = c + (listed corrections), c = −min/(max−min) is ã at an unlisted (zero) entry."""
+    """Sparse codes: the listed entries of each chunk go to `MSAccumulator.add_entries`."""
     idx_all, val_all = codes.indices, codes.values
     n, k = int(idx_all.shape[0]), int(codes.d_sae)
     if n == 0:
         raise ValueError("evaluation set is empty: code store has 0 rows, expected at least 2")
     e_ND = unit_embeddings(embeddings, n)
-
-    def chunk(r0):
+    acc = MSAccumulator(k, e_ND.shape[1], dev)
+    for r0 in tqdm(range(0, n, chunk_rows), desc="MS", disable=quiet, leave=False):
         r1 = min(r0 + chunk_rows, n)
         idx = torch.as_tensor(np.asarray(idx_all[r0:r1]), device=dev).long()
         val = torch.as_tensor(np.asarray(val_all[r0:r1]), device=dev).double()
         if idx.shape != val.shape or idx.ndim != 2:
             raise ValueError(f"code store indices {tuple(idx.shape)} and values {tuple(val.shape)} "
                              "must both be [rows, k]")
-        return r1, idx.reshape(-1), val.reshape(-1)
-
-    listed_F = torch.zeros(k, dtype=torch.int64, device=dev)
-    support_F = torch.zeros(k, dtype=torch.int64, device=dev)
-    lo_F = torch.full((k,), float("inf"), dtype=F64, device=dev)
-    hi_F = torch.full((k,), float("-inf"), dtype=F64, device=dev)
-    for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 1/2 (min/max)"):
-        _, idx, val = chunk(r0)
-        listed_F.index_add_(0, idx, torch.ones_like(idx))
-        support_F.index_add_(0, idx, (val > 0).long())
-        lo_F.scatter_reduce_(0, idx, val, reduce="amin")
-        hi_F.scatter_reduce_(0, idx, val, reduce="amax")
-    if int(listed_F.max()) > n:
-        raise ValueError(f"code store lists some latent {int(listed_F.max())} times in {n} rows; "
-                         "expected each latent at most once per row")
-    has_zero_F = listed_F < n  # some row does not list the latent: its activation there is 0
-    lo_F = torch.where(has_zero_F, lo_F.clamp(max=0.0), lo_F)
-    hi_F = torch.where(has_zero_F, hi_F.clamp(min=0.0), hi_F)
-    scale_F = torch.where(hi_F > lo_F, 1.0 / (hi_F - lo_F), torch.zeros_like(hi_F))
-    c_F = -lo_F * scale_F  # normalised value of a 0 activation
-
-    # accumulate the listed corrections (ã − c); the constant c over all N rows is added in closed form after
-    acc = _Accumulator(k, e_ND.shape[1], dev)
-    corr_sq_F = torch.zeros(k, dtype=F64, device=dev)
-    esum_D = torch.zeros(e_ND.shape[1], dtype=F64, device=dev)
-    for r0 in _row_chunks(n, chunk_rows, quiet, "MS pass 2/2 (ÊᵀÃ)"):
-        r1, idx, val = chunk(r0)
-        e_RD = e_ND[r0:r1].to(dev)
-        esum_D += e_RD.sum(0)
-        at = (val - lo_F[idx]) * scale_F[idx]
-        row = torch.arange(r1 - r0, device=dev).repeat_interleave(idx.numel() // (r1 - r0))  # row of each entry
-        acc.add_sparse(row, idx, at - c_F[idx], e_RD)
-        corr_sq_F.index_add_(0, idx, at * at - c_F[idx] ** 2)
-    etA_FD = c_F[:, None] * esum_D[None, :] + acc.etA_FD
-    sum_F = c_F * n + acc.sum_F
-    sq_F = c_F * c_F * n + corr_sq_F
-    num_F = (etA_FD * etA_FD).sum(1) - sq_F
-    den_F = sum_F * sum_F - sq_F
-    return MSResult(_finish(num_F, den_F), support_F.cpu(), hi_F.cpu(), lo_F.cpu(), n)
+        rows_M = torch.arange(r1 - r0, device=dev).repeat_interleave(idx.shape[1])  # row of each entry
+        acc.add_entries(rows_M, idx.reshape(-1), val.reshape(-1), r1 - r0, e_ND[r0:r1])
+    return acc.result()
 
 
 def random_rotation(d: int, seed: int = 0) -> torch.Tensor:
@@ -249,8 +248,13 @@ class RotatedSource:
         self.Q_DD = random_rotation(self.d_in, seed)
 
     def get(self, idx_N: torch.Tensor) -> torch.Tensor:
-        x = self.src.get(idx_N)
-        return x @ self.Q_DD.to(x.device)
+        return self.rotate(self.src.get(idx_N))
+
+    def rotate(self, x_RD: torch.Tensor) -> torch.Tensor:
+        """Rows of the source (on any device) in the rotated basis."""
+        if self.Q_DD.device != x_RD.device:
+            self.Q_DD = self.Q_DD.to(x_RD.device)
+        return x_RD @ self.Q_DD
 
 
 def summarize_ms(ms_F: torch.Tensor, chance: float | None = None, top: int = 10) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -45,6 +44,91 @@ class _Moments:
         return self.m2 / self.n
 
 
+class ReconAccumulator:
+    """Reconstruction metrics of one SAE, fed consecutive chunks of rows with their codes (one encode serves every
+    metric); rows outside `keep_N` (bool, all rows) are left out, and None keeps every row.
+
+    The pooled sums and moments are merged per chunk; the paper's per-batch FVE and L0 take `batch_rows`
+    consecutive kept rows at a time, so kept rows wait across chunk boundaries until a batch is full."""
+
+    def __init__(self, sae, keep_N: torch.Tensor | None = None, *, batch_rows: int = 4096, dense_cutoff: float = 0.1):
+        dev = sae.W_dec.device
+        self.sae, self.keep_N, self.batch_rows, self.dense_cutoff = sae, keep_N, batch_rows, dense_cutoff
+        self.x_mom, self.r_mom = _Moments(), _Moments()
+        self.n, self.has_k = 0, sae.cfg.k is not None
+        # sq_err, cos_sum, l0_thr, l0_topk: kept on the device so that a chunk does not wait for a sync
+        self.sums_4 = torch.zeros(4, dtype=F64, device=dev)
+        self.fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=dev)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (x, x − x̂, L0) of a batch
+        self.batch_fve: list[torch.Tensor] = []
+        self.batch_l0: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def add(self, x_RD: torch.Tensor, codes_RF: torch.Tensor, r0: int = 0) -> None:
+        """Rows r0.. of the data [R, d_in] and their codes [R, F] in the SAE's inference mode."""
+        if self.keep_N is not None:
+            keep_R = self.keep_N[r0 : r0 + x_RD.shape[0]].to(x_RD.device)
+            x_RD, codes_RF = x_RD[keep_R], codes_RF[keep_R]
+        if x_RD.shape[0] == 0:
+            return
+        sae, x = self.sae, x_RD.float()
+        x_hat = sae.decode(codes_RF)
+        resid = x - x_hat
+        self.x_mom.add(x)
+        self.r_mom.add(resid)
+        self.n += x.shape[0]
+        self.fired_F += (codes_RF > 0).sum(0)
+        thr_R = (sae.encode(x, mode="threshold") > 0).sum(1)  # ReLU SAEs: θ = 0, the ReLU codes
+        topk = (sae.encode(x, mode="topk") > 0).sum() if self.has_k else thr_R.new_zeros(())
+        cos = torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=1).sum()
+        self.sums_4 += torch.stack([(resid.double() ** 2).sum(), cos, thr_R.sum().double(), topk.double()])
+        self.pending.append((x, resid, thr_R))
+        self._full_batches()
+
+    def _full_batches(self) -> None:
+        size = self.batch_rows
+        if sum(p[0].shape[0] for p in self.pending) < size:
+            return
+        x, resid, thr_R = (torch.cat(parts) for parts in zip(*self.pending))
+        cut = x.shape[0] - x.shape[0] % size
+        for b0 in range(0, cut, size):
+            self._batch(x[b0 : b0 + size], resid[b0 : b0 + size], thr_R[b0 : b0 + size])
+        self.pending = [(x[cut:], resid[cut:], thr_R[cut:])] if cut < x.shape[0] else []
+
+    def _batch(self, x, resid, thr_R) -> None:
+        """dictionary_learning's `validation` per batch: FVE with unbiased per-dimension variances, and L0."""
+        if x.shape[0] > 1:
+            self.batch_fve.append(1.0 - resid.double().var(0).sum() / x.double().var(0).sum())
+            self.batch_l0.append(thr_R.sum().double() / x.shape[0])
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise ValueError("evaluation set is empty: 0 held-out rows, expected at least 1")
+        if self.pending:  # the last, short batch
+            self._batch(*(torch.cat(parts) for parts in zip(*self.pending)))
+            self.pending = []
+        n, d_in = self.n, self.sae.cfg.d_in
+        sq_err, cos_sum, l0_thr, l0_topk = self.sums_4.tolist()
+        var_x = float(self.x_mom.var().sum())
+        fve = 1.0 - float(self.r_mom.var().sum()) / var_x if var_x > 0 else float("nan")
+        freq_F = self.fired_F.double().cpu() / n
+        return {
+            "rows": n,
+            "fve": fve,
+            "fve_batch_mean": float(torch.stack(self.batch_fve).mean()) if self.batch_fve else float("nan"),
+            "mse": sq_err / (n * d_in),
+            "cosine": cos_sum / n,
+            "l0_threshold": l0_thr / n,
+            "l0_threshold_batch_mean": float(torch.stack(self.batch_l0).mean()) if self.batch_l0 else float("nan"),
+            "l0_topk": l0_topk / n if self.has_k else None,
+            "batch_rows": self.batch_rows,
+            "dead_frac": float((self.fired_F == 0).double().mean()),
+            "dense_frac": float((freq_F > self.dense_cutoff).double().mean()),
+            "dense_cutoff": self.dense_cutoff,
+            "fire_freq": freq_F,  # per latent [F]; callers move it to the per-latent file
+        }
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     sae, data, *, rows: torch.Tensor | None = None, device=None, batch_rows: int = 4096,
@@ -59,51 +143,15 @@ def reconstruction_metrics(
     src = as_source(data)
     if src.d_in != sae.cfg.d_in:
         raise ValueError(f"activations have width {src.d_in} but the SAE expects d_in={sae.cfg.d_in}")
-    rows = torch.arange(src.rows) if rows is None else torch.as_tensor(rows).long()
-    if rows.numel() == 0:
+    rows_N = torch.arange(src.rows) if rows is None else torch.as_tensor(rows).long()
+    if rows_N.numel() == 0:
         raise ValueError("evaluation set is empty: 0 held-out rows, expected at least 1")
     sae = sae.to(dev).eval()
-    x_mom, r_mom = _Moments(), _Moments()
-    sq_err = cos_sum = l0_thr = l0_topk = 0.0
-    batch_fve, batch_l0 = [], []
-    fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=dev)
-    has_k = sae.cfg.k is not None
-    for r0 in tqdm(range(0, rows.numel(), batch_rows), desc="reconstruction", disable=quiet, leave=False):
-        x = src.get(rows[r0 : r0 + batch_rows]).to(dev).float()
-        codes = sae.encode(x)
-        x_hat = sae.decode(codes)
-        resid = (x - x_hat).double()
-        x_mom.add(x)
-        r_mom.add(resid)
-        sq_err += float((resid**2).sum())
-        cos_sum += float(torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=1).sum())
-        fired_F += (codes > 0).sum(0)
-        thr = float((sae.encode(x, mode="threshold") > 0).sum())  # ReLU SAEs: θ = 0, the ReLU codes
-        l0_thr += thr
-        if x.shape[0] > 1:
-            batch_fve.append(1.0 - float(resid.var(0).sum() / x.double().var(0).sum()))
-            batch_l0.append(thr / x.shape[0])
-        if has_k:
-            l0_topk += float((sae.encode(x, mode="topk") > 0).sum())
-    n = rows.numel()
-    var_x = float(x_mom.var().sum())
-    fve = 1.0 - float(r_mom.var().sum()) / var_x if var_x > 0 else float("nan")
-    freq_F = fired_F.double().cpu() / n
-    return {
-        "rows": n,
-        "fve": fve,
-        "fve_batch_mean": float(np.mean(batch_fve)) if batch_fve else float("nan"),
-        "mse": sq_err / (n * sae.cfg.d_in),
-        "cosine": cos_sum / n,
-        "l0_threshold": l0_thr / n,
-        "l0_threshold_batch_mean": float(np.mean(batch_l0)) if batch_l0 else float("nan"),
-        "l0_topk": l0_topk / n if has_k else None,
-        "batch_rows": batch_rows,
-        "dead_frac": float((fired_F == 0).double().mean()),
-        "dense_frac": float((freq_F > dense_cutoff).double().mean()),
-        "dense_cutoff": dense_cutoff,
-        "fire_freq": freq_F,  # per latent [F]; callers move it to the per-latent file
-    }
+    acc = ReconAccumulator(sae, batch_rows=batch_rows, dense_cutoff=dense_cutoff)
+    for r0 in tqdm(range(0, rows_N.numel(), batch_rows), desc="reconstruction", disable=quiet, leave=False):
+        x = src.get(rows_N[r0 : r0 + batch_rows]).to(dev).float()
+        acc.add(x, sae.encode(x))
+    return acc.result()
 
 
 def heldout_rows(n: int, fraction: float = 0.1, seed: int = 0) -> torch.Tensor:

@@ -1,5 +1,9 @@
-"""Evaluate every SAE of a run on a held-out store, in named steps: inputs (rows, embeddings, taxonomy), neuron
-baselines, MS, reconstruction, top images, hierarchy, and the run-wide tables and plots.
+"""Evaluate every SAE of a run on a held-out store, reading each distinct source (hook point, token selection) once.
+
+A pass over a source moves each chunk of rows to the device once and feeds it to the accumulators of every metric:
+the MS of the layer's raw neurons and of a random rotation of them, and for every SAE that reads the source (each
+chunk encoded once) its MS, top images, reconstruction and taxonomy node detection. Then each SAE's results are
+written in named steps, and the run-wide tables and plots.
 
 Writes under the output directory: metrics.json (summaries, written last: it marks the evaluation done),
 latents/<name>.npz (per-latent arrays), top/<name>/top_*.npy, tables.md (paper Tables A1/A6/A7 shape), plots/*.png,
@@ -16,16 +20,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sae_vlm.config import EvaluateConfig
-from sae_vlm.data.source import as_source
+from sae_vlm.data.source import as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.embed import load_embeddings
-from sae_vlm.eval.ms import RotatedSource, chance_similarity, ms_stats, summarize_ms
-from sae_vlm.eval.recon import heldout_rows, reconstruction_metrics
+from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, summarize_ms, unit_embeddings
+from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
-from sae_vlm.eval.top import EncodedSource, code_chunks, render_grid, save_top, top_activating
+from sae_vlm.eval.top import TopAccumulator, render_grid, save_top
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.runs import find_saes
@@ -58,6 +63,49 @@ class Inputs:
     taxonomy_source: str | None = None  # file | inat | folders
 
 
+@dataclasses.dataclass
+class Baselines:
+    """The MS of a layer's raw neurons ("No SAE") and, unless the seed is negative, of a random rotation of them."""
+
+    layer: str
+    neurons: MSAccumulator
+    rotation: RotatedSource | None = None
+    rotated: MSAccumulator | None = None
+
+    def add(self, x_RD: torch.Tensor, e_RD: torch.Tensor) -> None:
+        self.neurons.add(x_RD, e_RD)
+        if self.rotation is not None and self.rotated is not None:
+            self.rotated.add(self.rotation.rotate(x_RD), e_RD)
+
+
+@dataclasses.dataclass
+class Scoring:
+    """One SAE during the pass over its source: the model and the accumulators of its metrics."""
+
+    name: str
+    sdir: Path
+    sae: SAE
+    top: TopAccumulator
+    recon: ReconAccumulator
+    ms: MSAccumulator | None = None  # with embeddings
+    nodes: H.NodeCollector | None = None  # with a taxonomy
+
+    def add(self, x_RD: torch.Tensor, e_RD: torch.Tensor | None, r0: int) -> None:
+        codes_RF = self.sae.encode(x_RD).float()  # once per chunk, for every metric
+        if self.ms is not None and e_RD is not None:
+            self.ms.add(codes_RF, e_RD)
+        self.top.add(codes_RF)
+        self.recon.add(x_RD, codes_RF, r0)
+        if self.nodes is not None:
+            self.nodes.add(codes_RF)
+
+
+def source_key(sdir: Path) -> tuple:
+    """The (hook point, token selection) an SAE reads, from its config.json, before its weights are loaded."""
+    raw = json.loads((sdir / "config.json").read_text())
+    return raw.get("hook_point"), raw.get("token_selection")
+
+
 class Evaluation:
     """The state the steps share: settings, device, output directory, the metrics being built, and per-source and
     per-layer results that several SAEs reuse."""
@@ -68,6 +116,31 @@ class Evaluation:
         self.inputs: dict[tuple, Inputs] = {}
         self.neuron_ms: dict[str, np.ndarray] = {}  # hook point -> MS of the raw neurons
         self.first_taxonomy: Inputs | None = None
+
+    def score_all(self, saes: list[tuple[str, Path]]) -> list[dict]:
+        """Every SAE's metrics.json entry, in the order of `saes`; one pass per distinct source, in the order the
+        sources first appear."""
+        by_source: dict[tuple, list[int]] = {}
+        for i, (_, sdir) in enumerate(saes):
+            by_source.setdefault(source_key(sdir), []).append(i)
+        results: dict[int, dict] = {}
+        for members in by_source.values():
+            results.update(zip(members, self.score_source([saes[i] for i in members])))
+        return [results[i] for i in range(len(saes))]
+
+    def score_source(self, saes: list[tuple[str, Path]]) -> list[dict]:
+        """Read one source once for its layer's baselines and every SAE that reads it, then write their results."""
+        loaded = [(name, sdir, SAE.from_pretrained(sdir, device=self.dev).eval()) for name, sdir in saes]
+        inp = self.inputs_for(loaded[0][2])
+        layer = loaded[0][2].cfg.hook_point or "unknown"
+        e_ND = unit_embeddings(inp.emb, inp.src.rows) if inp.emb is not None else None
+        base = self.baseline_accumulators(layer, inp, e_ND)
+        keep_N = self.heldout(inp.src.rows)
+        scoring = [self.accumulators(name, sdir, sae, inp, e_ND, keep_N) for name, sdir, sae in loaded]
+        self.read_once(inp.src, e_ND, base, scoring, layer)
+        if base is not None:
+            self.baselines(base, inp)
+        return [self.score(s, inp) for s in scoring]
 
     # --- step 1: the rows an SAE reads, with their embeddings and taxonomy (once per distinct source) ---------
     def inputs_for(self, sae: SAE) -> Inputs:
@@ -98,63 +171,100 @@ class Evaluation:
         self.inputs[key] = inp
         return inp
 
-    # --- step 2: the raw neurons of the layer ("No SAE") and a random rotation of them ----------------------------
-    def baselines(self, layer: str, inp: Inputs) -> None:
-        if inp.emb is None or layer in self.neuron_ms:
-            return
-        cfg = self.cfg
-        base = ms_stats(inp.src, inp.emb, device=self.dev, chunk_rows=cfg.chunk_rows, quiet=cfg.quiet)
-        entry = {"no_sae": summarize_ms(base.ms, inp.chance)}
-        arrays = {"no_sae_ms": base.ms.numpy()}
-        if cfg.rotation_seed >= 0:
-            rot = ms_stats(RotatedSource(inp.src, cfg.rotation_seed), inp.emb, device=self.dev,
-                           chunk_rows=cfg.chunk_rows, quiet=cfg.quiet)
-            entry["rotated"] = summarize_ms(rot.ms, inp.chance) | {"seed": cfg.rotation_seed}
-            arrays["rotated_ms"] = rot.ms.numpy()
-        self.neuron_ms[layer] = base.ms.numpy()
-        self.metrics["baselines"][layer] = entry
-        atomic_save_npz(self.out / "latents" / f"baseline__{layer}.npz", **arrays)
+    # --- step 2: the accumulators of the layer's baselines and of each SAE, filled by one pass ---------------------
+    def baseline_accumulators(self, layer: str, inp: Inputs, e_ND: torch.Tensor | None) -> Baselines | None:
+        if e_ND is None or layer in self.neuron_ms:  # a layer's baselines come from its first source
+            return None
+        d, dim = inp.src.d_in, e_ND.shape[1]
+        base = Baselines(layer, MSAccumulator(d, dim, self.dev))
+        if self.cfg.rotation_seed >= 0:
+            base.rotation = RotatedSource(inp.src, self.cfg.rotation_seed)
+            base.rotated = MSAccumulator(d, dim, self.dev)
+        return base
 
-    # --- step 3: MS of every latent ----------------------------------------------------------------------------
-    def ms(self, sae: SAE, codes: EncodedSource, inp: Inputs, r: dict, arrays: dict) -> None:
-        if inp.emb is None:
+    def heldout(self, n: int) -> torch.Tensor | None:
+        """The rows the reconstruction metrics use, as a mask over all rows; None for all of them."""
+        if self.cfg.heldout_frac >= 1:
+            return None
+        keep_N = torch.zeros(n, dtype=torch.bool)
+        keep_N[heldout_rows(n, self.cfg.heldout_frac)] = True
+        return keep_N
+
+    def accumulators(self, name: str, sdir: Path, sae: SAE, inp: Inputs, e_ND: torch.Tensor | None,
+                     keep_N: torch.Tensor | None) -> Scoring:
+        cfg, scfg = self.cfg, sae.cfg
+        if inp.src.d_in != scfg.d_in:
+            raise ValueError(f"activations have width {inp.src.d_in} but the SAE expects d_in={scfg.d_in}")
+        s = Scoring(name, sdir, sae, TopAccumulator(cfg.top),
+                    ReconAccumulator(sae, keep_N, batch_rows=cfg.batch_rows, dense_cutoff=cfg.dense_cutoff))
+        if e_ND is not None:
+            s.ms = MSAccumulator(scfg.d_sae, e_ND.shape[1], self.dev)
+        if inp.taxa is not None:
+            s.nodes = H.NodeCollector(inp.taxa, scfg.group_sizes)
+        return s
+
+    @torch.no_grad()
+    def read_once(self, src, e_ND: torch.Tensor | None, base: Baselines | None, scoring: list[Scoring],
+                  layer: str) -> None:
+        """The one pass over a source: each chunk goes to the device once and into every accumulator."""
+        with tqdm(total=src.rows, desc=f"evaluate {layer}", unit="rows", disable=self.cfg.quiet, leave=False) as bar:
+            for r0, x_RD in sequential_chunks(src, self.cfg.chunk_rows):
+                x_RD = x_RD.to(self.dev)
+                e_RD = e_ND[r0 : r0 + x_RD.shape[0]].to(self.dev) if e_ND is not None else None
+                if base is not None and e_RD is not None:
+                    base.add(x_RD, e_RD)
+                for s in scoring:
+                    s.add(x_RD, e_RD, r0)
+                bar.update(x_RD.shape[0])
+
+    # --- step 3: the raw neurons of the layer ("No SAE") and a random rotation of them ----------------------------
+    def baselines(self, base: Baselines, inp: Inputs) -> None:
+        neurons = base.neurons.result()
+        entry = {"no_sae": summarize_ms(neurons.ms, inp.chance)}
+        arrays = {"no_sae_ms": neurons.ms.numpy()}
+        if base.rotated is not None:
+            rot = base.rotated.result()
+            entry["rotated"] = summarize_ms(rot.ms, inp.chance) | {"seed": self.cfg.rotation_seed}
+            arrays["rotated_ms"] = rot.ms.numpy()
+        self.neuron_ms[base.layer] = neurons.ms.numpy()
+        self.metrics["baselines"][base.layer] = entry
+        atomic_save_npz(self.out / "latents" / f"baseline__{base.layer}.npz", **arrays)
+
+    # --- step 4: MS of every latent ----------------------------------------------------------------------------
+    def ms(self, sae: SAE, acc: MSAccumulator | None, inp: Inputs, r: dict, arrays: dict) -> None:
+        if acc is None:
             r["ms"] = None
             return
-        res = ms_stats(codes, inp.emb, device=self.dev, chunk_rows=self.cfg.chunk_rows, quiet=self.cfg.quiet)
+        res = acc.result()
         ms = res.ms.numpy()
         r["ms"] = summarize_ms(res.ms, inp.chance)
         r["ms_per_level"] = H.per_level(ms, sae.cfg.group_sizes)
         r["ms_support_median"] = float(res.support[~res.ms.isnan()].double().median()) if r["ms"]["scored"] else None
         arrays |= {"ms": ms, "support": res.support.numpy(), "max_act": res.max_act.numpy(), "freq": res.freq.numpy()}
 
-    # --- step 4: FVE, MSE, cosine, L0, dead and dense fractions ----------------------------------------------------
-    def reconstruction(self, sae: SAE, inp: Inputs, r: dict, arrays: dict) -> None:
-        cfg, n = self.cfg, inp.src.rows
-        rows = torch.arange(n) if cfg.heldout_frac >= 1 else heldout_rows(n, cfg.heldout_frac)
-        recon = reconstruction_metrics(sae, inp.src, rows=rows, device=self.dev, batch_rows=cfg.batch_rows,
-                                       dense_cutoff=cfg.dense_cutoff, quiet=cfg.quiet)
+    # --- step 5: FVE, MSE, cosine, L0, dead and dense fractions ----------------------------------------------------
+    def reconstruction(self, acc: ReconAccumulator, r: dict, arrays: dict) -> None:
+        recon = acc.result()
         arrays["fire_freq"] = recon.pop("fire_freq").numpy()
         r["recon"] = recon
 
-    # --- step 5: each latent's top-activating images ---------------------------------------------------------------
-    def top_images(self, name: str, codes: EncodedSource, arrays: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        tv, ti = top_activating(codes, top=self.cfg.top, device=self.dev, chunk_rows=self.cfg.chunk_rows,
-                                quiet=self.cfg.quiet)
+    # --- step 6: each latent's top-activating images ---------------------------------------------------------------
+    def top_images(self, name: str, acc: TopAccumulator, arrays: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        tv, ti = (t.cpu() for t in acc.result())
         save_top(self.out / "top" / name, tv, ti)
         arrays |= {"top_values": tv.numpy(), "top_indices": ti.numpy()}
         return tv, ti
 
-    # --- step 6: LCA depth of each latent's top images per Matryoshka level, uniqueness of the top sets -----------
-    def hierarchy(self, sae: SAE, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, r: dict, arrays: dict) -> None:
-        if inp.taxa is None:
+    # --- step 7: LCA depth of each latent's top images per Matryoshka level, uniqueness of the top sets -----------
+    def hierarchy(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, r: dict, arrays: dict) -> None:
+        if inp.taxa is None or s.nodes is None:
             return
-        groups = sae.cfg.group_sizes
+        groups = s.sae.cfg.group_sizes
         dead_top = (tv[:, -1] <= 0).numpy()
         lca = H.latent_lca_depths(ti.clamp(min=0).numpy(), tv.numpy(), inp.taxa)
         uniq = H.top_set_uniqueness(ti.numpy(), dead_F=dead_top)
         used = ti[~torch.as_tensor(dead_top)].clamp(min=0)
-        detection = H.node_detection(code_chunks(EncodedSource(sae, inp.src, device=self.dev), self.cfg.chunk_rows,
-                                                 self.dev), inp.taxa, groups)
+        detection = s.nodes.result()
         atomic_write_bytes(self.out / "nodes" / f"{r['name']}.json", json.dumps(detection["nodes"]).encode())
         r["hierarchy"] = {
             "taxonomy_source": inp.taxonomy_source,
@@ -177,21 +287,18 @@ class Evaluation:
             render_grid(ti[j].numpy(), lambda i: paths[i], self.out / "grids" / name / f"latent_{j}.png",
                         values=tv[j].numpy())
 
-    def score(self, name: str, sdir: Path) -> dict:
-        """Every step for one SAE; returns its metrics.json entry."""
-        sae = SAE.from_pretrained(sdir, device=self.dev).eval()
-        scfg = sae.cfg
-        inp = self.inputs_for(sae)
+    def score(self, s: Scoring, inp: Inputs) -> dict:
+        """One SAE's files and metrics.json entry, from the accumulators the pass filled."""
+        scfg, name = s.sae.cfg, s.name
         layer = scfg.hook_point or "unknown"
-        self.baselines(layer, inp)
-        r = {"name": name, "path": str(sdir), "step": sae.meta.get("training", {}).get("step"), "arch": scfg.arch,
+        r = {"name": name, "path": str(s.sdir), "step": s.sae.meta.get("training", {}).get("step"), "arch": scfg.arch,
              "hook_point": layer, "d_in": scfg.d_in, "d_sae": scfg.d_sae, "k": scfg.k,
              "group_sizes": list(scfg.group_sizes) if scfg.group_sizes else None}
-        codes, arrays = EncodedSource(sae, inp.src, device=self.dev), {}
-        self.ms(sae, codes, inp, r, arrays)
-        self.reconstruction(sae, inp, r, arrays)
-        tv, ti = self.top_images(name, codes, arrays)
-        self.hierarchy(sae, inp, tv, ti, r, arrays)
+        arrays: dict = {}
+        self.ms(s.sae, s.ms, inp, r, arrays)
+        self.reconstruction(s.recon, r, arrays)
+        tv, ti = self.top_images(name, s.top, arrays)
+        self.hierarchy(s, inp, tv, ti, r, arrays)
         self.grids(name, inp, tv, ti, arrays)
         atomic_save_npz(self.out / "latents" / f"{name}.npz", **arrays)
         if "ms" in arrays:
@@ -199,7 +306,7 @@ class Evaluation:
                            self.neuron_ms.get(layer))
         return r
 
-    # --- step 7: run-wide tables and plots, then metrics.json ------------------------------------------------------
+    # --- step 8: run-wide tables and plots, then metrics.json ------------------------------------------------------
     def finish(self, results: list[dict]) -> dict:
         metrics, out = self.metrics, self.out
         metrics["saes"] = results
@@ -222,4 +329,4 @@ def evaluate_run(cfg: EvaluateConfig) -> dict:
     saes, step = find_saes(cfg.run_dir, cfg.step)
     ev = Evaluation(cfg)
     ev.metrics["step"] = step  # which snapshot was scored: a step number or "final"
-    return ev.finish([ev.score(name, sdir) for name, sdir in saes])
+    return ev.finish(ev.score_all(saes))

@@ -1,7 +1,8 @@
 """Top-activating images per latent in one streaming pass, and 4×4 grids of them.
 
-A running top-k lives on the device: per chunk, `torch.topk` over the concatenation of the running values and
-the chunk's codes. Token-level codes are mean-pooled per image first (rows of one image must be contiguous).
+A running top-k (`TopAccumulator`) lives on the device: per chunk, `torch.topk` over the concatenation of the
+running values and the chunk's codes. Token-level codes are mean-pooled per image first (rows of one image must be
+contiguous).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.data.source import as_source
+from sae_vlm.data.source import as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 from sae_vlm.eval.ms import is_sparse_codes
 from sae_vlm.io import atomic_save_image, atomic_save_npy
@@ -45,9 +46,8 @@ def code_chunks(codes, chunk_rows: int, dev):
             out = torch.zeros(idx.shape[0], k, device=dev)
             yield out.scatter_(1, idx, val)
     else:
-        src = as_source(codes)
-        for r0 in range(0, src.rows, chunk_rows):
-            yield src.get(torch.arange(r0, min(r0 + chunk_rows, src.rows))).to(dev).float()
+        for _, c_RF in sequential_chunks(as_source(codes), chunk_rows):
+            yield c_RF.to(dev).float()
 
 
 def _rows_of(codes) -> int:
@@ -87,32 +87,44 @@ def _pooled_chunks(codes, image_ids, chunk_rows, dev):
         yield torch.tensor([carry_id], device=dev), carry_sum[None] / carry_n
 
 
-def running_top(stream, top: int, *, fill: float = float("-inf"), width: int | None = None, device=None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running top-k merge: (values [F, top], indices [F, top] int64), best first, on the chunks' device.
+class TopAccumulator:
+    """The running top-k merge on the chunks' device: per chunk, `torch.topk` over the running values [F, top]
+    concatenated with the chunk's codes. Slots never filled keep value `fill` and index -1. The state is created
+    from the first chunk, or up front when `width` (F) is given."""
 
-    `stream` yields (ids [R] or None, codes [R, F]); None ids number the rows consecutively from 0. Per chunk,
-    `torch.topk` over the running values concatenated with the chunk's codes. Slots never filled keep value
-    `fill` and index -1. The state is created from the first chunk, or up front when `width` (F) is given
-    (then an empty stream returns the filled state; without `width` it is a ValueError)."""
+    def __init__(self, top: int, *, fill: float = float("-inf"), width: int | None = None, device=None):
+        self.top, self.fill, self.seen = top, fill, 0
+        self.state = self._start(width, device) if width is not None else None
 
-    def start(f: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.full((f, top), fill, device=dev), torch.full((f, top), -1, dtype=torch.int64, device=dev))
+    def _start(self, f: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.full((f, self.top), self.fill, device=dev),
+                torch.full((f, self.top), -1, dtype=torch.int64, device=dev))
 
-    state = start(width, device) if width is not None else None
-    seen = 0
-    for ids, c_RF in stream:
-        if ids is None:
-            ids = torch.arange(seen, seen + c_RF.shape[0], device=c_RF.device)
-        seen += c_RF.shape[0]
-        vals_FT, idx_FT = state if state is not None else start(c_RF.shape[1], c_RF.device)
+    def add(self, c_RF: torch.Tensor, ids_R: torch.Tensor | None = None) -> None:
+        """Codes [R, F] of rows `ids_R`; None numbers the rows consecutively from 0."""
+        ids = torch.arange(self.seen, self.seen + c_RF.shape[0], device=c_RF.device) if ids_R is None else ids_R
+        self.seen += c_RF.shape[0]
+        vals_FT, idx_FT = self.state if self.state is not None else self._start(c_RF.shape[1], c_RF.device)
         cand_v = torch.cat([vals_FT, c_RF.T], 1)
         cand_i = torch.cat([idx_FT, ids[None, :].expand(c_RF.shape[1], -1)], 1)
-        vals_FT, pos = cand_v.topk(top, dim=1)
-        state = (vals_FT, cand_i.gather(1, pos))
-    if state is None:
-        raise ValueError("evaluation set is empty: no code rows to rank, expected at least 1")
-    return state
+        vals_FT, pos = cand_v.topk(self.top, dim=1)
+        self.state = (vals_FT, cand_i.gather(1, pos))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [F, top], indices [F, top] int64), best first."""
+        if self.state is None:
+            raise ValueError("evaluation set is empty: no code rows to rank, expected at least 1")
+        return self.state
+
+
+def running_top(stream, top: int, *, fill: float = float("-inf"), width: int | None = None, device=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`TopAccumulator` over `stream`, which yields (ids [R] or None, codes [R, F]); without `width`, an empty
+    stream is a ValueError, with it the filled state comes back."""
+    acc = TopAccumulator(top, fill=fill, width=width, device=device)
+    for ids, c_RF in stream:
+        acc.add(c_RF, ids)
+    return acc.result()
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import json
 import math
+import sys
+import time
 import zlib
 from pathlib import Path
 from typing import cast
@@ -20,7 +22,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sae_vlm.config import SAESpec, TrainConfig
+from sae_vlm.data.loader import Layout, Schedule, StreamingBatches, check_finite
 from sae_vlm.data.source import ActivationSource, as_source
+from sae_vlm.device import memory_budget
 from sae_vlm.io import atomic_write_text
 from sae_vlm.sae import distributed as D
 from sae_vlm.sae import mechanics
@@ -33,26 +37,47 @@ from sae_vlm.sae.sparse import SparseCodes
 
 
 class Batches:
-    """Batch `step` of the run: a fresh seeded permutation per epoch, drawn on the device holding the data."""
+    """Batch `step` of the run. Data within --max-memory lives on the device and every epoch draws a fresh seeded
+    permutation of it; a larger store or .npy streams from disk, block-shuffled (data/loader.py). `plan` says
+    which, and a resumed run passes the plan it started with so that it replays the same batches."""
 
-    def __init__(self, source: ActivationSource, cfg: TrainConfig, device: torch.device):
+    def __init__(self, source: ActivationSource, cfg: TrainConfig, device: torch.device, place: D.Dist = D.Dist(),
+                 plan: dict | None = None):
         self.source, self.cfg, self.device = source, cfg, device
         if source.rows == 0:
             raise ValueError(f"activation source {cfg.data!r} is empty (0 rows)")
         if source.rows < cfg.batch_size:
             raise ValueError(f"activation source has {source.rows} rows, fewer than batch_size={cfg.batch_size}")
         self.per_epoch = source.rows // cfg.batch_size  # the ragged tail of each epoch is dropped
-        read_all = getattr(source, "all", None)  # in-memory and .npy sources can hand over every row at once
-        fits = read_all is not None and source.rows * source.d_in * 4 <= cfg.max_device_bytes
-        self.data_ND = read_all().to(device, torch.float32) if fits and read_all is not None else None
-        if self.data_ND is not None:
-            for start in range(0, source.rows, 65536):
-                check_finite(self.data_ND[start : start + 65536], torch.arange(start, min(start + 65536, source.rows)))
+        budget, files = memory_budget(cfg.max_memory, device), getattr(source, "files", None)
+        self.data_bytes = source.rows * source.d_in * 4
+        streams = plan["path"] == "stream" if plan else self.data_bytes > budget
+        self.stream, self.data_ND, self.rank_local = None, None, False
+        if files is not None and streams:
+            layout = Layout(plan["chunk_rows"], plan["window_chunks"]) if plan else \
+                Layout.for_budget(source.rows, files.row_bytes, budget)
+            rank, world = (place.rank, place.world) if place.ddp else (0, 1)
+            schedule = Schedule(source.rows, layout, cfg.seed, cfg.batch_size, rank, world)
+            self.stream = StreamingBatches(files, schedule, device)
+            self.per_epoch, self.rank_local = schedule.per_epoch, place.ddp
+            self.plan = {"path": "stream", "chunk_rows": layout.chunk_rows, "window_chunks": layout.window_chunks}
+        else:
+            self.plan = {"path": "memory"}
+            read_all = getattr(source, "all", None)  # in-memory, .npy and store sources hand over every row at once
+            if read_all is not None and (self.data_bytes <= budget or plan is not None):
+                self.data_ND = read_all().to(device, torch.float32)
+                for start in range(0, source.rows, 65536):
+                    stop = min(start + 65536, source.rows)
+                    check_finite(self.data_ND[start:stop], torch.arange(start, stop))
+        self.budget = budget
         self.perm_device = device if self.data_ND is not None else torch.device("cpu")
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def __call__(self, step: int, shard: tuple[int, int] | None = None) -> torch.Tensor:
-        """The batch of `step`; `shard=(rank, world)` keeps only rows rank::world of it (data-parallel)."""
+        """The batch of `step`; `shard=(rank, world)` keeps only rows rank::world of it (data-parallel). A streamed
+        --ddp run reads only this rank's rows already, so the shard is its whole batch."""
+        if self.stream is not None:
+            return self.stream(step)
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator(self.perm_device).manual_seed(self.cfg.seed * 100_003 + epoch)
@@ -67,14 +92,19 @@ class Batches:
         check_finite(x, idx)
         return x.to(self.device, non_blocking=True)
 
+    def describe(self) -> str:
+        gb = f"{self.data_bytes / 1e9:.3g} GB as float32"
+        if self.stream is None:
+            return f"data: {gb}, held in memory on {self.device} (--max-memory {self.budget / 1e9:.3g} GB)"
+        lay = self.stream.schedule.layout
+        window_gb = lay.chunk_rows * lay.window_chunks * self.stream.files.row_bytes / 1e9
+        return (f"data: {gb} > --max-memory {self.budget / 1e9:.3g} GB: streaming from disk in chunks of "
+                f"{lay.chunk_rows} rows, windows of {lay.window_chunks} chunks ({window_gb:.3g} GB)")
 
-def check_finite(x_ND: torch.Tensor, rows_N: torch.Tensor) -> None:
-    """Raise naming the first source row (rows_N maps batch rows to source rows) that holds NaN or inf."""
-    bad = ~torch.isfinite(x_ND)
-    if bad.any():
-        row = int(rows_N[int(bad.any(dim=1).nonzero()[0])])
-        value = x_ND[bad][0].item()
-        raise ValueError(f"activations contain {value} at row {row}; expected finite values (NaN/inf in the source)")
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
 
 
 @dataclasses.dataclass
@@ -171,12 +201,14 @@ def fve(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> torch.Tensor:
 
 def estimate_norm_factor(batches: Batches, n: int) -> float:
     """s = sqrt(E‖x‖²) over the first n batches; training sees x/s (paper §2.2)."""
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)
     for step in range(min(n, batches.per_epoch)):
         x = batches(step).double()
-        total += x.pow(2).sum().item()
-        count += x.shape[0]
-    return math.sqrt(total / count)
+        sums += torch.tensor([x.pow(2).sum().item(), x.shape[0]], dtype=torch.float64)
+    if batches.rank_local:  # each rank read its own rows: the global batches are their union
+        sums = sums.to(batches.device)
+        dist.all_reduce(sums)
+    return math.sqrt(float(sums[0] / sums[1]))
 
 
 def source_meta(source) -> dict:
@@ -237,7 +269,11 @@ def prepare(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> Ru
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     check_log_sink(cfg.log_to)
     source = as_source(source if source is not None else cfg.data, layer=cfg.layer)  # a tensor or array works too
-    batches = Batches(source, cfg, device)
+    plan_file = out / "data_plan.json"
+    plan = json.loads(plan_file.read_text()) if cfg.resume and plan_file.is_file() else None
+    batches = Batches(source, cfg, device, place, plan)
+    if place.lead and not cfg.quiet:
+        tqdm.write(batches.describe(), file=sys.stderr)
     meta = source_meta(source)
     specs = cfg.specs()
     names = [spec.name for spec in specs]
@@ -270,8 +306,11 @@ def initialise(run: Run) -> tuple[int, float]:
     for m in run.members:
         with torch.no_grad():
             m.sae.b_dec.copy_(mechanics.geometric_median(first))
+            if run.batches.rank_local:  # ranks saw different first batches; they must start from one b_dec
+                dist.broadcast(m.sae.b_dec, 0)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.place.lead:
+        atomic_write_text(run.out / "data_plan.json", json.dumps(run.batches.plan))
         atomic_write_text(run.out / "train_config.json", json.dumps(dataclasses.asdict(run.cfg), indent=2))
     return 0, norm
 
@@ -284,6 +323,7 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
                disable=cfg.quiet or not place.lead)
     shard = (place.rank, place.world) if place.ddp else None
     stats: list[dict] = [{} for _ in members]
+    t0 = time.perf_counter()
     try:
         for step in bar:
             done = step + 1
@@ -307,12 +347,17 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
     finally:
         if logger is not None:
             logger.close()
+        run.batches.close()
+    stream, wall = run.batches.stream, time.perf_counter() - t0
+    if stream is not None and place.lead and not cfg.quiet and stream.rows_served:
+        tqdm.write(f"data: streamed {stream.rows_served:,} rows in {wall:.1f} s ({stream.rows_served / wall:,.0f} "
+                   f"rows/s), {stream.read_seconds:.1f} s of it waiting for data", file=sys.stderr)
     return stats
 
 
 # Settings a resumed run may change: they don't alter what is computed.
 RESUME_MAY_CHANGE = {"data", "out", "steps", "device", "quiet", "log_to", "log_every", "checkpoint_every", "keep_steps",
-                     "max_device_bytes", "resume", "eval_step"}
+                     "max_memory", "resume", "eval_step"}
 
 
 def check_same_run(saved_config: Path, cfg: TrainConfig) -> None:

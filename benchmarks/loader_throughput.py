@@ -1,0 +1,186 @@
+"""The streaming loader on a cold store: its rows/s against a plain sequential read of the same files, training on
+a store above --max-memory against the same SAE with the data in memory, and the label mixing of the layout.
+
+Cold means evicted from the page cache (posix_fadvise DONTNEED per file, after fsync; no root needed) right before
+each timed read, so the disk, not RAM, answers.
+
+  read:   sequential = each shard file read front to back in 16 MB reads (the disk's best case);
+          loader     = one epoch of `StreamingBatches` at the default layout (chunks in random order, windows
+                       prefetched on 8 threads, fp16 -> fp32 batches of --batch-size);
+          random     = the old streaming path, `StoreReader.get` on a random permutation (memory-mapped rows),
+                       for --random-seconds only.
+  train:  `sae-vlm train` marginal acts/s (steps --steps minus 4 warm-up steps) streamed from the cold store at
+          --train-max-memory (1 GB) against the same run with the data in memory.
+  mixing: per-batch label entropy on an ImageNet-like class-sorted order (1000 classes, 1.28M rows, batch 4096)
+          for several chunk and window sizes, against a full permutation; indices only, no data read.
+
+  python benchmarks/loader_throughput.py --rows 1000000 --d 1024 --out /tmp/loader-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_vlm.config import TrainConfig
+from sae_vlm.data import store as S
+from sae_vlm.data.loader import Layout, Schedule, StreamingBatches
+from sae_vlm.sae import trainer
+
+
+def write_store(root: Path, rows: int, d: int, shard_rows: int) -> S.StoreReader:
+    if (root / "acts" / "manifest.json").is_file():
+        return S.open_store(root)
+    sub = {"acts": {"hook_point": "layer.0", "tokens": "cls", "rows_per_image": 1, "width": d, "note": ""}}
+    w = S.StoreWriter(root, {"dtype": "fp16"}, sub)
+    w.prepare()
+    rng = np.random.default_rng(0)
+    n_shards = -(-rows // shard_rows)
+    for s in range(n_shards):
+        n = min(shard_rows, rows - s * shard_rows)
+        x = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
+        ims = [{"id": str(i), "path": f"{i}.png", "label": None} for i in range(s * shard_rows, s * shard_rows + n)]
+        w.write_shard(s, {"acts": S.to_storage(x, "fp16", "layer.0")}, {"acts": np.full(n, -1, np.int32)}, ims, [])
+    w.finalize(n_shards, {"model_id": "random"})
+    return S.open_store(root)
+
+
+def evict(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_rows_per_s(paths: list[Path], row_bytes: int) -> float:
+    evict(paths)
+    buf, total, t0 = bytearray(16 << 20), 0, time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    return total / row_bytes / (time.perf_counter() - t0)
+
+
+def loader_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, budget: int
+                      ) -> tuple[float, float, Layout]:
+    """(rows/s over the epoch, rows/s after the first window is in: what a store of many windows sees, layout)."""
+    src = S.open_store(src.path)  # fresh reader: no open file, nothing cached
+    layout = Layout.for_budget(src.rows, src.files.row_bytes, budget)
+    stream = StreamingBatches(src.files, Schedule(src.rows, layout, 0, batch), torch.device("cpu"))
+    evict(paths)
+    t0, rows = time.perf_counter(), 0
+    rows += len(stream(0))
+    t1, first = time.perf_counter(), rows
+    for step in range(1, stream.per_epoch):
+        rows += len(stream(step))
+    t2 = time.perf_counter()
+    stream.close()
+    return rows / (t2 - t0), (rows - first) / (t2 - t1), layout
+
+
+def random_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, seconds: float) -> float:
+    src = S.open_store(src.path)
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(src.rows))
+    evict(paths)
+    t0, rows = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        rows += len(src.get(perm[rows : rows + batch]))
+    return rows / (time.perf_counter() - t0)
+
+
+def train_acts_per_s(src: S.StoreReader, paths: list[Path], out: Path, max_memory: float | None, steps: int,
+                     width: float, k: int, batch: int) -> float:
+    """Marginal rate: a run of `steps` minus a run of 4, each from a cold store."""
+    times = {}
+    for n in (4, steps):
+        shutil.rmtree(out, ignore_errors=True)
+        evict(paths)
+        cfg = TrainConfig(data=str(src.path), out=str(out), expansions=(width,), ks=(k,), batch_size=batch, steps=n,
+                          norm_batches=2, warmup_steps=1, checkpoint_every=10**9, log_every=10**9, quiet=True,
+                          device="cpu", max_memory=max_memory)
+        t0 = time.perf_counter()
+        trainer.train(cfg)
+        times[n] = time.perf_counter() - t0
+    return (steps - 4) * batch / (times[steps] - times[4])
+
+
+def entropy(labels_N: np.ndarray) -> float:
+    p = np.bincount(labels_N) / len(labels_N)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def mixing(layouts: list[Layout], rows=1_281_024, classes=1000, batch=4096, every=97) -> list[tuple[Layout, float]]:
+    labels = np.arange(rows) * classes // rows
+    perm = np.random.default_rng(0).permutation(rows)
+    full = np.mean([entropy(labels[perm[i * batch : (i + 1) * batch]]) for i in range(0, rows // batch, every)])
+    out = []
+    for lay in layouts:
+        sched = Schedule(rows, lay, 0, batch)
+        ents = []
+        for step in range(0, sched.per_epoch, every):
+            idx = []
+            for e, w, a, b in sched.pieces(step):
+                spans = sched.window_rows(sched.windows(e)[w])
+                n = sum(y - x for x, y in spans)
+                idx.append(sched.source_rows(e, w, sched.permutation(e, w, n)[a:b]))
+            ents.append(entropy(labels[np.concatenate(idx)]))
+        out.append((lay, float(np.mean(ents) / full)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--shard-rows", type=int, default=65536)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--budget-gb", type=float, default=8.0, help="--max-memory the loader's layout is sized for")
+    ap.add_argument("--random-seconds", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, default=24, help="training steps per timed run (0: skip training)")
+    ap.add_argument("--train-max-memory", type=float, default=1.0, help="--max-memory of the streamed training run")
+    ap.add_argument("--width", type=float, default=2)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--out", default="/tmp/loader-bench")
+    args = ap.parse_args()
+
+    root = Path(args.out)
+    src = write_store(root / "store", args.rows, args.d, args.shard_rows)
+    src.verify()  # checksums once, so the timed reads are the reads alone
+    paths = [f.path for f in src.files.files]
+    gb = sum(p.stat().st_size for p in paths) / 1e9
+    print(f"store: {src.rows:,} rows x {args.d} fp16 = {gb:.2f} GB in {len(paths)} shards")
+    seq = sequential_rows_per_s(paths, src.files.row_bytes)
+    rate, steady, layout = loader_rows_per_s(src, paths, args.batch_size, int(args.budget_gb * 1e9))
+    print(f"cold sequential read: {seq:,.0f} rows/s ({seq * src.files.row_bytes / 1e6:,.0f} MB/s)")
+    print(f"cold loader epoch:    {rate:,.0f} rows/s = {rate / seq:.1%} of sequential, after the first window "
+          f"{steady:,.0f} rows/s = {steady / seq:.1%}  ({layout})")
+    rnd = random_rows_per_s(src, paths, args.batch_size, args.random_seconds)
+    print(f"cold random get:      {rnd:,.0f} rows/s = {rnd / seq:.2%} of sequential")
+    if args.steps:
+        kw = dict(steps=args.steps, width=args.width, k=args.k, batch=args.batch_size)
+        mem = train_acts_per_s(src, paths, root / "run", None, **kw)
+        streamed = train_acts_per_s(src, paths, root / "run", args.train_max_memory, **kw)
+        bound = min(mem, seq)
+        print(f"train x{args.width:g} k={args.k} batch {args.batch_size}: in memory {mem:,.0f} acts/s, streamed "
+              f"(--max-memory {args.train_max_memory:g}) {streamed:,.0f} acts/s = {streamed / bound:.1%} of "
+              "min(disk, in memory)")
+    row_bytes = args.d * 2
+    layouts = [Layout.for_budget(1_281_024, row_bytes, int(b * 1e9)) for b in (0.25, 1.0, 8.0)]
+    layouts += [Layout(c, max(1, (1 << 30) // (c * row_bytes))) for c in (128, 1024)]
+    for lay, ratio in mixing(layouts):
+        print(f"mixing {lay}: per-batch label entropy {ratio:.1%} of a full permutation")
+
+
+if __name__ == "__main__":
+    main()

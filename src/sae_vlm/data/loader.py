@@ -1,0 +1,307 @@
+"""Training batches from activations larger than memory, at disk speed.
+
+Reading rows one by one from a memory map costs one page fault, and often megabytes of readahead, per row. This
+loader reads instead large contiguous pieces with `os.preadv` on several threads, and shuffles in two stages:
+
+* epoch e cuts the rows into chunks of `chunk_rows` consecutive rows and draws a random order of the chunks;
+  under --ddp the chunks are dealt round-robin to the ranks, so a rank reads only its own rows;
+* the chunks, in that order, form windows of `window_chunks`; a window is read whole into memory (the next one
+  is read in the background while this one trains), and its rows are drawn in a random order;
+* this rank's row stream is the windows one after the other, and batch i is rows [i·b, (i+1)·b) of it.
+
+Every order is drawn from (seed, epoch, window), so batch `step` is the same whenever it is asked for: a resumed
+run replays the same batches bit for bit. `benchmarks/loader_throughput.py` measures the speed and the label
+mixing of the default sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_vlm.device import free_memory_bytes
+
+# Measured on a cloud disk (benchmarks/RESULTS.md): random reads of 512 KiB and more on 16 threads come close to a
+# sequential read, 64 KiB reads reach half of it. A class-sorted store needs ~2048 chunks per window to mix within
+# 5% of a full permutation (1000 classes, batch 4096); smaller windows get smaller chunks to keep that many.
+CHUNK_BYTES = 1 << 20
+WINDOW_CHUNKS = 2048
+WINDOW_CAP_BYTES = 1 << 30  # bigger mixes little better, delays the first batch and competes with training for CPU
+IO_THREADS = 16
+
+
+@dataclass(frozen=True)
+class RowFile:
+    """Rows [start, start + rows) of the source live in `path`, from byte `offset`, `row_bytes` per row."""
+
+    path: Path
+    offset: int
+    rows: int
+    start: int
+
+
+class FileRows:
+    """Raw rows (storage dtype) of one or more files read with positioned reads; `check(j)` runs before file j is
+    first read (a store verifies the shard's checksum there). `bf16`: the uint16 words are bfloat16 values."""
+
+    def __init__(self, files: list[RowFile], d_in: int, storage: np.dtype, check: Callable[[int], None] | None = None,
+                 bf16: bool = False):
+        self.files, self.d_in, self.storage, self.bf16 = files, d_in, np.dtype(storage), bf16
+        self.row_bytes = d_in * self.storage.itemsize
+        self.rows = files[-1].start + files[-1].rows if files else 0
+        self._starts = np.array([f.start for f in files], dtype=np.int64)
+        self._check = check
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def _fd(self, j: int) -> int:
+        with self._lock:
+            if j not in self._fds:
+                if self._check is not None:
+                    self._check(j)
+                fd = os.open(self.files[j].path, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # we read whole pieces; readahead would be waste
+                self._fds[j] = fd
+            return self._fds[j]
+
+    def read_into(self, r0: int, r1: int, out: np.ndarray) -> None:
+        """Rows [r0, r1) into `out` (shape [r1 - r0, d_in], storage dtype, C-contiguous)."""
+        j = int(np.searchsorted(self._starts, r0, side="right")) - 1
+        pos = r0
+        while pos < r1:
+            f = self.files[j]
+            stop = min(r1, f.start + f.rows)
+            view = memoryview(out[pos - r0 : stop - r0].data).cast("B")  # type: ignore[arg-type]
+            want, got = len(view), 0
+            while got < want:
+                n = os.preadv(self._fd(j), [view[got:]], f.offset + (pos - f.start) * self.row_bytes + got)
+                if n == 0:
+                    gone = pos + got // self.row_bytes
+                    raise ValueError(f"{f.path} ends early: rows {gone - f.start}..{stop - f.start} of the file (rows "
+                                     f"{gone}..{stop} of the source) are missing; the file was truncated")
+                got += n
+            self.bytes_read += want
+            pos, j = stop, j + 1
+
+    def read(self, r0: int, r1: int) -> np.ndarray:
+        out = np.empty((r1 - r0, self.d_in), dtype=self.storage)
+        self.read_into(r0, r1, out)
+        return out
+
+    def as_torch(self, raw: np.ndarray) -> torch.Tensor:
+        """Raw rows as a tensor of their true dtype, sharing memory; `.float()` then converts with torch's
+        vectorised kernels (numpy's float16 conversion is several times slower)."""
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if self.bf16 else torch.from_numpy(raw)
+
+    def read_float(self, r0: int, r1: int) -> torch.Tensor:
+        return self.as_torch(self.read(r0, r1)).float()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def npy_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(byte offset of the data, shape, dtype) of a C-order .npy file, read from its header."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable .npy file ({e})") from None
+    if fortran or dtype.hasobject:
+        raise ValueError(f"{path} must hold a C-order numeric array")
+    size = os.path.getsize(path)
+    need = offset + int(np.prod(shape)) * dtype.itemsize
+    if size < need:
+        raise ValueError(f"{path} is truncated: {size} bytes, its header promises {need}")
+    return offset, tuple(shape), dtype
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chunk and window sizes, in rows and chunks; recorded with a run so that a resume reads the same order."""
+
+    chunk_rows: int
+    window_chunks: int
+
+    @staticmethod
+    def for_budget(rows: int, row_bytes: int, budget_bytes: int) -> Layout:
+        """Two windows (the one training and the one being read) fit in `budget_bytes` and in half of the host's
+        available memory (windows live on the host whatever the device)."""
+        host = free_memory_bytes(torch.device("cpu")) // 2
+        window_rows = max(1, min(budget_bytes // 2, host // 2, WINDOW_CAP_BYTES) // row_bytes)
+        chunk_rows = max(1, min(CHUNK_BYTES // row_bytes, window_rows // WINDOW_CHUNKS, rows // WINDOW_CHUNKS))
+        return Layout(chunk_rows, max(1, window_rows // chunk_rows))
+
+
+class Schedule:
+    """The row order of every epoch, for one rank: which windows, and which rows of them each batch takes."""
+
+    def __init__(self, rows: int, layout: Layout, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.rows, self.layout, self.seed, self.rank, self.world = rows, layout, seed, rank, world
+        self.b = batch_size // world
+        n_chunks = -(-rows // layout.chunk_rows)
+        sizes = np.full(n_chunks, layout.chunk_rows, dtype=np.int64)
+        sizes[-1] = rows - (n_chunks - 1) * layout.chunk_rows
+        self._sizes = sizes
+        # the epoch's length is the same for every epoch and every rank: the shortest rank stream
+        self.per_epoch = min(self._stream_rows(0, r) for r in range(world)) // self.b
+        if self.per_epoch == 0:
+            raise ValueError(f"{rows} rows make no batch of {batch_size} in this layout; use a smaller --batch-size")
+        self._plans: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # the last two epochs' windows
+        self._lock = threading.Lock()
+
+    def _chunk_order(self, epoch: int, rank: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._sizes))
+        return order[rank :: self.world]
+
+    def _stream_rows(self, epoch: int, rank: int) -> int:
+        return int(self._sizes[self._chunk_order(epoch, rank)].sum())
+
+    def _plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """This rank's windows of `epoch` (arrays of chunk numbers) and the stream position each one ends at."""
+        with self._lock:  # the background reader asks for the next epoch while the trainer reads this one
+            if epoch not in self._plans:
+                order, w = self._chunk_order(epoch, self.rank), self.layout.window_chunks
+                windows = [order[i : i + w] for i in range(0, len(order), w)]
+                self._plans[epoch] = (windows, np.cumsum([self._sizes[c].sum() for c in windows]))
+                for old in [e for e in self._plans if e < epoch - 1]:
+                    del self._plans[old]
+            return self._plans[epoch]
+
+    def windows(self, epoch: int) -> list[np.ndarray]:
+        return self._plan(epoch)[0]
+
+    def window_rows(self, chunks: np.ndarray) -> list[tuple[int, int]]:
+        return [(int(c) * self.layout.chunk_rows, int(c) * self.layout.chunk_rows + int(self._sizes[c]))
+                for c in chunks]
+
+    def permutation(self, epoch: int, w: int, n: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, w, self.rank, 1]).permutation(n)
+
+    def pieces(self, step: int) -> list[tuple[int, int, int, int]]:
+        """Batch `step` as (epoch, window, first, last) runs of positions within permuted windows."""
+        epoch, i = divmod(step, self.per_epoch)
+        ends = self._plan(epoch)[1]
+        lo, hi, out = i * self.b, (i + 1) * self.b, []
+        w = int(np.searchsorted(ends, lo, side="right"))
+        while lo < hi:
+            start = int(ends[w - 1]) if w else 0
+            stop = min(hi, int(ends[w]))
+            out.append((epoch, w, lo - start, stop - start))
+            lo, w = stop, w + 1
+        return out
+
+    def source_rows(self, epoch: int, w: int, local_R: np.ndarray) -> np.ndarray:
+        """The source row of each position of window w (positions in the window as read, before permuting)."""
+        spans = self.window_rows(self.windows(epoch)[w])
+        firsts = np.cumsum([0] + [b - a for a, b in spans])
+        k = np.searchsorted(firsts, local_R, side="right") - 1
+        return np.array([spans[j][0] for j in k], dtype=np.int64) + local_R - firsts[k]
+
+
+class StreamingBatches:
+    """Batch `step` of a file-backed source as float32 on `device`, read window by window (see module doc)."""
+
+    def __init__(self, files: FileRows, schedule: Schedule, device: torch.device):
+        self.files, self.schedule, self.device = files, schedule, device
+        self.per_epoch = schedule.per_epoch
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sae-vlm-read")
+        self._windows: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+        self.read_seconds = 0.0  # time the trainer waited on the disk
+        self.rows_served = 0
+
+    def _load(self, epoch: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window w of `epoch` as read (storage dtype) and the order its rows are served in."""
+        spans = self.schedule.window_rows(self.schedule.windows(epoch)[w])
+        n = sum(b - a for a, b in spans)
+        buf = np.empty((n, self.files.d_in), dtype=self.files.storage)
+        offsets = np.cumsum([0] + [b - a for a, b in spans])
+        reads = [self._io.submit(self.files.read_into, a, b, buf[o : o + b - a]) for (a, b), o in zip(spans, offsets)]
+        for r in reads:
+            r.result()
+        return self.files.as_torch(buf), torch.from_numpy(self.schedule.permutation(epoch, w, n))
+
+    def _window(self, epoch: int, w: int) -> Future:
+        with self._lock:
+            key = (epoch, w)
+            if key not in self._windows:
+                self._windows[key] = threading_future(self._load, epoch, w)
+            return self._windows[key]
+
+    def _next(self, epoch: int, w: int) -> tuple[int, int]:
+        return (epoch, w + 1) if w + 1 < len(self.schedule.windows(epoch)) else (epoch + 1, 0)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        pieces, parts = self.schedule.pieces(step), []
+        for epoch, w, a, b in pieces:
+            buf, perm = self._window(epoch, w).result()
+            parts.append(buf.index_select(0, perm[a:b].sort().values))  # sorted: a gather that walks memory forwards
+        self._prefetch(*pieces[-1][:2])
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x_ND = x.to(self.device, non_blocking=True).float()  # converted after the copy: half the bytes move
+        self.read_seconds += time.perf_counter() - t0
+        self.rows_served += len(x_ND)
+        if not torch.isfinite(x_ND.sum()):  # NaN and inf survive a sum; the full check only runs then
+            check_finite(x_ND, self.rows_of(pieces))
+        return x_ND
+
+    def rows_of(self, pieces) -> torch.Tensor:
+        """Source row of each batch row, in batch order."""
+        rows = [self.schedule.source_rows(e, w, self._window(e, w).result()[1][a:b].sort().values.numpy())
+                for e, w, a, b in pieces]
+        return torch.from_numpy(np.concatenate(rows))
+
+    def _prefetch(self, epoch: int, w: int) -> None:
+        """Keep the current and the next window; start reading the next one; drop the rest."""
+        keep = {(epoch, w), self._next(epoch, w)}
+        self._window(*self._next(epoch, w))
+        with self._lock:
+            for key in [k for k in self._windows if k not in keep]:
+                del self._windows[key]
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self.files.close()
+
+
+def check_finite(x_ND: torch.Tensor, rows_N: torch.Tensor) -> None:
+    """Raise naming the first source row (rows_N maps batch rows to source rows) that holds NaN or inf."""
+    bad = ~torch.isfinite(x_ND)
+    if bad.any():
+        row = int(rows_N[int(bad.any(dim=1).nonzero()[0])])
+        value = x_ND[bad][0].item()
+        raise ValueError(f"activations contain {value} at row {row}; expected finite values (NaN/inf in the source)")
+
+
+def threading_future(fn, *args) -> Future:
+    """Run fn(*args) on its own thread; the window reader fans out to the io pool, so it must not wait inside it."""
+    fut: Future = Future()
+
+    def run():
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever waits on the window
+            fut.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="sae-vlm-window").start()
+    return fut
