@@ -1,17 +1,20 @@
-"""Peer trainers for side-by-side throughput: dictionary_learning 0.1.0 (the paper's trainer) and sparsify 1.3.3.
+"""Peer SAE libraries, for side-by-side throughput (benchmarks/) and format-exactness tests (tests/test_formats.py).
 
-They are installed into a benchmark-only folder, never as package dependencies:
+dictionary_learning 0.1.0 (the paper's trainer), sparsify 1.3.3, SAELens 6.54.12, saev 0.1.0 and overcomplete 0.3.0
+are installed into a side folder, never as package dependencies, pinned and without their dependencies:
 
-    pip install --no-deps --target benchmarks/.peers dictionary-learning==0.1.0 eai-sparsify==1.3.3 einops
+    pip install --no-deps --target benchmarks/.peers <PINS below>
 
-Their trainer modules are imported directly; imports they only use outside training (nnsight, accelerate,
-natsort, simple_parsing) are stubbed.
+Their SAE and trainer modules are imported directly. Imports they only use elsewhere (nnsight, accelerate, natsort,
+schedulefree, wandb, scipy, timm, ...) are stubbed; overcomplete's package __init__ (sklearn, opencv, timm) is
+skipped by importing its submodules from a bare package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.machinery
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,32 +24,74 @@ from pathlib import Path
 import torch
 
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
-PINS = ["dictionary-learning==0.1.0", "eai-sparsify==1.3.3", "einops"]
+PINS = ["dictionary-learning==0.1.0", "eai-sparsify==1.3.3", "einops==0.8.2", "sae-lens==6.54.12",
+        "transformer-lens==3.9.0", "saev==0.1.0", "overcomplete==0.3.0", "jaxtyping==0.3.11", "wadler-lindig==0.1.8",
+        "beartype==0.23.1", "fancy-einsum==0.0.3", "typeguard==4.6.1", "better-abc==0.0.3", "simple-parsing==0.1.9",
+        "docstring-parser==0.18.0", "platformdirs==4.14.8", "requests==2.32.5", "charset-normalizer==3.4.4"]
+
+
+def _dist_info(pin: str) -> str:
+    name, version = pin.split("==")
+    return f"{name.replace('-', '_')}-{version}.dist-info"
 
 
 def ensure_installed(target: Path = PEERS_DIR) -> None:
-    """Import path for the peers; installs them with pip unless SAE_VLM_NO_PIP=1 (a GPU box without an index)."""
-    if not (target / "dictionary_learning").is_dir() or not (target / "sparsify").is_dir():
+    """Import path for the peers; installs missing pins with pip unless SAE_VLM_NO_PIP=1 (a box without an index)."""
+    missing = [pin for pin in PINS if not (target / _dist_info(pin)).is_dir()]
+    if missing:
         if os.environ.get("SAE_VLM_NO_PIP") == "1":
             raise SystemExit(f"error: peers missing from {target}; create them where pip works with "
                              f"`pip install --no-deps --target {target} {' '.join(PINS)}` and carry that folder")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), *PINS],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
+                        str(target), *missing], check=True)
     if str(target) not in sys.path:
         sys.path.insert(0, str(target))
-    _stub_unused_imports()
+    _stub_unused_imports(target)
+
+
+def unload(target: Path = PEERS_DIR) -> None:
+    """Forget the peers and the stubs (sys.modules, sys.path), so later code in the process sees the real state."""
+    tops = {p.name for p in target.iterdir() if p.is_dir()} | {n.split(".")[0] for n in _STUBS}
+    for name in [n for n in sys.modules if n.split(".")[0] in tops]:
+        del sys.modules[name]
+    _STUBS.clear()
+    while str(target) in sys.path:
+        sys.path.remove(str(target))
+
+
+_STUBS: list[str] = []
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent is missing
+        return False
 
 
 def _stub(name: str, **attrs) -> None:
-    if name in sys.modules:
+    if name in sys.modules or _importable(name):
         return
     mod = types.ModuleType(name)
     mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
     mod.__dict__.update(attrs)
     sys.modules[name] = mod
+    _STUBS.append(name)
 
 
-def _stub_unused_imports() -> None:
+def _bare_package(name: str, path: Path, **attrs) -> None:
+    """`name` as a package whose submodules import from `path` without running its __init__."""
+    if name in sys.modules:
+        return
+    mod = types.ModuleType(name)
+    mod.__path__ = [str(path)]
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+    _STUBS.append(name)
+
+
+def _stub_unused_imports(target: Path) -> None:
     import transformers  # noqa: F401  (import first: it probes for accelerate and must see the real state)
 
     _stub("nnsight", LanguageModel=object)
@@ -54,6 +99,11 @@ def _stub_unused_imports() -> None:
     _stub("accelerate.utils", send_to_device=lambda x, device: x)
     _stub("natsort", natsorted=sorted)
     _stub("schedulefree", ScheduleFreeWrapper=object)
+    _stub("wandb")
+    _stub("scipy")
+    _stub("scipy.optimize", linear_sum_assignment=None)
+    _bare_package("overcomplete", target / "overcomplete")
+    _bare_package("overcomplete.optimization", target / "overcomplete" / "optimization", batched_matrix_nnls=None)
 
     def list_field(*default):
         return dataclasses.field(default_factory=lambda: list(default))

@@ -35,7 +35,9 @@ def test_no_function_is_over_60_lines():
 
 def test_architecture_names_are_compared_only_in_their_records():
     pattern = re.compile(r"""arch\w*\s*(==|!=|\bin\b|\bnot in\b)\s*[("']""")
-    found = [f"{rel}: {line.strip()}" for rel, text in sources().items() if rel != "sae/arch.py"
+    # sae/formats/ is where other libraries' architecture names are mapped onto ours, by name
+    found = [f"{rel}: {line.strip()}" for rel, text in sources().items()
+             if rel != "sae/arch.py" and not rel.startswith("sae/formats/")
              for line in text.splitlines() if pattern.search(line)]
     assert not found, found
 

@@ -36,6 +36,7 @@ def test_metrics_match_direct_formulas():
     assert m["cosine"] == pytest.approx(float(torch.cosine_similarity(xd, x_hat.double(), dim=1).mean()), rel=1e-6)
     assert m["l0_threshold"] == pytest.approx(float((sae.encode(x, mode="threshold") > 0).sum(1).double().mean()))
     assert m["l0_topk"] == pytest.approx(float((sae.encode(x, mode="topk") > 0).sum(1).double().mean()))
+    assert m["l0"] == pytest.approx(float((codes > 0).sum(1).double().mean()))  # the inference mode's own L0
     freq = (codes > 0).double().mean(0)
     assert m["dead_frac"] == pytest.approx(float((freq == 0).double().mean()))
     assert m["dense_frac"] == pytest.approx(float((freq > 0.3).double().mean()))
@@ -54,6 +55,10 @@ def test_heldout_rows_and_errors():
     relu = _sae(arch="relu", k=None)
     m = reconstruction_metrics(relu, torch.randn(9, 12), device="cpu")
     assert m["l0_topk"] is None and m["l0_threshold"] >= 0
+    topk, x = _sae(arch="topk"), torch.randn(9, 12)
+    m = reconstruction_metrics(topk, x, device="cpu")  # θ never learned: the threshold mode keeps every positive
+    assert m["l0"] == m["l0_topk"] == pytest.approx(float((topk.encode(x) > 0).sum(1).double().mean()))
+    assert m["l0_threshold"] > m["l0"]
 
 
 @pytest.fixture(scope="module")

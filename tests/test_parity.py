@@ -15,7 +15,6 @@ import torch
 from sae_vlm import SAE, SAEConfig
 from sae_vlm.config import TrainConfig
 from sae_vlm.sae import losses, mechanics, trainer
-from sae_vlm.sae.convert import from_dictionary_learning
 from sae_vlm.sae.model import EncoderOutput
 
 D, F, B, K = 8, 32, 16, 3
@@ -756,78 +755,3 @@ def test_save_load_round_trip_exact(arch, tmp_path):
     with pytest.raises(FileNotFoundError):
         SAE.from_pretrained(tmp_path / "missing")
 
-
-def fake_dictionary_learning(kind, seed=19):
-    g = torch.Generator().manual_seed(seed)
-    W_enc = torch.randn(D, F, generator=g) * 0.5  # [d, F]
-    W_dec = torch.randn(F, D, generator=g) * 0.5
-    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
-    b_enc, b_dec = torch.randn(F, generator=g) * 0.3, torch.randn(D, generator=g) * 0.3
-    theta = torch.tensor(0.35)
-    if kind == "batchtopk":  # nn.Linear layouts: encoder.weight [F, d], decoder.weight [d, F]
-        state = {"b_dec": b_dec, "k": torch.tensor(K), "threshold": theta, "encoder.weight": W_enc.T.contiguous(),
-                 "encoder.bias": b_enc, "decoder.weight": W_dec.T.contiguous()}
-    else:
-        state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": theta,
-                 "k": torch.tensor(K), "group_sizes": torch.tensor(GROUPS), "active_groups": torch.tensor(len(GROUPS))}
-    return state, (W_enc, b_enc, W_dec, b_dec, float(theta))
-
-
-@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])
-def test_from_dictionary_learning(kind, tmp_path):
-    state, (W_enc, b_enc, W_dec, b_dec, theta) = fake_dictionary_learning(kind)
-    path = tmp_path / "ae_100000.pt"
-    torch.save(state, path)
-    sae = from_dictionary_learning(path, hook_point="layer.22", model_id="openai/clip")
-    assert (sae.cfg.arch, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (kind, D, F, K)
-    assert sae.cfg.group_sizes == (GROUPS if kind == "matryoshka" else None)
-    assert sae.cfg.hook_point == "layer.22" and sae.cfg.model_id == "openai/clip"
-    x = data(seed=20).float()
-    # pre = (x − b_dec) @ W_enc + b_enc; codes = relu(pre) · (relu(pre) > θ); x̂ = codes W_dec + b_dec
-    X, We, be, bd, Wd = x.tolist(), W_enc.tolist(), b_enc.tolist(), b_dec.tolist(), W_dec.tolist()
-    codes, recon = [], []
-    for xn in X:
-        pre = [be[j] + sum((xn[i] - bd[i]) * We[i][j] for i in range(D)) for j in range(F)]
-        r = [max(0.0, p) for p in pre]
-        f = [v * (1.0 if v > theta else 0.0) for v in r]
-        codes.append(f)
-        recon.append([bd[i] + sum(f[j] * Wd[j][i] for j in range(F)) for i in range(D)])
-    codes, recon = torch.tensor(codes, dtype=torch.float64), torch.tensor(recon, dtype=torch.float64)
-    assert int((codes > 0).sum()) > 0
-    close(sae.encode(x), codes)
-    close(sae.decode(sae.encode(x)), recon)
-    close(sae(x), recon)
-    # the converted SAE survives the sae-vlm format unchanged
-    sae.save_pretrained(tmp_path / "conv")
-    back = SAE.from_pretrained(tmp_path / "conv")
-    assert torch.equal(back.encode(x), sae.encode(x)) and back.meta == sae.meta
-
-
-_EXECUTED = []
-
-
-def _mark():
-    _EXECUTED.append(True)
-    return {}
-
-
-class _Payload:
-    """Unpickling this would call _mark: an arbitrary-code-execution stand-in."""
-
-    def __reduce__(self):
-        return (_mark, ())
-
-
-def test_from_dictionary_learning_refuses_pickled_objects(tmp_path):
-    state, _ = fake_dictionary_learning("batchtopk")
-    state["extra"] = _Payload()
-    path = tmp_path / "evil.pt"
-    torch.save(state, path)
-    with pytest.raises(ValueError, match="weights-only"):
-        from_dictionary_learning(path)
-    assert _EXECUTED == []
-    with pytest.raises(FileNotFoundError):
-        from_dictionary_learning(tmp_path / "absent.pt")
-    torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="dictionary_learning"):
-        from_dictionary_learning(tmp_path / "other.pt")

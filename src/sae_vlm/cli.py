@@ -171,7 +171,7 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
     for r in metrics["saes"]:
         ms = r["ms"]
         ms_txt = f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['dead']} dead)" if ms and "mean" in ms else "MS –"
-        typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * r['recon']['fve']:.1f}%, L0 {r['recon']['l0_threshold']:.1f}")
+        typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * r['recon']['fve']:.1f}%, L0 {r['recon']['l0']:.1f}")
     for r in metrics["saes"]:
         if "hierarchy" in r:
             typer.echo("\n" + hierarchy_table(r))
@@ -179,11 +179,20 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
 
 
 def convert(cfg: C.ConvertConfig) -> None:
-    from sae_vlm.sae.convert import from_dictionary_learning
+    from sae_vlm.sae.formats import convert, describe
 
-    sae = from_dictionary_learning(cfg.src, hook_point=cfg.hook_point, model_id=cfg.model_id)
-    sae.save_pretrained(cfg.dst)
-    typer.echo(f"saved {sae.cfg.arch} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, k={sae.cfg.k}) to {cfg.dst}")
+    sae, notes = convert(cfg)
+    source = sae.meta.get("source", {}).get("format", "sae-vlm")
+    typer.echo(f"saved {describe(sae)} from {source} to {cfg.dst} ({cfg.target_format} format)")
+    for note in notes:
+        typer.echo(f"  note: {note}")
+
+
+def push(cfg: C.PushConfig) -> None:
+    from sae_vlm.sae.push import push_sae
+
+    where = push_sae(cfg)
+    typer.echo(f"wrote the upload folder to {where} (dry run: nothing uploaded)" if cfg.dry_run else f"pushed {where}")
 
 
 def _table(rows: list[dict], cols: list[str], width: int = 70) -> str:
@@ -247,6 +256,7 @@ def demo(cfg: C.DemoConfig) -> None:
 
 COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, train),
             ("evaluate", C.EvaluateConfig, evaluate), ("convert", C.ConvertConfig, convert),
+            ("push", C.PushConfig, push),
             ("steer", C.SteerConfig, steer), ("steer-score", C.SteerScoreConfig, steer_score),
             ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo)]
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from sae_vlm.sae.arch import ARCHS, arch_spec
+from sae_vlm.sae.formats import FORMATS as SOURCE_FORMATS
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's warning limit; larger images are refused as decompression bombs
 
@@ -234,16 +236,54 @@ class EvaluateConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
-    """`sae-vlm convert`: import a checkpoint released with the paper into the sae-vlm format."""
+    """`sae-vlm convert`: import an SAE another library wrote (dictionary_learning, SAELens, saev, sparsify,
+    overcomplete), or export one to SAELens's format."""
 
-    src: str = option(help="dictionary_learning checkpoint (ae.pt).", positional=True)
-    dst: str = option(help="Output SAE directory.", positional=True)
-    source_format: str = option("dictionary-learning", "Source format.", flag="--from")
-    hook_point: str | None = option(None, "Hook point the SAE reads, e.g. layer.22.")
+    src: str = option(help="The SAE: a folder or checkpoint file in any supported format, or a hub repo id.",
+                      positional=True)
+    dst: str = option(help="Output folder (new or empty).", positional=True)
+    subfolder: str | None = option(None, "Folder (or checkpoint file) inside SRC, e.g. one hook point's SAE.")
+    revision: str | None = option(None, "Hub revision of SRC.")
+    source_format: str = option("auto", f"Format of SRC: auto (detected from its files) or one of "
+                                        f"{', '.join(SOURCE_FORMATS)}.", flag="--from")
+    target_format: str = option("sae-vlm", "Format written: sae-vlm or sae-lens.", flag="--to")
+    hook_point: str | None = option(None, "Hook point the SAE reads, e.g. layer.22 (overrides the source's).")
     model_id: str | None = option(None, "Backbone model id, e.g. openai/clip-vit-large-patch14-336.")
+    arch: str | None = option(None, "Where SRC does not record it (overcomplete; dictionary_learning without its "
+                                    "config.json): relu, topk or batchtopk.")
+    k: int | None = option(None, "overcomplete TopKSAE/BatchTopKSAE: the top_k per input row.")
+    threshold: float | None = option(None, "overcomplete BatchTopKSAE: its running_threshold.")
+    input_mean: str | None = option(None, ".npy/.pt of the mean the source's data loader subtracted from inputs "
+                                          "(saev scale_mean); folded into the SAE.")
+    input_scale: float | None = option(None, "Factor the source's loader multiplied inputs by after that (saev "
+                                             "scale_norm); folded into the SAE.")
 
     def __post_init__(self):
-        _choice(self.source_format, ("dictionary-learning",), "--from")
+        _choice(self.source_format, ("auto", *SOURCE_FORMATS), "--from")
+        _choice(self.target_format, ("sae-vlm", "sae-lens"), "--to")
+        if self.arch is not None:
+            _choice(self.arch, ("relu", "topk", "batchtopk"), "--arch")
+        if self.k is not None and self.k <= 0:
+            raise ValueError(f"--k {self.k}: expected a positive integer")
+        for flag, v in (("--threshold", self.threshold), ("--input-scale", self.input_scale)):
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{flag} {v}: expected a finite number")
+        if self.input_scale is not None and self.input_scale <= 0:
+            raise ValueError(f"--input-scale {self.input_scale}: expected a positive number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushConfig:
+    """`sae-vlm push`: upload an SAE folder to the hub with a model card (architecture, sizes, hook point, data,
+    training summary, and MS/FVE/L0 when the run was evaluated)."""
+
+    sae_dir: str = option(help="SAE folder (RUN/saes/NAME, or one `convert` wrote).", positional=True)
+    repo_id: str = option(help="Hub repo, e.g. you/clip-l22-matryoshka.", positional=True)
+    private: bool = option(False, "Create the repo private.")
+    revision: str | None = option(None, "Branch to push to (default: main).")
+    metrics: str | None = option(None, "metrics.json from `sae-vlm evaluate` for the card (default: SAE_DIR/eval "
+                                       "or its run's eval/ when there).")
+    dry_run: str | None = option(None, "Write the folder that would be uploaded here and upload nothing.")
 
 
 # --- steer -----------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ class ReconAccumulator:
         self.sae, self.keep_N, self.batch_rows, self.dense_cutoff = sae, keep_N, batch_rows, dense_cutoff
         self.x_mom, self.r_mom = _Moments(), _Moments()
         self.n, self.has_k = 0, sae.cfg.k is not None
-        # sq_err, cos_sum, l0_thr, l0_topk: kept on the device so that a chunk does not wait for a sync
-        self.sums_4 = torch.zeros(4, dtype=F64, device=dev)
+        # sq_err, cos_sum, l0 (inference mode), l0_thr, l0_topk: on the device, so a chunk does not wait for a sync
+        self.sums_5 = torch.zeros(5, dtype=F64, device=dev)
         self.fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=dev)
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (x, x − x̂, L0) of a batch
         self.batch_fve: list[torch.Tensor] = []
@@ -77,11 +77,13 @@ class ReconAccumulator:
         self.x_mom.add(x)
         self.r_mom.add(resid)
         self.n += x.shape[0]
-        self.fired_F += (codes_RF > 0).sum(0)
+        active_RF = codes_RF > 0
+        self.fired_F += active_RF.sum(0)
         thr_R = (sae.encode(x, mode="threshold") > 0).sum(1)  # ReLU SAEs: θ = 0, the ReLU codes
         topk = (sae.encode(x, mode="topk") > 0).sum() if self.has_k else thr_R.new_zeros(())
         cos = torch.nn.functional.cosine_similarity(x.double(), x_hat.double(), dim=1).sum()
-        self.sums_4 += torch.stack([(resid.double() ** 2).sum(), cos, thr_R.sum().double(), topk.double()])
+        self.sums_5 += torch.stack([(resid.double() ** 2).sum(), cos, active_RF.sum().double(), thr_R.sum().double(),
+                                    topk.double()])
         self.pending.append((x, resid, thr_R))
         self._full_batches()
 
@@ -108,7 +110,7 @@ class ReconAccumulator:
             self._batch(*(torch.cat(parts) for parts in zip(*self.pending)))
             self.pending = []
         n, d_in = self.n, self.sae.cfg.d_in
-        sq_err, cos_sum, l0_thr, l0_topk = self.sums_4.tolist()
+        sq_err, cos_sum, l0, l0_thr, l0_topk = self.sums_5.tolist()
         var_x = float(self.x_mom.var().sum())
         fve = 1.0 - float(self.r_mom.var().sum()) / var_x if var_x > 0 else float("nan")
         freq_F = self.fired_F.double().cpu() / n
@@ -118,6 +120,7 @@ class ReconAccumulator:
             "fve_batch_mean": float(torch.stack(self.batch_fve).mean()) if self.batch_fve else float("nan"),
             "mse": sq_err / (n * d_in),
             "cosine": cos_sum / n,
+            "l0": l0 / n,  # active latents per row in the SAE's inference mode (the codes FVE and dead_frac use)
             "l0_threshold": l0_thr / n,
             "l0_threshold_batch_mean": float(torch.stack(self.batch_l0).mean()) if self.batch_l0 else float("nan"),
             "l0_topk": l0_topk / n if self.has_k else None,

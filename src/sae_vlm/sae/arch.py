@@ -34,7 +34,7 @@ class ArchSpec:
     tracks_threshold: bool = False  # θ ← EMA of the smallest kept activation (a global scalar)
     learned_threshold: bool = False  # θ is a trained per-latent parameter, kept ≥ 0
     fast_path: bool = False  # sparse selection and decoder on TrainConfig.fast
-    needs_k: bool = True  # k is part of the rule (JumpReLU: its target L0)
+    needs_k: bool = True  # k is part of the selection rule (JumpReLU: only its training target L0, optional)
     nested_groups: bool = False  # Matryoshka: latents in contiguous groups, each prefix trained to reconstruct
 
     def __post_init__(self):
@@ -77,4 +77,4 @@ register(ArchSpec("matryoshka", "batchtopk", "threshold", {"recon": Term(losses.
                   tracks_threshold=True, fast_path=True, nested_groups=True))
 L0_PENALTY = Term(losses.l0_deviation, weight="l0_coeff", options=(("bandwidth", "jumprelu_bandwidth"),))
 register(ArchSpec("jumprelu", "jumprelu", "threshold", {"recon": RECON, "aux": AUX, "l0_penalty": L0_PENALTY},
-                  learned_threshold=True))
+                  learned_threshold=True, needs_k=False))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import torch
@@ -43,9 +43,8 @@ class SAEConfig:
         spec = arch_spec(self.arch)
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if spec.needs_k:
-            if self.k is None or not 0 < self.k <= self.d_sae:
-                raise ValueError(f"k={self.k} is invalid for d_sae={self.d_sae}; expected 1 <= k <= d_sae")
+        if (spec.needs_k or self.k is not None) and (self.k is None or not 0 < self.k <= self.d_sae):
+            raise ValueError(f"k={self.k} is invalid for d_sae={self.d_sae}; expected 1 <= k <= d_sae")
         if spec.nested_groups:
             if not self.group_sizes or sum(self.group_sizes) != self.d_sae or min(self.group_sizes) <= 0:
                 raise ValueError(f"group_sizes {self.group_sizes} must be positive and sum to d_sae={self.d_sae}")
@@ -167,20 +166,18 @@ class SAE(nn.Module):
         atomic_write_text(out / "config.json", json.dumps({**dataclasses.asdict(self.cfg), **self.meta}, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, revision: str | None = None,
-                        device: str | torch.device = "cpu") -> "SAE":
-        path = Path(path_or_id)
-        if not path.is_dir():
-            if path.exists() or str(path_or_id).startswith((".", "/")):
-                raise FileNotFoundError(f"SAE directory {path} does not exist or is not a directory")
-            from huggingface_hub import snapshot_download
-
-            files = ["*.json", "*.safetensors"]
-            path = Path(snapshot_download(str(path_or_id), revision=revision, allow_patterns=files))
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+                        revision: str | None = None, device: str | torch.device = "cpu", **hints) -> "SAE":
+        """An SAE from a local directory or file, or a hub repo (`subfolder` inside it), in our format or any that
+        `sae_vlm.sae.formats` reads: dictionary_learning, SAELens, saev, sparsify, overcomplete (detected by their
+        files). `hints` (arch, k, threshold, input_mean, input_scale, hook_point, model_id) supply what a foreign
+        checkpoint does not record."""
+        path = local_or_hub(path_or_id, subfolder, revision)
         cfg_file, weights = path / "config.json", path / "model.safetensors"
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing; an SAE directory holds config.json and model.safetensors")
+        if not (cfg_file.is_file() and weights.is_file()):
+            from sae_vlm.sae.formats import load_foreign
+
+            return load_foreign(path, **hints).to(device)
         raw = json.loads(cfg_file.read_text())
         fields = {f.name for f in dataclasses.fields(SAEConfig)}
         sae = cls(SAEConfig(**{k: v for k, v in raw.items() if k in fields}))
@@ -190,3 +187,27 @@ class SAE(nn.Module):
         sae.load_state_dict(state)
         return sae.to(device)
 
+
+def local_or_hub(path_or_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None) -> Path:
+    """A local path as it is, else a hub repo id downloaded: SAE files only, under `subfolder` if given; a
+    `subfolder` naming one checkpoint file fetches that file and the trainer config.json beside or above it."""
+    path = Path(path_or_id)
+    looks_local = (str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1
+                   or path.suffix in (".pt", ".pth", ".safetensors", ".json"))
+    if path.exists() or looks_local:
+        if not path.exists():
+            raise FileNotFoundError(f"SAE {path} does not exist (neither a local path nor a hub id owner/name)")
+        return path / subfolder if subfolder else path
+    from huggingface_hub import snapshot_download
+
+    sub = PurePosixPath(subfolder.strip("/")) if subfolder else None
+    if sub is not None and sub.suffix in (".pt", ".pth", ".safetensors"):
+        files = [str(sub), str(sub.parent / "config.json"), str(sub.parent.parent / "config.json")]
+    else:
+        files = [f"{sub}/{p}" if sub else p for p in ("*.json", "*.safetensors", "*.pt", "*.pth")]
+    try:
+        root = Path(snapshot_download(str(path_or_id), revision=revision, allow_patterns=files))
+    except Exception as e:  # offline, unknown repo, gated repo: one line naming the repo
+        why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise OSError(f"cannot download the SAE {path_or_id} from the hub ({why})") from None
+    return root / sub if sub else root
