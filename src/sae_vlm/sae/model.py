@@ -191,7 +191,7 @@ class SAE(nn.Module):
 def local_or_hub(path_or_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None) -> Path:
     """A local path as it is, else a hub repo id downloaded: SAE files only, under `subfolder` if given; a
     `subfolder` naming one checkpoint file fetches that file and the trainer config.json beside or above it."""
-    path = Path(path_or_id)
+    path = Path(path_or_id).expanduser()
     looks_local = (str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1
                    or path.suffix in (".pt", ".pth", ".safetensors", ".json"))
     if path.exists() or looks_local:
