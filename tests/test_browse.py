@@ -24,18 +24,19 @@ SAE_NAME = "matryoshka_x2_k4"
 
 @pytest.fixture(scope="module")
 def built_run(tmp_path_factory):
-    """24 generated images → tiny CLIP store → a few-step Matryoshka SAE → `sae-vlm evaluate`."""
+    """200 generated images → tiny CLIP store → a few-step Matryoshka SAE → `sae-vlm evaluate` (enough images that
+    some latents fire on all 16 top-image slots once θ gates them)."""
     from _extract_helpers import make_images, save_tiny_clip
 
     root = tmp_path_factory.mktemp("browse")
-    make_images(root / "imgs", 12, classes=("cats", "dogs"), size=(32, 32))
+    make_images(root / "imgs", 100, classes=("cats", "dogs"), size=(32, 32))
     clip = save_tiny_clip(root / "clip")
     run = CliRunner()
     steps = [
         ["extract", "--model", str(clip), "--data", str(root / "imgs"), "--layers", "1", "--tokens", "cls",
          "--out", str(root / "store"), "--quiet", "--workers", "1"],
         ["train", "--data", str(root / "store"), "--arch", "matryoshka", "--width", "2", "--k", "4",
-         "--batch-size", "24", "--steps", "20", "--out", str(root / "run"), "--quiet", "--device", "cpu"],
+         "--batch-size", "200", "--steps", "20", "--out", str(root / "run"), "--quiet", "--device", "cpu"],
         ["evaluate", str(root / "run"), "--data", str(root / "store"), "--embedder", str(clip), "--quiet",
          "--device", "cpu"],
     ]
@@ -95,7 +96,7 @@ def test_routes_and_safety(built_run):
     assert 0 < fired < 16 and lat.text.count('class="top"') == fired  # only images on which the latent fired
     assert c.get("/sae/neurons__layer.1/latent/0").text.count('class="top"') == 16  # raw-neuron baseline
     for url in (f"/sae/{SAE_NAME}/latent/64", f"/sae/{SAE_NAME}/latent/-1", f"/sae/{SAE_NAME}/latent/x", "/sae/nope",
-                f"/img/{SAE_NAME}/24"):
+                f"/img/{SAE_NAME}/200", f"/sae/{SAE_NAME}/latent/%C2%B2", f"/img/{SAE_NAME}/%C2%B2"):  # '²'.isdigit()
         assert c.get(url).status_code == 404, url
     assert c.get(f"/sae/{SAE_NAME}", params={"sort": "bogus"}).status_code == 400
     assert c.get("/files/eval/plots/fve_vs_width.png").content[:4] == b"\x89PNG"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -55,7 +56,9 @@ def test_cli_store_matches_direct_capture(setup):
     ]
     assert ims[0]["label"] == "00000_Animalia_Chordata" and ims[-1]["label"] is None  # cmyk.jpg sits at the root
     px = bb.preprocess([Image.open(im["path"]).convert("RGB") for im in ims])
-    ref = bb.capture(px, ["layer.1", "layer.2", "last"])
+    # --shard-rows 4 makes every image its own shard, and a batch never spans shards: one image per forward
+    per_image = [bb.capture(px[i : i + 1], ["layer.1", "layer.2", "last"]) for i in range(len(ims))]
+    ref = {k: torch.cat([c[k] for c in per_image]) for k in per_image[0]}
     f16 = lambda t: t.half().float()  # noqa: E731
     T = ref["layer.2"].shape[1]
     assert r.rows == 11 * T and r.d_in == 32 and r.rows_per_image == T
@@ -199,3 +202,45 @@ def test_store_that_does_not_fit_the_disk_is_refused_then_resumes(setup, tmp_pat
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert open_store(out).rows > 0
+
+
+def test_a_resumed_shard_is_computed_from_the_same_batches(setup, tmp_path, monkeypatch):
+    """Batches never span shards, so the shards a resume redoes see exactly the batches of an uninterrupted run
+    (whatever --batch-size), and their bytes cannot depend on where the run started."""
+    root, model_dir, _, _ = setup
+    seen: list[tuple[int, ...]] = []
+    run_batch = extract_mod.ShardWriter._run_batch
+
+    def record(self):
+        if self.batch:
+            seen.append(tuple(i for _, i in self.batch))
+        run_batch(self)
+
+    monkeypatch.setattr(extract_mod.ShardWriter, "_run_batch", record)
+    out = tmp_path / "s"
+    cfg = ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(out), layers=("1",), tokens=("cls",),
+                        shard_rows=5, batch_size=3, quiet=True)
+    run_extract(cfg)
+    full = list(seen)
+    assert all(len({i // 5 for i in b}) == 1 for b in full) and max(map(len, full)) == 3
+    for p in sorted((out / "parts").glob("shard_*.json"))[1:]:  # as if killed after shard 0
+        p.unlink()
+    seen.clear()
+    run_extract(cfg)
+    assert seen == [b for b in full if min(b) >= 5]
+    with pytest.raises(ValueError, match="different settings \\(batch_size\\)"):
+        run_extract(dataclasses.replace(cfg, batch_size=4))
+
+
+def test_non_image_files_are_counted_by_extension(setup, tmp_path):
+    root, model_dir, _, _ = setup
+    shutil.copytree(root / "imgs", tmp_path / "imgs")
+    for i in range(3):
+        (tmp_path / "imgs" / f"drawing{i}.svg").write_text("<svg/>")
+    (tmp_path / "imgs" / "README").write_text("about these images")
+    res = CliRunner().invoke(app, ["extract", "--model", str(model_dir), "--data", str(tmp_path / "imgs"), "--layers",
+                                   "1", "--tokens", "cls", "--out", str(tmp_path / "s"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "4 files in the folder are not images and were not read (.svg 3, (no extension) 1)" in res.output
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert man["ignored_files"] == {".svg": 3, "(no extension)": 1} and man["rows"] == 11

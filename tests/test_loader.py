@@ -146,7 +146,7 @@ def test_streamed_run_resumes_bit_exact(tmp_path):
     np.save(tmp_path / "x.npy", arr)
     args = ["train", "--data", str(tmp_path / "x.npy"), "--arch", "batchtopk", "--width", "2", "--k", "4",
             "--batch-size", "64", "--warmup-steps", "5", "--checkpoint-every", "15", "--max-memory", "0.00005",
-            "--device", "cpu", "--quiet"]
+            "--threshold-start-step", "8", "--device", "cpu", "--quiet"]  # unset, it would follow the first --steps
     run = CliRunner()
     assert run.invoke(app, [*args, "--steps", "40", "--out", str(tmp_path / "ref")]).exit_code == 0
     assert run.invoke(app, [*args, "--steps", "25", "--out", str(tmp_path / "run")]).exit_code == 0

@@ -149,6 +149,10 @@ def extract(cfg: C.ExtractConfig) -> None:
         return
     typer.echo(f"wrote {cfg.out}: {s['rows']} images kept, {len(s['skipped'])} skipped, {s['images_processed']} "
                f"processed in {s['seconds']:.1f}s ({s['img_per_s']:.1f} img/s), subdirs {', '.join(s['subdirs'])}")
+    if s["ignored"]:
+        kinds = ", ".join(f"{ext} {n}" for ext, n in list(s["ignored"].items())[:8])
+        typer.echo(f"  {sum(s['ignored'].values())} files in the folder are not images and were not read ({kinds}); "
+                   "counted in manifest.json as ignored_files")
     for sk in s["skipped"][:20]:
         typer.echo(f"  skipped {sk['path']}: {sk['reason']}")
     if len(s["skipped"]) > 20:
@@ -170,7 +174,8 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
     typer.echo(f"scored the SAEs at step {metrics['step']}")
     for r in metrics["saes"]:
         ms = r["ms"]
-        ms_txt = f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['dead']} dead)" if ms and "mean" in ms else "MS –"
+        ms_txt = (f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['dead']} dead)" if ms and "mean" in ms
+                  else "MS – (no image embeddings: pass --embeddings or --embedder)" if not ms else "MS –")
         typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * r['recon']['fve']:.1f}%, L0 {r['recon']['l0']:.1f}")
     for r in metrics["saes"]:
         if "hierarchy" in r:

@@ -20,12 +20,36 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's warning limit; larger images are refuse
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, positional: bool = False,
-           repeat: bool = False, cli: bool = True) -> Any:
+           repeat: bool = False, cli: bool = True, positive: bool = False) -> Any:
     """A config field. `flag`: its command-line name(s) when not `--<field-name>` (`"--from"`,
     `"--replace/--error-term"`); `positional`: an argument rather than an option; `repeat`: a tuple given by
-    repeating the flag (values may hold commas) rather than as a comma list; `cli=False`: library-only."""
-    meta = {"help": help, "flag": flag, "positional": positional, "repeat": repeat, "cli": cli}
+    repeating the flag (values may hold commas) rather than as a comma list; `cli=False`: library-only;
+    `positive`: values must be > 0 (every float value must be finite, positive or not)."""
+    meta = {"help": help, "flag": flag, "positional": positional, "repeat": repeat, "cli": cli, "positive": positive}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def checked(cls):
+    """Class decorator, placed under @dataclass: __post_init__ first refuses non-finite floats and non-positive
+    `positive` fields, naming the flag, then runs the class's own checks."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{flag} {v}: expected a finite number")
+                if f.metadata.get("positive") and v <= 0:
+                    raise ValueError(f"{flag} {v}: expected a positive number")
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__
+    return cls
 
 
 def _choice(value, choices, name: str) -> None:
@@ -75,6 +99,7 @@ def view_data_option() -> Any:
 # --- extract ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class ExtractConfig:
     """`sae-vlm extract`: images -> activations at several hook points and token selections, in one pass."""
 
@@ -87,9 +112,10 @@ class ExtractConfig:
                                                "where it is a patch), mean, all, random-<k>.")
     dtype: str = option("fp16", "Storage dtype: fp16, bf16 or fp32.")
     model_dtype: str | None = option(None, "Model compute dtype: fp32, fp16 or bf16; unset: fp16 on CUDA, fp32 on CPU.")
-    batch_size: int = option(64, "Images per forward pass.")
-    shard_rows: int = option(4096, "Rows per shard (of the token selection with most rows per image).")
-    workers: int = option(4, "Image decoding threads.")
+    batch_size: int = option(64, "Images per forward pass.", positive=True)
+    shard_rows: int = option(4096, "Rows per shard (of the token selection with most rows per image).",
+                             positive=True)
+    workers: int = option(4, "Image decoding threads.", positive=True)
     device: str = option("cpu", "cpu, cuda or cuda:1 (under torchrun: one GPU per local rank).")
     seed: int = option(0, "Seed of the random-k token draws.")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "Larger images are skipped as decompression bombs.")
@@ -99,11 +125,15 @@ class ExtractConfig:
         _choice(self.dtype, ("fp16", "bf16", "fp32"), "--dtype")
         if not self.tokens:
             raise ValueError("--tokens is empty; expected cls, mean, all or random-<k>")
+        from sae_vlm.data.tokens import parse_tokens
+
+        parse_tokens(list(self.tokens))  # a bad selection is refused before any model loads
 
     def store_config(self, n_images: int) -> dict:
-        """The settings a resume must match (not batch size, workers, device or ranks: they do not change rows)."""
+        """The settings a resume must match: all that can change the stored bytes, batch size included (batched
+        kernels may round differently); not workers, device, ranks or output folder."""
         d = dataclasses.asdict(self)
-        for k in ("out", "batch_size", "workers", "device", "quiet"):
+        for k in ("out", "workers", "device", "quiet"):
             d.pop(k)
         return {**d, "layers": list(self.layers), "tokens": list(self.tokens), "n_images": n_images}
 
@@ -132,6 +162,7 @@ class SAESpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class TrainConfig:
     """`sae-vlm train`: a sweep of SAEs (every arch × width × k) trained on one pass over the data.
 
@@ -147,20 +178,22 @@ class TrainConfig:
                                            flag="--width")
     ks: tuple[int, ...] = option((20,), "Comma list of k (mean active latents; JumpReLU's target L0).", flag="--k")
     group_fractions: tuple[float, ...] = option(PAPER_GROUPS, "Matryoshka group fractions, summing to 1.")
-    batch_size: int = option(4096, "Activations per step.")
-    steps: int = option(10_000, "Optimizer steps.")
+    batch_size: int = option(4096, "Activations per step.", positive=True)
+    steps: int = option(10_000, "Optimizer steps.", positive=True)
     lr: float | None = option(None, "Learning rate; unset: 2e-4/sqrt(F/2^14) per SAE (the paper's trainer).")
     warmup_steps: int = option(1000, "Linear LR warmup steps.")
     decay_start: int | None = option(None, "Step from which the LR decays linearly to 0; unset: no decay.")
     grad_clip: float = option(1.0, "Gradient norm clip.")
     aux_alpha: float = option(0.03, "AuxK loss weight.")
-    dead_window: int = option(10_000_000, "Samples without firing before a latent counts as dead.")
-    threshold_start_step: int = option(1000, "Step after which θ tracks the batch's smallest kept activation.")
+    dead_window: int = option(10_000_000, "Samples without firing before a latent counts as dead.",
+                              positive=True)
+    threshold_start_step: int | None = option(None, "Step after which θ tracks the batch's smallest kept "
+                                                    "activation; unset: 1000 (the paper's), or steps/4 if sooner.")
     threshold_beta: float = option(0.999, "EMA factor of θ.")
     l1_coeff: float = option(0.05, "ReLU SAEs: L1 penalty weight.")
     l0_coeff: float = option(1.0, "JumpReLU: weight of the (L0/k − 1)² sparsity term.")
     jumprelu_bandwidth: float = option(1e-3, "JumpReLU: width of the straight-through estimator's kernel.")
-    norm_batches: int = option(100, "Batches used to estimate the input-norm factor.")
+    norm_batches: int = option(100, "Batches used to estimate the input-norm factor.", positive=True)
     seed: int = option(0, "Seed for init and data order.")
     bf16: bool = option(False, "bf16 autocast for the forward pass.")
     fast: bool = option(True, "Sparse selection and decoder for top-k architectures; --no-fast: the plain dense path.")
@@ -171,12 +204,12 @@ class TrainConfig:
     max_memory: float | None = option(None, "GB the training data may occupy on the device; a store or .npy "
                                             "larger than this streams from disk (block-shuffled). Unset: half the "
                                             "device's free memory.")
-    checkpoint_every: int = option(1000, "Steps between resume checkpoints.")
+    checkpoint_every: int = option(1000, "Steps between resume checkpoints.", positive=True)
     keep_steps: tuple[int, ...] = option((), "Comma list of steps at which to also save every SAE "
                                              "(saes/<name>/step-<n>/).")
     eval_step: int | None = option(None, "The snapshot that evaluate, report, browse, steer and steer-score use "
                                          "unless told otherwise: one of --keep-steps; unset: the final SAEs.")
-    log_every: int = option(100, "Steps between log lines.")
+    log_every: int = option(100, "Steps between log lines.", positive=True)
     log_to: str | None = option(None, "Also log to wandb or tensorboard.")
     resume: bool = option(False, "Continue the run in OUT from its last checkpoint.")
     quiet: bool = option(False, "No progress bar.")
@@ -197,6 +230,11 @@ class TrainConfig:
             raise ValueError(f"eval_step={self.eval_step} is not among the kept snapshots {self.keep_steps}; "
                              "add it to --keep-steps")
 
+    @property
+    def theta_start(self) -> int:
+        """The step after which θ is tracked: the flag, else the paper's 1000, moved to steps/4 for short runs."""
+        return self.threshold_start_step if self.threshold_start_step is not None else min(1000, self.steps // 4)
+
     def specs(self) -> list[SAESpec]:
         grid = itertools.product(self.archs, self.expansions, self.ks)
         return [SAESpec(a, e, k, self.group_fractions) for a, e, k in grid]
@@ -205,6 +243,7 @@ class TrainConfig:
 # --- evaluate --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class EvaluateConfig:
     """`sae-vlm evaluate`: monosemanticity, reconstruction, top images and hierarchy of every SAE in a run."""
 
@@ -220,11 +259,11 @@ class EvaluateConfig:
     heldout_frac: float = option(1.0, "Fraction of --data rows used for the reconstruction metrics.")
     dense_cutoff: float = option(0.1, "A latent firing on more than this fraction of rows is dense.")
     batch_rows: int = option(4096, "Rows per validation batch of the per-batch FVE and L0 that the paper's "
-                                   "Tables A6/A7 average (beside the pooled values).")
+                                   "Tables A6/A7 average (beside the pooled values).", positive=True)
     rotation_seed: int = option(0, "Seed of the random-rotation baseline; -1 to skip it.")
-    top: int = option(16, "Top-activating images kept per latent.")
+    top: int = option(16, "Top-activating images kept per latent.", positive=True)
     grids: int = option(0, "Render 4x4 image grids for this many highest-MS latents per SAE.")
-    chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False)
+    chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False, positive=True)
     quiet: bool = quiet_option()
 
     @property
@@ -235,6 +274,7 @@ class EvaluateConfig:
 # --- convert ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class ConvertConfig:
     """`sae-vlm convert`: import an SAE another library wrote (dictionary_learning, SAELens, saev, sparsify,
     overcomplete), or export one to SAELens's format."""
@@ -273,6 +313,7 @@ class ConvertConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class PushConfig:
     """`sae-vlm push`: upload an SAE folder to the hub with a model card (architecture, sizes, hook point, data,
     training summary, and MS/FVE/L0 when the run was evaluated)."""
@@ -292,6 +333,7 @@ EDIT_OPS = ("clamp", "add", "scale", "zero")
 
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class SteerConfig:
     """`sae-vlm steer`: generate with SAE latents edited in LLaVA's vision tower, every latent × α × image × prompt."""
 
@@ -304,11 +346,11 @@ class SteerConfig:
     image: tuple[str, ...] = option(("white",), "'white' or an image path; repeat for several.", repeat=True)
     prompt: tuple[str, ...] = option(("Write me a short love poem",), "Prompt text; repeat for several.", repeat=True)
     op: str = option("clamp", f"Edit: {' | '.join(EDIT_OPS)}.")
-    max_new_tokens: int = option(60, "New tokens per answer (greedy).")
+    max_new_tokens: int = option(60, "New tokens per answer (greedy).", positive=True)
     replace: bool = replace_option(False)
     hook_point: str | None = llava_hook_option()
     unsteered: bool = option(True, "Also generate once per image and prompt with the model unpatched.")
-    batch_size: int = option(16, "Cases per generate call.")
+    batch_size: int = option(16, "Cases per generate call.", positive=True)
     device: str = device_option()
     dtype: str = model_dtype_option()
     out: str = option("steer.json", "JSON file with every output.")
@@ -319,6 +361,7 @@ class SteerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class SteerScoreConfig:
     """`sae-vlm steer-score`: the paper's steering score, cos(concept of latent j, the first word LLaVA says with
     j clamped to α), beside the unsteered run and the upper and lower bounds."""
@@ -344,8 +387,8 @@ class SteerScoreConfig:
     max_images: int | None = option(None, "Steer on at most this many images.")
     replace: bool = replace_option(True)
     hook_point: str | None = llava_hook_option()
-    max_new_tokens: int = option(5, "New tokens per answer (paper: 5).")
-    batch_size: int = option(16, "Cases per generate call (and images per encode batch).")
+    max_new_tokens: int = option(5, "New tokens per answer (paper: 5).", positive=True)
+    batch_size: int = option(16, "Cases per generate call (and images per encode batch).", positive=True)
     seed: int = option(0, "Seed for random latents and the shuffled class names.")
     device: str = device_option()
     dtype: str = model_dtype_option()
@@ -360,6 +403,7 @@ class SteerScoreConfig:
 # --- browse and report -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class BrowseConfig:
     """`sae-vlm browse`: serve a read-only browser of a run's latents: tables, top images, histograms, neighbours."""
 
@@ -374,6 +418,7 @@ class BrowseConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class ReportConfig:
     """`sae-vlm report`: the browser's views as static HTML that opens from file:// with no server."""
 
@@ -381,7 +426,7 @@ class ReportConfig:
     out: str = option(help="Directory for the static report (OUT/index.html).")
     eval_dir: str | None = eval_dir_option()
     data: str | None = view_data_option()
-    top: int = option(200, "Pages for this many highest-MS alive latents per SAE.")
+    top: int = option(200, "Pages for this many highest-MS alive latents per SAE.", positive=True)
     all_latents: bool = option(False, "A page for every latent.", flag="--all")
     quiet: bool = quiet_option()
 
@@ -389,6 +434,7 @@ class ReportConfig:
 # --- demo ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
+@checked
 class DemoConfig:
     """`sae-vlm demo`: the whole pipeline on the toy world: extract, train, evaluate, steer, report."""
 

@@ -17,7 +17,14 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     """'auto' or None: cuda when available, else cpu; anything else as `torch.device` reads it."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not understood; expected cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA GPU (a CPU build, or no driver); use --device cpu "
+                         "or auto")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:

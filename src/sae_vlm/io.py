@@ -2,7 +2,8 @@
 
 `atomic_write_bytes` writes to a unique hidden temporary file in the target's directory
 (`.<name>.tmp<pid>.<random>`), fsyncs it and `os.replace`s it over the target, so readers see either the old
-file or the complete new one, never a partial write. A killed writer leaves at most a `.*.tmp*` file behind.
+file or the complete new one, never a partial write. A killed writer leaves at most that temporary file behind
+(`remove_stale_temps` clears them).
 Parent directories are created as needed.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,29 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+def read_json(path) -> Any:
+    """The JSON in `path`; a file that is not JSON is a ValueError naming it (a missing one stays FileNotFoundError)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+TEMP_NAME = re.compile(r"\..+\.tmp\d+\.[0-9a-f]{8}")  # exactly the names atomic_write_bytes gives its temp files
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files a killed writer of ours left directly in `folder` (call only while owning it)."""
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if TEMP_NAME.fullmatch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path, text: str, encoding: str = "utf-8") -> None:
-    atomic_write_bytes(path, text.encode(encoding))
+    # surrogateescape: a file name that is not valid UTF-8 (os.fsdecode gives surrogates) is written as its bytes
+    atomic_write_bytes(path, text.encode(encoding, "surrogateescape"))
 
 
 def atomic_write_json(path, obj, **json_kwargs) -> None:

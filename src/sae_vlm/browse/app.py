@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-from sae_vlm.browse.data import RunView, TableQuery
+from sae_vlm.browse.data import RunView, TableQuery, as_index
 from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context
 from sae_vlm.config import BrowseConfig
 
@@ -64,10 +64,10 @@ def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
 
     @app.get("/sae/{name}/latent/{j}", response_class=HTMLResponse)
     def latent(name: str, j: str):
-        d = lookup(name)
-        if not j.isdigit() or int(j) >= d.n:
+        d, idx = lookup(name), as_index(j)
+        if idx is None or idx >= d.n:
             raise HTTPException(404, f"latent {j} is not in {name} (0..{d.n - 1})")
-        return page("latent.html", latent_context(view, d, int(j), links))
+        return page("latent.html", latent_context(view, d, idx, links))
 
     @app.get("/sae/{name}/latent")
     def latent_jump(name: str, j: int = 0):
@@ -80,7 +80,8 @@ def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
     @app.get("/img/{name}/{row}")
     def image(name: str, row: str):
         d = lookup(name)
-        path = view.image_path(d, int(row)) if row.isdigit() else None
+        idx = as_index(row)
+        path = view.image_path(d, idx) if idx is not None else None
         if path is None:
             raise HTTPException(404, f"no image file for row {row} of {name}")
         return FileResponse(path)

@@ -7,7 +7,6 @@ latents cost one numpy pass per request.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from sae_vlm.io import read_json
 from sae_vlm.sae.groups import latent_levels
 
 if TYPE_CHECKING:
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level")
 RANGE_KEYS = ("ms", "freq", "support", "max_act")
 HIST_SAMPLE_ROWS = 2048
+
+
+def as_index(text) -> int | None:
+    """A non-negative index written in ASCII digits, else None ('²'.isdigit() is True, but int('²') fails)."""
+    text = str(text)
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 @dataclass
@@ -215,7 +221,7 @@ class RunView:
         mfile = self.eval_dir / "metrics.json"
         if not mfile.is_file():
             raise FileNotFoundError(f"{mfile} is missing; run `sae-vlm evaluate {run_dir}` first or pass --eval DIR")
-        self.metrics = json.loads(mfile.read_text())
+        self.metrics = read_json(mfile)
         self.data = data if data is not None else self.metrics.get("data")
         self.notes: list[str] = []
         if self.data is not None and not Path(self.data).exists():
@@ -244,7 +250,7 @@ class RunView:
         f = self.eval_dir / "latents" / f"{name}.npz"
         if not f.is_file():
             return None
-        cfg = json.loads((sdir / "config.json").read_text())
+        cfg = read_json(sdir / "config.json")
         z = np.load(f)
         n = int(cfg["d_sae"])
         arrays = {k: z[k].astype(np.float64) for k in z.files

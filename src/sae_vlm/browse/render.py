@@ -76,7 +76,7 @@ class Links:
 
 
 def thumb_name(path: Path) -> str:
-    return hashlib.sha1(str(path).encode()).hexdigest()[:20] + ".png"
+    return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".png"
 
 
 def histogram_svg(values: np.ndarray, bins: int = 30, width: int = 360, height: int = 120) -> Markup:

@@ -26,6 +26,7 @@ from sae_vlm.browse.render import (
 )
 from sae_vlm.config import ReportConfig
 from sae_vlm.io import atomic_save_image, atomic_write_text
+from sae_vlm.outdir import check_owned, claim
 
 THUMB_PX = 128
 
@@ -95,5 +96,7 @@ def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = Fals
 
 def report_run(cfg: ReportConfig) -> Path:
     """The static report of `cfg.run_dir` in `cfg.out`; returns the path of its index.html."""
+    check_owned(Path(cfg.out), "report")  # before reading the run, so a foreign folder is named first
     view = RunView(cfg.run_dir, cfg.eval_dir, cfg.data)
-    return write_report(view, cfg.out, top=cfg.top, all_latents=cfg.all_latents, quiet=cfg.quiet)
+    with claim(cfg.out, "report"):
+        return write_report(view, cfg.out, top=cfg.top, all_latents=cfg.all_latents, quiet=cfg.quiet)

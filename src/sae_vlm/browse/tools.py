@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 
-from sae_vlm.browse.data import Dictionary, RunView
+from sae_vlm.browse.data import Dictionary, RunView, as_index
 
 
 class TextSearch:
@@ -112,7 +112,8 @@ class Steerer:
         if image == "white":
             img = open_image("white")
         else:
-            path = self.view.image_path(d, int(image)) if str(image).isdigit() else None
+            idx = as_index(image)
+            path = self.view.image_path(d, idx) if idx is not None else None
             if path is None:
                 raise ValueError(f"image={image!r}; expected 'white' or a store row with an image file")
             img = open_image(path)

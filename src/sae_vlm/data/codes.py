@@ -11,7 +11,6 @@ token-level codes mean-pooled per image when the store holds g tokens per image)
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.data.store import FP16_MAX
-from sae_vlm.io import atomic_write_json
+from sae_vlm.io import atomic_write_json, read_json
 
 
 def _d_sae(sae) -> int:
@@ -90,7 +89,7 @@ class CodeStore:
         meta_path = self.path / "codes.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{self.path} is not a complete code store (no codes.json)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_json(meta_path)
         self.rows, self.d_sae, self.k = self.meta["rows"], self.meta["d_sae"], self.meta["k"]
         self.d_in = self.d_sae  # so it can stand in as an ActivationSource of codes
         self.indices = np.load(self.path / "indices.npy", mmap_mode="r")

@@ -7,10 +7,12 @@ order, so the store equals a single-process run byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +24,8 @@ from sae_vlm.config import ExtractConfig
 from sae_vlm.data.images import BadImage, ImageSource, load_image, open_images, prefetch_map
 from sae_vlm.data.store import STORAGE, StoreWriter, to_storage
 from sae_vlm.data.tokens import POOLED, TokenSelection, parse_tokens, rows_per_image, select_tokens
-from sae_vlm.device import join_process_group
+from sae_vlm.device import join_process_group, resolve_device
+from sae_vlm.outdir import claim
 
 Plan = list[tuple[str, str, TokenSelection]]  # (store subdir, hook point, token selection)
 
@@ -65,6 +68,9 @@ class ShardWriter:
     def add(self, i: int, pixels: torch.Tensor | None, reason: str | None) -> None:
         """Image i of the input, preprocessed, or None with the reason it was skipped."""
         s = i // self.shard_images
+        if self.batch and self.batch[-1][0] != s:  # a batch never spans shards: a resumed shard is batched alike
+            self._run_batch()
+            self._write_shards(before=s)
         shard = self.shards.setdefault(s, {"acts": {name: [] for name, _, _ in self.plan},
                                            "tok": {name: [] for name, _, _ in self.plan}, "images": [], "skipped": []})
         rec = self.src.records[i]
@@ -122,12 +128,19 @@ class ShardWriter:
 
 def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
     """Run one extraction (or resume it); returns a summary dict (rows, skipped, seconds, img_per_s)."""
-    rank, world, device, _ = join_process_group(torch.device(cfg.device))
-    if backbone is None:
-        backbone = load_backbone(cfg.model, device=device, dtype=cfg.model_dtype or "auto")
-    src = open_images(cfg.data)
+    rank, world, device, _ = join_process_group(resolve_device(cfg.device))
+    if "*" not in cfg.data and Path(cfg.data).exists():  # recorded absolute: the store reads the same from anywhere
+        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
+    with claim(cfg.out, "extract", lead=rank == 0):
+        return _extract(cfg, backbone, rank, world, device)
+
+
+def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: int, device) -> dict:
+    src = open_images(cfg.data)  # before the model: a bad --data fails fast
     if len(src) == 0:
         raise ValueError(f"data source {cfg.data} holds no images")
+    if backbone is None:
+        backbone = load_backbone(cfg.model, device=device, dtype=cfg.model_dtype or "auto")
     layers = list(cfg.layers) or ([backbone.default_layer] if backbone.default_layer else ["last"])
     plan = make_plan(backbone, layers, cfg.tokens)
     n_tokens = _n_tokens(backbone)
@@ -158,9 +171,9 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
                "img_per_s": n_seen / elapsed if elapsed > 0 else float("nan"), "rank": rank, "world_size": world}
     if rank == 0:
         meta = {"model_id": backbone.model_id, "revision": backbone.revision, "d_model": backbone.d_model,
-                "data": cfg.data, "shard_images": shard_images}
+                "data": cfg.data, "shard_images": shard_images, "ignored_files": src.ignored}
         root = store.finalize(n_shards, meta)
-        summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"])
+        summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"], ignored=src.ignored)
     _barrier(world)
     return summary
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +39,9 @@ class ImageSource:
 
     kind = "base"
 
-    def __init__(self, records: list[ImageRecord]):
+    def __init__(self, records: list[ImageRecord], ignored: dict[str, int] | None = None):
         self.records = records
+        self.ignored = ignored or {}  # files passed over as not images, counted by extension
 
     def __len__(self) -> int:
         return len(self.records)
@@ -62,17 +63,20 @@ class FolderSource(FileSource):
 
     def __init__(self, root: str | Path):
         root = Path(root)
-        recs = []
+        recs, ignored = [], Counter()
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for fn in sorted(filenames):
-                if Path(fn).suffix.lower() in IMAGE_EXTS:
-                    p = Path(dirpath, fn)
-                    rel = p.relative_to(root)
-                    label = rel.parent.as_posix()
-                    recs.append(ImageRecord(rel.as_posix(), str(p), None if label == "." else label))
+                ext = Path(fn).suffix.lower()
+                if ext not in IMAGE_EXTS:
+                    ignored[ext or "(no extension)"] += 1
+                    continue
+                p = Path(dirpath, fn)
+                rel = p.relative_to(root)
+                label = rel.parent.as_posix()
+                recs.append(ImageRecord(rel.as_posix(), str(p), None if label == "." else label))
         recs.sort(key=lambda r: r.id)
-        super().__init__(recs)
+        super().__init__(recs, dict(ignored.most_common()))
 
 
 class PathListSource(FileSource):
@@ -103,7 +107,11 @@ class TarSource(ImageSource):
         recs = []
         for tar in tars:
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tarfile.open(tar) as tf:
+            try:
+                tf = tarfile.open(tar)
+            except (tarfile.TarError, OSError) as e:
+                raise ValueError(f"--data {tar} is not a readable tar archive ({type(e).__name__})") from None
+            with tf:
                 for m in tf:
                     if not m.isfile():
                         continue

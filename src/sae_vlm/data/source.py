@@ -6,6 +6,7 @@ exist: an in-memory tensor, a numpy array or memmap (`.npy`), and the on-disk st
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,7 +88,8 @@ def as_source(data, layer: str | None = None) -> ActivationSource:
             try:
                 arr = np.load(path, mmap_mode="r")
             except ValueError as e:
-                raise ValueError(f"{path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+                why = "it holds pickled objects or is not .npy at all" if "pickle" in str(e) else str(e).splitlines()[0]
+                raise ValueError(f"{path} is not a readable .npy array of numbers ({why})") from None
             return NumpySource(arr, path)
         if path.is_dir():
             from sae_vlm.data.store import open_store
@@ -97,6 +99,18 @@ def as_source(data, layer: str | None = None) -> ActivationSource:
     if isinstance(data, ActivationSource):
         return data
     raise TypeError(f"cannot read activations from {type(data).__name__}; expected a tensor, array, .npy or store dir")
+
+
+def fingerprint(source: ActivationSource, n: int = 64) -> str:
+    """A content fingerprint: shape and the bytes of the first, middle, last and n spread-out rows (cheap on any
+    size; different activations all but surely differ in them)."""
+    rows = source.rows
+    picks = [range(min(n, rows)), range(rows // 2, min(rows, rows // 2 + n)), range(max(0, rows - n), rows),
+             np.linspace(0, rows - 1, min(n, rows)).astype(int).tolist()]
+    idx = torch.tensor(sorted({int(i) for r in picks for i in r}), dtype=torch.int64)
+    h = hashlib.sha256(f"{rows}x{source.d_in}".encode())
+    h.update(source.get(idx).float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def sequential_chunks(source: ActivationSource, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sae_vlm.data.loader import FileRows, RowFile, npy_layout
-from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes
+from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_json, remove_stale_temps
 
 FORMAT = "sae-vlm-store/1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
@@ -74,7 +74,7 @@ class StoreWriter:
         if is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             if cfg_path.exists():
-                old = json.loads(cfg_path.read_text())
+                old = read_json(cfg_path)
                 if old != self.config:
                     diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
                     raise ValueError(f"--out {self.root} holds an extraction with different settings "
@@ -84,8 +84,8 @@ class StoreWriter:
             (self.root / "parts").mkdir(exist_ok=True)
             for name in self.subdirs:
                 (self.root / name).mkdir(exist_ok=True)
-            for stale in self.root.glob("**/.*.tmp*"):  # left by a killed run; never part of a finished shard
-                stale.unlink()
+            for folder in (self.root, self.root / "parts", *(self.root / name for name in self.subdirs)):
+                remove_stale_temps(folder)  # a killed run's; never part of a finished shard
 
     def done_shards(self) -> set[int]:
         parts = self.root / "parts"
@@ -112,7 +112,7 @@ class StoreWriter:
             p = self.root / "parts" / f"{shard_name(s)}.json"
             if not p.exists():
                 raise RuntimeError(f"shard {s} of {self.root} is missing; rerun extract to resume")
-            parts.append(json.loads(p.read_text()))
+            parts.append(read_json(p))
         images = [im for part in parts for im in part["images"]]
         skipped = [sk for part in parts for sk in part["skipped"]]
         for name, sd in self.subdirs.items():
@@ -185,7 +185,7 @@ class StoreReader:
         if not mp.exists():
             raise FileNotFoundError(f"{self.path} has no manifest.json "
                                     "(incomplete extraction? rerun extract to resume)")
-        self.manifest = json.loads(mp.read_text())
+        self.manifest = read_json(mp)
         self.dtype = self.manifest["dtype"]
         self.rows, self.d_in = (int(x) for x in self.manifest["shape"])
         self.hook_point = self.manifest["hook_point"]
@@ -294,7 +294,7 @@ def open_store(path: str | Path, layer: str | None = None) -> StoreReader:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"activation store {path} does not exist")
-    if (path / "manifest.json").exists() and "hook_point" in json.loads((path / "manifest.json").read_text()):
+    if (path / "manifest.json").exists() and "hook_point" in read_json(path / "manifest.json"):
         return StoreReader(path)
     names = list_subdirs(path)
     if not names:

@@ -48,7 +48,8 @@ def rows_per_image(sel: TokenSelection, n_tokens: int) -> int:
 
 
 def image_seed(image_id: str, seed: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{image_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    key = f"{seed}:{image_id}".encode("utf-8", "surrogateescape")  # ids from non-UTF-8 file names hold surrogates
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def random_positions(image_id: str, n_tokens: int, k: int, n_cls: int, n_registers: int, seed: int) -> torch.Tensor:

@@ -39,7 +39,8 @@ def cached_embeddings(
     npy, meta = cache_paths(cache_dir, model_id)
     ids_sha = None
     if image_ids is not None:
-        ids_sha = hashlib.sha256("\n".join(str(i) for i in image_ids).encode()).hexdigest()
+        joined = "\n".join(str(i) for i in image_ids).encode("utf-8", "surrogateescape")
+        ids_sha = hashlib.sha256(joined).hexdigest()
     if npy.is_file() and meta.is_file():
         info = json.loads(meta.read_text())
         want = {"model_id": str(model_id), "rows": rows, "image_ids_sha256": ids_sha}
@@ -94,9 +95,17 @@ def load_embeddings(src, rows: int, cache_dir: str | Path, embeddings=None, embe
         path = Path(embeddings)
         if not path.is_file():
             raise FileNotFoundError(f"embeddings file {path} does not exist")
-        emb = np.load(path, mmap_mode="r")
+        try:
+            emb = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"embeddings file {path} is not a readable .npy array ({why})") from None
         if emb.ndim != 2 or emb.shape[0] != rows:
             raise ValueError(f"embeddings {path} have shape {emb.shape} but the activations have {rows} rows")
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if len(bad):  # a NaN row would silently poison the similarity of every latent that fires on it
+            raise ValueError(f"embeddings {path} hold NaN or inf in {len(bad)} rows (first: row {bad[0]}); "
+                             "fix or drop those rows")
         side = path.with_suffix(".json")
         if ids is not None and side.is_file():
             their = json.loads(side.read_text()).get("image_ids")

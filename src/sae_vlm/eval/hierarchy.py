@@ -10,7 +10,6 @@ taxonomy are reported and left out.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_vlm.io import read_json
 from sae_vlm.sae.groups import level_slices
 
 _PREFIX = re.compile(r"^\d+_")
@@ -44,7 +44,7 @@ def load_taxonomy_file(path: str | Path) -> dict[str, tuple[str, ...]]:
     if not path.is_file():
         raise FileNotFoundError(f"taxonomy file {path} does not exist")
     if path.suffix.lower() == ".json":
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
         if not isinstance(raw, dict):
             raise ValueError(f"taxonomy file {path} holds a {type(raw).__name__}; expected an object label -> path")
         items = raw.items()

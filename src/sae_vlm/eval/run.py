@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, sum
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
 from sae_vlm.eval.top import TopAccumulator, render_grid, save_top
-from sae_vlm.io import atomic_save_npz, atomic_write_bytes
+from sae_vlm.io import atomic_save_npz, atomic_write_bytes, read_json
+from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.runs import find_saes
 
@@ -102,7 +104,10 @@ class Scoring:
 
 def source_key(sdir: Path) -> tuple:
     """The (hook point, token selection) an SAE reads, from its config.json, before its weights are loaded."""
-    raw = json.loads((sdir / "config.json").read_text())
+    try:
+        raw = read_json(sdir / "config.json")
+    except UnicodeDecodeError as e:
+        raise ValueError(str(e)) from None
     return raw.get("hook_point"), raw.get("token_selection")
 
 
@@ -121,16 +126,41 @@ class Evaluation:
         """Every SAE's metrics.json entry, in the order of `saes`; one pass per distinct source, in the order the
         sources first appear."""
         by_source: dict[tuple, list[int]] = {}
-        for i, (_, sdir) in enumerate(saes):
-            by_source.setdefault(source_key(sdir), []).append(i)
-        results: dict[int, dict] = {}
+        for i, (name, sdir) in enumerate(saes):
+            try:
+                by_source.setdefault(source_key(sdir), []).append(i)
+            except (OSError, ValueError, AttributeError) as e:
+                self.broken(name, sdir, f"{sdir / 'config.json'}: {e}")
+        results: dict[int, dict | None] = {}
         for members in by_source.values():
             results.update(zip(members, self.score_source([saes[i] for i in members])))
-        return [results[i] for i in range(len(saes))]
+        scored = [r for i in range(len(saes)) if (r := results.get(i)) is not None]
+        broken = self.metrics.get("broken", [])
+        if not scored:
+            raise ValueError(f"no SAE of {self.cfg.run_dir} could be read; {broken[0]['name']}: {broken[0]['error']}")
+        for b in broken:
+            print(f"warning: skipped SAE {b['name']}: {b['error']}", file=sys.stderr)
+        return scored
 
-    def score_source(self, saes: list[tuple[str, Path]]) -> list[dict]:
-        """Read one source once for its layer's baselines and every SAE that reads it, then write their results."""
-        loaded = [(name, sdir, SAE.from_pretrained(sdir, device=self.dev).eval()) for name, sdir in saes]
+    def broken(self, name: str, sdir: Path, error: str) -> None:
+        """An SAE that cannot be read: named in metrics.json (and on stderr); the others are still scored."""
+        error = error.strip().splitlines()[0] if error.strip() else "unreadable"
+        self.metrics.setdefault("broken", []).append({"name": name, "path": str(sdir), "error": error})
+
+    def load(self, name: str, sdir: Path) -> SAE | None:
+        try:
+            return SAE.from_pretrained(sdir, device=self.dev).eval()
+        except (ValueError, OSError) as e:
+            self.broken(name, sdir, str(e))
+            return None
+
+    def score_source(self, saes: list[tuple[str, Path]]) -> list[dict | None]:
+        """Read one source once for its layer's baselines and every SAE that reads it, then write their results
+        (None for an SAE that could not be loaded)."""
+        maybe = [(name, sdir, self.load(name, sdir)) for name, sdir in saes]
+        loaded = [(name, sdir, sae) for name, sdir, sae in maybe if sae is not None]
+        if not loaded:
+            return [None] * len(saes)
         inp = self.inputs_for(loaded[0][2])
         layer = loaded[0][2].cfg.hook_point or "unknown"
         e_ND = unit_embeddings(inp.emb, inp.src.rows) if inp.emb is not None else None
@@ -140,7 +170,8 @@ class Evaluation:
         self.read_once(inp.src, e_ND, base, scoring, layer)
         if base is not None:
             self.baselines(base, inp)
-        return [self.score(s, inp) for s in scoring]
+        done = {s.name: self.score(s, inp) for s in scoring}
+        return [done.get(name) for name, _, _ in maybe]
 
     # --- step 1: the rows an SAE reads, with their embeddings and taxonomy (once per distinct source) ---------
     def inputs_for(self, sae: SAE) -> Inputs:
@@ -327,6 +358,7 @@ def evaluate_run(cfg: EvaluateConfig) -> dict:
     """Score every SAE of `cfg.run_dir` (at `cfg.step`, or the run's default snapshot) on `cfg.data`; returns what
     metrics.json holds."""
     saes, step = find_saes(cfg.run_dir, cfg.step)
-    ev = Evaluation(cfg)
-    ev.metrics["step"] = step  # which snapshot was scored: a step number or "final"
-    return ev.finish(ev.score_all(saes))
+    with claim(cfg.out_dir, "evaluate"):
+        ev = Evaluation(cfg)
+        ev.metrics["step"] = step  # which snapshot was scored: a step number or "final"
+        return ev.finish(ev.score_all(saes))

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -178,14 +179,26 @@ class SAE(nn.Module):
             from sae_vlm.sae.formats import load_foreign
 
             return load_foreign(path, **hints).to(device)
-        raw = json.loads(cfg_file.read_text())
         fields = {f.name for f in dataclasses.fields(SAEConfig)}
-        sae = cls(SAEConfig(**{k: v for k, v in raw.items() if k in fields}))
+        try:
+            raw = json.loads(cfg_file.read_text())
+            sae = cls(SAEConfig(**{k: v for k, v in raw.items() if k in fields}))
+        except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:  # bad JSON, fields or values
+            raise ValueError(f"{cfg_file} is not a valid SAE config: {_first_line(e)}") from None
         sae.meta = {k: v for k, v in raw.items() if k not in fields}
-        state = load_file(weights)
-        state["threshold"] = state["threshold"].reshape(sae.threshold.shape)
-        sae.load_state_dict(state)
+        try:
+            state = load_file(weights)
+            state["threshold"] = state["threshold"].reshape(sae.threshold.shape)
+            sae.load_state_dict(state)
+        except (SafetensorError, RuntimeError, KeyError, OSError) as e:  # truncated, or another SAE's tensors
+            raise ValueError(f"{weights} does not hold the weights its config.json describes: "
+                             f"{_first_line(e)}") from None
         return sae.to(device)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def local_or_hub(path_or_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None) -> Path:
@@ -208,6 +221,5 @@ def local_or_hub(path_or_id: str | os.PathLike, subfolder: str | None = None, re
     try:
         root = Path(snapshot_download(str(path_or_id), revision=revision, allow_patterns=files))
     except Exception as e:  # offline, unknown repo, gated repo: one line naming the repo
-        why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise OSError(f"cannot download the SAE {path_or_id} from the hub ({why})") from None
+        raise OSError(f"cannot download the SAE {path_or_id} from the hub ({_first_line(e)})") from None
     return root / sub if sub else root

@@ -8,8 +8,9 @@ snapshot unless `--step final` (or another step) is asked for.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from sae_vlm.io import read_json
 
 FINAL = "final"
 
@@ -21,7 +22,7 @@ def is_sae_dir(path: Path) -> bool:
 def default_step(run_dir: Path) -> str:
     """The run's `eval_step` from train_config.json, else "final"."""
     cfg = run_dir / "train_config.json"
-    step = json.loads(cfg.read_text()).get("eval_step") if cfg.is_file() else None
+    step = read_json(cfg).get("eval_step") if cfg.is_file() else None
     return str(step) if step is not None else FINAL
 
 

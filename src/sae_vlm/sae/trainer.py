@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from sae_vlm.config import SAESpec, TrainConfig
 from sae_vlm.data.loader import Layout, Schedule, StreamingBatches, check_finite
-from sae_vlm.data.source import ActivationSource, as_source
+from sae_vlm.data.source import ActivationSource, TensorSource, as_source, fingerprint
 from sae_vlm.device import memory_budget
-from sae_vlm.io import atomic_write_text
+from sae_vlm.io import atomic_write_text, read_json
+from sae_vlm.outdir import claim
 from sae_vlm.sae import distributed as D
 from sae_vlm.sae import mechanics
 from sae_vlm.sae.arch import arch_spec
@@ -92,6 +93,10 @@ class Batches:
         check_finite(x, idx)
         return x.to(self.device, non_blocking=True)
 
+    def fingerprint(self) -> str:
+        """The data's content fingerprint, from the copy in memory when there is one (no second read)."""
+        return fingerprint(TensorSource(self.data_ND) if self.data_ND is not None else self.source)
+
     def describe(self) -> str:
         gb = f"{self.data_bytes / 1e9:.3g} GB as float32"
         if self.stream is None:
@@ -150,7 +155,7 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
     enc = as_float(enc)
     m.dead.update(enc.codes, sync=D.any_rank_fired if ddp else None)
     dead_F = m.dead.mask()
-    if sae.arch.tracks_threshold and step > cfg.threshold_start_step:
+    if sae.arch.tracks_threshold and step > cfg.theta_start:
         mechanics.update_threshold_(sae.threshold, enc.codes, cfg.threshold_beta, sync=D.global_min if ddp else None)
     values = {name: fn(x_ND, x_hat, enc, sae, dead_F) for name, fn in m.terms.items()}
     loss = cast(torch.Tensor, sum(m.weights[name] * v for name, v in values.items()))
@@ -221,15 +226,27 @@ def source_meta(source) -> dict:
 def train(cfg: TrainConfig, source: ActivationSource | None = None) -> dict[str, SAE]:
     """Train the sweep (or continue it: `cfg.resume`); under torchrun each rank returns the SAEs it saved (see
     distributed.py). `source` overrides `cfg.data` with activations in memory."""
+    cfg = fix_theta_start(cfg)
     place, device, created = D.setup_distributed(cfg)
     try:
-        saes = _train(cfg, source, place, device)
-        if place.world > 1:
-            dist.barrier()
+        with claim(cfg.out, "train", lead=place.lead):  # rank 0 holds the folder for the whole job
+            saes = _train(cfg, source, place, device)
+            if place.world > 1:
+                dist.barrier()
         return saes
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def fix_theta_start(cfg: TrainConfig) -> TrainConfig:
+    """The θ start step of this run, fixed when it starts and kept in train_config.json: a resume with more
+    --steps must not move it (the unset default depends on --steps)."""
+    if cfg.threshold_start_step is not None:
+        return cfg
+    saved = Path(cfg.out) / "train_config.json"
+    start = read_json(saved).get("threshold_start_step") if cfg.resume and saved.is_file() else None
+    return dataclasses.replace(cfg, threshold_start_step=start if isinstance(start, int) else cfg.theta_start)
 
 
 @dataclasses.dataclass
@@ -242,6 +259,7 @@ class Run:
     batches: Batches
     members: list[Member]
     names: list[str]  # every SAE of the sweep, in order (also those other ranks train)
+    data_fingerprint: str  # of the activations' content: a resume must read the same data
 
     @property
     def out(self) -> Path:
@@ -253,12 +271,32 @@ def _train(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> dic
     restored = restore(run) if cfg.resume else None
     start, norm = restored if restored is not None else initialise(run)
     stats = loop(run, start, norm)
+    if start < cfg.steps:
+        settle_thresholds(run, norm)
     if start >= cfg.steps:  # resuming a finished run: its SAEs are already saved
         return {m.spec.name: SAE.from_pretrained(run.out / "saes" / m.spec.name) for m in run.members if place.saves}
     final = {m.spec.name: export(m, norm, run.out / "saes" / m.spec.name, cfg, cfg.steps, s)
              for m, s in zip(run.members, stats) if place.saves}
     checkpoint(run.out, run.members, cfg.steps, norm, place, device)
     return final
+
+
+@torch.no_grad()
+def settle_thresholds(run: Run, norm: float, n: int = 8) -> None:
+    """θ that was never learned (the run ended before --threshold-start-step) would gate nothing at inference:
+    set it to the mean smallest kept activation of the last n batches, and say so."""
+    cfg, ddp = run.cfg, run.place.ddp
+    for m in run.members:
+        if not (m.sae.arch.tracks_threshold and float(m.sae.threshold) < 0):
+            continue
+        steps = range(max(0, cfg.steps - n), cfg.steps)
+        for i, step in enumerate(steps):  # β = i/(i+1): a running mean over the batches
+            x = run.batches(step, (run.place.rank, run.place.world) if ddp else None) / norm
+            codes = m.sae.train_encode(x, cfg.jumprelu_bandwidth, fast=cfg.fast).codes
+            mechanics.update_threshold_(m.sae.threshold, codes, i / (i + 1), sync=D.global_min if ddp else None)
+        if run.place.lead:
+            tqdm.write(f"warning: {m.spec.name}: θ was never learned (--steps {cfg.steps} <= threshold start "
+                       f"{cfg.theta_start}); set from the last {len(steps)} batches", file=sys.stderr)
 
 
 def prepare(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> Run:
@@ -270,7 +308,7 @@ def prepare(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> Ru
     check_log_sink(cfg.log_to)
     source = as_source(source if source is not None else cfg.data, layer=cfg.layer)  # a tensor or array works too
     plan_file = out / "data_plan.json"
-    plan = json.loads(plan_file.read_text()) if cfg.resume and plan_file.is_file() else None
+    plan = read_json(plan_file) if cfg.resume and plan_file.is_file() else None
     batches = Batches(source, cfg, device, place, plan)
     if place.lead and not cfg.quiet:
         tqdm.write(batches.describe(), file=sys.stderr)
@@ -282,7 +320,7 @@ def prepare(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> Ru
     members = [build_member(spec, source.d_in, cfg, device, meta) for i, spec in enumerate(specs) if place.owns(i)]
     if place.world > 1:
         dist.barrier()  # every rank has checked `out` before rank 0 writes into it
-    return Run(cfg, place, device, batches, members, names)
+    return Run(cfg, place, device, batches, members, names, batches.fingerprint())
 
 
 def restore(run: Run) -> tuple[int, float] | None:
@@ -291,6 +329,7 @@ def restore(run: Run) -> tuple[int, float] | None:
     if found is None:
         return None
     check_same_run(run.out / "train_config.json", run.cfg)
+    check_same_data(run)
     start, norm = load_checkpoint(found, run.members, run.place)
     if run.place.lead:
         truncate_log(run.out / "log.jsonl", start)
@@ -310,7 +349,8 @@ def initialise(run: Run) -> tuple[int, float]:
                 dist.broadcast(m.sae.b_dec, 0)
     run.out.mkdir(parents=True, exist_ok=True)
     if run.place.lead:
-        atomic_write_text(run.out / "data_plan.json", json.dumps(run.batches.plan))
+        atomic_write_text(run.out / "data_plan.json",
+                          json.dumps({**run.batches.plan, "data_fingerprint": run.data_fingerprint}))
         atomic_write_text(run.out / "train_config.json", json.dumps(dataclasses.asdict(run.cfg), indent=2))
     return 0, norm
 
@@ -360,11 +400,20 @@ RESUME_MAY_CHANGE = {"data", "out", "steps", "device", "quiet", "log_to", "log_e
                      "max_memory", "resume", "eval_step"}
 
 
+def check_same_data(run: Run) -> None:
+    """Refuse a --resume on activations other than the run's (the path may change; the content may not)."""
+    plan_file = run.out / "data_plan.json"
+    saved = read_json(plan_file).get("data_fingerprint") if plan_file.is_file() else None
+    if saved is not None and saved != run.data_fingerprint:
+        raise ValueError(f"--resume with other data: {run.cfg.data} is not the activations {run.out} was trained on "
+                         "(their content differs); resume with the run's data or start a new --out")
+
+
 def check_same_run(saved_config: Path, cfg: TrainConfig) -> None:
     """Refuse a --resume whose settings differ from the run's: it would not continue the same computation."""
     if not saved_config.is_file():
         return
-    saved = json.loads(saved_config.read_text())
+    saved = read_json(saved_config)
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved file
     diff = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now if k not in RESUME_MAY_CHANGE and k in saved
             and saved[k] != now[k]]

@@ -23,6 +23,7 @@ from sae_vlm.data.extract import run_extract
 from sae_vlm.data.store import open_store
 from sae_vlm.eval.run import evaluate_run
 from sae_vlm.io import atomic_save_npy, atomic_save_npz, atomic_write_text
+from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.trainer import train
 from sae_vlm.toyworld import world as W
@@ -78,9 +79,13 @@ def concept_purity(top_indices_FT: np.ndarray, top_values_FT: np.ndarray, concep
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    with claim(cfg.out, "demo"):
+        return _demo(cfg)
+
+
+def _demo(cfg: DemoConfig) -> dict:
     out, quiet, size = Path(cfg.out), cfg.quiet, QUICK if cfg.quick else FULL
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     clip_dir, llava_dir = toyworld.clip_path(), toyworld.llava_path()
 
     say(f"[1/6] generating {size.n_train} + {size.n_eval} toy images", quiet)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sae_vlm.outdir import check_owned, claim
 from sae_vlm.sae.formats import dictionary_learning, overcomplete, sae_lens, saev, sparsify
 from sae_vlm.sae.formats.common import Hints, Parts
 from sae_vlm.sae.model import SAE, SAEConfig, local_or_hub
@@ -87,11 +88,9 @@ WRITES = {"sae-vlm": ("config.json", "model.safetensors"), "sae-lens": (sae_lens
 def convert(cfg) -> tuple[SAE, list[str]]:
     """`sae-vlm convert`: read cfg.src (any format), write cfg.dst in cfg.target_format; (the SAE, notes)."""
     src, dst = Path(cfg.src), Path(cfg.dst)
-    mine = WRITES[cfg.target_format]
-    if dst.exists() and (not dst.is_dir() or any(p.name not in mine for p in dst.iterdir())):
-        raise ValueError(f"{dst} exists and holds other files; convert writes only into a new or empty folder")
     if src.exists() and dst.exists() and src.resolve() == dst.resolve():
         raise ValueError(f"{dst} is the source itself; choose another output folder")
+    check_owned(dst, "convert")  # before a download, so a refusal costs nothing
     hints, path = hints_from(cfg), local_or_hub(cfg.src, cfg.subfolder, cfg.revision)
     if cfg.source_format == "auto":
         sae = SAE.from_pretrained(path, **hints)
@@ -100,9 +99,13 @@ def convert(cfg) -> tuple[SAE, list[str]]:
     overrides = {k: getattr(cfg, k) for k in ("hook_point", "model_id") if getattr(cfg, k)}
     sae.cfg = dataclasses.replace(sae.cfg, **overrides)  # also for an SAE already in our format
     notes = list(sae.meta.get("notes", []))
-    if cfg.target_format == "sae-lens":
-        sae_lens.write(sae, dst)
-        notes += [n for n in (sae_lens.threshold_note(sae),) if n]
-    else:
-        sae.save_pretrained(dst)
+    with claim(dst, "convert"):
+        for other in set(WRITES) - {cfg.target_format}:  # a rerun with the other --to replaces, never mixes
+            for name in WRITES[other]:
+                (dst / name).unlink(missing_ok=True)
+        if cfg.target_format == "sae-lens":
+            sae_lens.write(sae, dst)
+            notes += [n for n in (sae_lens.threshold_note(sae),) if n]
+        else:
+            sae.save_pretrained(dst)
     return sae, notes

@@ -23,7 +23,7 @@ def recognises(path: Path) -> bool:
 
 
 def read(path: Path, hints: Hints) -> Parts:
-    cfg, state = read_json(path / CFG), load_safetensors(path / WEIGHTS)
+    cfg = read_json(path / CFG)
     arch = cfg.get("architecture", "standard")
     if arch == "standard" and cfg.get("activation_fn", cfg.get("activation_fn_str")) == "topk":  # pre-6 configs
         arch, cfg = "topk", {**cfg, "k": (cfg.get("activation_fn_kwargs") or {}).get("k")}
@@ -35,6 +35,7 @@ def read(path: Path, hints: Hints) -> Parts:
     if cfg.get("finetuning_scaling_factor"):
         raise unsupported(f"{path}: SAELens finetuning_scaling_factor")
     d, f = field(cfg, "d_in", path / CFG), field(cfg, "d_sae", path / CFG)
+    state = load_safetensors(path / WEIGHTS)  # after the config's checks: a refused SAE is not read
     W_enc, b_enc = tensor(state, "W_enc", path / WEIGHTS, (d, f)), tensor(state, "b_enc", path / WEIGHTS, (f,))
     W_dec, b_dec = tensor(state, "W_dec", path / WEIGHTS, (f, d)), tensor(state, "b_dec", path / WEIGHTS, (d,))
     ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]

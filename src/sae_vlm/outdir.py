@@ -1,0 +1,86 @@
+"""Output folders a command owns, and one writer at a time in each.
+
+A command writes only into a folder that is new, empty, or marked as holding its own kind of output
+(`.sae-vlm-owner.json`); anything else is refused with one line naming the folder, and nothing in it is touched.
+While it writes, it holds an exclusive flock on `.sae-vlm.lock` in that folder, which the kernel releases when the
+process ends however it ends; a second run on the same folder is refused with the PID of the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from sae_vlm.io import atomic_write_json
+
+OWNER, LOCK = ".sae-vlm-owner.json", ".sae-vlm.lock"
+# Folders written before markers existed, recognised by paths only that kind writes (all of them present).
+LEGACY = {"extract": ("extract_config.json",), "train": ("train_config.json",), "evaluate": ("metrics.json", "latents"),
+          "report": ("index.html", "s"), "demo": ("images/eval/toyworld.jsonl",)}
+KINDS = ("extract", "train", "evaluate", "report", "convert", "demo")
+
+
+def owner(out: Path) -> str | None:
+    """The kind of output `out` holds by its marker, None when it has none (or an unreadable one)."""
+    try:
+        kind = json.loads((out / OWNER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def check_owned(out: Path, kind: str) -> None:
+    """Refuse `out` unless it is new, empty, or holds this kind of output."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"output folder {out} is a file; choose a folder")
+    held = owner(out)
+    if held == kind or (held is None and kind in LEGACY and all((out / p).exists() for p in LEGACY[kind])):
+        return
+    entries = [p.name for p in out.iterdir() if p.name != LOCK]
+    if not entries:
+        return
+    what = f"sae-vlm {held} output" if held else f"{len(entries)} files that sae-vlm did not write ({entries[0]}, …)"
+    raise ValueError(f"output folder {out} holds {what}; {kind} writes only into a new or empty folder or one "
+                     f"holding its own earlier output: choose another folder")
+
+
+@contextlib.contextmanager
+def claim(out: str | Path, kind: str, lead: bool = True) -> Iterator[Path]:
+    """Own `out` for this kind and hold its lock for the block; `lead=False` (other ranks of a torchrun job,
+    whose rank 0 holds it for them) only yields the path."""
+    assert kind in KINDS, kind
+    out = Path(out)
+    if not lead:
+        yield out
+        return
+    check_owned(out, kind)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"output folder {out} is in use by another sae-vlm run (PID {pid}); wait for it to "
+                             "finish or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        check_owned(out, kind)  # another run may have claimed it between the first check and the lock
+        if owner(out) != kind:
+            atomic_write_json(out / OWNER, {"kind": kind, "tool": "sae-vlm"})
+        yield out
+    except BaseException:
+        if created and {p.name for p in out.iterdir()} <= {OWNER, LOCK}:  # failed before writing: leave no trace
+            for name in (OWNER, LOCK):
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+    finally:
+        os.close(fd)  # releases the flock
