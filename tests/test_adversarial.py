@@ -344,6 +344,8 @@ MORE_PROBES = [
     (["evaluate", "sae", "--data", "missing.npy", "--out", "x"], "missing.npy"),
     (["report", "sae", "--out", "rep"], "metrics.json is missing"),
     (["push", "sae", "me/x", "--dry-run", "lens"], "--dry-run folder lens is not empty"),
+    (["steer", "--llava", "l", "--sae", "sae", "--latents", "1", "--out", "acts.npy"], "--out acts.npy exists"),
+    (["steer-score", "--llava", "l", "--sae", "sae", "--clip", "c", "--out", "lens/cfg.json"], "--out lens/cfg.json"),
     (["push", "sae", "me/x", "--metrics", "missing.json", "--dry-run", "st"], "missing.json"),
     (TRAIN + ["--out", "x", "--width", "0"], "d_sae"),
     (TRAIN + ["--out", "x", "--group-fractions", "0.5,0.2", "--arch", "matryoshka"], "must sum to 1"),

@@ -244,3 +244,45 @@ def test_non_image_files_are_counted_by_extension(setup, tmp_path):
     assert "4 files in the folder are not images and were not read (.svg 3, (no extension) 1)" in res.output
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert man["ignored_files"] == {".svg": 3, "(no extension)": 1} and man["rows"] == 11
+
+
+def test_progress_counts_images_through_the_model(setup, tmp_path, monkeypatch):
+    """The bar moves when a batch has been through the model (skipped images at once), not as images decode."""
+    root, model_dir, _, _ = setup
+    steps: list[int] = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total = total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            steps.append(n)
+
+    monkeypatch.setattr(extract_mod, "tqdm", Bar)
+    run_extract(ExtractConfig(model=str(model_dir), data=str(root / "imgs"), out=str(tmp_path / "s"), layers=("1",),
+                              tokens=("cls",), batch_size=4, quiet=False))
+    assert sum(steps) == 12 and steps.count(1) >= 1 and max(steps) == 4  # 11 images in batches of 4, 1 skipped
+
+
+def test_a_store_from_before_batch_size_was_recorded_still_reruns(setup, tmp_path, monkeypatch):
+    """A finished store whose config lacks batch_size and holds --data as typed (relative) is the same extraction;
+    an unfinished one is not resumed with batches it may not have used."""
+    root, model_dir, _, _ = setup
+    monkeypatch.chdir(root)
+    cfg = ExtractConfig(model=str(model_dir), data="imgs", out=str(tmp_path / "s"), layers=("1",), tokens=("cls",),
+                        quiet=True)
+    run_extract(cfg)
+    cfg_file = tmp_path / "s" / "extract_config.json"
+    old = json.loads(cfg_file.read_text())
+    del old["batch_size"]
+    cfg_file.write_text(json.dumps({**old, "data": "imgs"}))
+    assert run_extract(cfg)["rows"] == 11
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"different settings \(batch_size\)"):
+        run_extract(cfg)

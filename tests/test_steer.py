@@ -230,6 +230,7 @@ def test_cli_steer_and_steer_score(llava_dir, sae, tmp_path):
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 1 + 2 * 2 and all("output" in row for row in rows)
+    assert all(row["output"] and 1 <= len(row["token_ids"]) <= 4 and row["batch_seconds"] > 0 for row in rows)
     assert "latent" in r.output and "output" in r.output and rows[-1]["output"][:20] in r.output
 
     pool = tmp_path / "pool"

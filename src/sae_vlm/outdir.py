@@ -84,3 +84,17 @@ def claim(out: str | Path, kind: str, lead: bool = True) -> Iterator[Path]:
         raise
     finally:
         os.close(fd)  # releases the flock
+
+
+def check_result_file(path: str | Path, keys: tuple[str, ...], what: str) -> None:
+    """An output *file* (steer's JSON) may replace only an earlier result of the same command: a JSON object
+    with `keys`. Anything else at that path is refused, naming it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        ok = path.is_file() and all(k in json.loads(path.read_text()) for k in keys)
+    except (OSError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--out {path} exists and is not an earlier {what} result; choose another file")

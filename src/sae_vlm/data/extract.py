@@ -11,6 +11,7 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class ShardWriter:
         self.pixels: list[torch.Tensor] = []
         self.pool = ThreadPoolExecutor(1)
         self.pending: Future | None = None
+        self.on_done: Callable[[int], object] = lambda n: None  # images through the model (or skipped) so far
 
     def add(self, i: int, pixels: torch.Tensor | None, reason: str | None) -> None:
         """Image i of the input, preprocessed, or None with the reason it was skipped."""
@@ -76,6 +78,7 @@ class ShardWriter:
         rec = self.src.records[i]
         if pixels is None:
             shard["skipped"].append({"path": rec.path, "reason": reason})
+            self.on_done(1)
             return
         shard["images"].append({"id": rec.id, "path": rec.path, "label": rec.label})
         self.batch.append((s, i))
@@ -109,6 +112,7 @@ class ShardWriter:
                 lo, hi = np.flatnonzero(shard_of == s)[[0, -1]]
                 self.shards[int(s)]["acts"][name].append(arr[lo * r : (hi + 1) * r])
                 self.shards[int(s)]["tok"][name].append(tok[lo * r : (hi + 1) * r])
+        self.on_done(len(self.batch))
         self.batch.clear()
         self.pixels.clear()
 
@@ -202,11 +206,11 @@ def _process(cfg: ExtractConfig, backbone: Backbone, src: ImageSource, writer: S
 
     n_seen = 0
     with tqdm(total=len(todo), disable=cfg.quiet or rank != 0, unit="img", desc="extract") as bar:
+        writer.on_done = bar.update  # counts images through the forward pass, not as they are decoded
         try:
             for i, pixels, reason in prefetch_map(load, todo, cfg.workers, ahead=max(2 * cfg.batch_size, 8)):
                 writer.add(i, pixels, reason)
                 n_seen += 1
-                bar.update(1)
             writer.finish()
         finally:
             writer.close()

@@ -56,6 +56,14 @@ def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def _same_setting(key: str, old: dict, new: dict, finished: bool) -> bool:
+    """Differences that are not different settings: the same --data folder spelled another way (older stores kept
+    it as typed), or a setting recorded only since the store was finished (nothing is left to compute)."""
+    if key == "data" and isinstance(old.get(key), str) and isinstance(new.get(key), str):
+        return Path(old[key]).resolve() == Path(new[key]).resolve()
+    return finished and key not in old
+
+
 def shard_name(s: int) -> str:
     return f"shard_{s:06d}"
 
@@ -75,8 +83,10 @@ class StoreWriter:
             self.root.mkdir(parents=True, exist_ok=True)
             if cfg_path.exists():
                 old = read_json(cfg_path)
-                if old != self.config:
-                    diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+                finished = (self.root / "manifest.json").is_file()
+                diff = sorted(k for k in set(old) | set(self.config)
+                              if old.get(k) != self.config.get(k) and not _same_setting(k, old, self.config, finished))
+                if diff:
                     raise ValueError(f"--out {self.root} holds an extraction with different settings "
                                      f"({', '.join(diff)}); use a new --out directory or the same settings to resume")
             else:

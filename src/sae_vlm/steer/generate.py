@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -21,6 +22,7 @@ from sae_vlm.backbones import load_processor, quiet_loading
 from sae_vlm.config import SteerConfig
 from sae_vlm.device import resolve_device, resolve_dtype
 from sae_vlm.io import atomic_write_json
+from sae_vlm.outdir import check_result_file
 from sae_vlm.steer.intervene import intervene
 
 WHITE = "white"
@@ -107,9 +109,12 @@ def batch_inputs(model, processor, cases: Sequence[Case]) -> dict:
 
 @torch.no_grad()
 def generate_batch(model, processor, sae, cases: Sequence[Case], *, hook_point=None, error_term: bool = True,
-                   max_new_tokens: int = 60, positions: Sequence[int] | None = None) -> list[str]:
-    """One left-padded greedy `generate` call for all cases; returns the new text of each (special tokens dropped)."""
+                   max_new_tokens: int = 60, positions: Sequence[int] | None = None,
+                   details: list | None = None) -> list[str]:
+    """One left-padded greedy `generate` call for all cases; returns the new text of each (special tokens dropped).
+    `details` gets one dict per case: its new token ids (up to the first end-of-sequence) and the call's seconds."""
     tok = processor.tokenizer
+    t0 = time.perf_counter()
     inputs = batch_inputs(model, processor, cases)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, num_beams=1)
@@ -120,19 +125,26 @@ def generate_batch(model, processor, sae, cases: Sequence[Case], *, hook_point=N
         with intervene(model, hook_point, sae, edits, error_term=error_term, positions=positions):
             out = model.generate(**inputs, **gen)
     new = out[:, inputs["input_ids"].shape[1] :]
-    return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
+    texts = [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
+    if details is not None:
+        seconds, eos = time.perf_counter() - t0, tok.eos_token_id
+        for ids in new.tolist():
+            details.append({"token_ids": ids[: ids.index(eos) + 1] if eos in ids else ids, "batch_seconds": seconds})
+    return texts
 
 
 def generate_cases(model, processor, sae, cases: Sequence[Case], *, hook_point=None, error_term: bool = True,
                    max_new_tokens: int = 60, batch_size: int = 16, quiet: bool = True,
-                   positions: Sequence[int] | None = None) -> list[str]:
-    """Text for every case, `batch_size` cases per `generate` call, in the order given."""
+                   positions: Sequence[int] | None = None, details: list | None = None) -> list[str]:
+    """Text for every case, `batch_size` cases per `generate` call, in the order given (`details`: see
+    generate_batch)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected >= 1")
     out: list[str] = []
     for b0 in tqdm(range(0, len(cases), batch_size), desc="generate", disable=quiet, leave=False):
         out += generate_batch(model, processor, sae, cases[b0 : b0 + batch_size], hook_point=hook_point,
-                              error_term=error_term, max_new_tokens=max_new_tokens, positions=positions)
+                              error_term=error_term, max_new_tokens=max_new_tokens, positions=positions,
+                              details=details)
     return out
 
 
@@ -165,6 +177,7 @@ def load_steering(llava: str, sae_dir: str, step: str | None = None, device: str
 def run_steer(cfg: SteerConfig) -> list[dict]:
     """Every latent × α × image × prompt (and, with `cfg.unsteered`, every image × prompt unpatched), generated in
     batches; writes `cfg.out` (JSON) and returns one row per case with its output."""
+    check_result_file(cfg.out, ("llava", "results"), "sae-vlm steer")
     model, processor, sae, _ = load_steering(cfg.llava, cfg.sae, cfg.step, cfg.device, cfg.dtype)
     if not all(0 <= j < sae.cfg.d_sae for j in cfg.latents):
         raise ValueError(f"--latents {','.join(map(str, cfg.latents))}: ids must be in 0..{sae.cfg.d_sae - 1}")
@@ -173,10 +186,15 @@ def run_steer(cfg: SteerConfig) -> list[dict]:
         base = [(img, p) for img in cfg.image for p in cfg.prompt]
         cases = [Case(open_image(img), p, None) for img, p in base] + cases
         rows = [{"latent": None, "alpha": None, "op": "none", "image": img, "prompt": p} for img, p in base] + rows
+    details: list[dict] = []
     texts = generate_cases(model, processor, sae, cases, hook_point=cfg.hook_point, error_term=not cfg.replace,
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, quiet=cfg.quiet)
-    for r, t in zip(rows, texts):
-        r["output"] = t
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, quiet=cfg.quiet,
+                           details=details)
+    eos = processor.tokenizer.eos_token_id
+    for r, t, d in zip(rows, texts, details):
+        # an answer that ends at once would be a blank cell: say so
+        r["output"] = t if t or d["token_ids"][:1] != [eos] else "<eos>"
+        r |= d
     atomic_write_json(cfg.out, {"llava": cfg.llava, "sae": cfg.sae, "mode": "replace" if cfg.replace else "error_term",
                                 "max_new_tokens": cfg.max_new_tokens, "results": rows}, indent=2)
     return rows

@@ -13,6 +13,7 @@ import numpy as np
 from sae_vlm.config import SteerScoreConfig
 from sae_vlm.eval.top import save_top
 from sae_vlm.io import atomic_write_json
+from sae_vlm.outdir import check_result_file
 from sae_vlm.steer.classes import class_names
 from sae_vlm.steer.generate import load_steering, white_image
 from sae_vlm.steer.score import (
@@ -120,6 +121,7 @@ def top_dir(cfg: SteerScoreConfig) -> Path:
 
 def run_steer_score(cfg: SteerScoreConfig) -> dict:
     """The paper's steering score for the latents `cfg.latents` selects; writes `cfg.out` (JSON) and returns it."""
+    check_result_file(cfg.out, ("steered", "settings"), "sae-vlm steer-score")
     model, processor, sae, dev = load_steering(cfg.llava, cfg.sae, cfg.step, cfg.device, cfg.dtype)
     embedder = ClipEmbedder.load(cfg.clip, device=str(dev))
     images, names, labels = steer_images(cfg)
