@@ -203,7 +203,7 @@ class TrainConfig:
                               "sweep's SAEs over the ranks.")
     max_memory: float | None = option(None, "GB the training data may occupy on the device; a store or .npy "
                                             "larger than this streams from disk (block-shuffled). Unset: half the "
-                                            "device's free memory.")
+                                            "device's free memory.", positive=True)
     checkpoint_every: int = option(1000, "Steps between resume checkpoints.", positive=True)
     keep_steps: tuple[int, ...] = option((), "Comma list of steps at which to also save every SAE "
                                              "(saes/<name>/step-<n>/).")
@@ -217,10 +217,6 @@ class TrainConfig:
     def __post_init__(self):
         for a in self.archs:
             arch_spec(a)
-        if self.batch_size <= 0 or self.steps <= 0:
-            raise ValueError(f"batch_size and steps must be positive, got {self.batch_size} and {self.steps}")
-        if self.max_memory is not None and not (0 < self.max_memory < float("inf")):
-            raise ValueError(f"--max-memory {self.max_memory}: expected a positive number of GB")
         if self.log_to not in (None, "wandb", "tensorboard"):
             raise ValueError(f"log_to={self.log_to!r}; expected wandb or tensorboard")
         total = sum(self.group_fractions)
@@ -291,25 +287,18 @@ class ConvertConfig:
     model_id: str | None = option(None, "Backbone model id, e.g. openai/clip-vit-large-patch14-336.")
     arch: str | None = option(None, "Where SRC does not record it (overcomplete; dictionary_learning without its "
                                     "config.json): relu, topk or batchtopk.")
-    k: int | None = option(None, "overcomplete TopKSAE/BatchTopKSAE: the top_k per input row.")
+    k: int | None = option(None, "overcomplete TopKSAE/BatchTopKSAE: the top_k per input row.", positive=True)
     threshold: float | None = option(None, "overcomplete BatchTopKSAE: its running_threshold.")
     input_mean: str | None = option(None, ".npy/.pt of the mean the source's data loader subtracted from inputs "
                                           "(saev scale_mean); folded into the SAE.")
     input_scale: float | None = option(None, "Factor the source's loader multiplied inputs by after that (saev "
-                                             "scale_norm); folded into the SAE.")
+                                             "scale_norm); folded into the SAE.", positive=True)
 
     def __post_init__(self):
         _choice(self.source_format, ("auto", *SOURCE_FORMATS), "--from")
         _choice(self.target_format, ("sae-vlm", "sae-lens"), "--to")
         if self.arch is not None:
             _choice(self.arch, ("relu", "topk", "batchtopk"), "--arch")
-        if self.k is not None and self.k <= 0:
-            raise ValueError(f"--k {self.k}: expected a positive integer")
-        for flag, v in (("--threshold", self.threshold), ("--input-scale", self.input_scale)):
-            if v is not None and not math.isfinite(v):
-                raise ValueError(f"{flag} {v}: expected a finite number")
-        if self.input_scale is not None and self.input_scale <= 0:
-            raise ValueError(f"--input-scale {self.input_scale}: expected a positive number")
 
 
 @dataclass(frozen=True, kw_only=True)

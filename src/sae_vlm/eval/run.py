@@ -104,10 +104,9 @@ class Scoring:
 
 def source_key(sdir: Path) -> tuple:
     """The (hook point, token selection) an SAE reads, from its config.json, before its weights are loaded."""
-    try:
-        raw = read_json(sdir / "config.json")
-    except UnicodeDecodeError as e:
-        raise ValueError(str(e)) from None
+    raw = read_json(sdir / "config.json")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{sdir / 'config.json'} holds a JSON {type(raw).__name__}, not an SAE config")
     return raw.get("hook_point"), raw.get("token_selection")
 
 
@@ -129,8 +128,8 @@ class Evaluation:
         for i, (name, sdir) in enumerate(saes):
             try:
                 by_source.setdefault(source_key(sdir), []).append(i)
-            except (OSError, ValueError, AttributeError) as e:
-                self.broken(name, sdir, f"{sdir / 'config.json'}: {e}")
+            except (OSError, ValueError) as e:
+                self.broken(name, sdir, str(e))  # read_json's message names the file
         results: dict[int, dict | None] = {}
         for members in by_source.values():
             results.update(zip(members, self.score_source([saes[i] for i in members])))

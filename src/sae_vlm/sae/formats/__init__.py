@@ -44,7 +44,8 @@ def load_foreign(path: str | Path, source_format: str | None = None, **hints) ->
     fmt = source_format or detect(path)
     if fmt not in READERS:
         raise ValueError(f"unknown source format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return to_sae(READERS[fmt](path, Hints(**hints)), Hints(**hints))
+    given = Hints(**hints)
+    return to_sae(READERS[fmt](path, given), given)
 
 
 def to_sae(p: Parts, hints: Hints = Hints()) -> SAE:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
-import json
 import pickle
 import re
 from pathlib import Path
@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from sae_vlm.io import read_json as io_read_json
 
 
 @dataclasses.dataclass
@@ -86,6 +88,21 @@ def load_state(path: Path, library: str, resave: str | None = None, data: bytes 
     return state
 
 
+def checkpoint_keys(path: Path) -> frozenset[str] | None:
+    """The top-level names in a torch checkpoint (None: unreadable, or not weights-only); detection asks each
+    format in turn, so one read serves them all."""
+    st = path.stat()
+    return _checkpoint_keys(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_keys(path: str, size: int, mtime_ns: int) -> frozenset[str] | None:
+    try:
+        return frozenset(map(str, torch.load(path, map_location="cpu", weights_only=True, mmap=True)))
+    except Exception:  # unreadable or unsafe: the reader names the problem
+        return None
+
+
 def starts_with_json(path: Path) -> bool:
     """saev's files begin with a JSON line; torch's zip checkpoints never do."""
     with open(path, "rb") as f:
@@ -102,12 +119,10 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict:
+    """A library's JSON config: io.read_json, which must find an object."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    data = io_read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object")
     return data

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from sae_vlm.sae.formats.common import Hints, Parts, load_state, read_json, starts_with_json, tensor, unsupported
+from sae_vlm.sae.formats.common import (
+    Hints,
+    Parts,
+    checkpoint_keys,
+    load_state,
+    read_json,
+    starts_with_json,
+    tensor,
+    unsupported,
+)
 
 RESAVE = "torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, 'ae.pt')"
 
@@ -20,15 +27,10 @@ def recognises(path: Path) -> bool:
         return (path / "ae.pt").is_file()
     if path.suffix not in (".pt", ".pth") or starts_with_json(path):
         return False
-    keys = set(_keys(path))
+    keys = checkpoint_keys(path)
+    if keys is None:  # unreadable or unsafe: claimed, so that the reader names the problem
+        return True
     return bool(keys & {"encoder.weight", "W_enc", "r_mag"}) and "dictionary._weights" not in keys
-
-
-def _keys(path: Path) -> list[str]:
-    try:
-        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-    except Exception:  # unreadable or unsafe: let the reader name the problem
-        return ["encoder.weight"]
 
 
 def trainer_config(file: Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sae_vlm.sae.formats.common import Hints, Parts, load_state, tensor, unsupported
+from sae_vlm.sae.formats.common import Hints, Parts, checkpoint_keys, load_state, tensor, unsupported
 
 RESAVE = "torch.save(sae.state_dict(), 'sae.pt')"
 ENC_W, ENC_B, DICT = "encoder.final_block.0.weight", "encoder.final_block.0.bias", "dictionary._weights"
@@ -30,10 +30,8 @@ def recognises(path: Path) -> bool:
     file = _file(path)
     if file is None:
         return False
-    try:
-        return DICT in torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a weights-only zip checkpoint: not ours to claim
-        return False
+    keys = checkpoint_keys(file)
+    return keys is not None and DICT in keys
 
 
 def read(path: Path, hints: Hints) -> Parts:
