@@ -53,27 +53,33 @@ def _dictionary(n: int, seed: int = 0) -> Dictionary:
     support = rng.integers(0, 50, n).astype(np.float64)
     arrays = {"ms": ms, "support": support, "freq": support / 100, "max_act": rng.random(n) * 10}
     level = np.searchsorted(np.cumsum([n // 8, n // 8, 3 * n // 4]), np.arange(n), side="right")
-    return Dictionary("big", "sae", "layer.1", n, arrays, level, None, None)
+    # top-16 values: positive on min(support, 16) slots, so support 1..15 is rare and support 0 is dead
+    top_val = np.where(np.arange(16) < np.minimum(support, 16)[:, None], 1.0, 0.0)
+    return Dictionary("big", "sae", "layer.1", n, arrays, level, None, top_val)
 
 
 def test_table_query_65536_latents():
     d = _dictionary(65536)
-    q = TableQuery.parse({"sort": "ms", "order": "desc", "dead": "alive", "level": "1", "ms_min": "0.2",
+    q = TableQuery.parse({"sort": "ms", "order": "desc", "show": "common", "level": "1", "ms_min": "0.2",
                           "freq_max": "0.4", "per": "100", "page": "3"})
     ids = d.select(q)
     a = d.arrays
     ref = [j for j in range(d.n)
-           if a["support"][j] > 0 and d.level[j] == 1 and a["ms"][j] >= 0.2 and a["freq"][j] <= 0.4]
+           if a["support"][j] >= 16 and d.level[j] == 1 and a["ms"][j] >= 0.2 and a["freq"][j] <= 0.4]
     assert sorted(ids.tolist()) == ref
     assert np.all(np.diff(a["ms"][ids]) <= 0)
-    # NaN latents go last in either order; dead filter is the complement of alive
+    # NaN latents go last in either order
     all_asc = d.select(TableQuery.parse({"sort": "ms", "order": "asc"}))
     nan = np.isnan(a["ms"][all_asc])
     assert nan.any() and not nan[: (~nan).sum()].any() and np.all(np.diff(a["ms"][all_asc][~nan]) >= 0)
-    dead = d.select(TableQuery.parse({"dead": "dead", "sort": "id", "order": "asc"}))
-    assert dead.tolist() == np.flatnonzero(a["support"] == 0).tolist()
+    # one meaning of dead (never positive, as evaluate counts it); rare (< 16 images) includes it
+    by = {show: d.select(TableQuery.parse({"show": show, "sort": "id", "order": "asc"})).tolist()
+          for show in ("dead", "rare", "common", "all")}
+    assert by["dead"] == np.flatnonzero(a["support"] == 0).tolist()
+    assert by["rare"] == np.flatnonzero(a["support"] < 16).tolist() and set(by["dead"]) < set(by["rare"])
+    assert sorted(by["rare"] + by["common"]) == by["all"] == list(range(d.n))
     for bad, msg in [({"sort": "nope"}, "sort='nope'"), ({"ms_min": "x"}, "ms_min='x' is not a number"),
-                     ({"dead": "maybe"}, "dead='maybe'")]:
+                     ({"show": "maybe"}, "show='maybe'")]:
         with pytest.raises(ValueError, match=msg):
             TableQuery.parse(bad)
 
@@ -87,7 +93,14 @@ def test_routes_and_safety(built_run):
     assert set(view.dicts) == {SAE_NAME, "neurons__layer.1"}
     c = TestClient(create_app(view))
     assert c.get("/").status_code == 200
-    page = c.get(f"/sae/{SAE_NAME}", params={"sort": "ms", "order": "desc", "level": "1", "dead": "alive", "per": "5"})
+    # one count of dead latents: evaluate's (never positive on the evaluation rows) is the browser's and the page's
+    m = json.loads((built_run / "run" / "eval" / "metrics.json").read_text())
+    rec = next(r for r in m["saes"] if r["name"] == SAE_NAME)["recon"]
+    sae_view = view.get(SAE_NAME)
+    assert rec["dead"] == int(sae_view.dead.sum()) == round(rec["dead_frac"] * sae_view.n)
+    assert rec["dead"] < int(sae_view.rare.sum())  # rare: the paper's < 16 images, dead included
+    assert f"{rec['dead']} dead, {int(sae_view.rare.sum())} rare" in c.get(f"/sae/{SAE_NAME}").text
+    page = c.get(f"/sae/{SAE_NAME}", params={"sort": "ms", "order": "desc", "level": "1", "show": "common", "per": "5"})
     assert page.status_code == 200 and "latents match" in page.text
     lat = c.get(f"/sae/{SAE_NAME}/latent/9")
     assert (lat.status_code == 200 and 'id="nearest"' in lat.text and "Matryoshka level" in lat.text
@@ -167,7 +180,7 @@ LOADED_IMAGES = """return Array.from(document.querySelectorAll('img.top'))
 
 
 def _first_latent_by_ms(driver) -> int:
-    """Click the first visible latent of the table (dead ones are hidden by default)."""
+    """Click the first visible latent of the table (rare ones are hidden by default)."""
     link = next(a for a in driver.find_elements("css selector", "#latents tbody tr td:first-child a")
                 if a.is_displayed())
     j = int(link.text)
@@ -184,14 +197,14 @@ def test_browser_server_and_static_report(built_run, server, chrome, tmp_path):
     from selenium.webdriver.common.by import By
 
     d = chrome
-    d.get(f"{server}/sae/{SAE_NAME}?sort=id&order=asc&dead=all")
+    d.get(f"{server}/sae/{SAE_NAME}?sort=id&order=asc&show=all")
     d.find_element(By.ID, "sort-ms").click()  # a different column starts descending
-    assert "sort=ms" in d.current_url and "order=desc" in d.current_url and "dead=all" in d.current_url
+    assert "sort=ms" in d.current_url and "order=desc" in d.current_url and "show=all" in d.current_url
     ms = json.loads(d.execute_script(
         "return JSON.stringify(Array.from(document.querySelectorAll('#latents tbody tr'))"
         ".map(r => parseFloat(r.cells[2].dataset.v)).filter(v => !isNaN(v)))"))
     assert len(ms) > 1 and ms == sorted(ms, reverse=True)
-    d.get(f"{server}/sae/{SAE_NAME}?sort=ms&order=desc")  # by default only latents alive by the paper's rule
+    d.get(f"{server}/sae/{SAE_NAME}?sort=ms&order=desc")  # by default only latents positive on 16+ images
     assert len(d.find_elements(By.CSS_SELECTOR, "#latents tbody tr")) < len(ms)
     j = _first_latent_by_ms(d)
     assert d.current_url.endswith(f"/sae/{SAE_NAME}/latent/{j}")
@@ -222,9 +235,9 @@ def test_browser_server_and_static_report(built_run, server, chrome, tmp_path):
     assert d.current_url.endswith(f"s/{SAE_NAME}.html")
     rows = d.find_elements(By.CSS_SELECTOR, "#latents tbody tr")
     shown = sum(r.is_displayed() for r in rows)
-    d.find_element(By.ID, "show-dead").click()  # the toggle shows the hidden dead latents
+    d.find_element(By.ID, "show-rare").click()  # the toggle shows the hidden rare latents
     assert shown < sum(r.is_displayed() for r in rows) == len(rows)
-    d.find_element(By.ID, "show-dead").click()
+    d.find_element(By.ID, "show-rare").click()
     k = _first_latent_by_ms(d)
     assert k == j and d.current_url.startswith("file://")
     assert _all_top_images_loaded(d)

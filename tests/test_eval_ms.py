@@ -123,7 +123,7 @@ def test_chance_level_and_raw_neuron_baseline(data):
     n = len(e)
     assert math.isclose(chance_similarity(emb), (s.sum() - n) / (n * (n - 1)), abs_tol=1e-9)
     summary = summarize_ms(torch.tensor([0.5, float("nan"), 0.7], dtype=torch.float64), chance=0.4)
-    assert summary["dead"] == 1 and summary["scored"] == 2
+    assert summary["unscored"] == 1 and summary["scored"] == 2
     assert math.isclose(summary["mean"], 0.6) and math.isclose(summary["mean_minus_chance"], 0.2)
     assert summary["best"][0] == [2, 0.7]
 

@@ -109,11 +109,11 @@ def test_lca_depth_against_pair_loop():
     taxa[7] = None  # missing taxonomy: excluded from pairs
     top_idx = np.stack([rng.choice(60, 16, replace=False) for _ in range(12)])
     top_val = np.ones((12, 16))
-    top_val[3, -1] = 0.0  # dead
+    top_val[3, -1] = 0.0  # rare: positive on 15 images
     res = H.latent_lca_depths(top_idx, top_val, taxa)
     ref_mean, ref_mode = _direct_depths(top_idx, taxa)
     live = np.arange(12) != 3
-    assert np.isnan(res["mean"][3]) and res["dead"][3]
+    assert np.isnan(res["mean"][3]) and res["rare"][3]
     np.testing.assert_array_equal(res["mean"][live], ref_mean[live])
     np.testing.assert_array_equal(res["mode"][live], ref_mode[live])
     assert all(res["pairs"][r] == (120 if 7 not in top_idx[r] else 105) for r in range(12))
@@ -130,7 +130,7 @@ def test_per_level_and_uniqueness():
     u = H.top_set_uniqueness(top, thresholds=(0.3, 1.0))
     np.testing.assert_allclose(u["max_jaccard"], [1.0, 1.0, 2 / 6, 0.0])
     assert u["pairs_at_least"] == {"0.3": 3, "1.0": 1} and u["pairs_total"] == 6
-    u2 = H.top_set_uniqueness(top, dead_F=[False, True, False, False])
+    u2 = H.top_set_uniqueness(top, skip_F=[False, True, False, False])
     assert np.isnan(u2["max_jaccard"][1]) and u2["max_jaccard"][0] == pytest.approx(2 / 6)
 
 

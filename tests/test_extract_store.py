@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +287,29 @@ def test_a_store_from_before_batch_size_was_recorded_still_reruns(setup, tmp_pat
     (tmp_path / "s" / "manifest.json").unlink()
     with pytest.raises(ValueError, match=r"different settings \(batch_size\)"):
         run_extract(cfg)
+
+
+def test_relative_paths_of_an_old_store_resolve_against_the_store_not_the_working_directory(setup, tmp_path,
+                                                                                          monkeypatch):
+    """Stores before #16 recorded paths relative to where extract ran. They resolve against the nearest folder above
+    the store that holds them, so same-named files under the working directory are never read; a store moved away
+    from its images is one error naming the store."""
+    root, _, out, _ = setup
+    proj, decoy = tmp_path / "proj", tmp_path / "elsewhere"
+    shutil.copytree(root / "imgs", proj / "imgs")
+    shutil.copytree(root / "imgs", decoy / "imgs")
+    shutil.copytree(out, proj / "stores" / "s")
+    sub = proj / "stores" / "s" / "layer.1__cls"
+    rows_file = sub / json.loads((sub / "manifest.json").read_text())["rows_file"]
+    recs = [json.loads(line) for line in rows_file.read_text().splitlines() if line]
+    for r in recs:
+        r["path"] = str(Path(r["path"]).relative_to(root))  # "imgs/…", as an old store run from `root` held it
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    monkeypatch.chdir(decoy)
+    reader = open_store(proj / "stores" / "s", "layer.1__cls")
+    want = [str(proj / r["path"]) for r in recs for _ in range(reader.rows // len(recs))]
+    assert reader.paths() == want and all(Path(p).is_file() for p in want)
+    assert reader.paths(resolve=False)[0].startswith("imgs")
+    shutil.move(proj / "stores", tmp_path / "moved")
+    with pytest.raises(ValueError, match=r"moved/s/layer\.1__cls: image paths are relative .* under no folder above"):
+        open_store(tmp_path / "moved" / "s", "layer.1__cls").paths()

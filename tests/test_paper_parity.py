@@ -204,7 +204,7 @@ def test_fve_and_l0_per_validation_batch_as_dictionary_learning():
 def test_ms_summary_std_is_unbiased_as_metric_py_prints_it():
     ms = torch.tensor([0.5, 0.7, float("nan"), 0.9, 0.6])
     s = summarize_ms(ms)
-    assert s["std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.9, 0.6])) and s["dead"] == 1
+    assert s["std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.9, 0.6])) and s["unscored"] == 1
 
 
 # --- 7. SigLIP rows: the first token --------------------------------------------------------------------------

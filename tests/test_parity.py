@@ -423,7 +423,7 @@ def test_threshold_and_dead_latents_from_fast_path_codes():
     """θ update and dead-latent counts read the trainer's sparse codes the same way as dense ones."""
     sae = make_sae("batchtopk")
     theta = torch.tensor(-1.0, dtype=torch.float64)
-    dead = mechanics.DeadLatents(F, 20, "cpu")
+    dead = mechanics.IdleLatents(F, 20, "cpu")
     ref_theta, since = -1.0, [0] * F
     for t in range(3):
         x = data(seed=30 + t)
@@ -443,7 +443,7 @@ def test_threshold_and_dead_latents_from_fast_path_codes():
 
 def test_dead_latents_count_samples():
     window = 40
-    dead = mechanics.DeadLatents(F, window, "cpu")
+    dead = mechanics.IdleLatents(F, window, "cpu")
     since = [0] * F
     g = torch.Generator().manual_seed(13)
     for step, n in enumerate((16, 16, 5, 16, 30)):
@@ -687,7 +687,7 @@ def test_train_step_matches_reference(arch, fast):
         for n, want in ref.p.items():
             close(getattr(sae, n).grad, ref.grads[n])  # the processed (projected, clipped) gradients
             close(getattr(sae, n).detach(), want)
-        assert m.dead.since_fired_F.tolist() == ref.since
+        assert m.idle.since_fired_F.tolist() == ref.since
         if arch != "jumprelu":
             assert abs(float(sae.threshold) - ref.theta) <= ATOL, step
         norms = sae.W_dec.detach().norm(dim=1)

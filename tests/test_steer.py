@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _steer_helpers import save_tiny_clip_model, save_tiny_llava, tiny_sae
+from _steer_helpers import VOCAB, save_tiny_clip_model, save_tiny_llava, tiny_sae
 from PIL import Image
 
 import sae_vlm
@@ -285,3 +285,27 @@ def test_other_backbones_and_pooled_hook_point():
         with sae_vlm.intervene(m, "layer.0", sae, {3: ("clamp", 5.0)}):
             assert not torch.allclose(m(pixel_values=px).pooler_output, base)
         assert torch.equal(m(pixel_values=px).pooler_output, base)
+
+
+def test_an_answer_that_ends_at_once_is_shown_as_eos(tmp_path, sae):
+    """A LLaVA whose generation config suppresses every token but end-of-sequence answers with EOS first: the JSON
+    and the printed table say `<eos>` (not a blank cell) and keep that one token id."""
+    from transformers import GenerationConfig
+    from typer.testing import CliRunner
+
+    from sae_vlm.cli import app
+
+    llava = save_tiny_llava(tmp_path / "llava")
+    gen = GenerationConfig.from_pretrained(llava)
+    gen.suppress_tokens = [v for v in range(VOCAB) if v != gen.eos_token_id]
+    gen.save_pretrained(llava)
+    sae.save_pretrained(tmp_path / "sae")
+    out = tmp_path / "steer.json"
+    r = CliRunner().invoke(app, ["steer", "--llava", str(llava), "--sae", str(tmp_path / "sae"), "--latents", "3",
+                                 "--alpha", "0,30", "--image", "white", "--prompt", "say something",
+                                 "--max-new-tokens", "4", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 3 and all(row["output"] == "<eos>" and row["token_ids"] == [gen.eos_token_id]
+                                  for row in rows)
+    assert r.output.count("<eos>") == 3

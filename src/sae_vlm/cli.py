@@ -174,9 +174,11 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
     typer.echo(f"scored the SAEs at step {metrics['step']}")
     for r in metrics["saes"]:
         ms = r["ms"]
-        ms_txt = (f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['dead']} dead)" if ms and "mean" in ms
+        ms_txt = (f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['unscored']} unscored)" if ms and "mean" in ms
                   else "MS – (no image embeddings: pass --embeddings or --embedder)" if not ms else "MS –")
-        typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * r['recon']['fve']:.1f}%, L0 {r['recon']['l0']:.1f}")
+        rec = r["recon"]
+        typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * rec['fve']:.1f}%, L0 {rec['l0']:.1f}, "
+                   f"{rec['dead']} of {r['d_sae']} dead (never positive)")
     for r in metrics["saes"]:
         if "hierarchy" in r:
             typer.echo("\n" + hierarchy_table(r))

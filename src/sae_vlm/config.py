@@ -185,7 +185,8 @@ class TrainConfig:
     decay_start: int | None = option(None, "Step from which the LR decays linearly to 0; unset: no decay.")
     grad_clip: float = option(1.0, "Gradient norm clip.")
     aux_alpha: float = option(0.03, "AuxK loss weight.")
-    dead_window: int = option(10_000_000, "Samples without firing before a latent counts as dead.",
+    dead_window: int = option(10_000_000, "Samples without firing before a latent counts as idle (AuxK trains "
+                              "idle latents on the residual; the log's idle_frac).",
                               positive=True)
     threshold_start_step: int | None = option(None, "Step after which θ tracks the batch's smallest kept "
                                                     "activation; unset: 1000 (the paper's), or steps/4 if sooner.")

@@ -3,7 +3,7 @@
 `atomic_write_bytes` writes to a unique hidden temporary file in the target's directory
 (`.<name>.tmp<pid>.<random>`), fsyncs it and `os.replace`s it over the target, so readers see either the old
 file or the complete new one, never a partial write. A killed writer leaves at most that temporary file behind
-(`remove_stale_temps` clears them).
+(`remove_stale_temps` clears them; `outdir.claim` runs it over the folder a command takes).
 Parent directories are created as needed.
 """
 

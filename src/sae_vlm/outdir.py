@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from sae_vlm.io import atomic_write_json
+from sae_vlm.io import TEMP_NAME, atomic_write_json, remove_stale_temps
 
 OWNER, LOCK = ".sae-vlm-owner.json", ".sae-vlm.lock"
 # Folders written before markers existed, recognised by paths only that kind writes (all of them present).
@@ -42,7 +42,8 @@ def check_owned(out: Path, kind: str) -> None:
     held = owner(out)
     if held == kind or (held is None and kind in LEGACY and all((out / p).exists() for p in LEGACY[kind])):
         return
-    entries = [p.name for p in out.iterdir() if p.name != LOCK]
+    # a run killed before its marker landed leaves only the lock and our temp file: still empty
+    entries = [p.name for p in out.iterdir() if p.name != LOCK and not TEMP_NAME.fullmatch(p.name)]
     if not entries:
         return
     what = f"sae-vlm {held} output" if held else f"{len(entries)} files that sae-vlm did not write ({entries[0]}, …)"
@@ -75,6 +76,7 @@ def claim(out: str | Path, kind: str, lead: bool = True) -> Iterator[Path]:
         check_owned(out, kind)  # another run may have claimed it between the first check and the lock
         if owner(out) != kind:
             atomic_write_json(out / OWNER, {"kind": kind, "tool": "sae-vlm"})
+        _remove_killed_runs_temps(out)
         yield out
     except BaseException:
         if created and {p.name for p in out.iterdir()} <= {OWNER, LOCK}:  # failed before writing: leave no trace
@@ -84,6 +86,14 @@ def claim(out: str | Path, kind: str, lead: bool = True) -> Iterator[Path]:
         raise
     finally:
         os.close(fd)  # releases the flock
+
+
+def _remove_killed_runs_temps(out: Path) -> None:
+    """Our temp-file names, anywhere in the folder we now own, except in nested folders with a claim of their own
+    (another run may hold those)."""
+    for folder, subdirs, _ in os.walk(out):
+        subdirs[:] = [d for d in subdirs if not os.path.exists(os.path.join(folder, d, OWNER))]
+        remove_stale_temps(Path(folder))
 
 
 def check_result_file(path: str | Path, keys: tuple[str, ...], what: str) -> None:

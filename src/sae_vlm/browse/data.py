@@ -7,6 +7,7 @@ latents cost one numpy pass per request.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level")
 RANGE_KEYS = ("ms", "freq", "support", "max_act")
+SHOW = ("common", "rare", "dead", "all")  # the table filter; rare includes dead
 HIST_SAMPLE_ROWS = 2048
 
 
@@ -55,16 +57,24 @@ class Dictionary:
 
     @property
     def dead(self) -> np.ndarray:
-        """The paper's rule: a latent is dead when it is positive on fewer images than it has top-image slots
-        (its 16th top activation is 0), so MS ≈ 1 latents with 2 supporting images don't lead the tables."""
-        if self.kind == "neurons":  # raw neurons are signed: dead means constant (MS undefined)
+        """Never positive on the evaluation images (evaluate's dead count). Raw neurons are signed: dead there
+        means constant, which leaves MS undefined."""
+        if self.kind == "neurons":
             return np.isnan(self.arrays["ms"])
-        if self.top_val is not None:
-            return ~(self.top_val[:, -1] > 0)
         sup = self.arrays.get("support")
         if sup is not None:
             return ~(sup > 0)
+        if self.top_val is not None:
+            return ~(self.top_val[:, 0] > 0)
         return np.zeros(self.n, bool)
+
+    @property
+    def rare(self) -> np.ndarray:
+        """Positive on fewer images than there are top-image slots (16th top activation 0), dead ones included:
+        the paper's rule that keeps MS ≈ 1 latents with 2 supporting images from leading the tables."""
+        if self.top_val is None or self.kind == "neurons":
+            return self.dead
+        return self.dead | ~(self.top_val[:, -1] > 0)
 
     @property
     def n_levels(self) -> int:
@@ -91,10 +101,8 @@ class Dictionary:
     def select(self, q: "TableQuery") -> np.ndarray:
         """Latent ids passing the filters, in the requested order (NaN values last either way)."""
         keep = np.ones(self.n, bool)
-        if q.dead == "alive":
-            keep &= ~self.dead
-        elif q.dead == "dead":
-            keep &= self.dead
+        if q.show != "all":
+            keep &= {"common": ~self.rare, "rare": self.rare, "dead": self.dead}[q.show]
         if q.level is not None:
             keep &= self.level == q.level
         for key, (lo, hi) in q.ranges.items():
@@ -162,7 +170,7 @@ class Dictionary:
 class TableQuery:
     sort: str = "ms"
     desc: bool = True
-    dead: str = "alive"  # alive | all | dead (alive: positive on all top-image slots, the paper's rule)
+    show: str = "common"  # one of SHOW: common = not rare (positive on every top-image slot), the paper's rule
     level: int | None = None
     ranges: dict = field(default_factory=dict)  # key -> (lo, hi)
     page: int = 1
@@ -187,13 +195,13 @@ class TableQuery:
         order = params.get("order") or "desc"
         if order not in ("asc", "desc"):
             raise ValueError(f"order={order!r}; expected asc or desc")
-        dead = params.get("dead") or "alive"
-        if dead not in ("all", "alive", "dead"):
-            raise ValueError(f"dead={dead!r}; expected all, alive or dead")
+        show = params.get("show") or "common"
+        if show not in SHOW:
+            raise ValueError(f"show={show!r}; expected one of {', '.join(SHOW)}")
         ranges = {k: (num(f"{k}_min"), num(f"{k}_max")) for k in RANGE_KEYS}
         ranges = {k: v for k, v in ranges.items() if v != (None, None)}
         per = min(max(num("per", int) or 50, 1), 1000)
-        return cls(sort, order == "desc", dead, num("level", int), ranges, max(num("page", int) or 1, 1), per)
+        return cls(sort, order == "desc", show, num("level", int), ranges, max(num("page", int) or 1, 1), per)
 
 
 def _store_for(data, hook_point, token_selection):
@@ -307,10 +315,16 @@ class RunView:
         """The image file behind store row `row`, or None (no store, out of range, not a plain file)."""
         if d.source is None or not hasattr(d.source, "paths") or not 0 <= row < d.source.rows:
             return None
-        paths = d._paths if d._paths is not None else d.source.paths()
-        d._paths = paths
-        p = Path(paths[row])
-        return p if p.is_file() else None
+        paths = d._paths
+        if paths is None:
+            try:
+                paths = d.source.paths()
+            except ValueError as e:  # an old store moved away from its images: pages without pictures
+                print(f"warning: {e}", file=sys.stderr)
+                paths = []
+            d._paths = paths
+        p = Path(paths[row]) if row < len(paths) else None
+        return p if p is not None and p.is_file() else None
 
 
 @torch.no_grad()

@@ -11,10 +11,11 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from sae_vlm.browse.data import Dictionary, RunView, TableQuery
+from sae_vlm.browse.data import SHOW, Dictionary, RunView, TableQuery
 
 HERE = Path(__file__).parent
 TEMPLATES, STATIC = HERE / "templates", HERE / "static"
+SHOW_LABELS = tuple(zip(SHOW, ("positive on 16+ images", "rare (on < 16 images)", "dead (never positive)", "all")))
 COLUMNS = (("id", "latent"), ("level", "level"), ("ms", "MS"), ("freq", "frequency"), ("support", "support"),
            ("max_act", "max act"))
 STRIP = 6  # thumbnails of top images per row of a latent table
@@ -101,14 +102,14 @@ def summary(d: Dictionary) -> dict:
     ms = d.arrays.get("ms")
     ok = ms[~np.isnan(ms)] if ms is not None else np.zeros(0)
     return {"name": d.name, "kind": d.kind, "hook_point": d.hook_point, "n": d.n, "info": d.info,
-            "dead": int(d.dead.sum()), "ms_mean": float(ok.mean()) if len(ok) else None, "scored": len(ok),
-            "levels": d.n_levels}
+            "dead": int(d.dead.sum()), "rare": int(d.rare.sum()), "ms_mean": float(ok.mean()) if len(ok) else None,
+            "scored": len(ok), "levels": d.n_levels}
 
 
 def _row(d: Dictionary, j: int, extra: list[str], view: RunView | None = None, links: Links | None = None,
          strip: int = 0) -> dict:
     a = d.arrays
-    row = {"j": j, "level": int(d.level[j]), "dead": bool(d.dead[j]),
+    row = {"j": j, "level": int(d.level[j]), "dead": bool(d.dead[j]), "rare": bool(d.rare[j]),
            **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", *extra)}}
     if strip and view is not None and links is not None:
         row["strip"] = [im["url"] for im in fired_images(view, d, j, links)[:strip] if im["url"]]
@@ -178,11 +179,11 @@ def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | No
     page = min(q.page, pages) if q else 1
     shown = ids[(page - 1) * q.per : page * q.per] if q else ids
     ctx = {"links": links, "d": summary(d), "rows": [_row(d, int(j), extra, view, links, STRIP) for j in shown],
-           "extra": extra,
+           "extra": extra, "show_options": SHOW_LABELS,
            "total": total, "page": page, "pages": pages, "q": q, "columns": COLUMNS, "embedder": view.embedder,
            "title": f"{d.name} · latents"}
     if q is not None:  # links that keep the filters and change one thing
-        base = {"sort": q.sort, "order": "desc" if q.desc else "asc", "dead": q.dead, "level": q.level, "per": q.per}
+        base = {"sort": q.sort, "order": "desc" if q.desc else "asc", "show": q.show, "level": q.level, "per": q.per}
         for k, (lo, hi) in q.ranges.items():
             base |= {f"{k}_min": lo, f"{k}_max": hi}
 

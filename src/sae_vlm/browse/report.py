@@ -53,11 +53,11 @@ def _thumbs(view: RunView, d: Dictionary, images: list[dict], out: Path) -> None
 
 
 def chosen_latents(d: Dictionary, top: int, all_: bool) -> list[int]:
-    """Latents that get a page: all, or the `top` highest by MS (then max activation) among the alive ones."""
+    """Latents that get a page: all, or the `top` highest by MS (then max activation) among those not rare."""
     if all_:
         return list(range(d.n))
     ms = d.arrays.get("ms", np.full(d.n, np.nan))
-    alive = np.flatnonzero(~d.dead)
+    alive = np.flatnonzero(~d.rare)
     score = np.nan_to_num(ms[alive], nan=-np.inf)
     act = np.nan_to_num(d.arrays.get("max_act", np.zeros(d.n))[alive], nan=-np.inf)
     order = alive[np.lexsort((alive, -act, -score))]
@@ -80,8 +80,8 @@ def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = Fals
         shutil.copyfile(view.eval_dir / rel, out / "plots" / Path(rel).name)
     for name, d in dicts.items():
         order = sorted(included[name])
-        # the table: latents with a page, and the dead ones (no page), which it hides until asked; by MS, NaN last
-        ids = np.array([j for j in d.select(TableQuery(dead="all")) if j in included[name] or d.dead[j]], np.int64)
+        # the table: latents with a page, and the rare ones (no page), which it hides until asked; by MS, NaN last
+        ids = np.array([j for j in d.select(TableQuery(show="all")) if j in included[name] or d.rare[j]], np.int64)
         for j in ids:
             _thumbs(view, d, fired_images(view, d, int(j), links)[:STRIP], out)
         table = env.get_template("table.html").render(**table_context(view, d, links.at(1), ids=ids))

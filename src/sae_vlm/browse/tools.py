@@ -66,7 +66,7 @@ class TextSearch:
             emb = self.embedder().images(images) if images else np.zeros((0, 1), np.float32)
             pos = {r: i for i, r in enumerate(rows)}
             out = np.zeros((d.n, emb.shape[1]), np.float32)
-            alive = ~d.dead
+            alive = ~d.rare  # the paper's concept embedding: the mean of 16 top images
             for j in np.flatnonzero(alive):
                 sel = [pos[int(r)] for r in top[j] if int(r) in pos]
                 if sel:

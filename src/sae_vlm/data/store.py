@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sae_vlm.data.loader import FileRows, RowFile, npy_layout
-from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_json, remove_stale_temps
+from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_json
 
 FORMAT = "sae-vlm-store/1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
@@ -94,8 +94,6 @@ class StoreWriter:
             (self.root / "parts").mkdir(exist_ok=True)
             for name in self.subdirs:
                 (self.root / name).mkdir(exist_ok=True)
-            for folder in (self.root, self.root / "parts", *(self.root / name for name in self.subdirs)):
-                remove_stale_temps(folder)  # a killed run's; never part of a finished shard
 
     def done_shards(self) -> set[int]:
         parts = self.root / "parts"
@@ -275,8 +273,21 @@ class StoreReader:
     def image_ids(self) -> list[str]:
         return self._per_row("id")
 
-    def paths(self) -> list[str]:
-        return self._per_row("path")
+    def paths(self, resolve: bool = True) -> list[str]:
+        """Image path per row. Stores record absolute paths; older ones recorded them relative to the folder
+        extract ran in, which is taken to be the nearest folder above the store holding its first image (never
+        the working directory). `resolve=False` gives the paths as recorded (names only: nothing is opened)."""
+        paths = self._per_row("path")
+        rel = next((p for p in paths if not os.path.isabs(p)), None)
+        if not resolve or rel is None:
+            return paths
+        here = self.path.resolve()
+        base = next((d for d in (here, *here.parents) if (d / rel).exists()), None)
+        if base is None:
+            raise ValueError(f"{self.path}: image paths are relative to the folder extract ran in (a store from "
+                             f"before paths were stored absolute), and {rel!r} is under no folder above the store; "
+                             "re-run extract, or move the store back below that folder")
+        return [p if os.path.isabs(p) else str(base / p) for p in paths]
 
     def labels(self) -> list[str | None]:
         return self._per_row("label")

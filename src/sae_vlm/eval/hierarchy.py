@@ -101,7 +101,7 @@ def store_taxonomy(src, rows: int, taxonomy_file=None) -> tuple[list | None, lis
     mapping = load_taxonomy_file(taxonomy_file) if taxonomy_file else None
     store = src if hasattr(src, "labels") else None
     if store is not None:
-        labels, paths = store.labels(), store.paths()
+        labels, paths = store.labels(), store.paths(resolve=False)  # folder names only
     elif mapping is not None:  # plain arrays: the mapping is keyed by row number
         labels, paths = [str(i) for i in range(rows)], None
     else:
@@ -134,14 +134,14 @@ def _prefix_codes(taxa: Sequence[tuple[str, ...] | None]) -> np.ndarray:
 
 
 def latent_lca_depths(top_idx_FT, top_val_FT, taxa: Sequence[tuple[str, ...] | None]) -> dict:
-    """Per latent: 'mean' (rounded mean depth), 'mode', 'raw_mean', 'pairs' (#pairs used) and 'dead' [F], as
+    """Per latent: 'mean' (rounded mean depth), 'mode', 'raw_mean', 'pairs' (#pairs used) and 'rare' [F], as
     inat_depth.py computes them (paper.md §5).
 
     `top_idx_FT`/`top_val_FT` are best first. The pairs are `itertools.combinations` of the top images in
     ascending order of activation (what `argsort(...)[-16:]` yields); 'mean' is Python's `round` of their mean
     depth (half to even) and 'mode' is `Counter.most_common(1)`: among equally frequent depths, the one seen
-    first. Depth is NaN for a dead latent (16th activation 0) or one with fewer than two top images that have a
-    taxonomy; pairs with a missing taxonomy are left out.
+    first. Depth is NaN for a rare latent (positive on fewer images than it has top slots: 16th activation 0) or
+    one with fewer than two top images that have a taxonomy; pairs with a missing taxonomy are left out.
     """
     idx = np.asarray(top_idx_FT, dtype=np.int64)[:, ::-1]
     val = np.asarray(top_val_FT, dtype=np.float64)
@@ -160,15 +160,15 @@ def latent_lca_depths(top_idx_FT, top_val_FT, taxa: Sequence[tuple[str, ...] | N
     pair_ok_FP = (valid_FT[:, :, None] & valid_FT[:, None, :])[:, iu[0], iu[1]]
     depth_FP = depth_FTT[:, iu[0], iu[1]]
     n_pairs = pair_ok_FP.sum(1)
-    dead = val[:, -1] <= 0 if t else np.ones(len(idx), bool)
+    rare = val[:, -1] <= 0 if t else np.ones(len(idx), bool)
     raw_mean = np.where(n_pairs > 0, (depth_FP * pair_ok_FP).sum(1) / np.maximum(n_pairs, 1), np.nan)
-    usable = (n_pairs > 0) & ~dead
+    usable = (n_pairs > 0) & ~rare
     return {
         "mean": np.where(usable, np.round(raw_mean), np.nan),  # numpy rounds half to even, as Python's round
         "mode": np.where(usable, _first_most_common(depth_FP, pair_ok_FP, depth), np.nan),
         "raw_mean": np.where(usable, raw_mean, np.nan),
         "pairs": n_pairs,
-        "dead": dead,
+        "rare": rare,
     }
 
 
@@ -197,14 +197,14 @@ def per_level(values_F, group_sizes, exclude_F=None) -> list[dict]:
     return out
 
 
-def top_set_uniqueness(top_idx_FT, dead_F=None, thresholds=(0.5, 0.75, 1.0)) -> dict:
+def top_set_uniqueness(top_idx_FT, skip_F=None, thresholds=(0.5, 0.75, 1.0)) -> dict:
     """Jaccard index between latents' top-image sets: per-latent max over the others, and pair counts.
 
     Sparse: only latents sharing an image are compared (inverted index via a sparse product).
     """
     idx = torch.as_tensor(np.asarray(top_idx_FT, dtype=np.int64))
     k, t = idx.shape
-    live = torch.ones(k, dtype=torch.bool) if dead_F is None else ~torch.as_tensor(np.asarray(dead_F, dtype=bool))
+    live = torch.ones(k, dtype=torch.bool) if skip_F is None else ~torch.as_tensor(np.asarray(skip_F, dtype=bool))
     rows = torch.arange(k).repeat_interleave(t)
     cols = idx.reshape(-1)
     keep = live[rows]

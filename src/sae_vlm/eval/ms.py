@@ -7,8 +7,9 @@ For latent k with activations a over N images, min–max normalised to ã ∈ [0
 
 so all latents cost one pass over the rows instead of N² pairs: `MSAccumulator` sums the raw ÊᵀA, Σa and Σa²
 (float64) and applies the min–max normalisation to those sums once the min and max are known.
-A constant latent (max = min) gives 0/0 = NaN (`MSResult.dead`). A latent that is non-zero after normalisation
-on a single image only has no weighted pair either and also gets NaN; `summarize_ms` counts every NaN as dead.
+A constant latent (max = min) gives 0/0 = NaN (`MSResult.constant`). A latent that is non-zero after normalisation
+on a single image only has no weighted pair either and also gets NaN; `summarize_ms` counts every NaN as
+'unscored' (not 'dead': that word is kept for latents that never fire, as evaluate's recon metrics count them).
 
 Inputs: dense activations [N, F] (tensor, ndarray, `.npy`, ActivationSource) or a sparse code store (any object
 with `indices` int [N, k], `values` [N, k] and `d_sae`): a latent that is not listed in a row is 0 there.
@@ -45,7 +46,7 @@ class MSResult:
         return self.support.double() / self.rows
 
     @property
-    def dead(self) -> torch.Tensor:
+    def constant(self) -> torch.Tensor:
         """Constant latents (max == min): no pair carries weight."""
         return self.max_act == self.min_act
 
@@ -258,11 +259,11 @@ class RotatedSource:
 
 
 def summarize_ms(ms_F: torch.Tensor, chance: float | None = None, top: int = 10) -> dict:
-    """Mean ± std (unbiased) over scored latents, best/worst, dead count, and the margin over chance."""
+    """Mean ± std (unbiased) over scored latents, best/worst, the unscored (NaN) count, and the margin over chance."""
     ms = ms_F.double()
     ok = ~torch.isnan(ms)
     vals = ms[ok]
-    out: dict[str, Any] = {"latents": int(ms.numel()), "dead": int((~ok).sum()), "scored": int(ok.sum())}
+    out: dict[str, Any] = {"latents": int(ms.numel()), "unscored": int((~ok).sum()), "scored": int(ok.sum())}
     if vals.numel():
         order = torch.argsort(ms.nan_to_num(float("-inf")), descending=True)[: min(top, vals.numel())]
         worst = torch.argsort(ms.nan_to_num(float("inf")))[: min(top, vals.numel())]

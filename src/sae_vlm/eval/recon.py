@@ -2,7 +2,8 @@
 
 FVE = 1 − Σ_d Var(x_d − x̂_d) / Σ_d Var(x_d), per-dimension variances over the split (streaming, float64,
 merged chunk by chunk with Chan's formula so large means do not cancel). Also MSE, mean cosine(x, x̂),
-L0 in threshold and top-k mode, and the fractions of dead (never fire) and dense (fire on > `dense_cutoff`
+L0 in threshold and top-k mode, and the number and fraction of dead latents (no positive activation on any row
+of the split: the one meaning of 'dead' in this package) and the fraction of dense (fire on > `dense_cutoff`
 of rows) latents, under the SAE's default inference mode.
 """
 
@@ -125,6 +126,7 @@ class ReconAccumulator:
             "l0_threshold_batch_mean": float(torch.stack(self.batch_l0).mean()) if self.batch_l0 else float("nan"),
             "l0_topk": l0_topk / n if self.has_k else None,
             "batch_rows": self.batch_rows,
+            "dead": int((self.fired_F == 0).sum()),
             "dead_frac": float((self.fired_F == 0).double().mean()),
             "dense_frac": float((freq_F > self.dense_cutoff).double().mean()),
             "dense_cutoff": self.dense_cutoff,

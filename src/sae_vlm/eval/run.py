@@ -290,10 +290,10 @@ class Evaluation:
         if inp.taxa is None or s.nodes is None:
             return
         groups = s.sae.cfg.group_sizes
-        dead_top = (tv[:, -1] <= 0).numpy()
+        rare = (tv[:, -1] <= 0).numpy()  # positive on fewer images than top slots: left out, as in the paper
         lca = H.latent_lca_depths(ti.clamp(min=0).numpy(), tv.numpy(), inp.taxa)
-        uniq = H.top_set_uniqueness(ti.numpy(), dead_F=dead_top)
-        used = ti[~torch.as_tensor(dead_top)].clamp(min=0)
+        uniq = H.top_set_uniqueness(ti.numpy(), skip_F=rare)
+        used = ti[~torch.as_tensor(rare)].clamp(min=0)
         detection = s.nodes.result()
         atomic_write_bytes(self.out / "nodes" / f"{r['name']}.json", json.dumps(detection["nodes"]).encode())
         r["hierarchy"] = {
@@ -303,7 +303,7 @@ class Evaluation:
             "taxonomy_depth": H.taxonomy_depth(inp.taxa),
             "lca_mean_per_level": H.per_level(lca["mean"], groups),
             "lca_mode_per_level": H.per_level(lca["mode"], groups),
-            "dead_top": int(dead_top.sum()),
+            "rare": int(rare.sum()),
             "missing_taxonomy": H.missing_taxonomy(inp.taxa, inp.names, used_rows=used),
             "uniqueness": {k: v for k, v in uniq.items() if k != "max_jaccard"},
         }

@@ -18,7 +18,7 @@ INFERENCE_MODES = ("relu", "topk", "threshold")
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-    """A loss term: `fn(x, x̂, enc, sae, dead_F, **options)`, scaled by the TrainConfig field `weight` (None: 1)."""
+    """A loss term: `fn(x, x̂, enc, sae, idle_F, **options)`, scaled by the TrainConfig field `weight` (None: 1)."""
 
     fn: Callable
     weight: str | None = None

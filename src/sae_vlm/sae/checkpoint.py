@@ -1,4 +1,4 @@
-"""Resume state: every SAE's weights, Adam moments and dead-latent counters, in one safetensors file per rank."""
+"""Resume state: every SAE's weights, Adam moments and idle-latent counters, in one safetensors file per rank."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def save_checkpoint(path: Path, members: list, step: int, norm: float, place: Di
         for idx, st in m.opt.state_dict()["state"].items():
             for k, t in st.items():
                 tensors[f"{name}/opt/{idx}/{k}"] = t
-        tensors[f"{name}/since_fired"] = m.dead.since_fired_F
+        tensors[f"{name}/since_fired"] = m.idle.since_fired_F
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"step": str(step), "members": json.dumps([m.spec.name for m in members]), "world": str(place.world),
@@ -103,7 +103,7 @@ def load_checkpoint(path: Path, members: list, place: Dist = Dist()) -> tuple[in
                 param = m.opt.param_groups[0]["params"][int(idx)]
                 state.setdefault(int(idx), {})[key] = torch.empty_like(param).copy_(t) if key != "step" else t
         m.opt.load_state_dict({"state": state, "param_groups": m.opt.state_dict()["param_groups"]})
-        m.dead.since_fired_F.copy_(tensors[f"{name}/since_fired"])
+        m.idle.since_fired_F.copy_(tensors[f"{name}/since_fired"])
     return int(meta["step"]), float(tensors["norm_factor"])
 
 

@@ -1,4 +1,4 @@
-"""Loss terms. Every one has the same signature: (x, x̂, encoder output, sae, dead-latent mask) -> scalar.
+"""Loss terms. Every one has the same signature: (x, x̂, encoder output, sae, idle-latent mask) -> scalar.
 
 Which terms an architecture trains with, and their weights, is in its record (arch.py)."""
 
@@ -16,12 +16,12 @@ if TYPE_CHECKING:  # the model imports the architecture records, which import th
     from sae_vlm.sae.model import SAE, EncoderOutput
 
 
-def mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
+def mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, idle_F=None) -> torch.Tensor:
     """Squared error summed over dimensions, averaged over the batch."""
     return (x_ND - x_hat_ND).pow(2).sum(-1).mean()
 
 
-def matryoshka_mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
+def matryoshka_mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, idle_F=None) -> torch.Tensor:
     """Mean over groups g of (1/G)·mse(x, b_dec + codes of groups ≤ g): the paper's nested-prefix loss."""
     parts = sae.decode_groups(enc.codes)
     G = len(parts)
@@ -33,7 +33,7 @@ def matryoshka_mse(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) ->
     return total / G
 
 
-def l1(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
+def l1(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, idle_F=None) -> torch.Tensor:
     """Σ|f_j|·‖W_dec,j‖ averaged over the batch (decoder rows are unit norm, so this is Σ|f_j|)."""
     norms_F, codes = sae.W_dec.norm(dim=1), enc.codes
     if isinstance(codes, SparseCodes):
@@ -41,7 +41,7 @@ def l1(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tenso
     return (codes.abs() * norms_F).sum(-1).mean()
 
 
-def l0_deviation(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None, bandwidth: float = 1e-3):
+def l0_deviation(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, idle_F=None, bandwidth: float = 1e-3):
     """JumpReLU sparsity: (L0 / k − 1)², with L0 differentiable in θ through the straight-through step."""
     if sae.cfg.k is None:
         raise ValueError("the L0 penalty needs k, the target L0")
@@ -49,13 +49,13 @@ def l0_deviation(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None, band
     return (l0 / sae.cfg.k - 1).pow(2)
 
 
-def aux_k(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, dead_F=None) -> torch.Tensor:
-    """AuxK (OpenAI normalisation): explain the detached residual with the top-k_aux dead latents, no b_dec."""
-    if dead_F is None or not dead_F.any():
+def aux_k(x_ND, x_hat_ND, enc: EncoderOutput, sae: SAE, idle_F=None) -> torch.Tensor:
+    """AuxK (OpenAI normalisation): explain the detached residual with the top-k_aux idle latents, no b_dec."""
+    if idle_F is None or not idle_F.any():
         return x_ND.new_zeros(())
-    k_aux = min(sae.cfg.d_in // 2, int(dead_F.sum()))
-    h_dead = torch.where(dead_F, enc.h_NF.detach(), -torch.inf)
-    rows, cols = sparse.topk_indices(h_dead, k_aux)  # only dead latents can win: k_aux <= #dead
+    k_aux = min(sae.cfg.d_in // 2, int(idle_F.sum()))
+    h_idle = torch.where(idle_F, enc.h_NF.detach(), -torch.inf)
+    rows, cols = sparse.topk_indices(h_idle, k_aux)  # only idle latents can win: k_aux <= #idle
     codes = SparseCodes(sae.values_at(x_ND, enc.h_NF, rows, cols), rows, cols, x_ND.shape[0])
     e_ND = (x_ND - x_hat_ND).detach()
     e_hat_ND = sparse.decode(codes, sae.W_dec)

@@ -1,4 +1,4 @@
-"""Mechanisms every architecture shares, written once: decoder norm, dead latents, θ, init, LR schedule."""
+"""Mechanisms every architecture shares, written once: decoder norm, idle latents (AuxK), θ, init, LR schedule."""
 
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ def fired_latents(codes, d_sae: int) -> tuple[torch.Tensor, int]:
     return (codes > 0).any(dim=0), codes.shape[0]
 
 
-class DeadLatents:
-    """Counts, per latent, the training samples seen since it last fired; dead once that reaches `window`."""
+class IdleLatents:
+    """Counts, per latent, the training samples seen since it last fired; idle once that reaches `window`.
+
+    The paper calls these latents dead; here 'dead' is kept for latents that never fire on the evaluation set."""
 
     def __init__(self, d_sae: int, window: int, device):
         self.window = window

@@ -114,12 +114,12 @@ class Batches:
 
 @dataclasses.dataclass
 class Member:
-    """One SAE of the sweep with its optimizer and dead-latent counter."""
+    """One SAE of the sweep with its optimizer and idle-latent counter."""
 
     spec: SAESpec
     sae: SAE
     opt: torch.optim.Adam
-    dead: mechanics.DeadLatents
+    idle: mechanics.IdleLatents
     base_lr: float
     terms: dict  # log name -> loss function, options bound
     weights: dict  # log name -> weight
@@ -139,7 +139,7 @@ def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict)
     terms = {name: functools.partial(t.fn, **{kw: getattr(cfg, field) for kw, field in t.options})
              for name, t in arch.terms.items()}
     weights = {name: 1.0 if t.weight is None else getattr(cfg, t.weight) for name, t in arch.terms.items()}
-    return Member(spec, sae, opt, mechanics.DeadLatents(d_sae, cfg.dead_window, device), base_lr, terms, weights)
+    return Member(spec, sae, opt, mechanics.IdleLatents(d_sae, cfg.dead_window, device), base_lr, terms, weights)
 
 
 def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metrics: bool = True,
@@ -153,11 +153,11 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
         enc = sae.train_encode(x_ND, cfg.jumprelu_bandwidth, fast=cfg.fast)
         x_hat = sae.decode(enc.codes).float()
     enc = as_float(enc)
-    m.dead.update(enc.codes, sync=D.any_rank_fired if ddp else None)
-    dead_F = m.dead.mask()
+    m.idle.update(enc.codes, sync=D.any_rank_fired if ddp else None)
+    idle_F = m.idle.mask()
     if sae.arch.tracks_threshold and step > cfg.theta_start:
         mechanics.update_threshold_(sae.threshold, enc.codes, cfg.threshold_beta, sync=D.global_min if ddp else None)
-    values = {name: fn(x_ND, x_hat, enc, sae, dead_F) for name, fn in m.terms.items()}
+    values = {name: fn(x_ND, x_hat, enc, sae, idle_F) for name, fn in m.terms.items()}
     loss = cast(torch.Tensor, sum(m.weights[name] * v for name, v in values.items()))
 
     lr = m.base_lr * mechanics.lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.decay_start)
@@ -178,7 +178,7 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
         return {}
     values = {k: v.detach() for k, v in values.items()}
     out = {"loss": loss.detach(), **values, "fve": fve(x_ND, x_hat.detach()), "l0": l0(enc.codes),
-           "dead_frac": dead_F.float().mean()}
+           "idle_frac": idle_F.float().mean()}  # not fired within --dead-window: AuxK's target, not 'dead'
     if ddp:  # the log shows the mean over ranks' shards
         out = D.mean_over_ranks(out)
     return {**out, "lr": lr}

@@ -58,7 +58,7 @@ CLASSES = [W.CONCEPT_INDEX[W.node_name(n)] for n in W.NODES if len(n) == 3]  # t
 # Matryoshka groups sized like the taxonomy's levels (2 kingdoms .. 32 species), as paper-hierarchy is like iNat's
 TAXONOMY_GROUPS = tuple(n / len(W.NODES) for n in (2, 4, 8, 16, 32))
 WIDTH, K = 1, 8  # 64 latents for 71 concepts (62 taxa + 9 nuisance values); a creature has 8 of them
-# AuxK revives latents that have not fired for 10 batches, weighted 10x the paper's 0.03: at these sizes the
+# AuxK revives latents that have not fired for 10 batches (idle), weighted 10x the paper's 0.03: at these sizes the
 # paper's settings leave 20-50% of the latents dead (README, "What the demo shows")
 AUX_ALPHA, DEAD_BATCHES = 0.3, 10
 # LLaVA's image tokens vary more than a CLS (a creature cut by patch borders, at any place): at x1 the token SAE
@@ -69,7 +69,7 @@ TOKEN_WIDTH = 2
 def concept_purity(top_indices_FT: np.ndarray, top_values_FT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
     """Per latent: the largest fraction of its top-16 images whose creatures belong to one class (colour).
 
-    NaN for a latent with fewer than 16 images where it is positive (dead by the paper's rule).
+    NaN for a latent with fewer than 16 images where it is positive ('rare': the paper's rule that leaves it out).
     """
     out = np.full(len(top_indices_FT), np.nan)
     for j, (idx, val) in enumerate(zip(top_indices_FT, top_values_FT)):

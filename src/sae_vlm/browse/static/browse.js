@@ -15,10 +15,10 @@ document.querySelectorAll("table[data-sortable] th").forEach(function (th, col) 
   });
 });
 
-// The static latent table hides latents that are dead by the paper's rule until asked to show them.
-var showDead = document.getElementById("show-dead");
-if (showDead) {
-  showDead.addEventListener("change", function () {
-    document.getElementById("latents").classList.toggle("hide-dead", !showDead.checked);
+// The static latent table hides rare latents (positive on fewer than 16 images, the paper's rule) until asked.
+var showRare = document.getElementById("show-rare");
+if (showRare) {
+  showRare.addEventListener("change", function () {
+    document.getElementById("latents").classList.toggle("hide-rare", !showRare.checked);
   });
 }
