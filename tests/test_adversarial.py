@@ -167,6 +167,26 @@ def test_a_second_run_on_the_same_folder_is_refused_with_the_first_ones_pid(work
         pass
 
 
+BF16_PROBES = [
+    (TRAIN + ["--out", "r", "--bf16", "--device", "cpu"], "--bf16: this CPU"),
+    (["extract", "--model", "m", "--data", "acts.npy", "--out", "s", "--model-dtype", "bf16", "--device", "cpu"],
+     "--model-dtype bf16: this CPU"),
+    (["steer", "--llava", "l", "--sae", "sae", "--latents", "1", "--dtype", "bf16", "--device", "cpu"],
+     "--dtype bf16: this CPU"),
+]
+
+
+@pytest.mark.parametrize("args, culprit", BF16_PROBES, ids=[a[0] for a, _ in BF16_PROBES])
+def test_bf16_on_a_cpu_without_it_is_refused(work, monkeypatch, args, culprit):
+    """On a CPU without AVX512-BF16 or AMX, torch emulates bf16 10-100x slower than fp32: refused, naming why."""
+    from sae_vlm import device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"AVX2": True, "AVX-512": False, "AVX512-BF16": False,
+                                                      "AMX": False})
+    line = refused(work, args, culprit)
+    assert "no native bf16 (neither AVX512-BF16 nor AMX)" in line and "use fp32" in line
+
+
 def test_cleanup_removes_only_its_own_temp_files(work):
     from sae_vlm.io import remove_stale_temps
 

@@ -233,9 +233,15 @@ def ref_graph(sae, x):
     return P, h
 
 
+def grad_of(sae, name):
+    """A parameter's gradient in the paper's layout (W_enc [d, F] is a view of the latent-major W_enc_FD)."""
+    g = (sae.W_enc_FD if name == "W_enc" else getattr(sae, name)).grad
+    return g.T if name == "W_enc" and g is not None else g
+
+
 def close_grads(sae, P, atol=ATOL):
     for n, p_ref in P.items():
-        g_pkg = getattr(sae, n).grad
+        g_pkg = grad_of(sae, n)
         g_ref = p_ref.grad if p_ref.grad is not None else torch.zeros_like(p_ref)
         close(g_pkg if g_pkg is not None else torch.zeros_like(p_ref), g_ref, atol)
 
@@ -685,7 +691,7 @@ def test_train_step_matches_reference(arch, fast):
         # float32 loss of O(10–100): compare relative to its size (1e-5 absolute is about one ulp there)
         assert abs(float(stats["loss"]) - ref.loss) <= ATOL * max(1.0, abs(ref.loss)), step
         for n, want in ref.p.items():
-            close(getattr(sae, n).grad, ref.grads[n])  # the processed (projected, clipped) gradients
+            close(grad_of(sae, n), ref.grads[n])  # the processed (projected, clipped) gradients
             close(getattr(sae, n).detach(), want)
         assert m.idle.since_fired_F.tolist() == ref.since
         if arch != "jumprelu":

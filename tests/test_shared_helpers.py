@@ -75,7 +75,7 @@ def test_resolve_dtype_and_device():
     from sae_vlm.backbones import load_backbone
     from sae_vlm.device import resolve_device, resolve_dtype
 
-    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(None, "cpu") is torch.float32
+    assert resolve_dtype("bf16", "cuda") is torch.bfloat16 and resolve_dtype(None, "cpu") is torch.float32
     assert resolve_dtype("auto", "cuda") is torch.float16
     with pytest.raises(ValueError, match="'fp8' is not understood"):
         resolve_dtype("fp8")

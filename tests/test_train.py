@@ -27,6 +27,7 @@ from sae_vlm import SAE
 from sae_vlm.cli import app
 from sae_vlm.config import INAT_COUNTS, PRESETS, TrainConfig
 from sae_vlm.data.source import NumpySource, TensorSource
+from sae_vlm.device import native_bf16
 from sae_vlm.sae import trainer
 from sae_vlm.sae.checkpoint import CKPT, truncate_log
 from sae_vlm.sae.groups import group_sizes_from_fractions
@@ -253,6 +254,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert log_rows(tmp_path / "a") == log_rows(tmp_path / "b")
 
 
+@pytest.mark.skipif(not native_bf16(), reason="no native bf16 on this CPU: --bf16 is refused (test_adversarial)")
 def test_bf16_autocast_trains_to_finite_weights(tmp_path):
     saes = quick_run(tmp_path / "bf16", torch.from_numpy(gaussian(1024)), bf16=True)
     for name, sae in saes.items():
@@ -317,11 +319,12 @@ def test_fast_path_trains_like_the_dense_path(tmp_path):
                                     "idle": [r for r in rows if r["sae"] == sae_name][-1]["idle_frac"]}
         return result
 
-    dense, fast, fast_bf16 = final("dense", fast=False), final("fast", fast=True), final("bf16", fast=True, bf16=True)
+    dense, fast = final("dense", fast=False), final("fast", fast=True)
+    fast_bf16 = final("bf16", fast=True, bf16=True) if native_bf16() else {}  # bf16 is refused without it
     assert set(dense) == {"batchtopk_x4_k3", "matryoshka_x4_k3", "topk_x4_k3"}
     assert any(d["idle"] > 0 for d in dense.values()), "the comparison should cover idle latents and AuxK"
     for name, d in dense.items():
-        f, b = fast[name], fast_bf16[name]
+        f, b = fast[name], fast_bf16.get(name, d)
         assert d["fve"] > 0.8, (name, d)
         assert abs(f["fve"] - d["fve"]) <= 0.005, (name, f, d)
         assert abs(f["l0"] - d["l0"]) <= 0.5, (name, f, d)

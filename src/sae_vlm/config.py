@@ -196,7 +196,8 @@ class TrainConfig:
     jumprelu_bandwidth: float = option(1e-3, "JumpReLU: width of the straight-through estimator's kernel.")
     norm_batches: int = option(100, "Batches used to estimate the input-norm factor.", positive=True)
     seed: int = option(0, "Seed for init and data order.")
-    bf16: bool = option(False, "bf16 autocast for the forward pass.")
+    bf16: bool = option(False, "bf16 autocast for the forward pass (GPUs, and CPUs with AVX512-BF16 or AMX; "
+                               "refused on other CPUs, where torch emulates bf16 far slower than fp32).")
     fast: bool = option(True, "Sparse selection and decoder for top-k architectures; --no-fast: the plain dense path.")
     device: str = option("auto", "cpu, cuda, cuda:1 or auto (under torchrun: cuda:LOCAL_RANK).")
     ddp: bool = option(False, "Under torchrun: train each SAE data-parallel (rows rank::N of every batch per rank; "

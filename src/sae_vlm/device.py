@@ -3,7 +3,10 @@ and `--dtype` flags, and one process-group set-up, for every command."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import platform
 from datetime import timedelta
 
 import torch
@@ -27,16 +30,99 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu",
+                  flag: str = "dtype") -> torch.dtype:
     """A torch dtype from 'fp32' | 'fp16' | 'bf16' (or their long names) or a dtype; None / 'auto': fp16 on
-    CUDA, fp32 elsewhere. Anything else is a ValueError naming the choices."""
+    CUDA, fp32 elsewhere. Anything else is a ValueError naming the choices; bf16 on a CPU without native bf16
+    is refused (`check_bf16`)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
+        out = dtype
+    elif dtype in (None, "auto"):
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in DTYPES:
+    elif dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not understood; expected auto or one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    else:
+        out = DTYPES[dtype]
+    if out == torch.bfloat16:
+        check_bf16(device, f"{flag} {dtype}")
+    return out
+
+
+CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+@functools.cache
+def cpu_flags() -> dict[str, bool]:
+    """The CPU features that decide which kernels run: AVX2, AVX-512, AVX512-BF16, AMX (bf16 tiles)."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    if not caps:  # older torch: read the kernel's list
+        try:
+            with open("/proc/cpuinfo") as f:
+                words = set(next((ln for ln in f if ln.startswith("flags")), "").split())
+        except OSError:
+            words = set()
+        caps = {"avx2": "avx2" in words, "avx512_f": "avx512f" in words, "avx512_bf16": "avx512_bf16" in words,
+                "amx_bf16": "amx_bf16" in words}
+    return {"AVX2": bool(caps.get("avx2")), "AVX-512": bool(caps.get("avx512_f")),
+            "AVX512-BF16": bool(caps.get("avx512_bf16")), "AMX": bool(caps.get("amx_bf16"))}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def cpu_summary() -> str:
+    """One line naming the CPU and its flags, for timings: 'Intel(R) Xeon(R) …, 2 cores; AVX2 yes, AVX-512 yes, …',
+    and any cap on the instructions torch, MKL or oneDNN use (which is how one machine stands in for another)."""
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items())
+    caps = [f"{k}={os.environ[k]}" for k in CAP_VARIABLES if os.environ.get(k)]
+    capped = f"; capped: {' '.join(caps)} (torch kernels {torch.backends.cpu.get_cpu_capability()})" if caps else ""
+    return f"{cpu_name()}; {flags}{capped}"
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matrix products run in hardware here: AVX512-BF16 or AMX, and torch/oneDNN not capped below
+    them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA). Without it torch emulates bf16, 10-20× slower than fp32."""
+    flags = cpu_flags()
+    if not (flags["AVX512-BF16"] or flags["AMX"]):
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return cap == "ALL" or "BF16" in cap or "AMX" in cap or cap.startswith("AVX10")
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse (on Linux with glibc; True if set).
+
+    A CPU training step frees and allocates several tensors of F·d floats. glibc hands blocks that large back to
+    the kernel at once, and the next step faults them in again page by page: ~30,000 page faults a step at ×8,
+    more when another large workload shares the process. Serving them from the heap instead makes the faults go
+    away; the cost is that the process keeps its peak memory until it ends."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def check_bf16(device: str | torch.device, what: str) -> None:
+    """Refuse bf16 compute on a CPU that would emulate it, in one line saying why and what to use."""
+    if torch.device(device).type == "cpu" and not native_bf16():
+        flags = cpu_flags()
+        why = ("has no native bf16 (neither AVX512-BF16 nor AMX)" if not (flags["AVX512-BF16"] or flags["AMX"])
+               else "runs torch capped below AVX-512 (ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA)")
+        raise ValueError(f"{what}: this CPU ({cpu_name()}) {why}, so bf16 would be emulated, 10-100x slower than "
+                         "fp32; use fp32 here (drop the bf16 option)")
 
 
 # Generous: in extraction a rank waits at the final barrier until the slowest rank has finished its shards.

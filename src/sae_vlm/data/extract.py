@@ -25,7 +25,7 @@ from sae_vlm.config import ExtractConfig
 from sae_vlm.data.images import BadImage, ImageSource, load_image, open_images, prefetch_map
 from sae_vlm.data.store import STORAGE, StoreWriter, to_storage
 from sae_vlm.data.tokens import POOLED, TokenSelection, parse_tokens, rows_per_image, select_tokens
-from sae_vlm.device import join_process_group, resolve_device
+from sae_vlm.device import join_process_group, resolve_device, resolve_dtype
 from sae_vlm.outdir import claim
 
 Plan = list[tuple[str, str, TokenSelection]]  # (store subdir, hook point, token selection)
@@ -133,6 +133,7 @@ class ShardWriter:
 def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
     """Run one extraction (or resume it); returns a summary dict (rows, skipped, seconds, img_per_s)."""
     rank, world, device, _ = join_process_group(resolve_device(cfg.device))
+    resolve_dtype(cfg.model_dtype or "auto", device, "--model-dtype")  # bf16 on a CPU that lacks it: refused first
     if "*" not in cfg.data and Path(cfg.data).exists():  # recorded absolute: the store reads the same from anywhere
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
     with claim(cfg.out, "extract", lead=rank == 0):

@@ -98,9 +98,9 @@ def load_checkpoint(path: Path, members: list, place: Dist = Dist()) -> tuple[in
         for k, t in tensors.items():
             if k.startswith(f"{name}/opt/"):
                 _, _, idx, key = k.split("/")
-                # Adam moments take their parameter's memory layout (W_enc is latent-major): fused Adam walks
-                # raw memory, so a row-major copy would pair each moment with the wrong weight.
                 param = m.opt.param_groups[0]["params"][int(idx)]
+                if t.ndim == 2 and t.shape != param.shape and t.T.shape == param.shape:
+                    t = t.T  # a checkpoint from before the encoder was held latent-major ([d, F] moments)
                 state.setdefault(int(idx), {})[key] = torch.empty_like(param).copy_(t) if key != "step" else t
         m.opt.load_state_dict({"state": state, "param_groups": m.opt.state_dict()["param_groups"]})
         m.idle.since_fired_F.copy_(tensors[f"{name}/since_fired"])

@@ -66,8 +66,10 @@ class SAE(nn.Module):
         W_dec_FD = nn.init.kaiming_uniform_(torch.empty(f, d))
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec_FD)
-        # Contiguous: fused Adam is ~8x slower on a transposed parameter (it copies it every step).
-        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous())
+        # The encoder is held latent-major, as nn.Linear holds weights: the sparse backward then writes its gradient
+        # in the parameter's layout (no 4·F·d-byte transpose per step) and fused Adam walks contiguous memory.
+        # `W_enc` [d, F] is a view of it, and files and state dicts keep W_enc [d, F].
+        self.W_enc_FD = nn.Parameter(W_dec_FD.clone())
         self.b_enc = nn.Parameter(torch.zeros(f))
         self.b_dec = nn.Parameter(torch.zeros(d))
         if self.arch.learned_threshold:
@@ -76,6 +78,13 @@ class SAE(nn.Module):
             # θ < 0 means "not learned yet": the gate then passes every positive value. Untracked θ stays at 0.
             self.register_buffer("threshold", torch.tensor(-1.0 if self.arch.tracks_threshold else 0.0))
         self.meta: dict = {}  # extra config.json fields (training summary, data path)
+        self.register_state_dict_post_hook(_W_enc_to_file_layout)
+        self.register_load_state_dict_pre_hook(_W_enc_from_file_layout)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder as the paper writes it, [d_in, d_sae]: a view of `W_enc_FD`."""
+        return self.W_enc_FD.T
 
     @property
     def arch(self) -> ArchSpec:
@@ -88,7 +97,7 @@ class SAE(nn.Module):
 
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
         self._check(x_ND)
-        return nn.functional.linear(x_ND - self.b_dec, self.W_enc.T, self.b_enc).relu_()
+        return nn.functional.linear(x_ND - self.b_dec, self.W_enc_FD, self.b_enc).relu_()
 
     def select(self, h_NF: torch.Tensor, mode: str) -> torch.Tensor:
         if mode == "relu":
@@ -194,6 +203,15 @@ class SAE(nn.Module):
             raise ValueError(f"{weights} does not hold the weights its config.json describes: "
                              f"{_first_line(e)}") from None
         return sae.to(device)
+
+
+def _W_enc_to_file_layout(module, state_dict, prefix, local_metadata) -> None:
+    state_dict[prefix + "W_enc"] = state_dict.pop(prefix + "W_enc_FD").T
+
+
+def _W_enc_from_file_layout(module, state_dict, prefix, *args) -> None:
+    if prefix + "W_enc" in state_dict:
+        state_dict[prefix + "W_enc_FD"] = state_dict.pop(prefix + "W_enc").T
 
 
 def _first_line(e: BaseException) -> str:

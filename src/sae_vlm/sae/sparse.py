@@ -80,26 +80,26 @@ class _SelectedPreActs(torch.autograd.Function):
     """relu(pre) at the selected entries, with gradients for W_enc, b_enc and b_dec touching only them."""
 
     @staticmethod
-    def forward(ctx, values_M, x_ND, W_enc_DF, b_enc_F, b_dec_D, rows_M, cols_M):
-        ctx.save_for_backward(x_ND, W_enc_DF, b_dec_D, rows_M, cols_M, values_M > 0)
+    def forward(ctx, values_M, x_ND, W_enc_FD, b_enc_F, b_dec_D, rows_M, cols_M):
+        ctx.save_for_backward(x_ND, W_enc_FD, b_dec_D, rows_M, cols_M, values_M > 0)
         return values_M.clone()
 
     @staticmethod
     def backward(ctx, g_M):
-        x_ND, W_enc_DF, b_dec_D, rows_M, cols_M, alive_M = ctx.saved_tensors
-        g_M = (g_M * alive_M).to(W_enc_DF.dtype)  # relu: no gradient where the pre-activation was ≤ 0
-        d_sae = W_enc_DF.shape[1]
-        # ∂L/∂W_enc = (x − b_dec)ᵀ·G with G the sparse [N, F] code gradient: one sparse product.
+        x_ND, W_enc_FD, b_dec_D, rows_M, cols_M, alive_M = ctx.saved_tensors
+        g_M = (g_M * alive_M).to(W_enc_FD.dtype)  # relu: no gradient where the pre-activation was ≤ 0
+        d_sae = W_enc_FD.shape[0]
+        # ∂L/∂W_enc = (x − b_dec)ᵀ·G with G the sparse [N, F] code gradient: one sparse product, latent-major.
         grad_W_FD = latent_side_sum(rows_M, cols_M, g_M, x_ND - b_dec_D, d_sae)
         grad_b_enc_F = torch.zeros(d_sae, dtype=g_M.dtype, device=g_M.device).index_add_(0, cols_M, g_M)
-        grad_b_dec_D = -(W_enc_DF @ grad_b_enc_F)
-        return None, None, grad_W_FD.T, grad_b_enc_F, grad_b_dec_D, None, None
+        grad_b_dec_D = -(grad_b_enc_F @ W_enc_FD)
+        return None, None, grad_W_FD, grad_b_enc_F, grad_b_dec_D, None, None
 
 
 def selected_values(sae, x_ND: torch.Tensor, h_NF: torch.Tensor, rows_M, cols_M) -> torch.Tensor:
     """Code values at (rows, cols): taken from the already computed h, differentiable through the SAE."""
     values_M = h_NF[rows_M, cols_M]
-    return _SelectedPreActs.apply(values_M, x_ND, sae.W_enc, sae.b_enc, sae.b_dec, rows_M, cols_M)
+    return _SelectedPreActs.apply(values_M, x_ND, sae.W_enc_FD, sae.b_enc, sae.b_dec, rows_M, cols_M)
 
 
 def _offsets(rows_M: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sae_vlm.config import SAESpec, TrainConfig
 from sae_vlm.data.loader import Layout, Schedule, StreamingBatches, check_finite
 from sae_vlm.data.source import ActivationSource, TensorSource, as_source, fingerprint
-from sae_vlm.device import memory_budget
+from sae_vlm.device import check_bf16, keep_freed_memory, memory_budget
 from sae_vlm.io import atomic_write_text, read_json
 from sae_vlm.outdir import claim
 from sae_vlm.sae import distributed as D
@@ -168,7 +168,7 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
     if ddp:  # before the projection and clipping, so every rank takes the same step
         D.average_grads_(list(sae.parameters()))
     mechanics.remove_parallel_grads_(sae.W_dec)
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    mechanics.clip_grad_norm_(list(sae.parameters()), cfg.grad_clip)
     m.opt.step()
     mechanics.normalize_decoder_(sae.W_dec)
     if sae.arch.learned_threshold:
@@ -229,6 +229,10 @@ def train(cfg: TrainConfig, source: ActivationSource | None = None) -> dict[str,
     cfg = fix_theta_start(cfg)
     place, device, created = D.setup_distributed(cfg)
     try:
+        if cfg.bf16:
+            check_bf16(device, "--bf16")
+        if device.type == "cpu":
+            keep_freed_memory()
         with claim(cfg.out, "train", lead=place.lead):  # rank 0 holds the folder for the whole job
             saes = _train(cfg, source, place, device)
             if place.world > 1:

@@ -71,8 +71,9 @@ def load_llava(model_id_or_dir: str, device: str | torch.device = "cpu", dtype: 
     """(LlavaForConditionalGeneration in eval mode, its AutoProcessor)."""
     from transformers import LlavaForConditionalGeneration
 
+    torch_dtype = resolve_dtype(dtype, device, "--dtype")  # before the weights load
     with quiet_loading():
-        model = LlavaForConditionalGeneration.from_pretrained(model_id_or_dir, dtype=resolve_dtype(dtype, device))
+        model = LlavaForConditionalGeneration.from_pretrained(model_id_or_dir, dtype=torch_dtype)
     cast(torch.nn.Module, model).to(device).eval()
     return model, load_processor(model_id_or_dir)
 

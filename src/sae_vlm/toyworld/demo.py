@@ -21,6 +21,7 @@ from sae_vlm import toyworld
 from sae_vlm.config import DemoConfig, EvaluateConfig, ExtractConfig, TrainConfig
 from sae_vlm.data.extract import run_extract
 from sae_vlm.data.store import open_store
+from sae_vlm.device import cpu_summary
 from sae_vlm.eval.run import evaluate_run
 from sae_vlm.io import atomic_save_npy, atomic_save_npz, atomic_write_text
 from sae_vlm.outdir import claim
@@ -122,6 +123,7 @@ def _demo(cfg: DemoConfig) -> dict:
     say("[6/6] writing report/index.html and metrics.json", quiet)
     write_report(out, runs["last"], out / "eval" / "last", stores["eval"], metrics)
     metrics["seconds"] = round(time.time() - t0, 1)
+    metrics["machine"] = {"cpu": cpu_summary(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))  # last: marks done
     return metrics
 
@@ -298,4 +300,5 @@ def summary_lines(m: dict, cfg: DemoConfig) -> list[str]:
                  f"baseline {st['baseline_mean_success']:.0%} on average)")
     lines.append(f"done in {m['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
                  f"plots in {out / 'eval'}/<layer>/<embedder>/plots/")
+    lines.append(f"CPU: {m['machine']['cpu']}")
     return lines
