@@ -111,8 +111,14 @@ def test_dtypes_and_fp16_overflow(setup, tmp_path):
         ims = r.images()
         px = bb.preprocess([Image.open(im["path"]).convert("RGB") for im in ims])
         ref = bb.capture(px, ["layer.2"])["layer.2"][:, 0]
-        want = ref.to(torch.bfloat16).float() if dt == "bf16" else ref
-        torch.testing.assert_close(r.all(), want, rtol=0, atol=0)
+        got = r.all()
+        # the reference runs all 11 images in one batch, extract in per-shard batches: the GEMMs may round
+        # differently (they do under MKL's AVX2 kernels), by 1e-6 in fp32 and so by at most one bf16 step
+        if dt == "bf16":
+            assert torch.equal(got, got.to(torch.bfloat16).float())  # stored as bf16, read back exactly
+            torch.testing.assert_close(got, ref, rtol=2**-8, atol=1e-6)
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="layer.7.*65504"):
         to_storage(torch.tensor([[1.0, 7e4]]), "fp16", "layer.7")
     # through a real run: scale the model's output so the store would overflow
