@@ -87,7 +87,7 @@ def cpu_summary() -> str:
 
 def native_bf16() -> bool:
     """Whether bf16 matrix products run in hardware here: AVX512-BF16 or AMX, and torch/oneDNN not capped below
-    them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA). Without it torch emulates bf16, 10-20× slower than fp32."""
+    them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA). Without it torch emulates bf16, over 10× slower than fp32."""
     flags = cpu_flags()
     if not (flags["AVX512-BF16"] or flags["AMX"]):
         return False
@@ -121,7 +121,7 @@ def check_bf16(device: str | torch.device, what: str) -> None:
         flags = cpu_flags()
         why = ("has no native bf16 (neither AVX512-BF16 nor AMX)" if not (flags["AVX512-BF16"] or flags["AMX"])
                else "runs torch capped below AVX-512 (ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA)")
-        raise ValueError(f"{what}: this CPU ({cpu_name()}) {why}, so bf16 would be emulated, 10-100x slower than "
+        raise ValueError(f"{what}: this CPU ({cpu_name()}) {why}, so bf16 would be emulated, over 10x slower than "
                          "fp32; use fp32 here (drop the bf16 option)")
 
 
