@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -528,3 +529,26 @@ def test_missing_logging_package_fails_before_writing(tmp_path):
             "--steps", "3", "--log-to", "wandb", "--device", "cpu", "--quiet")
     assert_clean_error(r, out, "wandb", "pip install wandb")
     assert not out.exists()
+
+
+def test_a_checkpoint_from_before_the_latent_major_encoder_resumes_the_same(tmp_path):
+    """Checkpoints written before W_enc was held latent-major ([F, d], issue 18) hold its Adam moments as [d, F].
+    Resuming one gives the same SAEs as resuming the checkpoint written now."""
+    from safetensors.torch import save_file
+
+    x = torch.from_numpy(gaussian(1024))
+    kw = dict(archs=("batchtopk",), checkpoint_every=10)
+    quick_run(tmp_path / "new", x, steps=20, **kw)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    path = tmp_path / "old" / CKPT
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    moments = [k for k in tensors if "/opt/1/exp_avg" in k]  # parameter 1 is W_enc_FD
+    assert len(moments) == 2 and all(tensors[k].shape == (2 * D_IN, D_IN) for k in moments)
+    save_file({k: t.T.contiguous() if k in moments else t for k, t in tensors.items()}, path, metadata=meta)
+    new = quick_run(tmp_path / "new", x, steps=30, resume=True, **kw)
+    old = quick_run(tmp_path / "old", x, steps=30, resume=True, **kw)
+    for name in new:
+        a, b = state(new[name]), state(old[name])
+        assert all(torch.equal(a[k], b[k]) for k in a), name
