@@ -77,7 +77,8 @@ def hierarchy_table(r: dict) -> str:
         return f"{stats[key]:.{digits}f}" if key in stats else "–"
 
     lines = [f"### Hierarchy of {r['name']} (cf. Table 2): LCA depth 0..{h['taxonomy_depth']} "
-             f"against the {h['taxonomy_source']} taxonomy; latents whose 16th top activation is 0 left out",
+             f"against the {h['taxonomy_source']} taxonomy; rare latents (positive on fewer images than top slots) "
+             "left out",
              "", "| Level | latents | scored | LCA depth (mean) | LCA depth (majority) | MS avg | MS max | MS min |",
              "|---|---|---|---|---|---|---|---|"]
     for lvl, (a, b, m) in enumerate(zip(mean, majority, ms)):
