@@ -290,8 +290,8 @@ class Evaluation:
         if inp.taxa is None or s.nodes is None:
             return
         groups = s.sae.cfg.group_sizes
-        rare = (tv[:, -1] <= 0).numpy()  # positive on fewer images than top slots: left out, as in the paper
         lca = H.latent_lca_depths(ti.clamp(min=0).numpy(), tv.numpy(), inp.taxa)
+        rare = lca["rare"]  # positive on fewer images than top slots: left out, as in the paper
         uniq = H.top_set_uniqueness(ti.numpy(), skip_F=rare)
         used = ti[~torch.as_tensor(rare)].clamp(min=0)
         detection = s.nodes.result()
