@@ -255,6 +255,24 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert log_rows(tmp_path / "a") == log_rows(tmp_path / "b")
 
 
+def test_a_seed_sweep_trains_each_seed_as_its_own_run_would(tmp_path):
+    """--seeds 0,3 trains every configuration once per seed on the same batches: seed 0 is the plain run (--seed 0)
+    bit for bit, seed 3 starts from the init a --seed 3 run would, and the seeds really differ."""
+    x = torch.from_numpy(gaussian(1024))
+    plain = quick_run(tmp_path / "plain", x, archs=("batchtopk", "matryoshka"))
+    sweep = quick_run(tmp_path / "sweep", x, archs=("batchtopk", "matryoshka"), seeds=(0, 3))
+    alone = quick_run(tmp_path / "alone", x, archs=("batchtopk", "matryoshka"), seeds=(3,))
+    assert sorted(sweep) == ["batchtopk_x2_k4_s0", "batchtopk_x2_k4_s3", "matryoshka_x2_k4_s0", "matryoshka_x2_k4_s3"]
+    for arch in ("batchtopk", "matryoshka"):
+        s0, s3 = state(sweep[f"{arch}_x2_k4_s0"]), state(sweep[f"{arch}_x2_k4_s3"])
+        assert all(torch.equal(s0[k], state(plain[f"{arch}_x2_k4"])[k]) for k in s0), arch
+        assert all(torch.equal(s3[k], state(alone[f"{arch}_x2_k4_s3"])[k]) for k in s3), arch
+        assert not torch.equal(s0["W_dec"], s3["W_dec"])
+        assert sweep[f"{arch}_x2_k4_s3"].meta["training"]["seed"] == 3
+    r = cli("train", "--data", save_npy(tmp_path / "x.npy", gaussian(256)), "--out", tmp_path / "bad", "--seeds", "1,1")
+    assert r.exit_code == 2 and "--seeds 1,1: expected distinct" in r.output
+
+
 @pytest.mark.skipif(not native_bf16(), reason="no native bf16 on this CPU: --bf16 is refused (test_adversarial)")
 def test_bf16_autocast_trains_to_finite_weights(tmp_path):
     saes = quick_run(tmp_path / "bf16", torch.from_numpy(gaussian(1024)), bf16=True)

@@ -155,10 +155,16 @@ class SAESpec:
     expansion: float
     k: int
     group_fractions: tuple[float, ...] = PAPER_GROUPS
+    seed: int | None = None  # set in a seed sweep (--seeds): the name then ends in _s<seed>
+
+    @property
+    def base_name(self) -> str:
+        """The configuration's name, the same for every seed of it."""
+        return f"{self.arch}_x{self.expansion:g}_k{self.k}"
 
     @property
     def name(self) -> str:
-        return f"{self.arch}_x{self.expansion:g}_k{self.k}"
+        return self.base_name if self.seed is None else f"{self.base_name}_s{self.seed}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,6 +202,10 @@ class TrainConfig:
     jumprelu_bandwidth: float = option(1e-3, "JumpReLU: width of the straight-through estimator's kernel.")
     norm_batches: int = option(100, "Batches used to estimate the input-norm factor.", positive=True)
     seed: int = option(0, "Seed for init and data order.")
+    seeds: tuple[int, ...] = option((), "Comma list of SAE seeds: every SAE of the sweep is trained once per seed, "
+                                        "on the same batches (their order still comes from --seed), and named "
+                                        "<arch>_x<width>_k<k>_s<seed>; evaluate then reports each metric's mean, "
+                                        "min and max over seeds and how stable each latent is.")
     bf16: bool = option(False, "bf16 autocast for the forward pass (GPUs, and CPUs with AVX512-BF16 or AMX; "
                                "refused on other CPUs, where torch emulates bf16 far slower than fp32).")
     fast: bool = option(True, "Sparse selection and decoder for top-k architectures; --no-fast: the plain dense path.")
@@ -224,6 +234,8 @@ class TrainConfig:
         total = sum(self.group_fractions)
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"group fractions {self.group_fractions} must sum to 1 (they sum to {total:.6g})")
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"--seeds {','.join(map(str, self.seeds))}: expected distinct non-negative integers")
         if self.eval_step is not None and self.eval_step not in self.keep_steps:
             raise ValueError(f"eval_step={self.eval_step} is not among the kept snapshots {self.keep_steps}; "
                              "add it to --keep-steps")
@@ -234,8 +246,8 @@ class TrainConfig:
         return self.threshold_start_step if self.threshold_start_step is not None else min(1000, self.steps // 4)
 
     def specs(self) -> list[SAESpec]:
-        grid = itertools.product(self.archs, self.expansions, self.ks)
-        return [SAESpec(a, e, k, self.group_fractions) for a, e, k in grid]
+        grid = itertools.product(self.archs, self.expansions, self.ks, self.seeds or (None,))
+        return [SAESpec(a, e, k, self.group_fractions, s) for a, e, k, s in grid]
 
 
 # --- evaluate --------------------------------------------------------------------------------------------------

@@ -130,8 +130,9 @@ def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict)
     d_sae = int(round(spec.expansion * d_in))
     groups = group_sizes_from_fractions(spec.group_fractions, d_sae) if arch.nested_groups else None
     k = spec.k if arch.needs_k else min(spec.k, d_sae)
-    # Seeded per member, so an SAE's init doesn't depend on its place in the sweep.
-    torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    # Seeded per member, so an SAE's init doesn't depend on its place in the sweep; seed s of a --seeds sweep
+    # starts where a run with --seed s starts.
+    torch.manual_seed(init_seed(spec, cfg) * 1_000_003 + zlib.crc32(spec.base_name.encode()))
     sae = SAE(SAEConfig(spec.arch, d_in, d_sae, k, groups, meta.get("hook_point"), meta.get("model_id"),
                         meta.get("token_selection"))).to(device)
     base_lr = cfg.lr if cfg.lr is not None else mechanics.default_lr(d_sae)
@@ -140,6 +141,10 @@ def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict)
              for name, t in arch.terms.items()}
     weights = {name: 1.0 if t.weight is None else getattr(cfg, t.weight) for name, t in arch.terms.items()}
     return Member(spec, sae, opt, mechanics.IdleLatents(d_sae, cfg.dead_window, device), base_lr, terms, weights)
+
+
+def init_seed(spec: SAESpec, cfg: TrainConfig) -> int:
+    return cfg.seed if spec.seed is None else spec.seed
 
 
 def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metrics: bool = True,
@@ -434,7 +439,7 @@ def export(m: Member, norm: float, directory: Path, cfg: TrainConfig, step: int,
     summary = {k: float(v) for k, v in stats.items()}
     sae.meta = {"data": str(cfg.data), "layer": cfg.layer,
                 "training": {"step": step, "norm_factor": norm, "lr": m.base_lr, "batch_size": cfg.batch_size,
-                             "seed": cfg.seed, "last_batch": summary}}
+                             "seed": init_seed(m.spec, cfg), "data_seed": cfg.seed, "last_batch": summary}}
     sae.save_pretrained(directory)
     return sae
 
