@@ -54,7 +54,12 @@ def _steering_plot(path: Path, f: dict) -> None:
     x = np.arange(len(colours))
     with _figure(path, size=(6, 2.6)) as ax:
         ax.bar(x - 0.2, [st["success_by_concept"][c] for c in colours], 0.4, color=colours, edgecolor="k",
-               linewidth=0.4, label="SAE latent clamped")
+               linewidth=0.4, label="SAE latent clamped (median over seeds)")
+        for seed, rates in st["success_by_seed"].items():
+            ax.scatter(x - 0.2, [rates[c] for c in colours], s=8, color="k", zorder=3,
+                       label="one seed" if seed == next(iter(st["success_by_seed"])) else None)
+        ax.scatter(x, [st["control_by_concept"][c] for c in colours], marker="x", color="k", zorder=3,
+                   label="control: other colours' latents")
         ax.bar(x + 0.2, [st["baseline_by_concept"][c] for c in colours], 0.4, color=colours, alpha=0.35,
                edgecolor="k", linewidth=0.4, label="difference of means added")
         ax.axhline(st["unsteered"], color="k", linestyle="--", linewidth=1, label="unsteered (largest)")
@@ -81,7 +86,10 @@ def front_page(metrics: dict, report_dir: Path, eval_root: Path) -> str:
                      f"<td>{joined(h['best_level_by_depth'], 1)}</td><td>{h['nodes_detected']:.0%}</td></tr>"
                      for n, h in f["hierarchy"].items())
     st = f["steering"]
-    s_rows = "".join(f"<tr><td>{escape(c)}</td><td>{v:.0%}</td><td>{st['baseline_by_concept'][c]:.0%}</td></tr>"
+    seeds = list(st["success_by_seed"])
+    s_rows = "".join(f"<tr><td>{escape(c)}</td><td>{v:.0%}</td><td>{st['success_min_by_concept'][c]:.0%}</td><td>"
+                     + " / ".join(f"{st['success_by_seed'][s][c]:.0%}" for s in seeds)
+                     + f"</td><td>{st['control_by_concept'][c]:.0%}</td><td>{st['baseline_by_concept'][c]:.0%}</td></tr>"
                      for c, v in st["success_by_concept"].items())
     md = {layer: eval_root / layer / "clip" / "tables.md" for layer in metrics["layers"]}
     tables = "".join(f"<h3>{escape(layer)}</h3>{markdown_tables(p.read_text())}"
@@ -101,9 +109,12 @@ AUROC ≥ 0.9. Measured against the ground-truth taxonomy.</p>
 <img src="plots/finding_hierarchy.png" alt="hierarchy per level"></div>
 <div class="finding"><h2>3. Clamping a colour latent steers the toy LLaVA</h2>
 <p>Share of answers to "What colour is the object?" on held-out images of other colours that name the colour
-whose latent is clamped on every image token (latent and α chosen on separate images); unsteered, the toy LLaVA
-names it in at most {st['unsteered']:.0%} of its answers. Beside it, the difference-of-means baseline.</p>
-<table class="lat md"><thead><tr><th>colour</th><th>SAE latent</th><th>difference of means</th></tr></thead>
+whose latent is clamped on every image token. The latent must detect the colour (AUROC ≥ 0.9 on 1000 training
+images); it and α are chosen on 40 other images, for each of the token SAE's seeds ({", ".join(seeds)}). Control:
+how often the other colours' latents, clamped the same way, make the LLaVA name this colour. Unsteered, it names
+a colour in at most {st['unsteered']:.0%} of its answers. Beside it, the difference-of-means baseline.</p>
+<table class="lat md"><thead><tr><th>colour</th><th>SAE latent, median</th><th>minimum</th><th>per seed</th>
+<th>control</th><th>difference of means</th></tr></thead>
 <tbody>{s_rows}</tbody></table>
 <img src="plots/finding_steering.png" alt="steering success per colour"></div>
 <h2>Every hook point</h2>{tables}

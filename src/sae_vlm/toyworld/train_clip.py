@@ -297,9 +297,14 @@ def main(argv=None) -> None:
     ap.add_argument("--n-train", type=int, default=ClipTrainConfig.n_train)
     ap.add_argument("--seed", type=int, default=ClipTrainConfig.seed)
     ap.add_argument("--threads", type=int, default=ClipTrainConfig.threads)
+    ap.add_argument("--vision-hidden", type=int, default=ClipTrainConfig.vision_hidden,
+                    help="width of the vision tower (its CLS and every hook point)")
+    ap.add_argument("--projection-dim", type=int, default=ClipTrainConfig.projection_dim, help="width of `last`")
+    ap.add_argument("--heads", type=int, default=ClipTrainConfig.heads, help="attention heads (vision and text)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
-    cfg = ClipTrainConfig(seed=a.seed, steps=a.steps, n_train=a.n_train, threads=a.threads)
+    cfg = ClipTrainConfig(seed=a.seed, steps=a.steps, n_train=a.n_train, threads=a.threads,
+                          vision_hidden=a.vision_hidden, projection_dim=a.projection_dim, heads=a.heads)
     res = train(cfg, a.out, quiet=a.quiet)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
 
