@@ -169,6 +169,7 @@ def train(cfg: C.TrainConfig) -> None:
 def evaluate(cfg: C.EvaluateConfig) -> None:
     from sae_vlm.eval.report import hierarchy_table
     from sae_vlm.eval.run import evaluate_run
+    from sae_vlm.eval.seeds import seed_line
 
     metrics = evaluate_run(cfg)
     typer.echo(f"scored the SAEs at step {metrics['step']}")
@@ -179,6 +180,8 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
         rec = r["recon"]
         typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * rec['fve']:.1f}%, L0 {rec['l0']:.1f}, "
                    f"{rec['dead']} of {r['d_sae']} dead (never positive)")
+    for base, entry in metrics.get("seeds", {}).items():
+        typer.echo(seed_line(base, entry))
     for r in metrics["saes"]:
         if "hierarchy" in r:
             typer.echo("\n" + hierarchy_table(r))
@@ -193,6 +196,15 @@ def convert(cfg: C.ConvertConfig) -> None:
     typer.echo(f"saved {describe(sae)} from {source} to {cfg.dst} ({cfg.target_format} format)")
     for note in notes:
         typer.echo(f"  note: {note}")
+
+
+def compare(cfg: C.CompareConfig) -> None:
+    from sae_vlm.eval.compare import compare_saes, summary_lines
+
+    for line in summary_lines(compare_saes(cfg)):
+        typer.echo(line)
+    if cfg.out is not None:
+        typer.echo(f"wrote {cfg.out}")
 
 
 def push(cfg: C.PushConfig) -> None:
@@ -263,6 +275,7 @@ def demo(cfg: C.DemoConfig) -> None:
 
 COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, train),
             ("evaluate", C.EvaluateConfig, evaluate), ("convert", C.ConvertConfig, convert),
+            ("compare", C.CompareConfig, compare),
             ("push", C.PushConfig, push),
             ("steer", C.SteerConfig, steer), ("steer-score", C.SteerScoreConfig, steer_score),
             ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo)]

@@ -317,6 +317,25 @@ class ConvertConfig:
 
 @dataclass(frozen=True, kw_only=True)
 @checked
+class CompareConfig:
+    """`sae-vlm compare`: match two SAEs' latents one to one by decoder cosine (two seeds, two widths, two
+    libraries) and show how alike the matched pairs are: in direction and, with --data, in activation."""
+
+    sae_a: str = option(help="SAE directory (RUN/saes/<name>, or one `convert` wrote).", positional=True)
+    sae_b: str = option(help="The SAE to match it with (same d_in; any width).", positional=True)
+    data: str | None = option(None, "Activation store directory or .npy: also the Pearson correlation of each "
+                                    "matched pair's codes over its rows.")
+    layer: str | None = option(None, "Hook point subfolder of a store with several, e.g. layer.22; default: the one "
+                                     "the SAEs read.")
+    rows: int | None = option(None, "Correlate over at most this many rows, evenly spaced; unset: all.",
+                              positive=True)
+    out: str | None = option(None, "JSON file for the summary and per-latent arrays (match, cosine, correlation).")
+    step: str | None = step_option()
+    device: str = device_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+@checked
 class PushConfig:
     """`sae-vlm push`: upload an SAE folder to the hub with a model card (architecture, sizes, hook point, data,
     training summary, and MS/FVE/L0 when the run was evaluated)."""

@@ -22,8 +22,8 @@ from sae_vlm.sae.groups import latent_levels
 if TYPE_CHECKING:
     from sae_vlm.sae.model import SAE
 
-SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level")
-RANGE_KEYS = ("ms", "freq", "support", "max_act")
+SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level", "stable")
+RANGE_KEYS = ("ms", "freq", "support", "max_act", "stable")  # stable: only in a seed sweep's evaluation
 SHOW = ("common", "rare", "dead", "all")  # the table filter; rare includes dead
 HIST_SAMPLE_ROWS = 2048
 
@@ -42,7 +42,7 @@ class Dictionary:
     kind: str  # "sae" | "neurons"
     hook_point: str
     n: int
-    arrays: dict  # per-latent float arrays: ms, freq, support, max_act, plus ms__<embedder> extras
+    arrays: dict  # per-latent float arrays: ms, freq, support, max_act, stable (seed sweeps), ms__<embedder> extras
     level: np.ndarray
     top_idx: np.ndarray | None  # [n, T] row numbers, -1 padding
     top_val: np.ndarray | None

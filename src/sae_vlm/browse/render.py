@@ -12,12 +12,16 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from sae_vlm.browse.data import SHOW, Dictionary, RunView, TableQuery
+from sae_vlm.eval.stability import stable_share
 
 HERE = Path(__file__).parent
 TEMPLATES, STATIC = HERE / "templates", HERE / "static"
 SHOW_LABELS = tuple(zip(SHOW, ("positive on 16+ images", "rare (on < 16 images)", "dead (never positive)", "all")))
 COLUMNS = (("id", "latent"), ("level", "level"), ("ms", "MS"), ("freq", "frequency"), ("support", "support"),
            ("max_act", "max act"))
+# a seed sweep's evaluation adds each latent's minimum matched decoder cosine over the other seeds
+STABLE = ("stable", "stable")
+FILTERS = (("ms", "MS"), ("freq", "freq"), ("support", "support"), ("max_act", "max act"))
 STRIP = 6  # thumbnails of top images per row of a latent table
 
 
@@ -101,16 +105,18 @@ def histogram_svg(values: np.ndarray, bins: int = 30, width: int = 360, height: 
 def summary(d: Dictionary) -> dict:
     ms = d.arrays.get("ms")
     ok = ms[~np.isnan(ms)] if ms is not None else np.zeros(0)
+    stable = d.arrays.get("stable")
     return {"name": d.name, "kind": d.kind, "hook_point": d.hook_point, "n": d.n, "info": d.info,
             "dead": int(d.dead.sum()), "rare": int(d.rare.sum()), "ms_mean": float(ok.mean()) if len(ok) else None,
-            "scored": len(ok), "levels": d.n_levels}
+            "scored": len(ok), "levels": d.n_levels,
+            "stable_share": stable_share(stable) if stable is not None else None}
 
 
 def _row(d: Dictionary, j: int, extra: list[str], view: RunView | None = None, links: Links | None = None,
          strip: int = 0) -> dict:
     a = d.arrays
     row = {"j": j, "level": int(d.level[j]), "dead": bool(d.dead[j]), "rare": bool(d.rare[j]),
-           **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", *extra)}}
+           **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", "stable", *extra)}}
     if strip and view is not None and links is not None:
         row["strip"] = [im["url"] for im in fired_images(view, d, j, links)[:strip] if im["url"]]
     return row
@@ -135,7 +141,9 @@ def extra_ms(d: Dictionary) -> list[str]:
 
 def index_context(view: RunView, links: Links, front: str = "") -> dict:
     """The front page: `front` (HTML placed first), the dictionaries, plots and tables; no machine paths."""
-    return {"links": links, "run": view.run_dir.name, "dicts": [summary(d) for d in view.dicts.values()],
+    dicts = [summary(d) for d in view.dicts.values()]
+    return {"links": links, "run": view.run_dir.name, "dicts": dicts,
+            "stable": any(s["stable_share"] is not None for s in dicts),
             "plots": [(p, links.plot(p)) for p in view.plots], "tables": markdown_tables(view.tables_md),
             "embedder": Path(view.embedder).name if view.embedder else None, "notes": view.notes,
             "front": Markup(front), "title": f"sae-vlm · {view.run_dir.name}"}
@@ -178,9 +186,11 @@ def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | No
     pages = max(1, math.ceil(total / q.per)) if q else 1
     page = min(q.page, pages) if q else 1
     shown = ids[(page - 1) * q.per : page * q.per] if q else ids
+    seeds = (STABLE,) if "stable" in d.arrays else ()  # runs without seeds keep their table as it was
     ctx = {"links": links, "d": summary(d), "rows": [_row(d, int(j), extra, view, links, STRIP) for j in shown],
-           "extra": extra, "show_options": SHOW_LABELS,
-           "total": total, "page": page, "pages": pages, "q": q, "columns": COLUMNS, "embedder": view.embedder,
+           "extra": extra, "show_options": SHOW_LABELS, "filters": FILTERS + seeds,
+           "total": total, "page": page, "pages": pages, "q": q, "columns": COLUMNS + seeds,
+           "values": [k for k, _ in COLUMNS[2:] + seeds] + extra, "embedder": view.embedder,
            "title": f"{d.name} · latents"}
     if q is not None:  # links that keep the filters and change one thing
         base = {"sort": q.sort, "order": "desc" if q.desc else "asc", "show": q.show, "level": q.level, "per": q.per}

@@ -8,7 +8,8 @@ written in named steps, and the run-wide tables and plots.
 Writes under the output directory: metrics.json (summaries, written last: it marks the evaluation done),
 latents/<name>.npz (per-latent arrays), top/<name>/top_*.npy, tables.md (paper Tables A1/A6/A7 shape), plots/*.png,
 nodes/<name>.json (each taxonomy node's best-detecting latent), grids/ with --grids and, with an embedder,
-embeddings/ (the cache; the input store is only read).
+embeddings/ (the cache; the input store is only read). SAEs of one configuration trained with several seeds are
+also summarised together, with each latent's stability across them (eval/seeds.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sae_vlm.eval.embed import load_embeddings
 from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, summarize_ms, unit_embeddings
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
+from sae_vlm.eval.seeds import needs_scipy, score_seeds
 from sae_vlm.eval.top import TopAccumulator, render_grid, save_top
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes, read_json
 from sae_vlm.outdir import claim
@@ -340,6 +342,9 @@ class Evaluation:
     def finish(self, results: list[dict]) -> dict:
         metrics, out = self.metrics, self.out
         metrics["saes"] = results
+        seeds = score_seeds(results, out / "latents", self.dev)  # sets stable_share in the entries it groups
+        if seeds:
+            metrics["seeds"] = seeds
         t = self.first_taxonomy
         if t is not None and t.taxa is not None:
             metrics["taxonomy"] = {"images_missing": H.missing_taxonomy(t.taxa, t.names)["count"],
@@ -357,6 +362,7 @@ def evaluate_run(cfg: EvaluateConfig) -> dict:
     """Score every SAE of `cfg.run_dir` (at `cfg.step`, or the run's default snapshot) on `cfg.data`; returns what
     metrics.json holds."""
     saes, step = find_saes(cfg.run_dir, cfg.step)
+    needs_scipy([name for name, _ in saes])
     with claim(cfg.out_dir, "evaluate"):
         ev = Evaluation(cfg)
         ev.metrics["step"] = step  # which snapshot was scored: a step number or "final"
