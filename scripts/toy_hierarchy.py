@@ -1,8 +1,11 @@
 """Does the toy world's hierarchy show in Matryoshka levels when the CLIP must store more concepts than it has
 dimensions? Node detection and LCA depth per level, over several SAE seeds, for any tiny CLIP of the toy world.
 
-    python scripts/toy_hierarchy.py --clip src/sae_vlm/toyworld/weights/clip_narrow --out runs/hier_narrow
-    python scripts/toy_hierarchy.py --clip src/sae_vlm/toyworld/weights/clip --out runs/hier_wide --width 1
+    python scripts/toy_hierarchy.py --out runs/hier_narrow         # the 12-wide CLIP: 62 taxa in 12 dimensions
+    python scripts/toy_hierarchy.py --clip src/sae_vlm/toyworld/weights/clip --width 1 --out runs/hier_wide
+
+The 12-wide CLIP (`toyworld/weights/clip_narrow`, 0.7 MB) was trained with
+`python -m sae_vlm.toyworld.train_clip --vision-hidden 12 --projection-dim 12 --heads 2 --out <dir>`.
 
 Generates the demo's images (10,000 training, 3,000 held-out), extracts the CLS at every layer and `last`, trains
 Matryoshka (groups sized like the taxonomy's levels) and BatchTopK SAEs of `--width` × the CLIP's width under
@@ -98,7 +101,7 @@ def spread(values) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--clip", required=True)
+    ap.add_argument("--clip", default=str(toyworld.WEIGHTS / "clip_narrow"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--width", type=float, default=6.0, help="SAE width as a multiple of the CLIP's width")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])

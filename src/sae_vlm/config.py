@@ -461,8 +461,15 @@ class DemoConfig:
     """`sae-vlm demo`: the whole pipeline on the toy world: extract, train, evaluate, steer, report."""
 
     out: str = option("runs/demo", "Output directory.")
-    quick: bool = option(False, "A smaller run (about a minute) for tests and a first look.")
+    quick: bool = option(False, "A smaller run (about two minutes) for tests and a first look.")
+    seeds: tuple[int, ...] = option((0, 1, 2), "Comma list of SAE seeds: every SAE is trained once per seed, and "
+                                               "each finding is a median over them with the per-seed values beside it.")
     quiet: bool = option(False, "No progress output.")
+
+    def __post_init__(self):
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"--seeds {','.join(map(str, self.seeds))}: expected at least two distinct non-negative "
+                             "integers (the findings are medians over seeds)")
 
 
 # --- the paper's recipes ---------------------------------------------------------------------------------------

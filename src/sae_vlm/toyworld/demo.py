@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 
 from sae_vlm import toyworld
-from sae_vlm.config import DemoConfig, EvaluateConfig, ExtractConfig, TrainConfig
+from sae_vlm.config import DemoConfig, EvaluateConfig, ExtractConfig, PlantedConfig, TrainConfig
 from sae_vlm.data.extract import run_extract
 from sae_vlm.data.store import open_store
 from sae_vlm.device import cpu_summary
+from sae_vlm.eval.planted import run_planted
 from sae_vlm.eval.run import evaluate_run
 from sae_vlm.io import atomic_save_npy, atomic_save_npz, atomic_write_text
 from sae_vlm.outdir import claim
@@ -67,8 +69,6 @@ AUX_ALPHA, DEAD_BATCHES = 0.3, 10
 # colours, Matryoshka x2 and x4 for 1-3 (their early groups hold hue regions, not colours); x1, x4 and k=4 did not
 # do better (README, "What the demo shows")
 TOKEN_ARCH, TOKEN_WIDTH = "batchtopk", 2
-# Every SAE is trained under these seeds, in one pass over its data; findings are medians over them
-SEEDS = (0, 1, 2)
 
 
 def concept_purity(top_indices_FT: np.ndarray, top_values_FT: np.ndarray, concepts_NC: np.ndarray) -> np.ndarray:
@@ -88,49 +88,69 @@ def run_demo(cfg: DemoConfig) -> dict:
         return _demo(cfg)
 
 
+class Steps:
+    """Announces the demo's numbered steps and keeps each one's wall time (metrics.json `step_seconds`)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet, self.seconds, self.t0 = total, quiet, {}, time.time()
+
+    @contextmanager
+    def __call__(self, name: str, message: str):
+        say(f"[{len(self.seconds) + 1}/{self.total}] {message}", self.quiet)
+        t = time.time()
+        yield
+        self.seconds[name] = round(time.time() - t, 1)
+
+
 def _demo(cfg: DemoConfig) -> dict:
     out, quiet, size = Path(cfg.out), cfg.quiet, QUICK if cfg.quick else FULL
-    t0 = time.time()
     clip_dir, llava_dir = toyworld.clip_path(), toyworld.llava_path()
+    step = Steps(7, quiet)
+    with step("generate", f"generating {size.n_train} + {size.n_eval} toy images"):
+        images = generate_images(out, size)
+    layers = hook_points(clip_dir)
+    with step("extract", f"extracting CLS at {', '.join(layers[:2])} and 'last'; 2 random tokens at {layers[1]} "
+                         "(toy LLaVA)"):
+        stores = extract_stores(out, images, layers, clip_dir, llava_dir, quiet)
+    with step("train", f"training BatchTopK and Matryoshka SAEs (x{WIDTH}, k={K}) per hook point and a token SAE, "
+                       f"each under seeds {', '.join(map(str, cfg.seeds))}"):
+        runs = {layer: out / "runs" / layer for layer in layers} | {"tokens": out / "runs" / "llava_tokens"}
+        for layer in layers:
+            train_sweep(stores["train"], layer, runs[layer], size, quiet, seeds=cfg.seeds)
+        train_sweep(stores["tokens"], None, runs["tokens"], size, quiet, archs=(TOKEN_ARCH,), width=TOKEN_WIDTH,
+                    seeds=cfg.seeds)
+    metrics: dict = {"size": size.__dict__, "seeds": list(cfg.seeds)}
+    with step("evaluate", "evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline, "
+                          "stability across seeds"):
+        metrics["layers"] = evaluate_layers(out, images, stores, runs, layers)
+        metrics["zero_shot"] = zero_shot_recovered(runs, layers, clip_dir)
+    with step("planted", "a planted feature tree: does each SAE find its features, and Matryoshka its hierarchy?"):
+        metrics["planted"] = run_planted(PlantedConfig(out=str(out / "planted"), quiet=True))
+    with step("steer", "steering the toy LLaVA towards each colour: one latent clamped on images of other colours"):
+        metrics["steering"] = steer_colours(runs["tokens"], llava_dir)
+    metrics["findings"] = findings(metrics, token_key=f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}")
+    with step("report", "writing report/index.html and metrics.json"):
+        write_report(out, runs["last"], out / "eval" / "last", stores["eval"], metrics)
+    metrics |= {"seconds": round(time.time() - step.t0, 1), "step_seconds": step.seconds,
+                "machine": {"cpu": cpu_summary(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))  # last: marks done
+    return metrics
 
-    say(f"[1/6] generating {size.n_train} + {size.n_eval} toy images", quiet)
+
+def generate_images(out: Path, size: DemoSize) -> dict[str, Path]:
     images = {"train": out / "images" / "train", "eval": out / "images" / "eval"}
     if not (images["eval"] / "toyworld.jsonl").is_file():
         toyworld.write_folder(toyworld.generate(size.n_train, seed=0), images["train"])
         toyworld.write_folder(toyworld.generate(size.n_eval, seed=0, start=size.n_train), images["eval"])
+    return images
 
+
+def hook_points(clip_dir: Path) -> tuple[str, str, str]:
+    """A middle layer, the layer the toy LLaVA's projector reads (-2, as in llava-1.5) and `last`."""
     from transformers import AutoConfig
 
     n_layers = AutoConfig.from_pretrained(clip_dir).vision_config.num_hidden_layers
-    llava_layer = f"layer.{n_layers - 2}"  # vision_feature_layer = -2, as in llava-1.5
-    layers = (f"layer.{n_layers // 2 - 1}", llava_layer, "last")
-    say(f"[2/6] extracting CLS at {', '.join(layers[:2])} and 'last'; 2 random tokens at {llava_layer} (toy LLaVA)",
-        quiet)
-    stores = extract_stores(out, images, layers, clip_dir, llava_dir, quiet)
-
-    say(f"[3/6] training BatchTopK and Matryoshka SAEs (x{WIDTH}, k={K}) per hook point", quiet)
-    runs = {}
-    for layer in layers:
-        runs[layer] = out / "runs" / layer
-        train_sweep(stores["train"], layer, runs[layer], size, quiet)
-    runs["tokens"] = out / "runs" / "llava_tokens"
-    train_sweep(stores["tokens"], None, runs["tokens"], size, quiet, archs=(TOKEN_ARCH,), width=TOKEN_WIDTH)
-
-    say("[4/6] evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline", quiet)
-    metrics: dict = {"size": size.__dict__, "seeds": list(SEEDS),
-                     "layers": evaluate_layers(out, images, stores, runs, layers)}
-    metrics["zero_shot"] = zero_shot_recovered(runs, layers, clip_dir)
-
-    say("[5/6] steering the toy LLaVA towards each colour: one latent clamped on images of other colours", quiet)
-    metrics["steering"] = steer_colours(runs["tokens"], llava_dir)
-    metrics["findings"] = findings(metrics, token_key=f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}")
-
-    say("[6/6] writing report/index.html and metrics.json", quiet)
-    write_report(out, runs["last"], out / "eval" / "last", stores["eval"], metrics)
-    metrics["seconds"] = round(time.time() - t0, 1)
-    metrics["machine"] = {"cpu": cpu_summary(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))  # last: marks done
-    return metrics
+    return f"layer.{n_layers // 2 - 1}", f"layer.{n_layers - 2}", "last"
 
 
 def extract_stores(out: Path, images: dict, layers, clip_dir: Path, llava_dir: Path, quiet: bool) -> dict[str, Path]:
@@ -167,9 +187,9 @@ def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers) -
 
 
 def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet: bool,
-                archs=("batchtopk", "matryoshka"), width: float = WIDTH, seeds=SEEDS) -> None:
+                archs=("batchtopk", "matryoshka"), width: float = WIDTH, seeds=(0, 1, 2)) -> None:
     cfg = TrainConfig(data=str(store), out=str(run), layer=layer, archs=archs, expansions=(width,), ks=(K,),
-                      seeds=tuple(seeds),
+                      seeds=tuple(seeds), fast=False,  # at 64-128 latents the dense path is ~1.5x faster
                       group_fractions=TAXONOMY_GROUPS, batch_size=size.batch_size, steps=size.steps, lr=2e-3,
                       warmup_steps=size.steps // 10,
                       threshold_start_step=size.steps // 4, dead_window=DEAD_BATCHES * size.batch_size,
@@ -184,7 +204,8 @@ def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_
     the raw neurons' MS and top-16 purity beside them."""
     top_val, top_idx = neurons_ND.T.topk(16, dim=1)
     top_val = top_val - neurons_ND.min(0).values[:, None] + 1  # a neuron is signed: its top-16 always count
-    out = {"no_sae": {k: next(iter(m["baselines"].values()))["no_sae"] for k, m in per.items()}, "saes": {}}
+    out = {"no_sae": {k: next(iter(m["baselines"].values()))["no_sae"] for k, m in per.items()}, "saes": {},
+           "seeds": per["clip"].get("seeds", {})}
     out["no_sae"]["top16_purity"] = float(np.nanmean(concept_purity(top_idx.numpy(), top_val.numpy(), concepts_NC)))
     for r_clip, r_truth in zip(per["clip"]["saes"], per["truth"]["saes"]):
         name = r_clip["name"]

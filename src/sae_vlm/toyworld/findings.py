@@ -7,17 +7,15 @@ its seed-free name (`layer.2/matryoshka_x1_k8`).
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-_SEED = re.compile(r"^(.*)_s(\d+)$")
+from sae_vlm.eval.seeds import SEED_NAME
 
 
 def split_seed(name: str) -> tuple[str, int | None]:
     """'matryoshka_x1_k8_s2' -> ('matryoshka_x1_k8', 2); a name without a seed -> (name, None)."""
-    m = _SEED.match(name)
-    return (m.group(1), int(m.group(2))) if m else (name, None)
+    m = SEED_NAME.fullmatch(name)
+    return (m["base"], int(m["seed"])) if m else (name, None)
 
 
 def by_base(saes: dict) -> dict[str, dict[int | None, dict]]:
@@ -74,6 +72,16 @@ def steering_finding(st: dict) -> dict:
             "baseline_by_concept": {c: v["baseline"]["success"] for c, v in per.items()}}
 
 
+def stability(m: dict, token_key: str) -> dict:
+    """{"<hook>/<base>": mean over seeds of the share of latents matched at cos ≥ 0.9 in every other seed}."""
+    out = {f"{layer}/{base}": e["stable_share"]["mean"] for layer, v in m["layers"].items()
+           for base, e in v.get("seeds", {}).items()}
+    st = m["steering"]
+    if "stable_share" in st:
+        out[token_key] = float(np.mean(list(st["stable_share"].values())))
+    return out
+
+
 def findings(m: dict, token_key: str) -> dict:
     """The front page's numbers; `token_key` names the token SAE (`llava_tokens/<name>`)."""
     layers, hierarchy, dead, dead_range = m["layers"], {}, {}, {}
@@ -89,7 +97,7 @@ def findings(m: dict, token_key: str) -> dict:
     out = {"seeds": m["seeds"], "ms": ms_finding(layers, "ms_clip", "clip"),
            "ms_truth": ms_finding(layers, "ms_truth", "truth"), "hierarchy": hierarchy,
            "steering": steering_finding(m["steering"]), "dead_frac": dead, "dead_frac_range": dead_range,
-           "stability": m.get("stability", {})}
+           "stability": stability(m, token_key)}
     if "planted" in m:
         out["planted"] = m["planted"]["summary"]
     return out

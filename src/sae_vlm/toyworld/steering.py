@@ -252,11 +252,20 @@ def sae_seed(sae_dir: Path, sae: SAE) -> int:
 def steer_colours(run: Path, llava_dir: Path) -> dict:
     """Every seed's chosen latents, success, control and log-probabilities per colour, their median and minimum
     over seeds, the unsteered rates and the difference-of-means baseline."""
+    from sae_vlm.eval.stability import STABLE_COS, stable_per_latent, stable_share
+
     sh = prepare(llava_dir)
+    dirs = sorted(p.parent for p in run.glob("saes/*/config.json"))
+    saes = [SAE.from_pretrained(d).eval() for d in dirs]
+    stable = stable_per_latent([s.W_dec.detach().numpy() for s in saes]) if len(saes) > 1 else [None] * len(saes)
     by_seed = {}
-    for d in sorted(p.parent for p in run.glob("saes/*/config.json")):
-        sae = SAE.from_pretrained(d).eval()
-        by_seed[sae_seed(d, sae)] = {"sae": d.name, **steer_one_sae(sh, sae)}
+    for d, sae, stable_F in zip(dirs, saes, stable):
+        r = by_seed[sae_seed(d, sae)] = {"sae": d.name, **steer_one_sae(sh, sae)}
+        if stable_F is not None:  # how stable across seeds each chosen latent is, and the whole dictionary
+            r["stable_share"] = stable_share(stable_F, STABLE_COS)
+            for v in r["per_colour"].values():
+                if "latent" in v:
+                    v["stable"] = float(stable_F[v["latent"]])
     base = baseline(sh)
     unsteered = {c: float(named(sh.unsteered_RV[sh.held.others(c)], sh.lv.word_id[c]).mean()) for c in W.COLOURS}
     per = {}
@@ -271,4 +280,5 @@ def steer_colours(run: Path, llava_dir: Path) -> dict:
             "max_control": max(v["control_max"] for v in per.values()),
             "median_success": float(np.median([v["success_median"] for v in per.values()])),
             "baseline_mean_success": float(np.mean([v["success"] for v in base.values()])),
-            "dead_frac": {s: r["dead_frac"] for s, r in by_seed.items()}}
+            "dead_frac": {s: r["dead_frac"] for s, r in by_seed.items()},
+            **({"stable_share": {s: r["stable_share"] for s, r in by_seed.items()}} if len(saes) > 1 else {})}
