@@ -5,9 +5,10 @@ Three metrics, each a small function:
   depth, the share of features whose best cosine is at least 0.9, and the mean best cosine;
 - depth/level Spearman: the rank correlation, over features, between a feature's depth and the Matryoshka group
   of its best latent (None for an SAE without groups, or when every best latent lies in one group);
-- absorption: for each (child, parent) edge of the tree, on held-out rows where the child fires, the share where
-  the parent's best latent is silent (code 0 in inference-mode `encode`); averaged over the edges where the child
-  fires at least once, each edge weighing the same (so every edge counts, however rare its child).
+- absorption: of all (held-out row, child) events where a child fires, the share where its parent's best latent
+  is silent (code 0 in inference-mode `encode`). Pooled over events, so an edge weighs as often as its child fires
+  (shallow edges more than rare deep ones), and `absorption_by_child_depth` gives each depth apart. Beside it,
+  the control `parent_silent_alone`: how often a parent's best latent is silent when it fires without any child.
 
 `run_planted` generates the world, trains every architecture under every seed in one `train` call on the same
 batches, scores each SAE on a fresh held-out sample and writes OUT/planted.json and OUT/planted.png.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +111,8 @@ def silent_alone(codes_NF: np.ndarray, active_NC: np.ndarray, parent_C: np.ndarr
 
 def score_sae(sae: SAE, world: PlantedWorld, x_ND: np.ndarray, active_NC: np.ndarray) -> dict:
     """The three metrics of one SAE on held-out rows, with absorption by child depth, FVE and L0 beside them."""
-    W_dec_FD = sae.W_dec.detach().float().cpu().numpy()
+    sae = sae.cpu()
+    W_dec_FD = sae.W_dec.detach().float().numpy()
     best_cos_C, best_latent_C = best_latents(W_dec_FD, world.directions_CD)
     with torch.no_grad():
         x = torch.from_numpy(x_ND)
@@ -176,7 +179,7 @@ def train_planted(cfg: PlantedConfig, world: PlantedWorld, run: Path) -> dict[st
     saes = train(train_config(cfg, world, run), source=TensorSource(torch.from_numpy(x_ND)))
     for name, sae in saes.items():
         if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
-            raise ValueError(f"training {name} produced non-finite weights; lower --lr or --steps")
+            raise ValueError(f"training {name} produced non-finite weights; lower --lr")
     return saes
 
 
@@ -207,7 +210,8 @@ def aggregate(by_seed: dict) -> tuple[dict, dict]:
 def run_planted(cfg: PlantedConfig) -> dict:
     """Generate the world, train, score on held-out rows; write OUT/planted.json and OUT/planted.png. Returns
     {"world", "train", "by_seed": {arch: {seed: metrics}}, "by_arch": {arch: {metric: median/min/max}},
-    "summary": {arch: {"depth_level_spearman", "absorption", "recovery_by_depth"}}, "json", "plot"}."""
+    "summary": {arch: {"depth_level_spearman", "absorption", "recovery_by_depth"}}, "json", "plot", "seconds"}."""
+    t0 = time.time()
     with claim(cfg.out, "planted") as out:
         world = world_of(cfg)
         saes = train_planted(cfg, world, out / "run")
@@ -220,7 +224,8 @@ def run_planted(cfg: PlantedConfig) -> dict:
         result = {"world": world_summary(world), "train": {"k": planted_k(cfg, world), "width": world.n_features,
                                                            "settings": dataclasses.asdict(cfg)},
                   "summary": summary, "by_arch": by_arch, "by_seed": by_seed,
-                  "json": str(out / "planted.json"), "plot": str(out / "planted.png")}
+                  "json": str(out / "planted.json"), "plot": str(out / "planted.png"),
+                  "seconds": round(time.time() - t0, 1)}
         plot_planted(out / "planted.png", by_arch, world)
         atomic_write_json(out / "planted.json", result, indent=2, allow_nan=False)
     return result
@@ -246,19 +251,19 @@ def plot_planted(path: Path, by_arch: dict, world: PlantedWorld) -> None:
     try:
         right.plot(depths, depths, ":", color="grey", label="group = depth")
         for key, ax in (("recovery_by_depth", left), ("best_level_by_depth", right)):
-            for arch, s in by_arch.items():
+            for i, (arch, s) in enumerate(by_arch.items()):
                 m = s[key]
-                if m["median"] is None:
+                if m["median"] is None:  # no groups
                     continue
                 med = np.asarray(m["median"])
                 err = np.stack([med - np.asarray(m["min"]), np.asarray(m["max"]) - med])
-                ax.errorbar(depths, med, yerr=err, marker="o", capsize=3, label=arch)
+                ax.errorbar(depths, med, yerr=err, marker="o", capsize=3, label=arch, color=f"C{i}")
             ax.set_xticks(depths)
             ax.set_xlabel("tree depth (0 = root)")
             ax.legend(fontsize=8)
         left.set_ylabel(f"features recovered (cos ≥ {RECOVERED})")
         left.set_ylim(-0.05, 1.05)
-        right.set_ylabel("Matryoshka group of best latent")
+        right.set_ylabel("Matryoshka group of the best latent (mean)")
         atomic_save_figure(path, fig, format="png", dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
