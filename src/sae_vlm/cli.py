@@ -273,12 +273,34 @@ def demo(cfg: C.DemoConfig) -> None:
         typer.echo(line)
 
 
+def planted(cfg: C.PlantedConfig) -> None:
+    from sae_vlm.eval.planted import run_planted
+
+    res = run_planted(cfg)
+    w = res["world"]
+    typer.echo(f"world: {w['features']} features in d={w['d']} (levels {'/'.join(map(str, w['level_sizes']))}), "
+               f"k={res['train']['k']}; median [min..max] over seeds {','.join(map(str, cfg.seeds))}")
+
+    def cell(s: dict, i: int | None = None) -> str:
+        m, lo, hi = (s[k] if i is None or s[k] is None else s[k][i] for k in ("median", "min", "max"))
+        return "-" if m is None else f"{m:.2f} [{lo:.2f}..{hi:.2f}]"
+
+    for arch, s in res["by_arch"].items():
+        rows = [{"depth": d, "recovered (cos>=0.9)": cell(s["recovery_by_depth"], d),
+                 "mean best cos": cell(s["mean_cos_by_depth"], d)} for d in range(len(w["level_sizes"]))]
+        typer.echo(f"\n{arch}: depth/group Spearman {cell(s['depth_level_spearman'])}, absorption "
+                   f"{cell(s['absorption'])} (parent silent without a child {cell(s['parent_silent_alone'])})")
+        typer.echo(_table(rows, list(rows[0])))
+    typer.echo(f"\nwrote {res['json']} and {res['plot']}")
+
+
 COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, train),
             ("evaluate", C.EvaluateConfig, evaluate), ("convert", C.ConvertConfig, convert),
             ("compare", C.CompareConfig, compare),
             ("push", C.PushConfig, push),
             ("steer", C.SteerConfig, steer), ("steer-score", C.SteerScoreConfig, steer_score),
-            ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo)]
+            ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo),
+            ("planted", C.PlantedConfig, planted)]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Sparse autoencoders for vision-language models.")
 for _name, _cls, _run in COMMANDS:

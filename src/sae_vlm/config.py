@@ -472,6 +472,50 @@ class DemoConfig:
                              "integers (the findings are medians over seeds)")
 
 
+@dataclass(frozen=True, kw_only=True)
+@checked
+class PlantedConfig:
+    """`sae-vlm planted`: features planted in a known tree (synthetic activations, no images); trains SAEs on them
+    under several seeds and scores each against the truth: recovery by tree depth, the Matryoshka group of each
+    feature's best latent against its depth, and absorption of parents by their children."""
+
+    out: str = option("runs/planted", "Output directory (planted.json, planted.png, run/ with the SAEs).")
+    branching: tuple[int, ...] = option((4, 3, 3, 3), "Comma list: the number of roots, then the children of every "
+                                                      "feature at each level below.")
+    d: int = option(40, "Dimension of the activations.", positive=True)
+    n_train: int = option(50_000, "Training rows.", positive=True)
+    n_eval: int = option(10_000, "Held-out rows the SAEs are scored on.", positive=True)
+    root_prob: float = option(0.25, "Probability that a root fires in a row (each independently).", positive=True)
+    child_prob: float = option(0.5, "Probability that a firing feature also fires one of its children, picked "
+                                     "uniformly (else none).", positive=True)
+    noise: float = option(0.02, "Standard deviation of the Gaussian noise on every dimension.")
+    world_seed: int = option(0, "Seed of the directions and of the training and held-out samples.")
+    archs: tuple[str, ...] = option(("batchtopk", "matryoshka"), f"Comma list of architectures: {', '.join(ARCHS)}.",
+                                    flag="--arch")
+    k: int | None = option(None, "Active latents per row; unset: the world's mean number of firing features, "
+                                 "rounded.", positive=True)
+    steps: int = option(700, "Optimizer steps.", positive=True)
+    batch_size: int = option(256, "Activations per step.", positive=True)
+    lr: float = option(4e-3, "Learning rate.", positive=True)
+    aux_alpha: float = option(0.3, "AuxK loss weight (idle: not fired for 10 batches).")
+    seeds: tuple[int, ...] = option((0, 1, 2), "Comma list of SAE seeds; every SAE trains once per seed.")
+    device: str = device_option()
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        from sae_vlm.data.planted import check_world
+
+        check_world(self.branching, self.d, self.root_prob, self.child_prob, self.noise, self.world_seed)
+        if not self.archs:
+            raise ValueError("--arch is empty; expected at least one architecture")
+        for a in self.archs:
+            arch_spec(a)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"--seeds {','.join(map(str, self.seeds))}: expected distinct non-negative integers")
+        if self.n_train < self.batch_size:
+            raise ValueError(f"--n-train {self.n_train}: expected at least --batch-size ({self.batch_size}) rows")
+
+
 # --- the paper's recipes ---------------------------------------------------------------------------------------
 
 _PAPER_PRECISION = dict(dtype="fp32", model_dtype="fp32")  # the paper computed and saved float32 activations
