@@ -27,19 +27,10 @@ from sae_vlm import toyworld
 from sae_vlm.config import EvaluateConfig, ExtractConfig, TrainConfig
 from sae_vlm.data.extract import run_extract
 from sae_vlm.data.store import open_store
+from sae_vlm.eval.planted import spearman
 from sae_vlm.eval.run import evaluate_run
 from sae_vlm.sae.trainer import train
 from sae_vlm.toyworld import demo as D
-
-
-def spearman(a, b) -> float:
-    def ranks(v):
-        v = np.asarray(v, float)
-        _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
-        return (np.cumsum(counts) - (counts - 1) / 2)[inv]
-
-    ra, rb = ranks(a), ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
 
 
 def prepare(clip: Path, out: Path, n_train: int, n_eval: int) -> tuple[dict, list[str]]:
@@ -87,7 +78,7 @@ def summarise(r: dict, eval_dir: Path) -> dict:
     rows = nodes["nodes"] if isinstance(nodes, dict) else nodes or []
     depth = [len(x["node"].split("/")) for x in rows]
     level = [x["level"] for x in rows]
-    return {"spearman": spearman(depth, level) if r.get("group_sizes") else None,
+    return {"spearman": spearman(np.array(depth), np.array(level)) if r.get("group_sizes") else None,
             "best_level_by_depth": [d["mean_best_level"] for d in h.get("node_detection_per_depth", [])],
             "lca_by_level": [lv.get("mean") for lv in h.get("lca_mean_per_level", [])],
             "nodes_detected": h.get("nodes_detected"), "dead_frac": r["recon"]["dead_frac"],

@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 
+import json
 import os
 import tempfile
 
@@ -20,3 +21,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One `sae-vlm demo --quick` run (about two minutes), read by test_science and test_planted:
+    (output folder, metrics.json, what it printed)."""
+    from typer.testing import CliRunner
+
+    from sae_vlm.cli import app
+
+    out = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "metrics.json").read_text()), result.output

@@ -227,9 +227,10 @@ def test_non_finite_weights_stop_the_run_with_one_line(tmp_path, monkeypatch):
 # --- what the default setting shows ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory, one_thread):
-    out = tmp_path_factory.mktemp("planted") / "out"
-    return out, P.run_planted(PlantedConfig(out=str(out), device="cpu", quiet=True))
+def default_run(quick_demo):
+    """The demo runs `sae-vlm planted` at its defaults (seeds 0,1,2): its output, read back from metrics.json."""
+    out, metrics, _ = quick_demo
+    return out / "planted", metrics["planted"]
 
 
 @pytest.mark.slow

@@ -187,3 +187,34 @@ def test_training_scripts_run_and_save_loadable_models(tmp_path):
     assert (enc["input_ids"] == T.IMAGE).sum() == model.config.image_seq_length
     out = model.generate(**enc, max_new_tokens=2, do_sample=False)
     assert out.shape[1] <= enc["input_ids"].shape[1] + 2
+
+
+def test_steering_auroc_counts_ties_half_as_a_pair_count_does():
+    from sae_vlm.toyworld.steering import auroc
+
+    rng = np.random.default_rng(0)
+    s_NF = rng.integers(0, 4, size=(60, 3)).astype(float)  # many ties, as codes that are 0 have
+    y_N = rng.random(60) < 0.3
+    pairs = [[(p > n) + 0.5 * (p == n) for p in s[y_N] for n in s[~y_N]] for s in s_NF.T]
+    assert np.allclose(auroc(s_NF, y_N), [np.mean(p) for p in pairs])
+
+
+def test_a_steering_candidate_detects_its_colour_better_than_any_other():
+    from sae_vlm.toyworld.steering import MIN_AUROC, candidates
+
+    auc_CF = np.full((len(W.COLOURS), 4), 0.5)
+    auc_CF[W.COLOURS.index("cyan"), :3] = (0.95, 0.92, 0.85)
+    auc_CF[W.COLOURS.index("blue"), 1] = 0.97  # latent 1 is a blue latent that also fires on cyan
+    assert candidates(auc_CF, "cyan") == [(0, 0.95)]  # latent 2 is below MIN_AUROC
+    assert candidates(auc_CF, "blue") == [(1, 0.97)] and candidates(auc_CF, "red") == [] and MIN_AUROC == 0.9
+
+
+@pytest.mark.parametrize("seeds", ["1", "2,2", "-1,3"])
+def test_demo_needs_two_distinct_seeds(tmp_path, seeds):
+    from typer.testing import CliRunner
+
+    from sae_vlm.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--seeds", seeds, "--quick"])
+    assert r.exit_code == 2 and r.output.startswith(f"error: --seeds {seeds}: expected at least two distinct")
+    assert not (tmp_path / "d").exists()

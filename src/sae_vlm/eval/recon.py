@@ -198,31 +198,63 @@ def splice_sae(model, hook_point: str, sae, token_selection: str = "cls") -> Ite
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, pixel_values, labels: Sequence[int], text_inputs: dict, *, batch_size: int = 64) -> float:
-    """Top-1 accuracy of CLIP zero-shot classification; `text_inputs` are tokenised class prompts."""
-    labels_N = torch.as_tensor(labels).long()
-    if labels_N.numel() != pixel_values.shape[0]:
-        raise ValueError(f"{labels_N.numel()} labels for {pixel_values.shape[0]} images; expected one label per image")
-    if labels_N.numel() == 0:
-        raise ValueError("evaluation set is empty: 0 images for zero-shot accuracy")
+def image_features(model, pixel_values, batch_size: int = 64) -> torch.Tensor:
+    """[N, D] L2-normalised CLIP image embeddings, float32 on the CPU."""
     model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for b0 in range(0, pixel_values.shape[0], batch_size):
+        img = model.get_image_features(pixel_values=pixel_values[b0 : b0 + batch_size].to(dev))
+        out.append(torch.nn.functional.normalize(getattr(img, "pooler_output", img).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def text_features(model, text_inputs: dict) -> torch.Tensor:
+    """[C, D] L2-normalised CLIP text embeddings of tokenised class prompts, float32 on the CPU."""
     dev = next(model.parameters()).device
     text = model.get_text_features(**{k: v.to(dev) for k, v in text_inputs.items()})
     text = getattr(text, "pooler_output", text)  # 5.x may return an output object
-    text = torch.nn.functional.normalize(text.float(), dim=-1)
-    correct = 0
-    for b0 in range(0, labels_N.numel(), batch_size):
-        img = model.get_image_features(pixel_values=pixel_values[b0 : b0 + batch_size].to(dev))
-        img = getattr(img, "pooler_output", img)
-        pred = (torch.nn.functional.normalize(img.float(), dim=-1) @ text.T).argmax(1).cpu()
-        correct += int((pred == labels_N[b0 : b0 + batch_size]).sum())
-    return correct / labels_N.numel()
+    return torch.nn.functional.normalize(text.float(), dim=-1).cpu()
+
+
+def _check_labels(labels: Sequence[int], n_images: int) -> torch.Tensor:
+    labels_N = torch.as_tensor(labels).long()
+    if labels_N.numel() != n_images:
+        raise ValueError(f"{labels_N.numel()} labels for {n_images} images; expected one label per image")
+    if labels_N.numel() == 0:
+        raise ValueError("evaluation set is empty: 0 images for zero-shot accuracy")
+    return labels_N
+
+
+def _accuracy(img_ND: torch.Tensor, text_CD: torch.Tensor, labels_N: torch.Tensor) -> float:
+    return int(((img_ND @ text_CD.T).argmax(1) == labels_N).sum()) / labels_N.numel()
+
+
+def zero_shot_accuracy(model, pixel_values, labels: Sequence[int], text_inputs: dict, *, batch_size: int = 64) -> float:
+    """Top-1 accuracy of CLIP zero-shot classification; `text_inputs` are tokenised class prompts."""
+    labels_N = _check_labels(labels, pixel_values.shape[0])
+    return _accuracy(image_features(model, pixel_values, batch_size), text_features(model, text_inputs), labels_N)
+
+
+def accuracies_recovered(model, sae, hook_point: str, pixel_values, tasks: dict, *, token_selection="cls",
+                         batch_size: int = 64) -> dict:
+    """{task: zero-shot accuracy with and without the SAE spliced in, and their ratio} for tasks {name: (labels,
+    text_inputs)} on the same images: each image is embedded once with and once without the SAE."""
+    checked = {name: (_check_labels(labels, pixel_values.shape[0]), text) for name, (labels, text) in tasks.items()}
+    base = image_features(model, pixel_values, batch_size)
+    with splice_sae(model, hook_point, sae, token_selection):
+        spliced = image_features(model, pixel_values, batch_size)
+    out = {}
+    for name, (labels_N, text_inputs) in checked.items():
+        text = text_features(model, text_inputs)
+        a, b = _accuracy(base, text, labels_N), _accuracy(spliced, text, labels_N)
+        out[name] = {"accuracy": a, "accuracy_spliced": b, "recovered": b / a if a > 0 else float("nan")}
+    return out
 
 
 def accuracy_recovered(model, sae, hook_point: str, pixel_values, labels, text_inputs, *, token_selection="cls",
                        batch_size: int = 64) -> dict:
     """Zero-shot accuracy with and without the SAE spliced in, and their ratio."""
-    base = zero_shot_accuracy(model, pixel_values, labels, text_inputs, batch_size=batch_size)
-    with splice_sae(model, hook_point, sae, token_selection):
-        spliced = zero_shot_accuracy(model, pixel_values, labels, text_inputs, batch_size=batch_size)
-    return {"accuracy": base, "accuracy_spliced": spliced, "recovered": spliced / base if base > 0 else float("nan")}
+    return accuracies_recovered(model, sae, hook_point, pixel_values, {"task": (labels, text_inputs)},
+                                token_selection=token_selection, batch_size=batch_size)["task"]

@@ -3,7 +3,7 @@ named <base>_s<seed>) summarised together, and how stable each latent is across 
 
 metrics.json gets `seeds[<base>]`: the seeds and SAE names, and {mean, min, max} over the seeds of the MS mean,
 FVE, L0, dead fraction, `stable_share` and, with a taxonomy, each Matryoshka level's mean LCA depth
-(`hierarchy.lca_mean_per_level`). Each
+(`hierarchy.lca_mean_per_level`) and the share of taxonomy nodes detected (`hierarchy.nodes_detected`). Each
 member's entry gets `stable_share` and its latents/<name>.npz a `stable` array [F]: each latent's minimum, over the
 other seeds, of its matched decoder cosine (eval/stability.py); stable_share is the share of latents, dead ones
 included, whose `stable` is at least 0.9.
@@ -68,7 +68,11 @@ def group_entry(members: list[tuple[int, dict]]) -> dict:
     out |= {k: s for k, v in metrics.items() if (s := spread(v)) is not None}
     lca = _lca_levels(entries)
     if lca is not None:
-        out["hierarchy"] = {"lca_mean_per_level": lca}
+        hierarchy: dict = {"lca_mean_per_level": lca}
+        nodes = spread(r["hierarchy"].get("nodes_detected") for r in entries)
+        if nodes is not None:  # the share of taxonomy nodes some latent detects at AUROC >= 0.9
+            hierarchy["nodes_detected"] = nodes
+        out["hierarchy"] = hierarchy
     return out
 
 

@@ -49,7 +49,7 @@ def hierarchy_summary(h: dict | None) -> dict | None:
 
 def hierarchy_over_seeds(per_seed: dict) -> dict:
     keys = ("mean_lca_by_level", "best_level_by_depth", "auroc_by_depth")
-    seeds = [h for h in per_seed.values()]
+    seeds = list(per_seed.values())
     return {**{k: median_lists([h[k] for h in seeds]) for k in keys},
             "nodes_detected": median(h["nodes_detected"] for h in seeds),
             "by_seed": {str(s): h for s, h in per_seed.items()}}
@@ -65,7 +65,8 @@ def steering_finding(st: dict) -> dict:
     per = st["per_colour"]
     return {"success_by_concept": {c: v["success_median"] for c, v in per.items()},
             "success_min_by_concept": {c: v["success_min"] for c, v in per.items()},
-            "success_by_seed": {str(s): {c: r["per_colour"][c]["success"] for c in per} for s, r in st["by_seed"].items()},
+            "success_by_seed": {str(s): {c: r["per_colour"][c]["success"] for c in per}
+                                for s, r in st["by_seed"].items()},
             "control_by_concept": {c: v["control_median"] for c, v in per.items()},
             "control_max": st["max_control"],
             "unsteered": st["max_unsteered"],
@@ -76,6 +77,7 @@ def stability(m: dict, token_key: str) -> dict:
     """{"<hook>/<base>": mean over seeds of the share of latents matched at cos ≥ 0.9 in every other seed}."""
     out = {f"{layer}/{base}": e["stable_share"]["mean"] for layer, v in m["layers"].items()
            for base, e in v.get("seeds", {}).items()}
+    out |= {f"planted/{base}": v for base, v in m.get("planted", {}).get("stable_share", {}).items()}
     st = m["steering"]
     if "stable_share" in st:
         out[token_key] = float(np.mean(list(st["stable_share"].values())))

@@ -10,6 +10,7 @@ from markupsafe import escape
 
 from sae_vlm.browse.render import markdown_tables
 from sae_vlm.eval.report import _figure
+from sae_vlm.io import atomic_write_bytes
 
 
 def _ms_plot(path: Path, f: dict) -> None:
@@ -69,53 +70,90 @@ def _steering_plot(path: Path, f: dict) -> None:
         ax.legend(fontsize=6, loc="lower right")
 
 
+def _joined(values, digits: int) -> str:
+    return " / ".join("–" if x is None else f"{x:.{digits}f}" for x in values)
+
+
+def _ms_section(f: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{escape(layer)}</td><td>{v['neurons']:.3f}</td><td>{f['ms_truth'][layer]['neurons']:.3f}</td>"
+        + "".join(f"<td>{escape(n)}: {m:.3f} / {f['ms_truth'][layer]['sae'][n]:.3f}</td>" for n, m in v["sae"].items())
+        + "</tr>" for layer, v in f["ms"].items())
+    return f"""<div class="finding"><h2>1. SAE latents are more monosemantic than neurons</h2>
+<p>Mean MS, under the tiny CLIP / under the ground-truth concepts (SAEs: median over seeds {_seeds(f)}).</p>
+<table class="lat md"><thead><tr><th>hook point</th><th>neurons (CLIP)</th><th>neurons (truth)</th>
+<th colspan="9">SAEs (CLIP / truth)</th></tr></thead>
+<tbody>{rows}</tbody></table><img src="plots/finding_ms.png" alt="MS of SAE latents against neurons"></div>"""
+
+
+def _seeds(f: dict) -> str:
+    return ", ".join(map(str, f["seeds"]))
+
+
+def _hierarchy_section(f: dict) -> str:
+    rows = "".join(f"<tr><td>{escape(n)}</td><td>{_joined(h['mean_lca_by_level'], 2)}</td>"
+                   f"<td>{_joined(h['best_level_by_depth'], 1)}</td><td>{h['nodes_detected']:.0%}</td></tr>"
+                   for n, h in f["hierarchy"].items())
+    planted = "".join(
+        f"<tr><td>{escape(arch)}</td><td>{' / '.join(f'{v:.0%}' for v in p['recovery_by_depth'])}</td>"
+        f"<td>{_joined([p['depth_level_spearman']], 2)}</td>"
+        f"<td>{p['absorption']:.0%}</td></tr>" for arch, p in f.get("planted", {}).items())
+    return f"""<div class="finding"><h2>2. Do Matryoshka levels follow the taxonomy?</h2>
+<p>On the toy images: mean LCA depth of each level's top-16 images (0..5); for each taxonomy depth (kingdom ..
+species), the mean Matryoshka level of the latents that best detect its nodes (AUROC); the share of all 62 nodes
+detected at AUROC ≥ 0.9. Measured against the ground-truth taxonomy; medians over seeds {_seeds(f)}.</p>
+<table class="lat md"><thead><tr><th>SAE</th><th>LCA depth by level</th><th>level of the best latent by depth</th>
+<th>nodes detected</th></tr></thead><tbody>{rows}</tbody></table>
+<img src="plots/finding_hierarchy.png" alt="hierarchy per level">
+<p>With a known answer: features planted in a 4-level tree (4 / 12 / 36 / 108 features in 40 dimensions; a child
+fires only with its parent; <code>sae-vlm planted</code>). Per tree depth, the share of features some latent
+recovers at cosine ≥ 0.9; the Spearman correlation between a feature's depth and the Matryoshka group of its best
+latent; absorption: when a child fires, how often its parent's latent stays silent. Medians over seeds.</p>
+<table class="lat md"><thead><tr><th>SAE</th><th>recovered, root .. leaf</th><th>Spearman depth / group</th>
+<th>absorption</th></tr></thead><tbody>{planted}</tbody></table>
+<img src="plots/planted.png" alt="planted tree: recovery and group by depth"></div>"""
+
+
+def _steering_section(f: dict) -> str:
+    st = f["steering"]
+    seeds = list(st["success_by_seed"])
+    rows = "".join(f"<tr><td>{escape(c)}</td><td>{v:.0%}</td><td>{st['success_min_by_concept'][c]:.0%}</td><td>"
+                   + " / ".join(f"{st['success_by_seed'][s][c]:.0%}" for s in seeds)
+                   + f"</td><td>{st['control_by_concept'][c]:.0%}</td><td>{st['baseline_by_concept'][c]:.0%}</td></tr>"
+                   for c, v in st["success_by_concept"].items())
+    return f"""<div class="finding"><h2>3. Clamping a colour latent steers the toy LLaVA</h2>
+<p>Share of answers to "What colour is the object?" on held-out images of other colours that name the colour
+whose latent is clamped on every image token. The latent must detect the colour (AUROC ≥ 0.9 on 1000 training
+images, and no other colour better); it and α are chosen on 40 other images, for each of the token SAE's seeds
+({", ".join(seeds)}). Control: how often the other colours' latents, clamped the same way, make the LLaVA name this
+colour. Unsteered, it names a colour in at most {st['unsteered']:.0%} of its answers. Beside it, the
+difference-of-means baseline.</p>
+<table class="lat md"><thead><tr><th>colour</th><th>SAE latent, median</th><th>minimum</th><th>per seed</th>
+<th>control</th><th>difference of means</th></tr></thead>
+<tbody>{rows}</tbody></table>
+<img src="plots/finding_steering.png" alt="steering success per colour"></div>"""
+
+
+def _stability_section(f: dict) -> str:
+    rows = "".join(f"<tr><td>{escape(k)}</td><td>{v:.0%}</td></tr>" for k, v in f["stability"].items())
+    return f"""<div class="finding"><h2>4. Would another seed find the same latents?</h2>
+<p>Each SAE was trained under seeds {_seeds(f)} on the same batches. A latent is stable when its one-to-one
+match (Hungarian, by decoder cosine) in every other seed has cosine ≥ 0.9; the share of stable latents, mean over
+seeds. <code>sae-vlm compare</code> shows the whole distribution for any two SAEs.</p>
+<table class="lat md"><thead><tr><th>SAE</th><th>stable latents</th></tr></thead><tbody>{rows}</tbody></table>
+</div>"""
+
+
 def front_page(metrics: dict, report_dir: Path, eval_root: Path) -> str:
     """Write the findings' plots into report_dir/plots and return the HTML of the front page."""
     f, plots = metrics["findings"], report_dir / "plots"
     _ms_plot(plots / "finding_ms.png", f)
     _hierarchy_plot(plots / "finding_hierarchy.png", f)
     _steering_plot(plots / "finding_steering.png", f)
-    ms_rows = "".join(
-        f"<tr><td>{escape(layer)}</td><td>{v['neurons']:.3f}</td><td>{f['ms_truth'][layer]['neurons']:.3f}</td>"
-        + "".join(f"<td>{escape(n)}: {m:.3f} / {f['ms_truth'][layer]['sae'][n]:.3f}</td>" for n, m in v["sae"].items())
-        + "</tr>" for layer, v in f["ms"].items())
-    def joined(values, digits: int) -> str:
-        return " / ".join("–" if x is None else f"{x:.{digits}f}" for x in values)
-
-    h_rows = "".join(f"<tr><td>{escape(n)}</td><td>{joined(h['mean_lca_by_level'], 2)}</td>"
-                     f"<td>{joined(h['best_level_by_depth'], 1)}</td><td>{h['nodes_detected']:.0%}</td></tr>"
-                     for n, h in f["hierarchy"].items())
-    st = f["steering"]
-    seeds = list(st["success_by_seed"])
-    s_rows = "".join(f"<tr><td>{escape(c)}</td><td>{v:.0%}</td><td>{st['success_min_by_concept'][c]:.0%}</td><td>"
-                     + " / ".join(f"{st['success_by_seed'][s][c]:.0%}" for s in seeds)
-                     + f"</td><td>{st['control_by_concept'][c]:.0%}</td><td>{st['baseline_by_concept'][c]:.0%}</td></tr>"
-                     for c, v in st["success_by_concept"].items())
+    if "planted" in metrics:
+        atomic_write_bytes(plots / "planted.png", Path(metrics["planted"]["plot"]).read_bytes())
     md = {layer: eval_root / layer / "clip" / "tables.md" for layer in metrics["layers"]}
     tables = "".join(f"<h3>{escape(layer)}</h3>{markdown_tables(p.read_text())}"
                      for layer, p in md.items() if p.is_file())
-    return f"""<h1>The paper's findings on the toy world</h1>
-<div class="finding"><h2>1. SAE latents are more monosemantic than neurons</h2>
-<p>Mean MS, under the tiny CLIP / under the ground-truth concepts.</p>
-<table class="lat md"><thead><tr><th>hook point</th><th>neurons (CLIP)</th><th>neurons (truth)</th>
-<th colspan="9">SAEs (CLIP / truth)</th></tr></thead>
-<tbody>{ms_rows}</tbody></table><img src="plots/finding_ms.png" alt="MS of SAE latents against neurons"></div>
-<div class="finding"><h2>2. Do Matryoshka levels follow the taxonomy?</h2>
-<p>Mean LCA depth of each level's top-16 images (0..5); for each taxonomy depth (kingdom .. species), the mean
-Matryoshka level of the latents that best detect its nodes (AUROC); the share of all 62 nodes detected at
-AUROC ≥ 0.9. Measured against the ground-truth taxonomy.</p>
-<table class="lat md"><thead><tr><th>SAE</th><th>LCA depth by level</th><th>level of the best latent by depth</th>
-<th>nodes detected</th></tr></thead><tbody>{h_rows}</tbody></table>
-<img src="plots/finding_hierarchy.png" alt="hierarchy per level"></div>
-<div class="finding"><h2>3. Clamping a colour latent steers the toy LLaVA</h2>
-<p>Share of answers to "What colour is the object?" on held-out images of other colours that name the colour
-whose latent is clamped on every image token. The latent must detect the colour (AUROC ≥ 0.9 on 1000 training
-images); it and α are chosen on 40 other images, for each of the token SAE's seeds ({", ".join(seeds)}). Control:
-how often the other colours' latents, clamped the same way, make the LLaVA name this colour. Unsteered, it names
-a colour in at most {st['unsteered']:.0%} of its answers. Beside it, the difference-of-means baseline.</p>
-<table class="lat md"><thead><tr><th>colour</th><th>SAE latent, median</th><th>minimum</th><th>per seed</th>
-<th>control</th><th>difference of means</th></tr></thead>
-<tbody>{s_rows}</tbody></table>
-<img src="plots/finding_steering.png" alt="steering success per colour"></div>
-<h2>Every hook point</h2>{tables}
-"""
+    return (f"<h1>The paper's findings on the toy world</h1>\n{_ms_section(f)}\n{_hierarchy_section(f)}\n"
+            f"{_steering_section(f)}\n{_stability_section(f)}\n<h2>Every hook point</h2>{tables}\n")

@@ -33,6 +33,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from sae_vlm.eval.planted import average_ranks
 from sae_vlm.sae.model import SAE
 from sae_vlm.toyworld import world as W
 
@@ -120,9 +121,7 @@ def auroc(scores_NF: np.ndarray, positive_N: np.ndarray) -> np.ndarray:
     pos, neg = int(positive_N.sum()), int((~positive_N).sum())
     out = np.full(scores_NF.shape[1], np.nan)
     for f, s in enumerate(scores_NF.T):
-        values, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-        mean_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based average rank of each distinct value
-        out[f] = (mean_rank[inverse][positive_N].sum() - pos * (pos + 1) / 2) / (pos * neg)
+        out[f] = (average_ranks(s)[positive_N].sum() - pos * (pos + 1) / 2) / (pos * neg)
     return out
 
 
