@@ -24,18 +24,21 @@ baseline adds the difference of the mean image token of images of colour c and t
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
 from sae_vlm.eval.planted import average_ranks
+from sae_vlm.eval.seeds import SEED_NAME
 from sae_vlm.sae.model import SAE
 from sae_vlm.toyworld import world as W
+
+if TYPE_CHECKING:
+    from sae_vlm.backbones import Backbone
 
 N_CANDIDATES = 5
 MIN_AUROC = 0.9
@@ -50,8 +53,8 @@ class Llava:
     """The toy LLaVA, its processor and vision backbone, and the colour words' token ids."""
 
     model: torch.nn.Module
-    processor: object
-    bb: object
+    processor: Any
+    bb: Backbone
     word_id: dict[str, int]
     question: str = W.QUESTIONS["colour"]
 
@@ -166,7 +169,7 @@ def evaluate_choices(lv: Llava, sae: SAE, held: Images, chosen: dict, unsteered_
     rows = np.arange(n)
     steered = {c: clamped(lv, sae, held, rows, [{ch["latent"]: ("clamp", ch["alpha"])}] * n)
                for c, ch in chosen.items() if ch is not None}
-    vocab = lv.processor.tokenizer.convert_ids_to_tokens  # type: ignore[attr-defined]
+    vocab = lv.processor.tokenizer.convert_ids_to_tokens
     out = {}
     for colour, ch in chosen.items():
         others, wid = held.others(colour), lv.word_id[colour]
@@ -228,8 +231,8 @@ def baseline(sh: Shared) -> dict:
     token_norm, mean_ND = float(sh.x_NTD.norm(dim=-1).mean()), sh.x_NTD.mean(1)
 
     def added(ims: Images, rows: np.ndarray, d_D: torch.Tensor) -> torch.Tensor:
-        layer = cast(str, bb.default_layer)  # type: ignore[attr-defined]
-        return first_token_logprobs(lv, ims, rows, lambda s: bb.patch(layer, lambda t: t + d_D.to(t.dtype)))  # type: ignore[attr-defined]
+        layer = cast(str, bb.default_layer)
+        return first_token_logprobs(lv, ims, rows, lambda s: bb.patch(layer, lambda t: t + d_D.to(t.dtype)))
 
     out = {}
     for ci, colour in enumerate(W.COLOURS):
@@ -244,8 +247,8 @@ def baseline(sh: Shared) -> dict:
 
 
 def sae_seed(sae_dir: Path, sae: SAE) -> int:
-    m = re.search(r"_s(\d+)$", sae_dir.name)
-    return int(m.group(1)) if m else int(sae.meta.get("training", {}).get("seed", 0))
+    m = SEED_NAME.fullmatch(sae_dir.name)
+    return int(m["seed"]) if m else int(sae.meta.get("training", {}).get("seed", 0))
 
 
 def steer_colours(run: Path, llava_dir: Path) -> dict:
