@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_vlm.eval.seeds import SEED_NAME
 from sae_vlm.io import atomic_save_figure
 
 
@@ -21,12 +22,18 @@ def _layer_key(layer: str):
     return (1, 0) if tail == "last" else (0, int(tail)) if tail.lstrip("-").isdigit() else (2, str(layer))
 
 
+def _row_label(r: dict) -> str:
+    """The architecture, and the seed of an SAE from a seed sweep (one row per seed, not the last one alone)."""
+    m = SEED_NAME.fullmatch(r["name"])
+    return f"{r['arch']} s{m['seed']}" if m else r["arch"]
+
+
 def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
     """Rows layer × architecture, columns width; MS mean±std (with No SAE), FVE %, L0 (threshold mode)."""
     widths = sorted({_width(r) for r in results}, key=lambda w: float(w[1:]))
     cells: dict[tuple, dict] = defaultdict(dict)
     for r in results:
-        cells[(r["arch"], r["hook_point"])][_width(r)] = r
+        cells[(_row_label(r), r["hook_point"])][_width(r)] = r
     rows = sorted(cells, key=lambda k: (k[0], _layer_key(k[1])))
 
     def fmt_ms(s):
@@ -134,7 +141,7 @@ def plot_fve_vs_width(path: Path, results: list[dict]) -> None:
         series: dict[tuple, list] = defaultdict(list)
         for r in results:
             if r.get("recon", {}).get("fve") is not None:
-                series[(r["arch"], r["hook_point"])].append((r["d_sae"] / r["d_in"], 100 * r["recon"]["fve"]))
+                series[(_row_label(r), r["hook_point"])].append((r["d_sae"] / r["d_in"], 100 * r["recon"]["fve"]))
         for (arch, layer), pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{arch} {layer}")

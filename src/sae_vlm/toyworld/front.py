@@ -53,7 +53,7 @@ def _steering_plot(path: Path, f: dict) -> None:
     st = f["steering"]
     colours = list(st["success_by_concept"])
     x = np.arange(len(colours))
-    with _figure(path, size=(6, 2.6)) as ax:
+    with _figure(path, size=(6, 3.2)) as ax:
         ax.bar(x - 0.2, [st["success_by_concept"][c] for c in colours], 0.4, color=colours, edgecolor="k",
                linewidth=0.4, label="SAE latent clamped (median over seeds)")
         for seed, rates in st["success_by_seed"].items():
@@ -67,7 +67,7 @@ def _steering_plot(path: Path, f: dict) -> None:
         ax.axhline(0.8, color="grey", linestyle=":", linewidth=1)
         ax.set_xticks(x, colours)
         ax.set(ylabel="answers naming the colour", ylim=(0, 1.05))
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
 
 
 def _joined(values, digits: int) -> str:
@@ -121,7 +121,7 @@ def _steering_section(f: dict) -> str:
                    + " / ".join(f"{st['success_by_seed'][s][c]:.0%}" for s in seeds)
                    + f"</td><td>{st['control_by_concept'][c]:.0%}</td><td>{st['baseline_by_concept'][c]:.0%}</td></tr>"
                    for c, v in st["success_by_concept"].items())
-    return f"""<div class="finding"><h2>3. Clamping a colour latent steers the toy LLaVA</h2>
+    return f"""<div class="finding"><h2>3. Does clamping one colour latent steer the toy LLaVA?</h2>
 <p>Share of answers to "What colour is the object?" on held-out images of other colours that name the colour
 whose latent is clamped on every image token. The latent must detect the colour (AUROC ≥ 0.9 on 1000 training
 images, and no other colour better); it and α are chosen on 40 other images, for each of the token SAE's seeds
@@ -150,8 +150,9 @@ def front_page(metrics: dict, report_dir: Path, eval_root: Path) -> str:
     _ms_plot(plots / "finding_ms.png", f)
     _hierarchy_plot(plots / "finding_hierarchy.png", f)
     _steering_plot(plots / "finding_steering.png", f)
-    if "planted" in metrics:
-        atomic_write_bytes(plots / "planted.png", Path(metrics["planted"]["plot"]).read_bytes())
+    planted_png = report_dir.parent / "planted" / "planted.png"  # the demo's `sae-vlm planted` output
+    if planted_png.is_file():
+        atomic_write_bytes(plots / "planted.png", planted_png.read_bytes())
     md = {layer: eval_root / layer / "clip" / "tables.md" for layer in metrics["layers"]}
     tables = "".join(f"<h3>{escape(layer)}</h3>{markdown_tables(p.read_text())}"
                      for layer, p in md.items() if p.is_file())
