@@ -36,8 +36,8 @@ def test_demo_writes_metrics_plots_and_a_portable_report(quick_demo):
     assert set(metrics["step_seconds"]) == {"generate", "extract", "train", "evaluate", "planted", "steer", "report"}
     html = (out / "report" / "index.html").read_text()
     # the findings come first, then every hook point's tables, as HTML tables
-    heads = ("1. SAE latents", "2. Do Matryoshka levels", "With a known answer", "3. Does clamping", "4. Would another seed",
-             "Every hook point")
+    heads = ("1. SAE latents", "2. Do Matryoshka levels", "With a known answer", "3. Does clamping",
+             "4. Would another seed", "Every hook point")
     order = [html.index(h) for h in heads]
     assert order == sorted(order)
     layer_heads = [html.index(f"<h3>{layer}</h3>") for layer in metrics["layers"]]
