@@ -28,7 +28,7 @@ import torch
 from sae_vlm.config import PlantedConfig, TrainConfig
 from sae_vlm.data.planted import PlantedWorld, make_world
 from sae_vlm.data.source import TensorSource
-from sae_vlm.io import atomic_save_figure, atomic_write_json
+from sae_vlm.io import atomic_write_json
 from sae_vlm.outdir import claim, owner
 from sae_vlm.sae.groups import latent_levels
 from sae_vlm.sae.model import SAE
@@ -241,14 +241,13 @@ def world_summary(world: PlantedWorld) -> dict:
 def plot_planted(path: Path, by_arch: dict, world: PlantedWorld) -> None:
     """Left: share recovered by depth per arch; right: the Matryoshka group of the best latent by depth. Medians
     over seeds, bars from min to max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from sae_vlm.eval.report import _figure
 
     depths = np.arange(len(world.branching))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    try:
+    with _figure(path, size=(9, 3.5)) as ax:
+        fig = ax.figure
+        ax.remove()
+        left, right = fig.subplots(1, 2)
         right.plot(depths, depths, ":", color="grey", label="group = depth")
         for key, ax in (("recovery_by_depth", left), ("best_level_by_depth", right)):
             for i, (arch, s) in enumerate(by_arch.items()):
@@ -264,6 +263,3 @@ def plot_planted(path: Path, by_arch: dict, world: PlantedWorld) -> None:
         left.set_ylabel(f"features recovered (cos ≥ {RECOVERED})")
         left.set_ylim(-0.05, 1.05)
         right.set_ylabel("Matryoshka group of the best latent (mean)")
-        atomic_save_figure(path, fig, format="png", dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
