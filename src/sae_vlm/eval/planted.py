@@ -224,11 +224,24 @@ def run_planted(cfg: PlantedConfig) -> dict:
         result = {"world": world_summary(world), "train": {"k": planted_k(cfg, world), "width": world.n_features,
                                                            "settings": dataclasses.asdict(cfg)},
                   "summary": summary, "by_arch": by_arch, "by_seed": by_seed,
+                  "stable_share": seed_stability(saes, specs),
                   "json": str(out / "planted.json"), "plot": str(out / "planted.png"),
                   "seconds": round(time.time() - t0, 1)}
         plot_planted(out / "planted.png", by_arch, world)
         atomic_write_json(out / "planted.json", result, indent=2, allow_nan=False)
     return result
+
+
+def seed_stability(saes: dict[str, SAE], specs) -> dict[str, float]:
+    """{SAE name without its seed: mean over seeds of the share of latents matched at cosine >= 0.9 in every other
+    seed}, for configurations trained under two or more seeds."""
+    from sae_vlm.eval.stability import stable_per_latent, stable_share
+
+    groups: dict[str, list] = {}
+    for spec in specs:
+        groups.setdefault(spec.base_name, []).append(saes[spec.name].W_dec.detach())
+    return {base: float(np.mean([stable_share(s) for s in stable_per_latent(decoders)]))
+            for base, decoders in groups.items() if len(decoders) > 1}
 
 
 def world_summary(world: PlantedWorld) -> dict:

@@ -132,7 +132,7 @@ def _demo(cfg: DemoConfig) -> dict:
         metrics["layers"] = evaluate_layers(out, images, stores, runs, layers)
         metrics["zero_shot"] = zero_shot_recovered(runs, layers, clip_dir)
     with step("planted", "a planted feature tree: does each SAE find its features, and Matryoshka its hierarchy?"):
-        metrics["planted"] = planted_world(out / "planted", cfg.seeds)
+        metrics["planted"] = run_planted(PlantedConfig(out=str(out / "planted"), seeds=cfg.seeds, quiet=True))
     with step("steer", "steering the toy LLaVA towards each colour: one latent clamped on images of other colours"):
         metrics["steering"] = steer_colours(runs["tokens"], llava_dir)
     metrics["findings"] = findings(metrics, token_key=f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}")
@@ -142,18 +142,6 @@ def _demo(cfg: DemoConfig) -> dict:
                 "machine": {"cpu": cpu_summary(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))  # last: marks done
     return metrics
-
-
-def planted_world(out: Path, seeds) -> dict:
-    """`sae-vlm planted` at its defaults, plus how stable its SAEs are across seeds (`stable_share` per arch)."""
-    from sae_vlm.eval.seeds import load_decoder, seed_groups
-    from sae_vlm.eval.stability import stable_per_latent, stable_share
-
-    res = run_planted(PlantedConfig(out=str(out), seeds=tuple(seeds), quiet=True))
-    names = [{"name": d.name, "path": d} for d in sorted(p.parent for p in (out / "run").glob("saes/*/config.json"))]
-    res["stable_share"] = {base: float(np.mean([stable_share(s) for s in stable_per_latent(
-        [load_decoder(r["path"]) for _, r in members])])) for base, members in seed_groups(names).items()}
-    return res
 
 
 def generate_images(out: Path, size: DemoSize) -> dict[str, Path]:

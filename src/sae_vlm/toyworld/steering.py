@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from sae_vlm.eval.planted import average_ranks
-from sae_vlm.eval.seeds import SEED_NAME
 from sae_vlm.sae.model import SAE
 from sae_vlm.toyworld import world as W
+from sae_vlm.toyworld.findings import split_seed
 
 if TYPE_CHECKING:
     from sae_vlm.backbones import Backbone
@@ -247,8 +247,8 @@ def baseline(sh: Shared) -> dict:
 
 
 def sae_seed(sae_dir: Path, sae: SAE) -> int:
-    m = SEED_NAME.fullmatch(sae_dir.name)
-    return int(m["seed"]) if m else int(sae.meta.get("training", {}).get("seed", 0))
+    seed = split_seed(sae_dir.name)[1]
+    return seed if seed is not None else int(sae.meta.get("training", {}).get("seed", 0))
 
 
 def steer_colours(run: Path, llava_dir: Path) -> dict:
