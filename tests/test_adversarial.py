@@ -6,7 +6,6 @@ changed: no file written, changed or deleted, no folder created (the tree is has
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,30 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _adversarial import refused
 from typer.testing import CliRunner
 
 from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
 
 D = 16
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every folder and file under root, files by the sha256 of their bytes (a lock file by its presence: each run
-    that takes a lock writes its PID there)."""
-    return {p.relative_to(root).as_posix(): "dir" if p.is_dir() else "lock" if p.name == ".sae-vlm.lock"
-            else hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))}
-
-
-def refused(root: Path, args: list, culprit: str) -> str:
-    before = tree(root)
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert r.exit_code == 2, r.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    assert culprit in lines[0], lines[0]
-    assert tree(root) == before, "a refused command touched files"
-    return lines[0]
 
 
 @pytest.fixture

@@ -1,0 +1,29 @@
+"""What every adversarial probe checks: exit code 2, one `error:` line naming the culprit, and an unchanged tree
+(no file written, changed or deleted, no folder created)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from sae_vlm.cli import app
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every folder and file under root, files by the sha256 of their bytes (a lock file by its presence: each run
+    that takes a lock writes its PID there)."""
+    return {p.relative_to(root).as_posix(): "dir" if p.is_dir() else "lock" if p.name == ".sae-vlm.lock"
+            else hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))}
+
+
+def refused(root: Path, args: list, culprit: str) -> str:
+    before = tree(root)
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert culprit in lines[0], lines[0]
+    assert tree(root) == before, "a refused command touched files"
+    return lines[0]
