@@ -153,6 +153,8 @@ def extract(cfg: C.ExtractConfig) -> None:
         kinds = ", ".join(f"{ext} {n}" for ext, n in list(s["ignored"].items())[:8])
         typer.echo(f"  {sum(s['ignored'].values())} files in the folder are not images and were not read ({kinds}); "
                    "counted in manifest.json as ignored_files")
+    for note in s["notes"]:  # what the data source was read as, and what in it was passed over
+        typer.echo(f"  {note}")
     for sk in s["skipped"][:20]:
         typer.echo(f"  skipped {sk['path']}: {sk['reason']}")
     if len(s["skipped"]) > 20:

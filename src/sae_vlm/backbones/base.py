@@ -147,18 +147,27 @@ class Backbone:
         """The plain vision forward (no hooks of ours)."""
         return self.parts.run(pixel_values.to(self.device(), self.dtype()))
 
-    def module(self, hook_point: str | int) -> nn.Module:
-        """The module whose output is the hook point; a ValueError names the points that exist."""
-        point = parse_hook_point(hook_point)
+    def hook_point(self, name: str | int) -> str:
+        """The point's one name: a negative index counts from the end, as in Python ('-1' -> 'layer.<n - 1>'); a
+        ValueError names the points that exist."""
+        point = parse_hook_point(name)
         if point == "last":
             if self.parts.last is None:
                 raise ValueError(f"hook point 'last' is not available for {self.model_id}; "
                                  f"choose from {self.hook_points()}")
-            return self.parts.last
+            return point
         i, n = int(point.split(".")[1]), self.n_layers
         if not -n <= i < n:
-            raise ValueError(f"hook point {point!r} is out of range; the model has layers 0..{n - 1}")
-        return self.parts.layers[i % n]
+            raise ValueError(f"hook point {name!r} is out of range; the model has layers 0..{n - 1} "
+                             f"(or -{n}..-1 from the end)")
+        return f"layer.{i % n}"
+
+    def module(self, hook_point: str | int) -> nn.Module:
+        """The module whose output is the hook point; a ValueError names the points that exist."""
+        point = self.hook_point(hook_point)
+        if point == "last" and self.parts.last is not None:  # hook_point has refused 'last' where there is none
+            return self.parts.last
+        return self.parts.layers[int(point.split(".")[1])]
 
     def width(self, hook_point: str | int) -> int:
         """Width of the vectors at a hook point, from the config (so a wrong SAE fails before any forward)."""
@@ -169,7 +178,7 @@ class Backbone:
 
     def describe(self, hook_point: str | int) -> str:
         """What the vectors at a hook point are, in words (the store manifest records it)."""
-        point = parse_hook_point(hook_point)
+        point = self.hook_point(hook_point)
         if point == "last":
             return self.parts.last_note
         i = point.split(".")[1]

@@ -90,10 +90,26 @@ class CodeStore:
         if not meta_path.exists():
             raise FileNotFoundError(f"{self.path} is not a complete code store (no codes.json)")
         self.meta = read_json(meta_path)
+        bad = next((key for key in ("rows", "d_sae", "k") if not isinstance(self.meta, dict) or
+                    not isinstance(self.meta.get(key), int) or isinstance(self.meta[key], bool) or self.meta[key] < 0),
+                   None)
+        if bad is not None:
+            raise ValueError(f"{meta_path}: field {bad!r} is missing or not a whole number")
         self.rows, self.d_sae, self.k = self.meta["rows"], self.meta["d_sae"], self.meta["k"]
         self.d_in = self.d_sae  # so it can stand in as an ActivationSource of codes
-        self.indices = np.load(self.path / "indices.npy", mmap_mode="r")
-        self.values = np.load(self.path / "values.npy", mmap_mode="r")
+        self.indices = self._array("indices.npy", np.int32)
+        self.values = self._array("values.npy", np.float16)
+
+    def _array(self, name: str, dtype) -> np.ndarray:
+        path = self.path / name
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+        if arr.shape != (self.rows, self.k) or arr.dtype != dtype:
+            raise ValueError(f"{path} holds {arr.dtype} {list(arr.shape)}; codes.json says "
+                             f"{np.dtype(dtype)} {[self.rows, self.k]}")
+        return arr
 
     def topk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices int64 [n, k], values float32 [n, k]) of rows start:stop."""

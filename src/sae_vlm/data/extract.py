@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sae_vlm.backbones import Backbone, load_backbone, parse_hook_point
+from sae_vlm.backbones import Backbone, load_backbone
 from sae_vlm.config import ExtractConfig
 from sae_vlm.data.images import BadImage, ImageSource, load_image, open_images, prefetch_map
 from sae_vlm.data.store import STORAGE, StoreWriter, to_storage
@@ -39,8 +39,7 @@ def _barrier(world: int) -> None:
 def make_plan(backbone: Backbone, layers, tokens) -> Plan:
     """(subdir name, hook point, selection) for every requested combination; 'last' gets one 'pooled' subdir."""
     plan = []
-    for hp in dict.fromkeys(parse_hook_point(x) for x in layers):
-        backbone.module(hp)  # validates the name early
+    for hp in dict.fromkeys(_layer(backbone, x) for x in layers):
         sels = [POOLED] if hp == "last" else parse_tokens(list(tokens))
         for sel in sels:
             if sel.kind == "cls" and not backbone.has_cls:
@@ -48,6 +47,14 @@ def make_plan(backbone: Backbone, layers, tokens) -> Plan:
                                  "use --layers last for its pooled vector, or --tokens mean / random-k")
             plan.append((f"{hp}__{sel.name}", hp, sel))
     return plan
+
+
+def _layer(backbone: Backbone, name: str) -> str:
+    """The hook point a --layers entry names, under its one name: -1 is stored as layer.<n - 1>."""
+    try:
+        return backbone.hook_point(name)
+    except ValueError as e:
+        raise ValueError(f"--layers {name}: {e}") from None
 
 
 class ShardWriter:
@@ -127,7 +134,10 @@ class ShardWriter:
             toks = {k: (np.concatenate(v) if v else np.zeros(0, np.int32)) for k, v in b["tok"].items()}
             if self.pending is not None:
                 self.pending.result()
-            self.pending = self.pool.submit(self.store.write_shard, s, arrays, toks, b["images"], b["skipped"])
+            lo = s * self.shard_images
+            listing = [r.id for r in self.src.records[lo : lo + self.shard_images]]
+            self.pending = self.pool.submit(self.store.write_shard, s, arrays, toks, b["images"], b["skipped"],
+                                            listing)
 
 
 def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
@@ -143,7 +153,9 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
 def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: int, device) -> dict:
     src = open_images(cfg.data)  # before the model: a bad --data fails fast
     if len(src) == 0:
-        raise ValueError(f"data source {cfg.data} holds no images")
+        other = ", ".join(f"{ext} {n}" for ext, n in list(src.ignored.items())[:8])
+        raise ValueError("; ".join([f"--data {cfg.data} holds no images"] + ([f"other files: {other}"] if other else [])
+                                   + src.notes))
     if backbone is None:
         backbone = load_backbone(cfg.model, device=device, dtype=cfg.model_dtype or "auto")
     layers = list(cfg.layers) or ([backbone.default_layer] if backbone.default_layer else ["last"])
@@ -158,6 +170,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: in
     shard_images = max(1, cfg.shard_rows // max(sd["rows_per_image"] for sd in subdirs.values()))
     n_shards = math.ceil(len(src) / shard_images)
     done = store.done_shards()
+    store.check_listing(done, [r.id for r in src.records], shard_images, cfg.data)
     if done and rank == 0 and not cfg.quiet:
         print(f"resuming: {len(done)} of {n_shards} shards already done")
     if rank == 0:
@@ -176,9 +189,10 @@ def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: in
                "img_per_s": n_seen / elapsed if elapsed > 0 else float("nan"), "rank": rank, "world_size": world}
     if rank == 0:
         meta = {"model_id": backbone.model_id, "revision": backbone.revision, "d_model": backbone.d_model,
-                "data": cfg.data, "shard_images": shard_images, "ignored_files": src.ignored}
+                "data": cfg.data, "shard_images": shard_images, "ignored_files": src.ignored, "source": src.describe()}
         root = store.finalize(n_shards, meta)
-        summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"], ignored=src.ignored)
+        summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"], ignored=src.ignored,
+                       notes=src.notes)
     _barrier(world)
     return summary
 

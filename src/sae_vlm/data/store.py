@@ -18,8 +18,10 @@ can write its shards independently and the store is identical for any number of 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_js
 FORMAT = "sae-vlm-store/1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
 FP16_MAX = 65504.0
+PART_NAME = re.compile(r"shard_(\d{6})\.json")
 
 
 def to_storage(acts_ND: torch.Tensor, dtype: str, hook_point: str) -> np.ndarray:
@@ -99,11 +102,47 @@ class StoreWriter:
         parts = self.root / "parts"
         if not parts.is_dir():
             return set()
-        return {int(p.stem.split("_")[1]) for p in parts.glob("shard_*.json")}
+        return {int(m.group(1)) for p in parts.iterdir() if (m := PART_NAME.fullmatch(p.name))}
+
+    def read_part(self, s: int) -> dict:
+        """Shard s's part file, checked: a damaged one is a ValueError naming it and how to redo the shard."""
+        p = self.root / "parts" / f"{shard_name(s)}.json"
+        part = read_json(p)
+        try:
+            ok = (isinstance(part["images"], list) and isinstance(part["skipped"], list)
+                  and all(isinstance(im["id"], str) for im in part["images"])
+                  and all(isinstance(part["subdirs"][name][k], list if k == "token_index" else (int, str))
+                          for name in self.subdirs for k in ("rows", "sha256", "token_index")))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{p} is not a complete record of shard {s}; delete it and rerun extract to redo it")
+        return part
+
+    def check_listing(self, done: set[int], ids: list[str], shard_images: int, data: str) -> None:
+        """Refuse to resume (or rerun) over shards done from another listing of --data: files added, removed or
+        renamed since, even with the same count, would mix two listings in one store. Parts written before
+        listings were recorded are compared by their kept images."""
+        for s in sorted(done):
+            part = self.read_part(s)
+            now = ids[s * shard_images : (s + 1) * shard_images]
+            then = part.get("listing")
+            if then is None:
+                gone = [str(sk["path"]) for sk in part["skipped"]]  # a skipped image's path ends in its id
+                then = [im["id"] for im in part["images"]]
+                now = [i for i in now if not any(g == i or g.endswith(("/" + i, os.sep + i)) for g in gone)]
+            diff = next(((a, b) for a, b in itertools.zip_longest(then, now) if a != b), None)
+            if diff is not None:
+                was, is_ = (repr(x) if x is not None else "gone" for x in diff)
+                when = "extract" if (self.root / "manifest.json").is_file() else "interrupted extract"
+                raise ValueError(f"--data {data} changed since the {when} into {self.root}: {was} is now {is_} "
+                                 f"(shard {s}); rerun into a new --out, or restore the folder to resume")
 
     def write_shard(self, s: int, arrays: dict[str, np.ndarray], token_index: dict[str, np.ndarray],
-                    images: list[dict], skipped: list[dict]) -> None:
-        """Write every subdir's rows for shard s, then the part file that marks the shard done."""
+                    images: list[dict], skipped: list[dict], listing: list[str] | None = None) -> None:
+        """Write every subdir's rows for shard s, then the part file that marks the shard done; `listing` is the
+        ids of the shard's input images, kept or skipped, so a resume can tell that the input is the same (without
+        it, a resume compares the kept images)."""
         info = {}
         for name, arr in arrays.items():
             data = npy_bytes(arr)
@@ -111,16 +150,16 @@ class StoreWriter:
             info[name] = {"rows": int(arr.shape[0]), "sha256": hashlib.sha256(data).hexdigest(),
                           "token_index": token_index[name].tolist()}
         atomic_write_json(self.root / "parts" / f"{shard_name(s)}.json",
-                          {"shard": s, "images": images, "skipped": skipped, "subdirs": info}, indent=1)
+                          {"shard": s, "images": images, "skipped": skipped, "subdirs": info,
+                           **({"listing": listing} if listing is not None else {})}, indent=1)
 
     def finalize(self, n_shards: int, meta: dict) -> dict:
         """Merge the part files into one manifest per subdir and the root manifest (rank 0, after all shards)."""
         parts = []
         for s in range(n_shards):
-            p = self.root / "parts" / f"{shard_name(s)}.json"
-            if not p.exists():
+            if not (self.root / "parts" / f"{shard_name(s)}.json").exists():
                 raise RuntimeError(f"shard {s} of {self.root} is missing; rerun extract to resume")
-            parts.append(read_json(p))
+            parts.append(self.read_part(s))
         images = [im for part in parts for im in part["images"]]
         skipped = [sk for part in parts for sk in part["skipped"]]
         for name, sd in self.subdirs.items():
@@ -184,6 +223,66 @@ def _cache_dir() -> Path:
     return Path(base) / "sae-vlm" / "verified"
 
 
+def _whole(lo: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _file_name(v) -> bool:
+    """A plain file name beside the manifest: nothing that reaches into another folder."""
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v and "\0" not in v
+
+
+def _text(v) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+MANIFEST_FIELDS = {  # field: (test, what it must be); StoreReader reads these and only these
+    "dtype": (lambda v: isinstance(v, str) and v in STORAGE, "one of fp16, bf16, fp32"),
+    "shape": (lambda v: isinstance(v, list) and len(v) == 2 and _whole(0)(v[0]) and _whole(1)(v[1]),
+              "[rows, width]: two whole numbers"),
+    "hook_point": (_text, "a hook point name"),
+    "token_selection": (_text, "a token selection name"),
+    "rows_per_image": (_whole(1), "a whole number >= 1"),
+    "rows_file": (_file_name, "a file name beside the manifest"),
+    "token_index_file": (_file_name, "a file name beside the manifest"),
+    "shards": (lambda v: isinstance(v, list), "a list of shards"),
+    "skipped": (lambda v: isinstance(v, list), "a list of skipped images"),
+}
+SHARD_FIELDS = {
+    "file": (lambda v: _file_name(v) and v.endswith(".npy"), "a .npy file name beside the manifest"),
+    "rows": (_whole(0), "a whole number"),
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "64 hex digits"),
+}
+
+
+def check_manifest(path: Path, m) -> dict:
+    """A subdir manifest whose every field the reader uses is there and of its kind; else one ValueError naming the
+    manifest, the field and the value (a hand-edited or foreign file must not end in a traceback)."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{path} is not a store manifest: it holds a JSON {type(m).__name__}, not an object")
+
+    def check(fields: dict, obj: dict, where: str) -> None:
+        for key, (ok, want) in fields.items():
+            if key not in obj:
+                raise ValueError(f"{path}: field {where}{key!r} is missing; expected {want}")
+            if not ok(obj[key]):
+                raise ValueError(f"{path}: field {where}{key!r} is {json.dumps(obj[key])[:60]}; expected {want}")
+
+    check(MANIFEST_FIELDS, m, "")
+    for j, sh in enumerate(m["shards"]):
+        if not isinstance(sh, dict):
+            raise ValueError(f"{path}: shards[{j}] is {json.dumps(sh)[:60]}; expected an object with "
+                             f"{', '.join(SHARD_FIELDS)}")
+        check(SHARD_FIELDS, sh, f"shards[{j}].")
+    rows, per = m["shape"][0], m["rows_per_image"]
+    if rows % per:
+        raise ValueError(f"{path}: shape says {rows} rows, not a multiple of rows_per_image {per}")
+    total = sum(sh["rows"] for sh in m["shards"])
+    if total != rows:
+        raise ValueError(f"{path}: its shards hold {total} rows but its shape says {rows}")
+    return m
+
+
 class StoreReader:
     """One (hook point, token selection) of a store as an ActivationSource (float32 rows on demand)."""
 
@@ -193,16 +292,14 @@ class StoreReader:
         if not mp.exists():
             raise FileNotFoundError(f"{self.path} has no manifest.json "
                                     "(incomplete extraction? rerun extract to resume)")
-        self.manifest = read_json(mp)
+        self.manifest = check_manifest(mp, read_json(mp))
         self.dtype = self.manifest["dtype"]
-        self.rows, self.d_in = (int(x) for x in self.manifest["shape"])
+        self.rows, self.d_in = self.manifest["shape"]
         self.hook_point = self.manifest["hook_point"]
         self.token_selection = self.manifest["token_selection"]
-        self.rows_per_image = int(self.manifest["rows_per_image"])
+        self.rows_per_image = self.manifest["rows_per_image"]
         self._shards = [sh for sh in self.manifest["shards"] if sh["rows"] > 0]
         self._starts = np.cumsum([0] + [sh["rows"] for sh in self._shards])
-        if self._starts[-1] != self.rows:
-            raise ValueError(f"{mp}: its shards hold {self._starts[-1]} rows but its shape says {self.rows}")
         self._mm: dict[int, np.ndarray] = {}
         self._images: list[dict] | None = None
         self.files = FileRows([self._row_file(j) for j in range(len(self._shards))], self.d_in,
@@ -258,8 +355,7 @@ class StoreReader:
     def images(self) -> list[dict]:
         """One dict per kept image: id, path, label, row (first row), n (rows)."""
         if self._images is None:
-            text = (self.path / self.manifest["rows_file"]).read_text()
-            self._images = [json.loads(line) for line in text.splitlines() if line]
+            self._images = read_rows_file(self.path / self.manifest["rows_file"], self.rows // self.rows_per_image)
         return self._images
 
     def image_index(self) -> np.ndarray:
@@ -293,7 +389,14 @@ class StoreReader:
         return self._per_row("label")
 
     def token_index(self) -> np.ndarray:
-        return np.load(self.path / self.manifest["token_index_file"])
+        path = self.path / self.manifest["token_index_file"]
+        try:
+            tok = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+        if tok.shape != (self.rows,) or tok.dtype.kind not in "iu":
+            raise ValueError(f"{path} holds {tok.dtype} {list(tok.shape)}; expected {self.rows} integer positions")
+        return tok
 
     @property
     def skipped(self) -> list[dict]:
@@ -303,6 +406,36 @@ class StoreReader:
         """Check every shard's sha256 (cached: see `verify_once`); raise naming the first that does not match."""
         for j in range(len(self._shards)):
             self._verify(j)
+
+
+ROW_KEYS = ("id", "path", "label")
+
+
+def read_rows_file(path: Path, n_images: int) -> list[dict]:
+    """rows.jsonl: one object per kept image; a line that is not one, or a count that disagrees with the manifest,
+    is a ValueError naming the file and the line."""
+    try:
+        lines = [line for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    images = []
+    for n, line in enumerate(lines, 1):
+        try:
+            im = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(im, dict) or any(k not in im for k in ROW_KEYS):
+            raise ValueError(f"{path}: line {n} is not an object with {', '.join(ROW_KEYS)}")
+        images.append(im)
+    if len(images) != n_images:
+        raise ValueError(f"{path} lists {len(images)} images; the manifest beside it says {n_images}")
+    return images
+
+
+def _is_subdir_manifest(m) -> bool:
+    """A subdir's manifest (one hook point), not a store root's; anything else that is not JSON object counts as
+    one, so that the reader names what is wrong with it."""
+    return not isinstance(m, dict) or "hook_point" in m or "subdirs" not in m
 
 
 def list_subdirs(root: str | Path) -> list[str]:
@@ -315,7 +448,7 @@ def open_store(path: str | Path, layer: str | None = None) -> StoreReader:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"activation store {path} does not exist")
-    if (path / "manifest.json").exists() and "hook_point" in read_json(path / "manifest.json"):
+    if (path / "manifest.json").exists() and _is_subdir_manifest(read_json(path / "manifest.json")):
         return StoreReader(path)
     names = list_subdirs(path)
     if not names:
