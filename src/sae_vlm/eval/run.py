@@ -137,14 +137,15 @@ class Evaluation:
             results.update(zip(members, self.score_source([saes[i] for i in members])))
         scored = [r for i in range(len(saes)) if (r := results.get(i)) is not None]
         broken = self.metrics.get("broken", [])
-        if not scored:
-            raise ValueError(f"no SAE of {self.cfg.run_dir} could be read; {broken[0]['name']}: {broken[0]['error']}")
+        if not scored:  # exit 0 would claim a result
+            raise ValueError(f"no SAE of {self.cfg.run_dir} could be scored; {broken[0]['name']}: {broken[0]['error']}")
         for b in broken:
             print(f"warning: skipped SAE {b['name']}: {b['error']}", file=sys.stderr)
         return scored
 
     def broken(self, name: str, sdir: Path, error: str) -> None:
-        """An SAE that cannot be read: named in metrics.json (and on stderr); the others are still scored."""
+        """An SAE that cannot be read, or whose weights or metrics are not finite: named in metrics.json (and on
+        stderr); the others are still scored."""
         error = error.strip().splitlines()[0] if error.strip() else "unreadable"
         self.metrics.setdefault("broken", []).append({"name": name, "path": str(sdir), "error": error})
 
@@ -319,8 +320,9 @@ class Evaluation:
             render_grid(ti[j].numpy(), lambda i: paths[i], self.out / "grids" / name / f"latent_{j}.png",
                         values=tv[j].numpy())
 
-    def score(self, s: Scoring, inp: Inputs) -> dict:
-        """One SAE's files and metrics.json entry, from the accumulators the pass filled."""
+    def score(self, s: Scoring, inp: Inputs) -> dict | None:
+        """One SAE's files and metrics.json entry, from the accumulators the pass filled; None, listed as broken
+        before any of its files is written, when its reconstruction metrics are not finite."""
         scfg, name = s.sae.cfg, s.name
         layer = scfg.hook_point or "unknown"
         r = {"name": name, "path": str(s.sdir), "step": s.sae.meta.get("training", {}).get("step"), "arch": scfg.arch,
@@ -329,6 +331,10 @@ class Evaluation:
         arrays: dict = {}
         self.ms(s.sae, s.ms, inp, r, arrays)
         self.reconstruction(s.recon, r, arrays)
+        bad = [f"{k} {r['recon'][k]}" for k in ("fve", "mse", "cosine", "l0") if not np.isfinite(r["recon"][k])]
+        if bad:
+            self.broken(name, s.sdir, f"{s.sdir}: non-finite metrics ({', '.join(bad)}) on {self.cfg.data}")
+            return None
         tv, ti = self.top_images(name, s.top, arrays)
         self.hierarchy(s, inp, tv, ti, r, arrays)
         self.grids(name, inp, tv, ti, arrays)

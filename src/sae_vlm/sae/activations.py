@@ -59,9 +59,18 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(h_NF), (-(1.0 / eps) * near * grad_NF).sum(0), None
 
 
+def check_bandwidth(bandwidth: float) -> None:
+    """The straight-through gradients divide by the bandwidth: it must be a positive, finite width."""
+    if not 0 < bandwidth < float("inf"):
+        raise ValueError(f"jumprelu_bandwidth={bandwidth}: expected a positive width (the straight-through "
+                         "gradient divides by it)")
+
+
 def jumprelu(h_NF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    check_bandwidth(bandwidth)
     return _JumpReLU.apply(h_NF, theta_F, bandwidth)
 
 
 def step(h_NF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    check_bandwidth(bandwidth)
     return _Step.apply(h_NF, theta_F, bandwidth)

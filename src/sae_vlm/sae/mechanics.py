@@ -21,9 +21,14 @@ def remove_parallel_grads_(W_dec_FD: torch.nn.Parameter) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> None:
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float | None) -> None:
     """torch's clip_grad_norm_, except that on the CPU a step already within the bound skips the rescale (a pass
-    over every gradient, by a factor of 1). A GPU would have to wait for the norm to know, so it always rescales."""
+    over every gradient, by a factor of 1). A GPU would have to wait for the norm to know, so it always rescales.
+    None or 0: no clipping. A negative bound would flip every gradient (ascent): refused."""
+    if max_norm is None or max_norm == 0:
+        return
+    if not max_norm > 0:
+        raise ValueError(f"grad_clip={max_norm}: expected a positive gradient-norm bound, or 0 for none")
     total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if total.device.type == "cpu" and float(total) + 1e-6 <= max_norm:  # torch's factor: max / (total + 1e-6) ≥ 1
         return
@@ -78,8 +83,11 @@ class IdleLatents:
 def update_threshold_(theta: torch.Tensor, codes, beta: float = 0.999, sync=None) -> None:
     """θ ← β·θ + (1−β)·(smallest positive kept activation); the first update sets θ directly (θ < 0 = unset).
 
-    `sync` takes the batch minimum to the minimum over all ranks (data-parallel training).
+    `sync` takes the batch minimum to the minimum over all ranks (data-parallel training). β outside [0, 1) would
+    extrapolate instead of average, and θ would diverge.
     """
+    if not 0 <= beta < 1:
+        raise ValueError(f"threshold_beta={beta}: expected 0 <= β < 1 (an average of θ and the batch's value)")
     values = codes.values_M if isinstance(codes, SparseCodes) else codes
     kept = values[values > 0].to(theta.dtype)
     smallest = kept.min() if kept.numel() else torch.full((), torch.inf, dtype=theta.dtype, device=theta.device)

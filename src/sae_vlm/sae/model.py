@@ -78,6 +78,7 @@ class SAE(nn.Module):
             # θ < 0 means "not learned yet": the gate then passes every positive value. Untracked θ stays at 0.
             self.register_buffer("threshold", torch.tensor(-1.0 if self.arch.tracks_threshold else 0.0))
         self.meta: dict = {}  # extra config.json fields (training summary, data path)
+        self.path: Path | None = None  # the directory it was loaded from, to name it in messages
         self.register_state_dict_post_hook(_W_enc_to_file_layout)
         self.register_load_state_dict_pre_hook(_W_enc_from_file_layout)
 
@@ -158,6 +159,18 @@ class SAE(nn.Module):
             return EncoderOutput(h, act.jumprelu(h, self.threshold, bandwidth))
         return EncoderOutput(h, self.select(h, rule))
 
+    def nonfinite(self) -> dict[str, int]:
+        """{tensor name: count of NaN/inf entries} for every tensor that holds any (empty: all finite)."""
+        counts = {n: int((~torch.isfinite(t)).sum()) for n, t in self.state_dict().items()}
+        return {n: c for n, c in counts.items() if c}
+
+    def check_finite(self, where: str) -> None:
+        """Refuse an SAE with NaN or inf weights: every code and reconstruction it gives would be wrong."""
+        bad = self.nonfinite()
+        if bad:
+            listed = ", ".join(f"{n} has {c} non-finite values" for n, c in bad.items())
+            raise ValueError(f"{where}: {listed}")
+
     # --- scaling and I/O ---
     @torch.no_grad()
     def fold_input_scale(self, s: float) -> None:
@@ -202,6 +215,8 @@ class SAE(nn.Module):
         except (SafetensorError, RuntimeError, KeyError, OSError) as e:  # truncated, or another SAE's tensors
             raise ValueError(f"{weights} does not hold the weights its config.json describes: "
                              f"{_first_line(e)}") from None
+        sae.check_finite(str(weights))
+        sae.path = path
         return sae.to(device)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -13,6 +14,14 @@ def check_log_sink(log_to: str | None) -> None:
     """Fail before anything is written when the requested logging package is missing."""
     if log_to is not None and importlib.util.find_spec(log_to) is None:
         raise ValueError(f"--log-to {log_to} needs the {log_to} package; pip install {log_to}")
+
+
+def record_event(out: Path, event: dict) -> None:
+    """One line in OUT/events.jsonl for what happened to the run besides its metrics (a resume, a stop); log.jsonl
+    keeps only metric rows, so that a resumed run's log equals an unbroken one's."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "events.jsonl", "a") as f:
+        f.write(json.dumps({**event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
 
 class Logger:

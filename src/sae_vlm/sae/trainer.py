@@ -7,6 +7,7 @@ replays the same batches and reaches bit-identical weights. Several processes: s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -33,7 +34,7 @@ from sae_vlm.sae.arch import arch_spec
 from sae_vlm.sae.checkpoint import checkpoint, load_checkpoint, resume_step, truncate_log
 from sae_vlm.sae.groups import group_sizes_from_fractions
 from sae_vlm.sae.model import SAE, EncoderOutput, SAEConfig
-from sae_vlm.sae.runlog import Logger, check_log_sink
+from sae_vlm.sae.runlog import Logger, check_log_sink, record_event
 from sae_vlm.sae.sparse import SparseCodes
 
 
@@ -45,6 +46,7 @@ class Batches:
     def __init__(self, source: ActivationSource, cfg: TrainConfig, device: torch.device, place: D.Dist = D.Dist(),
                  plan: dict | None = None):
         self.source, self.cfg, self.device = source, cfg, device
+        self.name = str(getattr(source, "path", None) or cfg.data)  # what a message about the rows names
         if source.rows == 0:
             raise ValueError(f"activation source {cfg.data!r} is empty (0 rows)")
         if source.rows < cfg.batch_size:
@@ -69,7 +71,7 @@ class Batches:
                 self.data_ND = read_all().to(device, torch.float32)
                 for start in range(0, source.rows, 65536):
                     stop = min(start + 65536, source.rows)
-                    check_finite(self.data_ND[start:stop], torch.arange(start, stop))
+                    self.check_rows(self.data_ND[start:stop], torch.arange(start, stop))
         self.budget = budget
         self.perm_device = device if self.data_ND is not None else torch.device("cpu")
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
@@ -78,7 +80,8 @@ class Batches:
         """The batch of `step`; `shard=(rank, world)` keeps only rows rank::world of it (data-parallel). A streamed
         --ddp run reads only this rank's rows already, so the shard is its whole batch."""
         if self.stream is not None:
-            return self.stream(step)
+            with naming(self.name):  # the stream checks its rows as it reads them
+                return self.stream(step)
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator(self.perm_device).manual_seed(self.cfg.seed * 100_003 + epoch)
@@ -90,8 +93,12 @@ class Batches:
         if self.data_ND is not None:
             return self.data_ND[idx]
         x = self.source.get(idx)
-        check_finite(x, idx)
+        self.check_rows(x, idx)
         return x.to(self.device, non_blocking=True)
+
+    def check_rows(self, x_ND: torch.Tensor, rows_N: torch.Tensor) -> None:
+        with naming(self.name):
+            check_finite(x_ND, rows_N)
 
     def fingerprint(self) -> str:
         """The data's content fingerprint, from the copy in memory when there is one (no second read)."""
@@ -112,6 +119,15 @@ class Batches:
 
 
 
+@contextlib.contextmanager
+def naming(what: str):
+    """A ValueError inside the block names `what` (the data file) first."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
 @dataclasses.dataclass
 class Member:
     """One SAE of the sweep with its optimizer and idle-latent counter."""
@@ -123,6 +139,8 @@ class Member:
     base_lr: float
     terms: dict  # log name -> loss function, options bound
     weights: dict  # log name -> weight
+    bad_at: torch.Tensor  # the first step whose loss was NaN or inf (-1: none), kept on the device: no sync per step
+    bad_loss: torch.Tensor  # that loss
 
 
 def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict) -> Member:
@@ -140,7 +158,8 @@ def build_member(spec: SAESpec, d_in: int, cfg: TrainConfig, device, meta: dict)
     terms = {name: functools.partial(t.fn, **{kw: getattr(cfg, field) for kw, field in t.options})
              for name, t in arch.terms.items()}
     weights = {name: 1.0 if t.weight is None else getattr(cfg, t.weight) for name, t in arch.terms.items()}
-    return Member(spec, sae, opt, mechanics.IdleLatents(d_sae, cfg.dead_window, device), base_lr, terms, weights)
+    return Member(spec, sae, opt, mechanics.IdleLatents(d_sae, cfg.dead_window, device), base_lr, terms, weights,
+                  torch.tensor(-1, device=device), torch.tensor(0.0, device=device))
 
 
 def init_seed(spec: SAESpec, cfg: TrainConfig) -> int:
@@ -164,6 +183,7 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
         mechanics.update_threshold_(sae.threshold, enc.codes, cfg.threshold_beta, sync=D.global_min if ddp else None)
     values = {name: fn(x_ND, x_hat, enc, sae, idle_F) for name, fn in m.terms.items()}
     loss = cast(torch.Tensor, sum(m.weights[name] * v for name, v in values.items()))
+    mark_nonfinite(m, loss.detach(), step + 1)
 
     lr = m.base_lr * mechanics.lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.decay_start)
     for group in m.opt.param_groups:
@@ -189,6 +209,13 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
     return {**out, "lr": lr}
 
 
+def mark_nonfinite(m: Member, loss: torch.Tensor, done: int) -> None:
+    """Remember the first step whose loss is NaN or inf; read only where the loop checks (see stop_if_nonfinite)."""
+    first = ~torch.isfinite(loss) & (m.bad_at < 0)
+    m.bad_at = torch.where(first, done, m.bad_at)
+    m.bad_loss = torch.where(first, loss.float(), m.bad_loss)
+
+
 def as_float(enc: EncoderOutput) -> EncoderOutput:
     """Losses run on fp32 codes whatever precision the autocast forward produced. h stays as it is: the aux
     loss only ranks it and gathers a few entries, and casting all N×F of it would cost a full pass."""
@@ -210,14 +237,24 @@ def fve(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_norm_factor(batches: Batches, n: int) -> float:
-    """s = sqrt(E‖x‖²) over the first n batches; training sees x/s (paper §2.2)."""
-    sums = torch.zeros(2, dtype=torch.float64)
+    """s = sqrt(E‖x‖²) over the first n batches; training sees x/s (paper §2.2). Data that is all zero (s = 0)
+    or one vector repeated (no variance: nothing to reconstruct beyond b_dec) is refused."""
+    sums = torch.zeros(3, dtype=torch.float64)  # Σ‖x‖², rows, largest distance from the first row
+    first = batches(0)[0].double()
     for step in range(min(n, batches.per_epoch)):
         x = batches(step).double()
-        sums += torch.tensor([x.pow(2).sum().item(), x.shape[0]], dtype=torch.float64)
+        sums += torch.tensor([x.pow(2).sum().item(), x.shape[0], (x - first).abs().max().item()],
+                             dtype=torch.float64)
     if batches.rank_local:  # each rank read its own rows: the global batches are their union
         sums = sums.to(batches.device)
         dist.all_reduce(sums)
+    rows = int(sums[1])
+    if sums[0] == 0:
+        raise ValueError(f"{batches.name}: all {rows} rows sampled are zero; the input-norm factor would be 0 and "
+                         "there is nothing to train on (were the activations extracted?)")
+    if sums[2] == 0:
+        raise ValueError(f"{batches.name}: all {rows} rows sampled are the same vector (no variance); an SAE has "
+                         "nothing to learn from constant activations")
     return math.sqrt(float(sums[0] / sums[1]))
 
 
@@ -269,16 +306,28 @@ class Run:
     members: list[Member]
     names: list[str]  # every SAE of the sweep, in order (also those other ranks train)
     data_fingerprint: str  # of the activations' content: a resume must read the same data
+    checkpointed: int | None = None  # the step of the last checkpoint on disk
 
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
+
+    @property
+    def check_every_step(self) -> bool:
+        """A CPU waits for nothing to read the non-finite flag, so one process there checks every step; a GPU checks
+        at log, snapshot and checkpoint steps only (several processes: there, together)."""
+        return self.device.type == "cpu" and self.place.world == 1
 
 
 def _train(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> dict[str, SAE]:
     run = prepare(cfg, source, place, device)
     restored = restore(run) if cfg.resume else None
     start, norm = restored if restored is not None else initialise(run)
+    if restored is not None:
+        run.checkpointed = start
+        if place.lead:  # said even with --quiet: the run did not start from scratch
+            tqdm.write(f"resumed from step {start}", file=sys.stderr)
+            record_event(run.out, {"event": "resumed", "step": start})
     stats = loop(run, start, norm)
     if start < cfg.steps:
         settle_thresholds(run, norm)
@@ -380,6 +429,10 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
             if members:  # a rank with no SAE only joins the log gathers
                 x_ND = run.batches(step, shard) / norm
                 stats = [train_step(m, x_ND, step, cfg, metrics=log_now, ddp=place.ddp) for m in members]
+            save_now = done in cfg.keep_steps or done == cfg.steps or \
+                (done % cfg.checkpoint_every == 0 and done < cfg.steps)
+            if save_now or log_now or run.check_every_step:
+                stop_if_nonfinite(run, done, weights=save_now)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rows = [{"step": done, "sae": m.spec.name, **{k: float(v) for k, v in s.items()}}
                         for m, s in zip(members, stats)]
@@ -393,6 +446,7 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
                     export(m, norm, run.out / "saes" / m.spec.name / f"step-{done}", cfg, done, s)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoint(run.out, members, done, norm, place, run.device)
+                run.checkpointed = done
     finally:
         if logger is not None:
             logger.close()
@@ -402,6 +456,39 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
         tqdm.write(f"data: streamed {stream.rows_served:,} rows in {wall:.1f} s ({stream.rows_served / wall:,.0f} "
                    f"rows/s), {stream.read_seconds:.1f} s of it waiting for data", file=sys.stderr)
     return stats
+
+
+def first_nonfinite(members: list[Member], done: int, weights: bool) -> dict | None:
+    """This rank's first SAE whose loss went NaN or inf (flagged by train_step), or, with `weights`, whose weights
+    are no longer finite; None when all are sound."""
+    for m in members:
+        at = int(m.bad_at)  # the one device sync of a check
+        if at >= 0:
+            return {"sae": m.spec.name, "step": at, "what": f"loss {float(m.bad_loss)}"}
+    for m in members if weights else []:
+        bad = m.sae.nonfinite()
+        if bad:
+            what = ", ".join(f"{n} has {c} non-finite values" for n, c in bad.items())
+            return {"sae": m.spec.name, "step": done, "what": what}
+    return None
+
+
+def stop_if_nonfinite(run: Run, done: int, weights: bool) -> None:
+    """End the run when an SAE went non-finite, before anything is logged or saved from it: the checkpoint on
+    disk stays the last finite one, and no SAE directory gets NaN weights."""
+    found = first_nonfinite(run.members, done, weights)
+    if run.place.world > 1:  # every rank stops together, naming the same SAE
+        every: list = [None] * run.place.world
+        dist.all_gather_object(every, found)
+        found = next((f for f in every if f is not None), None)
+    if found is None:
+        return
+    if run.place.lead:
+        record_event(run.out, {"event": "non-finite", **found})
+    kept = (f"the checkpoint at step {run.checkpointed} is kept (finite; --resume continues from it)"
+            if run.checkpointed is not None else "no checkpoint was written before it")
+    raise ValueError(f"SAE {found['sae']} went non-finite at step {found['step']} ({found['what']}); no SAE was "
+                     f"saved from it and {kept}; a lower --lr or --grad-clip in a new --out may train it")
 
 
 # Settings a resumed run may change: they don't alter what is computed.

@@ -150,11 +150,12 @@ def generate_cases(model, processor, sae, cases: Sequence[Case], *, hook_point=N
 
 
 def grid_cases(latents: Sequence[int], alphas: Sequence[float], images: Sequence, prompts: Sequence[str],
-               op: str = "clamp") -> tuple[list[Case], list[dict]]:
-    """Every (latent, α, image, prompt) combination -> (cases, one metadata row per case)."""
+               op: str = "clamp", names: Sequence[str] | None = None) -> tuple[list[Case], list[dict]]:
+    """Every (latent, α, image, prompt) combination -> (cases, one metadata row per case). `names`: what the rows
+    call the images (default: their paths, image[i] for PIL images)."""
     cases, rows = [], []
-    opened = [(str(spec) if not isinstance(spec, Image.Image) else f"image[{i}]", open_image(spec))
-              for i, spec in enumerate(images)]
+    names = names or [f"image[{i}]" if isinstance(spec, Image.Image) else str(spec) for i, spec in enumerate(images)]
+    opened = [(name, open_image(spec)) for name, spec in zip(names, images)]
     for j in latents:
         for a in alphas:
             for name, img in opened:
@@ -179,13 +180,14 @@ def run_steer(cfg: SteerConfig) -> list[dict]:
     """Every latent × α × image × prompt (and, with `cfg.unsteered`, every image × prompt unpatched), generated in
     batches; writes `cfg.out` (JSON) and returns one row per case with its output."""
     check_result_file(cfg.out, ("llava", "results"), "sae-vlm steer")
+    images = [open_image(spec) for spec in cfg.image]  # before the model loads: a missing image fails fast
     model, processor, sae, _ = load_steering(cfg.llava, cfg.sae, cfg.step, cfg.device, cfg.dtype)
     if not all(0 <= j < sae.cfg.d_sae for j in cfg.latents):
         raise ValueError(f"--latents {','.join(map(str, cfg.latents))}: ids must be in 0..{sae.cfg.d_sae - 1}")
-    cases, rows = grid_cases(cfg.latents, cfg.alpha, cfg.image, cfg.prompt, op=cfg.op)
+    cases, rows = grid_cases(cfg.latents, cfg.alpha, images, cfg.prompt, op=cfg.op, names=cfg.image)
     if cfg.unsteered:
         base = [(img, p) for img in cfg.image for p in cfg.prompt]
-        cases = [Case(open_image(img), p, None) for img, p in base] + cases
+        cases = [Case(image, p, None) for image in images for p in cfg.prompt] + cases
         rows = [{"latent": None, "alpha": None, "op": "none", "image": img, "prompt": p} for img, p in base] + rows
     details: list[dict] = []
     texts = generate_cases(model, processor, sae, cases, hook_point=cfg.hook_point, error_term=not cfg.replace,

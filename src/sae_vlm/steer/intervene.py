@@ -10,7 +10,7 @@ result is cast back to the model dtype. Only the chosen token positions of the c
 from __future__ import annotations
 
 import contextlib
-import warnings
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -28,6 +28,36 @@ def check_sae_width(bb: Backbone, hook_point: str, sae) -> None:
     if sae.cfg.d_in != want:
         raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the width {want} of hook point {hook_point!r} "
                          f"of {bb.model.config.model_type} {bb.model_id}")
+
+
+_WARNED: set[tuple] = set()  # (SAE, trained at, applied at) already named on stderr
+
+
+def steering_point(bb: Backbone, hook_point: str | int | None, sae) -> str:
+    """Where to edit: `hook_point` if given, else LLaVA's projector input, else the SAE's own hook point.
+
+    An SAE trained at another layer than that is refused when no hook point was asked for; naming the hook point
+    is the override, and then one warning line on stderr says so."""
+    point = hook_point if hook_point is not None else bb.default_layer or sae.cfg.hook_point
+    if point is None:
+        raise ValueError("hook_point is None and neither the model (LLaVA) nor the SAE config names one")
+    point = parse_hook_point(point)
+    try:
+        trained_at = parse_hook_point(sae.cfg.hook_point) if sae.cfg.hook_point else None
+    except ValueError:  # a free-form name from an imported checkpoint
+        trained_at = None
+    if trained_at is None or trained_at == point:
+        return point
+    name = getattr(sae, "path", None) or f"(d_sae={sae.cfg.d_sae})"
+    if hook_point is None:
+        raise ValueError(f"SAE {name} was trained at {trained_at} but the model's projector reads {point}; its latents "
+                         f"may mean nothing there: pass --hook-point {point} to apply it there anyway, or "
+                         f"--hook-point {trained_at} to edit where it was trained")
+    if (str(name), trained_at, point) not in _WARNED:
+        _WARNED.add((str(name), trained_at, point))
+        print(f"warning: SAE {name} was trained at {trained_at} but is applied at {point}; its latents may mean "
+              "nothing there", file=sys.stderr)
+    return point
 
 
 def _edited_latent_codes(sae, x_ND: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
@@ -108,24 +138,15 @@ def intervene(model, hook_point: str | int | None, sae, edits, error_term: bool 
     """Within the block, SAE latents at `hook_point` are edited on every forward pass of `model`.
 
     model: an HF vision model (CLIP, CLIPModel, SigLIP, DINOv2), a LlavaForConditionalGeneration, or a Backbone.
-    hook_point: "layer.<i>" / "last"; None means the LLaVA projector's input layer (or the SAE's own hook point).
+    hook_point: "layer.<i>" / "last"; None means the LLaVA projector's input layer (or the SAE's own hook point); an
+        SAE trained elsewhere needs it named (see steering_point).
     edits: {latent: (op, value)} for every batch item, or a list with one such dict (or None) per batch row.
     positions: token positions to edit (all tokens when None). The SAE is moved to the model's device, float32.
     Yields the Backbone; the hook is removed on exit, also when the block raises.
     """
     bb = as_backbone(model)
-    if hook_point is None:
-        hook_point = bb.default_layer or sae.cfg.hook_point
-        if hook_point is None:
-            raise ValueError("hook_point is None and neither the model (LLaVA) nor the SAE config names one")
-    hook_point = parse_hook_point(hook_point)
+    hook_point = steering_point(bb, hook_point, sae)
     check_sae_width(bb, hook_point, sae)  # also checks the point exists, now rather than at the first forward
-    try:
-        trained_at = parse_hook_point(sae.cfg.hook_point) if sae.cfg.hook_point else None
-    except ValueError:  # a free-form name from an imported checkpoint
-        trained_at = None
-    if trained_at is not None and trained_at != hook_point:
-        warnings.warn(f"SAE was trained at {trained_at!r} but is applied at {hook_point!r}", stacklevel=3)
     sae.to(device=bb.device(), dtype=torch.float32)
     with bb.patch(hook_point, make_edit_fn(sae, edits, error_term=error_term, positions=positions)):
         yield bb

@@ -31,11 +31,13 @@ if TYPE_CHECKING:
     from sae_vlm.data.images import ImageSource
 
 
-def _image_list(spec: str) -> tuple[ImageSource, list[str] | None]:
-    """A folder or path list -> (ImageSource, its labels or None when any image has none)."""
+def _image_list(spec: str, flag: str) -> tuple[ImageSource, list[str] | None]:
+    """A folder or path list -> (ImageSource, its labels or None when any image has none); none is an error."""
     from sae_vlm.data.images import open_images
 
     src = open_images(spec)
+    if len(src) == 0:  # a score over no images would be nan ± nan
+        raise ValueError(f"{flag} {spec} holds no images")
     labels = [r.label or "" for r in src.records]
     return src, (labels if all(labels) else None)
 
@@ -74,7 +76,10 @@ def steer_images(cfg: SteerScoreConfig) -> tuple[list, list[str], list[str] | No
     the first --per-class images of each class folder, and at most --max-images."""
     if cfg.images == "white":
         return [white_image()], ["white"], None
-    src, labels = _image_list(cfg.images)
+    for flag, count in (("--per-class", cfg.per_class), ("--max-images", cfg.max_images)):
+        if count is not None and count < 1:
+            raise ValueError(f"{flag} {count}: expected at least 1 image")
+    src, labels = _image_list(cfg.images, "--images")
     ids = list(range(len(src)))
     if cfg.per_class is not None:
         if labels is None:
@@ -98,12 +103,12 @@ def top_table(cfg: SteerScoreConfig, model, processor, sae) -> TopTable:
         vals_file = Path(str(cfg.top).replace("_indices.npy", "_values.npy"))
         top_vals = np.load(vals_file) if vals_file != Path(cfg.top) and vals_file.is_file() else None
         pool_spec = cfg.top_images
-        pool_src, pool_labels = _image_list(pool_spec)
+        pool_src, pool_labels = _image_list(pool_spec, "--top-images")
     else:
         pool_spec = cfg.pool or (None if cfg.images == "white" else cfg.images)
         if pool_spec is None:
             raise ValueError("--images white needs --pool DIR or --top FILE.npy to find the top images")
-        pool_src, pool_labels = _image_list(pool_spec)
+        pool_src, pool_labels = _image_list(pool_spec, "--pool" if cfg.pool else "--images")
         top_vals, top_idx = top_images(model, sae, LazyImages(pool_src), hook_point=cfg.hook_point,
                                        batch_size=cfg.batch_size, processor=processor, quiet=cfg.quiet)
         save_top(top_dir(cfg), top_vals, top_idx)  # reusable with --top next time
@@ -122,11 +127,14 @@ def top_dir(cfg: SteerScoreConfig) -> Path:
 def run_steer_score(cfg: SteerScoreConfig) -> dict:
     """The paper's steering score for the latents `cfg.latents` selects; writes `cfg.out` (JSON) and returns it."""
     check_result_file(cfg.out, ("steered", "settings"), "sae-vlm steer-score")
+    images, names, labels = steer_images(cfg)  # before the models load: no images fails fast
     model, processor, sae, dev = load_steering(cfg.llava, cfg.sae, cfg.step, cfg.device, cfg.dtype)
     embedder = ClipEmbedder.load(cfg.clip, device=str(dev))
-    images, names, labels = steer_images(cfg)
     top_vals, top_idx, pool_src, pool_labels, pool_spec = top_table(cfg, model, processor, sae)
     alive = alive_latents(top_idx, top_vals)
+    if not alive.any():  # every concept embedding would come from images no latent fires on
+        raise ValueError(f"no latent of SAE {cfg.sae} fires on any of the {len(pool_src)} images of {pool_spec}; "
+                         "steering it scores nothing")
     chosen = select_latents(cfg.latents, alive, sae.cfg.group_sizes, seed=cfg.seed,
                             paper_count=1000 if cfg.images == "white" else 10)
     if not chosen:

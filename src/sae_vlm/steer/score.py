@@ -21,7 +21,7 @@ from sae_vlm.backbones import Backbone, load_processor
 from sae_vlm.eval.top import running_top
 from sae_vlm.sae.groups import level_slices
 from sae_vlm.steer.generate import Case, generate_cases
-from sae_vlm.steer.intervene import check_sae_width
+from sae_vlm.steer.intervene import check_sae_width, steering_point
 
 PROMPT = "What is shown in this image? Use exactly one word!"
 MAX_NEW_TOKENS = 5
@@ -102,7 +102,7 @@ def top_images(model, sae, images: Sequence, *, hook_point=None, top: int = 16, 
     Runs only the vision tower (LLaVA: up to the hook layer). Latents active on fewer images pad with 0 / -1.
     """
     bb = Backbone(model, processor=getattr(processor, "image_processor", processor))
-    hook_point = hook_point or bb.default_layer or sae.cfg.hook_point
+    hook_point = steering_point(bb, hook_point, sae)
     check_sae_width(bb, hook_point, sae)
     dev = bb.device()
     sae.to(device=dev, dtype=torch.float32)

@@ -45,11 +45,15 @@ def load_foreign(path: str | Path, source_format: str | None = None, **hints) ->
     if fmt not in READERS:
         raise ValueError(f"unknown source format {fmt!r}; expected one of {', '.join(FORMATS)}")
     given = Hints(**hints)
-    return to_sae(READERS[fmt](path, given), given)
+    sae = to_sae(READERS[fmt](path, given), given)
+    sae.path = path
+    return sae
 
 
 def to_sae(p: Parts, hints: Hints = Hints()) -> SAE:
     """Our SAE computing what the library computed; folds bias placement and input normalisation into the weights."""
+    where = p.source.get("path", "the source SAE")
+    check_parts_finite(p, where)
     W_enc, b_enc, W_dec, b_dec = (t.detach().to(torch.float64) for t in (p.W_enc_DF, p.b_enc_F, p.W_dec_FD, p.b_dec_D))
     if not p.subtracts_b_dec:  # the library encodes x W + b_enc = (x − b_dec) W + (b_enc + b_dec W)
         b_enc = b_enc + b_dec @ W_enc
@@ -66,10 +70,23 @@ def to_sae(p: Parts, hints: Hints = Hints()) -> SAE:
             param.copy_(value)
         if p.threshold is not None:
             sae.threshold.copy_(p.threshold.detach().float().expand_as(sae.threshold))
+    sae.check_finite(f"{where} (converted)")  # folding can overflow what the source held
+    dead = int((W_dec == 0).all(dim=1).sum())
+    notes = list(p.notes) + ([f"{dead} of {d_sae} latents have an all-zero decoder row: kept as zero, they are dead "
+                              "(they add nothing to any reconstruction)"] if dead else [])
     sae.meta = {"source": {**p.source, **({"input_mean": hints.input_mean, "input_scale": scale}
-                                          if mean is not None or scale != 1.0 else {})},
-                "notes": list(p.notes)}
+                                          if mean is not None or scale != 1.0 else {}), "zero_decoder_rows": dead},
+                "notes": notes}
     return sae
+
+
+def check_parts_finite(p: Parts, where: str) -> None:
+    """Refuse NaN or inf in a library's weights, naming the tensor: converting would carry them into every code."""
+    named = {"W_enc": p.W_enc_DF, "b_enc": p.b_enc_F, "W_dec": p.W_dec_FD, "b_dec": p.b_dec_D, "threshold": p.threshold}
+    bad = {n: int((~torch.isfinite(t)).sum()) for n, t in named.items() if t is not None}
+    listed = ", ".join(f"{n} has {c} non-finite values" for n, c in bad.items() if c)
+    if listed:
+        raise ValueError(f"{where}: {listed}")
 
 
 def describe(sae: SAE) -> str:

@@ -136,6 +136,9 @@ def tensor(state: dict, key: str, path: Path, shape: tuple[int | None, ...] | No
     if shape is not None and (t.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape))):
         want = "×".join("?" if s is None else str(s) for s in shape) or "a scalar"
         raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {want}")
+    bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+    if bad:  # converted, they would reach every code and reconstruction
+        raise ValueError(f"{path}: {key} has {bad} non-finite values (NaN or inf); expected finite weights")
     return t.float()
 
 

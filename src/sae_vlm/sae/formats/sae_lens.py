@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from sae_vlm.io import atomic_save_safetensors, atomic_write_text
 from sae_vlm.sae.formats.common import Hints, Parts, field, load_safetensors, read_json, tensor, unsupported
 from sae_vlm.sae.model import SAE
@@ -44,7 +46,9 @@ def read(path: Path, hints: Hints) -> Parts:
         parts.k = field(cfg, "k", path / CFG)
         if cfg.get("rescale_acts_by_decoder_norm"):  # codes h·‖W_dec‖, decoded by W_dec/‖W_dec‖: fold both
             norms = W_dec.norm(dim=-1)
-            parts.W_enc_DF, parts.b_enc_F, parts.W_dec_FD = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+            # a zero row's latent has code 0 and adds nothing: its row stays zero instead of 0/0
+            divisor = torch.where(norms > 0, norms, torch.ones_like(norms))
+            parts.W_enc_DF, parts.b_enc_F, parts.W_dec_FD = W_enc * norms, b_enc * norms, W_dec / divisor[:, None]
     if arch == "jumprelu":
         parts.threshold = tensor(state, "threshold", path / WEIGHTS, (f,))
     meta = cfg.get("metadata") or {}
