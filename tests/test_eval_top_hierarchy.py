@@ -78,7 +78,9 @@ def test_parse_inat_label_and_mapping(tmp_path):
         paths=["x/cat/1.jpg", "x/00001_A_B_C_D_E_F_g/2.jpg", "x/misc/3.jpg"],
         mapping=H.load_taxonomy_file(tmp_path / "t.csv"),
     )
-    assert taxa[0][0] == "Animalia" and taxa[1] == ("A", "B", "C", "D", "E", "F", "g") and taxa[2] is None
+    # with a file, only the file: an iNat-style folder it does not list is not parsed into the file's credit
+    assert taxa[0][0] == "Animalia" and taxa[1] is None and taxa[2] is None
+    assert H.image_taxonomy(labels=[None], paths=["x/00001_A_B_C_D_E_F_g/2.jpg"]) == [tuple("ABCDEFg")]
     with pytest.raises(ValueError, match="expected .csv or .json"):
         (tmp_path / "t.txt").write_text("")
         H.load_taxonomy_file(tmp_path / "t.txt")

@@ -7,8 +7,11 @@ latents cost one numpy pass per request.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -34,6 +37,75 @@ def as_index(text) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
+def read_npz(f: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz, read now: a truncated, empty or foreign file is one error naming it."""
+    try:
+        z = np.load(f, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array, not an .npz archive")
+        with z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{f} is not a readable .npz ({type(e).__name__}: {e}); re-run `sae-vlm evaluate`") from None
+
+
+def read_npy(f: Path) -> np.ndarray:
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing; re-run `sae-vlm evaluate`")
+    try:
+        return np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{f} is not a readable .npy array ({e}); re-run `sae-vlm evaluate`") from None
+
+
+def per_latent(f: Path, key: str, a: np.ndarray, n: int) -> np.ndarray:
+    """`a` as one float per latent, or an error naming the file and the array."""
+    if a.shape != (n,) or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise ValueError(f"{f}: {key!r} has shape {a.shape} ({a.dtype}); expected {n} numbers, one per latent")
+    return a.astype(np.float64)
+
+
+def top_arrays(where: Path, idx: np.ndarray, val: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top image rows and values, both [n latents, T], the rows integers."""
+    if idx.ndim != 2 or idx.shape[0] != n or val.shape != idx.shape or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{where}: top images have indices {idx.shape} ({idx.dtype}) and values {val.shape}; "
+                         f"expected two [{n}, top] arrays, integer indices")
+    return idx, val
+
+
+def check_metrics(mfile: Path, m) -> dict:
+    """evaluate's metrics.json, its shape checked: another file is named, not a traceback later."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{mfile} holds a JSON {type(m).__name__}; expected the object `sae-vlm evaluate` writes")
+    saes = m.get("saes")
+    if not isinstance(saes, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in saes):
+        raise ValueError(f"{mfile}: 'saes' is {json.dumps(saes)[:40]}; expected a list of entries with a 'name'")
+    if not saes:
+        raise ValueError(f"{mfile} lists no scored SAE; re-run `sae-vlm evaluate`")
+    step = m.get("step", "final")
+    if step != "final" and not (type(step) is int and step >= 0):
+        raise ValueError(f"{mfile}: 'step' is {step!r}; expected a step number or \"final\"")
+    for key, kind in (("data", str), ("embeddings", str), ("taxonomy", dict)):
+        if m.get(key) is not None and not isinstance(m[key], kind):
+            raise ValueError(f"{mfile}: {key!r} is {json.dumps(m[key])[:40]}; expected a {kind.__name__}")
+    return m
+
+
+def check_nodes(f: Path, n: int) -> dict[int, list[tuple[str, float]]]:
+    """nodes/<name>.json: per latent, the taxonomy nodes it detects best, with the AUROC."""
+    raw = read_json(f)
+    ok = isinstance(raw, list) and all(
+        isinstance(x, dict) and isinstance(x.get("node"), str) and type(x.get("latent")) is int
+        and 0 <= x["latent"] < n and isinstance(x.get("auroc"), (int, float)) for x in raw)
+    if not ok:
+        raise ValueError(f"{f} is not a list of taxonomy nodes (node, latent 0..{n - 1}, auroc); "
+                         "re-run `sae-vlm evaluate`")
+    out: dict[int, list[tuple[str, float]]] = {}
+    for x in raw:
+        out.setdefault(x["latent"], []).append((x["node"], float(x["auroc"])))
+    return out
+
+
 @dataclass
 class Dictionary:
     """One SAE's latents, or one layer's raw neurons (kind "neurons")."""
@@ -49,6 +121,7 @@ class Dictionary:
     sae_dir: Path | None = None
     info: dict = field(default_factory=dict)  # arch, d_sae, k, group_sizes for the header
     source: Any = None  # the activation store subdir the top indices point into (a StoreReader, or None)
+    detects: dict = field(default_factory=dict)  # latent -> [(taxonomy node, AUROC)] it detects best
     _sae: SAE | None = None
     _dec_unit: np.ndarray | None = None
     _sample: tuple | None = None
@@ -217,11 +290,10 @@ def _store_for(data, hook_point, token_selection):
 
 
 class RunView:
-    """A run directory, its evaluation directory and (optionally) the store the evaluation read."""
+    """A run directory, its evaluation directory and (optionally) the store the evaluation read. Everything the
+    evaluation wrote is read and checked here, so a broken file is refused before a page is served or written."""
 
     def __init__(self, run_dir, eval_dir=None, data=None):
-        from sae_vlm.sae.runs import find_saes
-
         self.run_dir = Path(run_dir).resolve()
         if not self.run_dir.is_dir():
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
@@ -229,7 +301,7 @@ class RunView:
         mfile = self.eval_dir / "metrics.json"
         if not mfile.is_file():
             raise FileNotFoundError(f"{mfile} is missing; run `sae-vlm evaluate {run_dir}` first or pass --eval DIR")
-        self.metrics = read_json(mfile)
+        self.metrics = check_metrics(mfile, read_json(mfile))
         self.data = data if data is not None else self.metrics.get("data")
         self.notes: list[str] = []
         if self.data is not None and not Path(self.data).exists():
@@ -238,55 +310,75 @@ class RunView:
             self.notes.append(f"the evaluated store {self.data} is gone: no images or histograms (pass --data STORE)")
             self.data = None
         self.embedder = self.metrics.get("embeddings")
-        summaries = {r["name"]: r for r in self.metrics.get("saes", [])}
         self.dicts: dict[str, Dictionary] = {}
         self._lock = threading.Lock()
-        # the snapshot evaluate scored (an evaluation from before snapshots were chosen scored the final SAEs)
-        for name, sdir in find_saes(self.run_dir, self.metrics.get("step", "final"))[0]:
-            d = self._load_sae(name, sdir, summaries.get(name, {}))
-            if d is not None:
-                self.dicts[d.name] = d
+        self._load_saes(mfile)
         for f in sorted((self.eval_dir / "latents").glob("baseline__*.npz")):
             d = self._load_baseline(f)
             self.dicts[d.name] = d
-        if not self.dicts:
-            raise FileNotFoundError(f"{self.eval_dir}/latents holds no per-latent arrays for the SAEs of {run_dir}")
         self.plots = sorted(p.relative_to(self.eval_dir).as_posix() for p in (self.eval_dir / "plots").glob("*.png"))
-        self.tables_md = (self.eval_dir / "tables.md").read_text() if (self.eval_dir / "tables.md").is_file() else ""
+        tables = self.eval_dir / "tables.md"
+        try:
+            self.tables_md = tables.read_text(encoding="utf-8") if tables.is_file() else ""
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{tables} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
-    def _load_sae(self, name: str, sdir: Path, summary: dict) -> Dictionary | None:
+    def _load_saes(self, mfile: Path) -> None:
+        """The SAEs metrics.json scored, at the snapshot it scored; each must be one of this run's."""
+        from sae_vlm.sae.runs import find_saes
+
+        summaries = {r["name"]: r for r in self.metrics["saes"]}
+        # an evaluation from before snapshots were chosen scored the final SAEs
+        in_run = dict(find_saes(self.run_dir, self.metrics.get("step", "final"))[0])
+        foreign = [name for name in summaries if name not in in_run]
+        if foreign:
+            raise ValueError(f"{mfile} scores SAE {foreign[0]!r}, which run {self.run_dir} does not hold (it holds "
+                             f"{', '.join(list(in_run)[:3])}): an evaluation of another run? pass its own --eval DIR")
+        broken = {b.get("name"): b.get("error") for b in self.metrics.get("broken") or [] if isinstance(b, dict)}
+        for name, sdir in in_run.items():
+            if name in summaries:
+                self.dicts[name] = self._load_sae(name, sdir, summaries[name])
+            else:
+                why = f"evaluate could not score it: {broken[name]}" if name in broken else "trained after it?"
+                self.notes.append(f"SAE {name} of the run is not in this evaluation ({why})")
+
+    def _load_sae(self, name: str, sdir: Path, summary: dict) -> Dictionary:
         f = self.eval_dir / "latents" / f"{name}.npz"
         if not f.is_file():
-            return None
+            raise FileNotFoundError(f"{f} is missing, though metrics.json scores {name}; re-run `sae-vlm evaluate`")
         cfg = read_json(sdir / "config.json")
-        z = np.load(f)
-        n = int(cfg["d_sae"])
-        arrays = {k: z[k].astype(np.float64) for k in z.files
-                  if (k in RANGE_KEYS or k.startswith("ms__")) and z[k].shape == (n,)}
-        if "freq" not in arrays and "fire_freq" in z.files:
-            arrays["freq"] = z["fire_freq"].astype(np.float64)
+        if not isinstance(cfg, dict) or type(cfg.get("d_sae")) is not int or cfg["d_sae"] < 1:
+            raise ValueError(f"{sdir / 'config.json'} gives no latent count d_sae; expected an SAE config")
+        z, n = read_npz(f), cfg["d_sae"]
+        arrays = {k: per_latent(f, k, a, n) for k, a in z.items() if k in RANGE_KEYS or k.startswith("ms__")}
+        if "freq" not in arrays and "fire_freq" in z:
+            arrays["freq"] = per_latent(f, "fire_freq", z["fire_freq"], n)
         top_dir = self.eval_dir / "top" / name
+        top_idx = top_val = None
         if (top_dir / "top_indices.npy").is_file():
-            top_idx, top_val = np.load(top_dir / "top_indices.npy"), np.load(top_dir / "top_values.npy")
-        elif "top_indices" in z.files:
-            top_idx, top_val = z["top_indices"], z["top_values"]
-        else:
-            top_idx = top_val = None
+            top_idx, top_val = top_arrays(top_dir, read_npy(top_dir / "top_indices.npy"),
+                                          read_npy(top_dir / "top_values.npy"), n)
+        elif "top_indices" in z:
+            top_idx, top_val = top_arrays(f, z["top_indices"], z.get("top_values", np.zeros(0)), n)
+        nodes = self.eval_dir / "nodes" / f"{name}.json"
         info = {k: cfg.get(k) for k in ("arch", "d_in", "d_sae", "k", "group_sizes", "token_selection")}
         info["recon"] = summary.get("recon")
         return Dictionary(name, "sae", cfg.get("hook_point") or "unknown", n, arrays,
                           latent_levels(cfg.get("group_sizes"), n), top_idx, top_val, sdir, info,
-                          _store_for(self.data, cfg.get("hook_point"), cfg.get("token_selection")))
+                          _store_for(self.data, cfg.get("hook_point"), cfg.get("token_selection")),
+                          detects=check_nodes(nodes, n) if nodes.is_file() else {})
 
     def _load_baseline(self, f: Path) -> Dictionary:
         """Raw neurons of one layer: MS from the evaluation, top rows / support / max from one store pass."""
         layer = f.stem.split("__", 1)[1]
-        z = np.load(f)
-        ms = z["no_sae_ms"].astype(np.float64)
-        n = len(ms)
-        arrays = {"ms": ms}
-        if "rotated_ms" in z.files:
-            arrays["ms__rotated"] = z["rotated_ms"].astype(np.float64)
+        z = read_npz(f)
+        if "no_sae_ms" not in z or z["no_sae_ms"].ndim != 1:
+            raise ValueError(f"{f} has no 1-D 'no_sae_ms' array (it holds {', '.join(z) or 'nothing'}); "
+                             "re-run `sae-vlm evaluate`")
+        n = len(z["no_sae_ms"])
+        arrays = {"ms": per_latent(f, "no_sae_ms", z["no_sae_ms"], n)}
+        if "rotated_ms" in z:
+            arrays["ms__rotated"] = per_latent(f, "rotated_ms", z["rotated_ms"], n)
         tok = next((d.info.get("token_selection") for d in self.dicts.values() if d.hook_point == layer), None)
         src = _store_for(self.data, layer, tok)
         src = src if src is not None and src.d_in == n else None

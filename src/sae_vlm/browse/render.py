@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -146,7 +147,24 @@ def index_context(view: RunView, links: Links, front: str = "") -> dict:
             "stable": any(s["stable_share"] is not None for s in dicts),
             "plots": [(p, links.plot(p)) for p in view.plots], "tables": markdown_tables(view.tables_md),
             "embedder": Path(view.embedder).name if view.embedder else None, "notes": view.notes,
+            "taxonomy": taxonomy_credit(view.metrics.get("taxonomy")),
             "front": Markup(front), "title": f"sae-vlm · {view.run_dir.name}"}
+
+
+def taxonomy_credit(t: dict | None) -> str | None:
+    """Which taxonomy the hierarchy metrics used, as metrics.json credits it, and how many rows it covered."""
+    if not t or not t.get("source"):
+        return None
+    where = f"the file {Path(str(t['file'])).name}" if t.get("file") else {
+        "inat": "iNat-style class labels", "folders": "nested image folders"}.get(t["source"], str(t["source"]))
+    rows = t.get("rows")
+    covered = f": {t.get('matched_rows')} of {rows} rows matched" if isinstance(rows, int) else ""
+    return f"Hierarchy metrics use the taxonomy from {where}{covered}."
+
+
+def undefined(cell: str) -> str:
+    """A NaN cell (tables.md from before NaN printed as "–") shows the tables' marker for no value."""
+    return "–" if re.fullmatch(r"nan%?(±nan)?", cell, re.IGNORECASE) else cell
 
 
 def markdown_tables(text: str) -> Markup:
@@ -157,7 +175,7 @@ def markdown_tables(text: str) -> Markup:
 
     def flush() -> None:
         if table:
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
+            rows = [[undefined(c.strip()) for c in line.strip().strip("|").split("|")] for line in table
                     if not set(line.replace("|", "").strip()) <= {"-", ":"}]
             head = "".join(f"<th>{escape(c)}</th>" for c in rows[0])
             body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
@@ -222,7 +240,7 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
     ms_rows = [(Path(view.embedder).name if view.embedder else "embedder", a.get("ms", [None] * d.n)[j])]
     ms_rows += [(k.split("__", 1)[1], a[k][j]) for k in extra_ms(d)]
     return {
-        "links": links, "d": summary(d), "j": j, "title": f"{d.name} · latent {j}",
+        "links": links, "d": summary(d), "j": j, "title": f"{d.name} · latent {j}", "detects": d.detects.get(j, []),
         "stats": _row(d, j, []), "ms_rows": ms_rows, "images": images,
         "hist": histogram_svg(hist[0]) if hist is not None else None,
         "hist_n": (len(hist[0]), hist[1]) if hist is not None else None,

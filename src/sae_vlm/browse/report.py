@@ -1,7 +1,9 @@
 """`sae-vlm report`: the browser's views as static HTML that works from file:// with no server.
 
 Layout: OUT/index.html, OUT/s/<dict>.html (latent table), OUT/s/<dict>/<j>.html (latent pages),
-OUT/img/*.png (thumbnails), OUT/plots/*.png, OUT/static/browse.js. index.html is written last.
+OUT/img/*.png (thumbnails), OUT/plots/*.png, OUT/static/browse.js. Every input is read and checked before OUT is
+touched; an earlier report's index.html is removed first and the new one written last, so a report that fails
+part-way never looks complete.
 """
 
 from __future__ import annotations
@@ -64,13 +66,22 @@ def chosen_latents(d: Dictionary, top: int, all_: bool) -> list[int]:
     return sorted(int(j) for j in order[:top])
 
 
+def loaded(view: RunView) -> dict[str, Dictionary]:
+    """Every dictionary complete and every SAE loaded, so a broken input is refused before a page is written."""
+    dicts = {name: view.get(name) for name in view.dicts}  # completes lazily loaded views
+    for d in dicts.values():
+        d.decoder_unit()
+    return dicts
+
+
 def write_report(view: RunView, out, *, top: int = 200, all_latents: bool = False, quiet: bool = True,
                  front: str = "") -> Path:
     """The static pages of `view` in `out`; `front` is HTML placed first on index.html (links relative to it)."""
     out = Path(out)
+    dicts = loaded(view)
+    (out / "index.html").unlink(missing_ok=True)  # an earlier report's front page: until the new one, none
     (out / "img").mkdir(parents=True, exist_ok=True)
     env = make_env()
-    dicts = {name: view.get(name) for name in view.dicts}  # completes lazily loaded views
     included = {name: set(chosen_latents(d, top, all_latents)) for name, d in dicts.items()}
     links = Links(static=True, depth=0, included=included)
     (out / "static").mkdir(exist_ok=True)
@@ -98,5 +109,6 @@ def report_run(cfg: ReportConfig) -> Path:
     """The static report of `cfg.run_dir` in `cfg.out`; returns the path of its index.html."""
     check_owned(Path(cfg.out), "report")  # before reading the run, so a foreign folder is named first
     view = RunView(cfg.run_dir, cfg.eval_dir, cfg.data)
+    loaded(view)
     with claim(cfg.out, "report"):
         return write_report(view, cfg.out, top=cfg.top, all_latents=cfg.all_latents, quiet=cfg.quiet)

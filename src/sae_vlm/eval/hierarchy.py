@@ -4,12 +4,15 @@ Each image gets a taxonomy path: iNat's 7 levels (kingdom, phylum, class, order,
 `--taxonomy` file, or the image's nested folders. For a latent, every pair of its top-16 images has an LCA depth =
 length of the common prefix of their paths; the latent's depth is the rounded mean ("mean") or the mode ("mode")
 of those 120 depths. Levels average over their live latents (the 16th top activation > 0). Images without a
-taxonomy are reported and left out.
+taxonomy (with a file: the rows it does not match) are counted in metrics.json and left out: of LCA pairs, and of
+node detection, as neither positives nor negatives. A file that matches no row is an error.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -18,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_vlm.io import read_json
 from sae_vlm.sae.groups import level_slices
 
 _PREFIX = re.compile(r"^\d+_")
@@ -38,30 +40,88 @@ def parse_inat_label(name: str) -> tuple[str, ...] | None:
     return tuple(parts) if len(parts) >= 2 and re.match(r"^\d{5}_", name) else None
 
 
+def _taxonomy_text(path: Path) -> str:
+    """The file as text; bytes that are not UTF-8 are named with their line (a BOM, as Excel writes, is dropped)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"taxonomy file {path} line {line}: byte {data[e.start]:#x} is not UTF-8 text; "
+                         "save it as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"taxonomy file {path} is empty; expected label -> taxonomy path entries")
+    return text
+
+
+def _csv_items(path: Path, text: str) -> list[tuple[str, object, str]]:
+    """(label, path, where) per row of a CSV with a `label,path` header; every row has the header's field count."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader)]
+    if not {"label", "path"} <= set(header):
+        raise ValueError(f"taxonomy file {path} has columns {header}; expected 'label' and 'path'")
+    i_label, i_path = header.index("label"), header.index("path")
+    items = []
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"taxonomy file {path} line {reader.line_num}: {len(row)} fields, expected "
+                             f"{len(header)} ({','.join(header)}); quote a path that holds a comma")
+        items.append((row[i_label], row[i_path], f"line {reader.line_num}"))
+    return items
+
+
+def _json_items(path: Path, text: str) -> list[tuple[str, object, str]]:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"taxonomy file {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"taxonomy file {path} holds a {type(raw).__name__}; expected an object label -> path")
+    return [(label, tax, f"label {label!r}") for label, tax in raw.items()]
+
+
+def _levels(path: Path, where: str, tax) -> tuple[str, ...]:
+    """A path 'A/B/C' (or ';', '|' separated) or a list of non-empty strings as its levels."""
+    if isinstance(tax, list) and all(isinstance(p, str) and p.strip() for p in tax):
+        levels = tuple(tax)
+    elif isinstance(tax, str):
+        levels = tuple(p for p in re.split(r"[/;|]", tax) if p.strip())
+    else:
+        raise ValueError(f"taxonomy file {path} {where}: {json.dumps(tax)[:60]} is not a taxonomy path; expected "
+                         "'A/B/C' or a list of names")
+    if not levels:
+        raise ValueError(f"taxonomy file {path} {where}: path {tax!r} has no levels; expected e.g. 'A/B/C'")
+    return levels
+
+
 def load_taxonomy_file(path: str | Path) -> dict[str, tuple[str, ...]]:
-    """A CSV (columns `label,path`) or JSON ({label: "A/B/..." or [..]}) mapping labels to taxonomy paths."""
+    """A CSV (columns `label,path`) or JSON ({label: "A/B/..." or [..]}) mapping labels to taxonomy paths, all of
+    one depth (LCA depths of a ragged tree would mix levels). An empty path or null: that label has no taxonomy."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"taxonomy file {path} does not exist")
-    if path.suffix.lower() == ".json":
-        raw = read_json(path)
-        if not isinstance(raw, dict):
-            raise ValueError(f"taxonomy file {path} holds a {type(raw).__name__}; expected an object label -> path")
-        items = raw.items()
-    elif path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and not {"label", "path"} <= set(rows[0]):
-            raise ValueError(f"taxonomy file {path} has columns {list(rows[0])}; expected 'label' and 'path'")
-        items = [(r["label"], r["path"]) for r in rows]
-    else:
+        raise FileNotFoundError(f"taxonomy file {path} does not exist or is not a file")
+    kind = path.suffix.lower()
+    if kind not in (".csv", ".json"):
         raise ValueError(f"taxonomy file {path} has suffix {path.suffix!r}; expected .csv or .json")
-    out = {}
-    for label, tax in items:
+    text = _taxonomy_text(path)
+    items = _csv_items(path, text) if kind == ".csv" else _json_items(path, text)
+    out: dict[str, tuple[str, ...]] = {}
+    first: tuple[str, tuple[str, ...]] | None = None
+    for label, tax, where in items:
         if tax is None or tax == "":
             continue  # no taxonomy: the image is reported as missing later
-        levels = tuple(tax) if isinstance(tax, list) else tuple(p for p in re.split(r"[/;|]", str(tax)) if p)
-        out[str(label)] = levels
+        levels = _levels(path, where, tax)
+        if first is not None and len(levels) != len(first[1]):
+            raise ValueError(f"taxonomy file {path} {where}: {len(levels)} levels, but label {first[0]!r} has "
+                             f"{len(first[1])}; every path needs the same number of levels")
+        if out.get(label, levels) != levels:
+            raise ValueError(f"taxonomy file {path} {where}: label {label!r} is given two different paths")
+        first = first or (label, levels)
+        out[label] = levels
+    if not out:
+        raise ValueError(f"taxonomy file {path} maps no label to a taxonomy path")
     return out
 
 
@@ -70,21 +130,16 @@ def image_taxonomy(
     paths: Sequence[str | None] | None = None,
     mapping: dict[str, tuple[str, ...]] | None = None,
 ) -> list[tuple[str, ...] | None]:
-    """Taxonomy per image: the mapping by label, else an iNat-style label, else the image's folder name."""
+    """Taxonomy per image. With a mapping, only the mapping, by label, else by the image's folder name: a file's
+    rows are never mixed with parsed ones, so the source stays the file. Without, an iNat-style label or folder."""
     n = len(labels) if labels is not None else len(paths) if paths is not None else 0
     out: list[tuple[str, ...] | None] = []
     for i in range(n):
         label = labels[i] if labels is not None else None
         path = paths[i] if paths is not None else None
-        tax = None
-        if mapping is not None and label is not None:
-            tax = mapping.get(str(label))
-        if tax is None and label is not None:
-            tax = parse_inat_label(str(label))
-        if tax is None and path is not None:
-            folder = Path(path).parent.name
-            tax = (mapping or {}).get(folder) or parse_inat_label(folder)
-        out.append(tax)
+        keys = [str(k) for k in (label, Path(path).parent.name if path is not None else None) if k is not None]
+        found = (mapping.get(k) for k in keys) if mapping is not None else (parse_inat_label(k) for k in keys)
+        out.append(next((t for t in found if t is not None), None))
     return out
 
 
@@ -95,9 +150,25 @@ def folder_taxonomy(labels: Sequence[str | None]) -> list[tuple[str, ...] | None
     return taxa if any(t is not None and len(t) > 1 for t in taxa) else None
 
 
-def store_taxonomy(src, rows: int, taxonomy_file=None) -> tuple[list | None, list | None, str | None]:
-    """(per-row taxonomy, per-row names, its source) from a `--taxonomy` file ("file"), iNat-style labels
-    ("inat") or nested image folders ("folders"); (None, None, None) when there is none."""
+def _credit(source: str, file, taxa: list, keys: list[str]) -> dict:
+    """What metrics.json says of the taxonomy used: its source, the file, and how many rows it covers."""
+    unmatched = list(dict.fromkeys(k for k, t in zip(keys, taxa) if t is None))
+    return {"source": source, "file": str(file) if file else None, "rows": len(taxa),
+            "matched_rows": sum(t is not None for t in taxa), "unmatched_labels": unmatched[:5]}
+
+
+def credit_line(credit: dict) -> str:
+    """'taxonomy file F matched 812 of 1000 rows (unmatched labels: a, b); the others are left out'."""
+    where = f"file {credit['file']}" if credit["file"] else f"from {credit['source']}"
+    miss = f" (unmatched labels: {', '.join(credit['unmatched_labels'])})" if credit["unmatched_labels"] else ""
+    return (f"taxonomy {where} matched {credit['matched_rows']} of {credit['rows']} rows{miss}; the others are left "
+            "out of the hierarchy metrics")
+
+
+def store_taxonomy(src, rows: int, taxonomy_file=None) -> tuple[list | None, list | None, dict | None]:
+    """(per-row taxonomy, per-row names, credit) from a `--taxonomy` file (source "file"), iNat-style labels
+    ("inat") or nested image folders ("folders"); (None, None, None) when there is none. Credit is `_credit`'s.
+    A file that matches no row is an error; rows it does not match are left out of the hierarchy metrics."""
     mapping = load_taxonomy_file(taxonomy_file) if taxonomy_file else None
     store = src if hasattr(src, "labels") else None
     if store is not None:
@@ -107,13 +178,20 @@ def store_taxonomy(src, rows: int, taxonomy_file=None) -> tuple[list | None, lis
     else:
         return None, None, None
     names = [str(p) for p in paths] if paths is not None else labels
+    keys = [str(lab) if lab is not None else Path(str(p)).parent.name if p is not None else str(i)
+            for i, (lab, p) in enumerate(zip(labels, paths if paths is not None else [None] * len(labels)))]
     taxa = image_taxonomy(labels, paths, mapping)
     if mapping is not None:
-        return taxa, names, "file"
+        if not any(t is not None for t in taxa):
+            theirs = "row numbers 0.." + str(rows - 1) if store is None else ", ".join(dict.fromkeys(keys[:200]))
+            ours = ", ".join(list(mapping)[:3]) + (", …" if len(mapping) > 3 else "")
+            raise ValueError(f"taxonomy file {taxonomy_file} matches none of the {rows} rows: its labels are "
+                             f"{ours}; the data's are {theirs[:120]}")
+        return taxa, names, _credit("file", taxonomy_file, taxa, keys)
     if any(t is not None for t in taxa):
-        return taxa, names, "inat"
+        return taxa, names, _credit("inat", None, taxa, keys)
     nested = folder_taxonomy(labels)
-    return (nested, names, "folders") if nested is not None else (None, None, None)
+    return (nested, names, _credit("folders", None, nested, keys)) if nested is not None else (None, None, None)
 
 
 def taxonomy_depth(taxa: Sequence[tuple[str, ...] | None]) -> int:

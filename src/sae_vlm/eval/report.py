@@ -12,6 +12,11 @@ from sae_vlm.eval.seeds import SEED_NAME
 from sae_vlm.io import atomic_save_figure
 
 
+def num(v, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
+    """A value as the tables print it; "–" for none and for NaN, so an undefined value never reads as a result."""
+    return "–" if not isinstance(v, (int, float)) or v != v else f"{scale * v:.{digits}f}{suffix}"
+
+
 def _width(r: dict) -> str:
     ratio = r["d_sae"] / r["d_in"]
     return f"×{ratio:g}"
@@ -36,8 +41,8 @@ def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
         cells[(_row_label(r), r["hook_point"])][_width(r)] = r
     rows = sorted(cells, key=lambda k: (k[0], _layer_key(k[1])))
 
-    def fmt_ms(s):
-        return f"{s['mean']:.2f}±{s['std']:.2f}" if s and "mean" in s else "–"
+    def fmt_ms(s, digits: int = 2):
+        return f"{num(s['mean'], digits)}±{num(s['std'], digits)}" if s and num(s.get("mean")) != "–" else "–"
 
     def table(title, value, no_sae):
         head = "| SAE | Layer |" + (" No SAE |" if no_sae else "") + "".join(f" {w} |" for w in widths)
@@ -46,8 +51,7 @@ def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
         for arch, layer in rows:
             line = f"| {arch} | {layer} |"
             if no_sae:
-                b = baselines.get(layer, {}).get("no_sae")
-                line += f" {b['mean']:.4f}±{b['std']:.4f} |" if b and "mean" in b else " – |"
+                line += f" {fmt_ms(baselines.get(layer, {}).get('no_sae'), 4)} |"
             row = cells[(arch, layer)]
             line += "".join(f" {value(row[w]) if w in row else '–'} |" for w in widths)
             lines.append(line)
@@ -55,8 +59,7 @@ def paper_tables(results: list[dict], baselines: dict[str, dict]) -> str:
 
     def recon(key: str, scale: float = 1.0):
         def cell(r):
-            v = r.get("recon", {}).get(key)
-            return f"{scale * v:.1f}" if v is not None and v == v else "–"
+            return num(r.get("recon", {}).get(key), 1, scale)
 
         return cell
 
@@ -80,25 +83,25 @@ def hierarchy_table(r: dict) -> str:
     mean, majority = h["lca_mean_per_level"], h["lca_mode_per_level"]
     ms = r.get("ms_per_level") or [{} for _ in mean]
 
-    def num(stats: dict, key: str, digits: int = 2) -> str:
-        return f"{stats[key]:.{digits}f}" if key in stats else "–"
-
+    covered = h.get("taxonomy_rows")
+    share = (f" ({covered['matched_rows']} of {covered['rows']} rows matched)"
+             if covered and covered["matched_rows"] < covered["rows"] else "")
     lines = [f"### Hierarchy of {r['name']} (cf. Table 2): LCA depth 0..{h['taxonomy_depth']} "
-             f"against the {h['taxonomy_source']} taxonomy; rare latents (positive on fewer images than top slots) "
-             "left out",
+             f"against the {h['taxonomy_source']} taxonomy{share}; rare latents (positive on fewer images than top "
+             "slots) left out",
              "", "| Level | latents | scored | LCA depth (mean) | LCA depth (majority) | MS avg | MS max | MS min |",
              "|---|---|---|---|---|---|---|---|"]
     for lvl, (a, b, m) in enumerate(zip(mean, majority, ms)):
-        lines.append(f"| {lvl} | {a['latents']} | {a['count']} | {num(a, 'mean')} | {num(b, 'mean')} | "
-                     f"{num(m, 'mean')} | {num(m, 'max')} | {num(m, 'min')} |")
+        lines.append(f"| {lvl} | {a['latents']} | {a['count']} | {num(a.get('mean'))} | {num(b.get('mean'))} | "
+                     f"{num(m.get('mean'))} | {num(m.get('max'))} | {num(m.get('min'))} |")
     per_depth = h.get("node_detection_per_depth") or []
     if per_depth:
         lines += ["", f"Taxonomy nodes and the latent that best detects each (AUROC over the images); "
-                      f"{h['nodes_detected']:.0%} of all nodes are detected at AUROC ≥ 0.9.", "",
+                      f"{num(h['nodes_detected'], 0, 100, '%')} of all nodes are detected at AUROC ≥ 0.9.", "",
                   "| depth | nodes | detected (AUROC ≥ 0.9) | mean best AUROC | mean Matryoshka level of its best |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {d['depth']} | {d['nodes']} | {d['detected']:.0%} | {d['mean_auroc']:.3f} | "
-                  f"{d['mean_best_level']:.2f} |" for d in per_depth]
+        lines += [f"| {d['depth']} | {d['nodes']} | {num(d['detected'], 0, 100, '%')} | {num(d['mean_auroc'], 3)} | "
+                  f"{num(d['mean_best_level'])} |" for d in per_depth]
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ class Inputs:
     chance: float | None = None
     taxa: list | None = None
     names: list | None = None
-    taxonomy_source: str | None = None  # file | inat | folders
+    taxonomy: dict | None = None  # H.store_taxonomy's credit: source (file | inat | folders) and rows matched
 
 
 @dataclasses.dataclass
@@ -191,16 +191,18 @@ class Evaluation:
             raise ValueError(f"{getattr(src, 'path', cfg.data)} has {per_image} rows per image ({scfg.token_selection} "
                              "tokens); MS and taxonomy need one row per image: evaluate a CLS, mean or pooled store")
         inp = Inputs(src)
+        if per_image == 1:  # before embeddings are cached: a taxonomy refused leaves the output folder as it was
+            inp.taxa, inp.names, inp.taxonomy = H.store_taxonomy(src, src.rows, cfg.taxonomy)
         if want_ms:
             inp.emb, emb_src = load_embeddings(src, src.rows, self.out / "embeddings", cfg.embeddings, cfg.embedder,
                                                self.dev, cfg.quiet)
             inp.chance = chance_similarity(inp.emb)
             if "embeddings" not in self.metrics:
                 self.metrics |= {"embeddings": emb_src, "rows": src.rows, "chance_similarity": inp.chance}
-        if per_image == 1:
-            inp.taxa, inp.names, inp.taxonomy_source = H.store_taxonomy(src, src.rows, cfg.taxonomy)
-        if self.first_taxonomy is None and inp.taxa is not None:
+        if self.first_taxonomy is None and inp.taxonomy is not None:
             self.first_taxonomy = inp
+            if inp.taxonomy["matched_rows"] < inp.taxonomy["rows"]:  # said once, not per layer
+                print(f"warning: {H.credit_line(inp.taxonomy)}", file=sys.stderr)
         self.inputs[key] = inp
         return inp
 
@@ -300,7 +302,8 @@ class Evaluation:
         detection = s.nodes.result()
         atomic_write_bytes(self.out / "nodes" / f"{r['name']}.json", json.dumps(detection["nodes"]).encode())
         r["hierarchy"] = {
-            "taxonomy_source": inp.taxonomy_source,
+            "taxonomy_source": inp.taxonomy["source"] if inp.taxonomy else None,
+            "taxonomy_rows": {k: inp.taxonomy[k] for k in ("matched_rows", "rows")} if inp.taxonomy else None,
             "nodes_detected": detection["detected"],  # share of taxonomy nodes some latent detects at AUROC >= 0.9
             "node_detection_per_depth": detection["per_depth"],
             "taxonomy_depth": H.taxonomy_depth(inp.taxa),
@@ -352,10 +355,9 @@ class Evaluation:
         if seeds:
             metrics["seeds"] = seeds
         t = self.first_taxonomy
-        if t is not None and t.taxa is not None:
-            metrics["taxonomy"] = {"images_missing": H.missing_taxonomy(t.taxa, t.names)["count"],
-                                   "file": str(self.cfg.taxonomy) if self.cfg.taxonomy else None,
-                                   "source": t.taxonomy_source, "depth": H.taxonomy_depth(t.taxa)}
+        if t is not None and t.taxa is not None and t.taxonomy is not None:
+            metrics["taxonomy"] = t.taxonomy | {"images_missing": H.missing_taxonomy(t.taxa, t.names)["count"],
+                                                "depth": H.taxonomy_depth(t.taxa)}
         atomic_write_bytes(out / "tables.md", paper_tables(results, metrics["baselines"]).encode())
         plot_fve_vs_width(out / "plots" / "fve_vs_width.png", results)
         if any("hierarchy" in r for r in results):
