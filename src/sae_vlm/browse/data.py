@@ -83,7 +83,7 @@ def check_metrics(mfile: Path, m) -> dict:
     if not saes:
         raise ValueError(f"{mfile} lists no scored SAE; re-run `sae-vlm evaluate`")
     step = m.get("step", "final")
-    if step != "final" and not (type(step) is int and step >= 0):
+    if not (isinstance(step, str) and (step == "final" or step.isdigit())):  # evaluate writes it as text
         raise ValueError(f"{mfile}: 'step' is {step!r}; expected a step number or \"final\"")
     for key, kind in (("data", str), ("embeddings", str), ("taxonomy", dict)):
         if m.get(key) is not None and not isinstance(m[key], kind):
