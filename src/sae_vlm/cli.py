@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import select
 import sys
 import types
 import typing
@@ -185,12 +186,14 @@ def _stdout_is_closed() -> bool:
     """Whether stdout's reader went away (`sae-vlm ... | head`); if so, stdout now writes to /dev/null, so that what
     is left in its buffer flushes quietly, now and at exit."""
     try:
-        sys.stdout.flush()
-        return False
-    except BrokenPipeError:
-        with contextlib.suppress(OSError, ValueError):  # ValueError, OSError: not a real file (a captured stdout)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):  # POLLERR: a pipe without a reader
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return True
+    except (OSError, ValueError, AttributeError):  # a captured stdout with no file; no poll on this OS
+        return False
 
 
 def one_line_errors(fn: Callable[..., None]) -> Callable[..., None]:
@@ -404,7 +407,8 @@ def main() -> None:
         finally:
             sys.stdout.flush()  # here, not at exit, where a closed pipe could only be reported as ignored
     except BrokenPipeError:
-        _stdout_is_closed()
+        if not _stdout_is_closed():
+            raise
         sys.exit(EXIT_BROKEN_PIPE)
 
 

@@ -108,7 +108,7 @@ def push_sae(cfg) -> str:
             raise ValueError(f"--dry-run folder {dest} is not empty")
         stage(sae_dir, dest, cfg.repo_id, metrics)
         return str(dest)
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
     client_error: type[Exception] = HfHubHTTPError.__mro__[1]  # the HTTP client's base error (no DNS, no route)
@@ -121,5 +121,6 @@ def push_sae(cfg) -> str:
                               commit_message=f"Upload {sae_dir.name} with sae-vlm")
         except (OSError, ValueError, client_error) as e:  # also a missing token, a refused or unknown revision
             reason = " ".join(str(e).split()) or type(e).__name__
-            raise OSError(f"could not push {cfg.repo_id} to {api.endpoint}: {reason}; nothing was uploaded") from None
-    return f"{api.endpoint}/{cfg.repo_id}"
+            raise OSError(f"could not push {cfg.repo_id} to {constants.ENDPOINT}: {reason}; nothing was "
+                          "uploaded") from None
+    return f"{constants.ENDPOINT}/{cfg.repo_id}"
