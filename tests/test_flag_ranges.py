@@ -142,11 +142,11 @@ CLI_PROBES = [
     (["convert", "a", "b", "--threshold", "-1"], "--threshold -1"),
     (["compare", "a", "b", "--rows", "0"], "--rows 0"),
     (["push", "sae", "me/x y", "--dry-run", "stage"], "'me/x y'"),
-    (["steer", "--llava", "l", "--sae", "s", "--latents", "-1"], "--latents -1"),
+    (["steer", "--llava", "l", "--sae", "s", "--latents", "-1"], "--latents -1: expected an integer in [0, inf)"),
     (["steer-score", "--llava", "l", "--sae", "s", "--clip", "c", "--per-class", "0"], "--per-class 0"),
     (["browse", "run", "--port", "70000"], "--port 70000"),
     (["report", "run", "--out", "rep", "--top", "0"], "--top 0"),
-    (["demo", "--seeds", "0,-1"], "--seeds -1"),
+    (["demo", "--seeds", "0,-1"], "--seeds 0,-1"),
     (["planted", "--noise", "-0.5"], "--noise -0.5"),
 ]
 

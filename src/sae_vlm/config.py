@@ -79,6 +79,8 @@ def checked(cls):
                 within = f.metadata.get("within") or Interval("(-inf, inf)", -math.inf, math.inf, True, True)
                 if not within.holds(v):
                     flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                    if isinstance(value, tuple):  # the list as typed, then the value at fault
+                        raise ValueError(f"{flag} {','.join(map(str, value))}: {within.expected(v)}, not {v}")
                     raise ValueError(f"{flag} {v}: {within.expected(v)}")
         if own is not None:
             own(self)
