@@ -349,7 +349,7 @@ MORE_PROBES = [
     (["steer", "--llava", "l", "--sae", "sae", "--latents", "1", "--out", "acts.npy"], "--out acts.npy exists"),
     (["steer-score", "--llava", "l", "--sae", "sae", "--clip", "c", "--out", "lens/cfg.json"], "--out lens/cfg.json"),
     (["push", "sae", "me/x", "--metrics", "missing.json", "--dry-run", "st"], "missing.json"),
-    (TRAIN + ["--out", "x", "--width", "0"], "d_sae"),
+    (TRAIN + ["--out", "x", "--width", "0"], "--width 0"),
     (TRAIN + ["--out", "x", "--group-fractions", "0.5,0.2", "--arch", "matryoshka"], "must sum to 1"),
     (TRAIN + ["--out", "x", "--eval-step", "3"], "eval_step=3"),
     (TRAIN + ["--out", "x", "--keep-steps", "a"], "--keep-steps"),

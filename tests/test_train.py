@@ -505,9 +505,9 @@ def test_presets_resolve_to_the_paper_recipe(tmp_path, monkeypatch):
 
     # An explicit flag overrides the preset; the rest of the recipe stays.
     assert cli("train", "--data", "x.npy", "--out", tmp_path / "r", "--preset", "paper-steer",
-               "--steps", "7").exit_code == 0
+               "--steps", "120000").exit_code == 0
     steer = seen["cfg"]
-    assert (steer.archs, steer.expansions, steer.ks, steer.steps) == (("matryoshka",), (64,), (20,), 7)
+    assert (steer.archs, steer.expansions, steer.ks, steer.steps) == (("matryoshka",), (64,), (20,), 120_000)
 
     assert cli("train", "--data", "x.npy", "--out", tmp_path / "r", "--preset", "paper-hierarchy").exit_code == 0
     hier = seen["cfg"]

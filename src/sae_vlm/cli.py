@@ -3,24 +3,53 @@ default and help; each command builds its config, calls one library function and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import os
+import select
+import sys
 import types
 import typing
 from typing import Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from sae_vlm import config as C
+
+
+def _integer(text: str) -> int:
+    """An integer, also written as an integral float (`1e5`, `2.0`)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(text) from None
+        return int(value)
+
+
+def number(text: str, flag: str, cast: type) -> int | float:
+    """A number typed for `flag`; anything else is a one-line error naming the flag and the text."""
+    try:
+        return _integer(text.strip()) if cast is int else cast(text.strip())
+    except (ValueError, OverflowError):
+        raise ValueError(f"{flag} {text!r}: expected {'an integer' if cast is int else 'a number'}") from None
 
 
 def comma_list(text: str, flag: str, cast: Callable = str) -> tuple:
     """`"8, 16,64"` -> (8.0, 16.0, 64.0) with cast=float; a bad or empty list is a one-line error."""
     what = {int: "integers", float: "numbers"}.get(cast, "values")
     try:
-        values = tuple(cast(v.strip()) for v in text.split(",") if v.strip())
-    except ValueError:
+        values = tuple(_integer(v.strip()) if cast is int else cast(v.strip()) for v in text.split(",") if v.strip())
+    except (ValueError, OverflowError):
         raise ValueError(f"{flag} {text!r}: expected comma-separated {what}") from None
     if not values:
         raise ValueError(f"{flag} {text!r}: expected at least one of the {what}")
@@ -66,6 +95,8 @@ def _parameter(f: dataclasses.Field, tp, preset_fields: set[str]) -> inspect.Par
     if typing.get_origin(base) is tuple:
         annotation = Optional[list[str]] if meta.get("repeat") else Optional[str]
         default = None if value is None else list(value) if meta.get("repeat") else _shown(value) or None
+    elif base in (int, float):  # parsed by _value, so that a typo is one line naming the flag
+        annotation, default = Optional[str], None if value is None else _shown(value)
     else:
         annotation, default = Optional[base], value
     help_text = _help_text(meta["help"])
@@ -80,6 +111,8 @@ def _parameter(f: dataclasses.Field, tp, preset_fields: set[str]) -> inspect.Par
 def _value(f: dataclasses.Field, tp, raw):
     """A given command-line value in the field's type (comma lists split and cast)."""
     base = _base_type(tp)
+    if base in (int, float):
+        return number(raw, _flag(f), base)
     if typing.get_origin(base) is not tuple:
         return raw
     if f.metadata.get("repeat"):
@@ -108,7 +141,9 @@ def command(config_cls: type, run: Callable[[Any], None]) -> Callable[..., None]
         missing = [_flag(f) for f in fields if f.default is dataclasses.MISSING and f.name not in values]
         if missing:
             raise ValueError(f"{', '.join(missing)} is required (or a --preset that sets it)")
-        run(config_cls(**values))
+        cfg = config_cls(**values)
+        with _library_bars_off(getattr(cfg, "quiet", False)):
+            run(cfg)
 
     ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     build.__signature__ = inspect.Signature([ctx_param, *params])  # type: ignore[attr-defined]
@@ -123,15 +158,55 @@ def _help(config_cls: type) -> str:
     return text[:1].upper() + text[1:]
 
 
+@contextlib.contextmanager
+def _library_bars_off(quiet: bool):
+    """--quiet also silences the bars of transformers and huggingface_hub (weight loading, downloads); they are
+    process-wide switches, so they are set back after the command."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    transformers_on, hub_on = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # transformers' and the hub's
+    try:
+        yield
+    finally:
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if not hub_on:
+            disable_progress_bars()
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def _stdout_is_closed() -> bool:
+    """Whether stdout's reader went away (`sae-vlm ... | head`); if so, stdout now writes to /dev/null, so that what
+    is left in its buffer flushes quietly, now and at exit."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):  # POLLERR: a pipe without a reader
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
+    except (OSError, ValueError, AttributeError):  # a captured stdout with no file; no poll on this OS
+        return False
+
+
 def one_line_errors(fn: Callable[..., None]) -> Callable[..., None]:
     """Bad input (ValueError, or an OSError such as a missing path or an unknown model id) ends a command with one
-    `error:` line and exit code 2, instead of a traceback."""
+    `error:` line and exit code 2, instead of a traceback. A closed stdout ends it quietly."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError) as e:
+            if isinstance(e, BrokenPipeError) and _stdout_is_closed():
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
             text = str(e).strip()
             typer.echo(f"error: {text.splitlines()[0] if text else type(e).__name__}", err=True)
             raise typer.Exit(2) from None
@@ -304,13 +379,39 @@ COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, trai
             ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo),
             ("planted", C.PlantedConfig, planted)]
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Sparse autoencoders for vision-language models.")
+class OneLineUsageErrors(TyperGroup):
+    """Typer's command group, except that a usage error (an unknown flag, a missing option, an unknown command) is
+    one `error:` line and exit code 2, like every other bad input."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError:  # a bare `sae-vlm`: the help, as typer shows it
+            return super().main(*args, **kwargs)
+        except ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, no_args_is_help=True, add_completion=False,
+                  help="Sparse autoencoders for vision-language models.")
 for _name, _cls, _run in COMMANDS:
     app.command(_name)(one_line_errors(command(_cls, _run)))
 
 
 def main() -> None:
-    app()
+    try:
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe could only be reported as ignored
+    except BrokenPipeError:
+        if not _stdout_is_closed():
+            raise
+        sys.exit(EXIT_BROKEN_PIPE)
 
 
 if __name__ == "__main__":

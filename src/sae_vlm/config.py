@@ -19,19 +19,55 @@ from sae_vlm.sae.formats import FORMATS as SOURCE_FORMATS
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's warning limit; larger images are refused as decompression bombs
 
 
+SEED_RANGE = f"[0, {2**32 - 1}]"  # what every RNG here accepts (numpy's legacy seeding stops at 2^32)
+ROTATION_SEED_RANGE = f"[-1, {2**32 - 1}]"
+INT_MAX = 2**63 - 1  # ints reach torch and numpy as int64: larger ones overflow there
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A field's valid values, written as in mathematics: "(0, 1)", "[1, inf)", "[1, 65535]"."""
+
+    text: str
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        left, right = text[0], text[-1]
+        lo, hi = (float(v) for v in text[1:-1].split(","))
+        if left not in "[(" or right not in "])" or not lo <= hi:
+            raise ValueError(f"range {text!r}: expected an interval such as (0, 1] or [1, inf)")
+        return cls(text, lo, hi, left == "(", right == ")")
+
+    def holds(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below and math.isfinite(v) and (isinstance(v, float) or v <= INT_MAX)
+
+    def expected(self, v: float) -> str:
+        if isinstance(v, float):
+            return f"expected a finite number in {self.text}"
+        return f"expected an integer in {self.text}" + (" (at most 2^63-1)" if v > INT_MAX else "")
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, positional: bool = False,
-           repeat: bool = False, cli: bool = True, positive: bool = False) -> Any:
+           repeat: bool = False, cli: bool = True, within: str | None = None) -> Any:
     """A config field. `flag`: its command-line name(s) when not `--<field-name>` (`"--from"`,
     `"--replace/--error-term"`); `positional`: an argument rather than an option; `repeat`: a tuple given by
     repeating the flag (values may hold commas) rather than as a comma list; `cli=False`: library-only;
-    `positive`: values must be > 0 (every float value must be finite, positive or not)."""
-    meta = {"help": help, "flag": flag, "positional": positional, "repeat": repeat, "cli": cli, "positive": positive}
+    `within`: the interval every value of a numeric field lies in (every number field declares one)."""
+    meta = {"help": help, "flag": flag, "positional": positional, "repeat": repeat, "cli": cli,
+            "within": None if within is None else Interval.parse(within)}
     return dataclasses.field(default=default, metadata=meta)
 
 
 def checked(cls):
-    """Class decorator, placed under @dataclass: __post_init__ first refuses non-finite floats and non-positive
-    `positive` fields, naming the flag, then runs the class's own checks."""
+    """Class decorator, placed under @dataclass: __post_init__ first refuses a number outside its field's
+    `within` interval (non-finite floats always), naming the flag, the value and the range, then runs the class's
+    own checks."""
     own = cls.__dict__.get("__post_init__")
 
     def __post_init__(self):
@@ -40,11 +76,12 @@ def checked(cls):
             for v in value if isinstance(value, tuple) else (value,):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     continue
-                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ValueError(f"{flag} {v}: expected a finite number")
-                if f.metadata.get("positive") and v <= 0:
-                    raise ValueError(f"{flag} {v}: expected a positive number")
+                within = f.metadata.get("within") or Interval("(-inf, inf)", -math.inf, math.inf, True, True)
+                if not within.holds(v):
+                    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                    if isinstance(value, tuple):  # the list as typed, then the value at fault
+                        raise ValueError(f"{flag} {','.join(map(str, value))}: {within.expected(v)}, not {v}")
+                    raise ValueError(f"{flag} {v}: {within.expected(v)}")
         if own is not None:
             own(self)
 
@@ -112,13 +149,13 @@ class ExtractConfig:
                                                "where it is a patch), mean, all, random-<k>.")
     dtype: str = option("fp16", "Storage dtype: fp16, bf16 or fp32.")
     model_dtype: str | None = option(None, "Model compute dtype: fp32, fp16 or bf16; unset: fp16 on CUDA, fp32 on CPU.")
-    batch_size: int = option(64, "Images per forward pass.", positive=True)
+    batch_size: int = option(64, "Images per forward pass.", within="[1, inf)")
     shard_rows: int = option(4096, "Rows per shard (of the token selection with most rows per image).",
-                             positive=True)
-    workers: int = option(4, "Image decoding threads.", positive=True)
+                             within="[1, inf)")
+    workers: int = option(4, "Image decoding threads.", within="[1, inf)")
     device: str = option("cpu", "cpu, cuda or cuda:1 (under torchrun: one GPU per local rank).")
-    seed: int = option(0, "Seed of the random-k token draws.")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Larger images are skipped as decompression bombs.")
+    seed: int = option(0, "Seed of the random-k token draws.", within=SEED_RANGE)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Larger images are skipped as decompression bombs.", within="[1, inf)")
     quiet: bool = quiet_option()
 
     def __post_init__(self):
@@ -148,14 +185,16 @@ INAT_GROUPS = (0.002, 0.009, 0.035, 0.189, 0.765)
 
 
 @dataclass(frozen=True)
+@checked
 class SAESpec:
     """One SAE of a sweep; its width is an expansion factor of the data's d_in."""
 
     arch: str
-    expansion: float
-    k: int
-    group_fractions: tuple[float, ...] = PAPER_GROUPS
-    seed: int | None = None  # set in a seed sweep (--seeds): the name then ends in _s<seed>
+    expansion: float = option(flag="--width", within="(0, inf)")
+    k: int = option(flag="--k", within="[1, inf)")
+    group_fractions: tuple[float, ...] = option(PAPER_GROUPS, within="(0, 1]")
+    seed: int | None = option(None, "Set in a seed sweep (--seeds): the name then ends in _s<seed>.", flag="--seeds",
+                              within=SEED_RANGE)
 
     @property
     def base_name(self) -> str:
@@ -181,31 +220,37 @@ class TrainConfig:
     layer: str | None = option(None, "Hook point subfolder of a store with several, e.g. layer.22.")
     archs: tuple[str, ...] = option(("batchtopk",), f"Comma list of architectures: {', '.join(ARCHS)}.", flag="--arch")
     expansions: tuple[float, ...] = option((8,), "Comma list of expansion factors (d_sae / d_in), e.g. 8,16,64.",
-                                           flag="--width")
-    ks: tuple[int, ...] = option((20,), "Comma list of k (mean active latents; JumpReLU's target L0).", flag="--k")
-    group_fractions: tuple[float, ...] = option(PAPER_GROUPS, "Matryoshka group fractions, summing to 1.")
-    batch_size: int = option(4096, "Activations per step.", positive=True)
-    steps: int = option(10_000, "Optimizer steps.", positive=True)
-    lr: float | None = option(None, "Learning rate; unset: 2e-4/sqrt(F/2^14) per SAE (the paper's trainer).")
-    warmup_steps: int = option(1000, "Linear LR warmup steps.")
-    decay_start: int | None = option(None, "Step from which the LR decays linearly to 0; unset: no decay.")
-    grad_clip: float = option(1.0, "Gradient norm clip.")
-    aux_alpha: float = option(0.03, "AuxK loss weight.")
+                                           flag="--width", within="(0, inf)")
+    ks: tuple[int, ...] = option((20,), "Comma list of k (mean active latents; JumpReLU's target L0).", flag="--k",
+                                 within="[1, inf)")
+    group_fractions: tuple[float, ...] = option(PAPER_GROUPS, "Matryoshka group fractions, summing to 1.",
+                                                within="(0, 1]")
+    batch_size: int = option(4096, "Activations per step.", within="[1, inf)")
+    steps: int = option(10_000, "Optimizer steps.", within="[1, inf)")
+    lr: float | None = option(None, "Learning rate; unset: 2e-4/sqrt(F/2^14) per SAE (the paper's trainer).",
+                              within="(0, inf)")
+    warmup_steps: int = option(1000, "Linear LR warmup steps.", within="[0, inf)")
+    decay_start: int | None = option(None, "Step from which the LR decays linearly to 0 (before --steps); unset: no "
+                                                  "decay.", within="[0, inf)")
+    grad_clip: float = option(1.0, "Gradient norm clip; 0 turns clipping off.", within="[0, inf)")
+    aux_alpha: float = option(0.03, "AuxK loss weight.", within="[0, inf)")
     dead_window: int = option(10_000_000, "Samples without firing before a latent counts as idle (AuxK trains "
                               "idle latents on the residual; the log's idle_frac).",
-                              positive=True)
+                              within="[1, inf)")
     threshold_start_step: int | None = option(None, "Step after which θ tracks the batch's smallest kept "
-                                                    "activation; unset: 1000 (the paper's), or steps/4 if sooner.")
-    threshold_beta: float = option(0.999, "EMA factor of θ.")
-    l1_coeff: float = option(0.05, "ReLU SAEs: L1 penalty weight.")
-    l0_coeff: float = option(1.0, "JumpReLU: weight of the (L0/k − 1)² sparsity term.")
-    jumprelu_bandwidth: float = option(1e-3, "JumpReLU: width of the straight-through estimator's kernel.")
-    norm_batches: int = option(100, "Batches used to estimate the input-norm factor.", positive=True)
-    seed: int = option(0, "Seed for init and data order.")
+                                                    "activation; unset: 1000 (the paper's), or steps/4 if sooner.",
+                                      within="[0, inf)")
+    threshold_beta: float = option(0.999, "EMA factor of θ.", within="(0, 1)")
+    l1_coeff: float = option(0.05, "ReLU SAEs: L1 penalty weight.", within="[0, inf)")
+    l0_coeff: float = option(1.0, "JumpReLU: weight of the (L0/k − 1)² sparsity term.", within="[0, inf)")
+    jumprelu_bandwidth: float = option(1e-3, "JumpReLU: width of the straight-through estimator's kernel.",
+                                       within="(0, inf)")
+    norm_batches: int = option(100, "Batches used to estimate the input-norm factor.", within="[1, inf)")
+    seed: int = option(0, "Seed for init and data order.", within=SEED_RANGE)
     seeds: tuple[int, ...] = option((), "Comma list of SAE seeds: every SAE of the sweep is trained once per seed, "
                                         "on the same batches (their order still comes from --seed), and named "
                                         "<arch>_x<width>_k<k>_s<seed>; evaluate then reports each metric's mean, "
-                                        "min and max over seeds and how stable each latent is.")
+                                        "min and max over seeds and how stable each latent is.", within=SEED_RANGE)
     bf16: bool = option(False, "bf16 autocast for the forward pass (GPUs, and CPUs with AVX512-BF16 or AMX; "
                                "refused on other CPUs, where torch emulates bf16 far slower than fp32).")
     fast: bool = option(True, "Sparse selection and decoder for top-k architectures; --no-fast: the plain dense path.")
@@ -215,13 +260,14 @@ class TrainConfig:
                               "sweep's SAEs over the ranks.")
     max_memory: float | None = option(None, "GB the training data may occupy on the device; a store or .npy "
                                             "larger than this streams from disk (block-shuffled). Unset: half the "
-                                            "device's free memory.", positive=True)
-    checkpoint_every: int = option(1000, "Steps between resume checkpoints.", positive=True)
+                                            "device's free memory.", within="(0, inf)")
+    checkpoint_every: int = option(1000, "Steps between resume checkpoints.", within="[1, inf)")
     keep_steps: tuple[int, ...] = option((), "Comma list of steps at which to also save every SAE "
-                                             "(saes/<name>/step-<n>/).")
+                                             "(saes/<name>/step-<n>/).", within="[1, inf)")
     eval_step: int | None = option(None, "The snapshot that evaluate, report, browse, steer and steer-score use "
-                                         "unless told otherwise: one of --keep-steps; unset: the final SAEs.")
-    log_every: int = option(100, "Steps between log lines.", positive=True)
+                                         "unless told otherwise: one of --keep-steps; unset: the final SAEs.",
+                                   within="[1, inf)")
+    log_every: int = option(100, "Steps between log lines.", within="[1, inf)")
     log_to: str | None = option(None, "Also log to wandb or tensorboard.")
     resume: bool = option(False, "Continue the run in OUT from its last checkpoint.")
     quiet: bool = option(False, "No progress bar.")
@@ -234,8 +280,15 @@ class TrainConfig:
         total = sum(self.group_fractions)
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"group fractions {self.group_fractions} must sum to 1 (they sum to {total:.6g})")
-        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+        if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {','.join(map(str, self.seeds))}: expected distinct non-negative integers")
+        # Steps the run never reaches would save or change nothing, silently. Step indices run 0..steps-1.
+        late = [("--keep-steps", s) for s in self.keep_steps if s > self.steps]
+        late += [("--decay-start", self.decay_start)] if (self.decay_start or 0) >= self.steps else []
+        if late:
+            flag, step = late[0]
+            raise ValueError(f"{flag} {step}: not before the end of the run (--steps {self.steps}), so it would never "
+                             "take effect")
         if self.eval_step is not None and self.eval_step not in self.keep_steps:
             raise ValueError(f"eval_step={self.eval_step} is not among the kept snapshots {self.keep_steps}; "
                              "add it to --keep-steps")
@@ -252,6 +305,9 @@ class TrainConfig:
 
 # --- evaluate --------------------------------------------------------------------------------------------------
 
+FEW_HELDOUT_ROWS = 200  # evaluate warns when --heldout-frac leaves fewer rows than this
+
+
 @dataclass(frozen=True, kw_only=True)
 @checked
 class EvaluateConfig:
@@ -266,14 +322,15 @@ class EvaluateConfig:
     taxonomy: str | None = option(None, "CSV (label,path) or JSON mapping labels to 7-level taxa.")
     out: str | None = option(None, "Output directory; default RUN/eval.")
     device: str = device_option()
-    heldout_frac: float = option(1.0, "Fraction of --data rows used for the reconstruction metrics.")
-    dense_cutoff: float = option(0.1, "A latent firing on more than this fraction of rows is dense.")
+    heldout_frac: float = option(1.0, "Fraction of --data rows used for the reconstruction metrics; 1: all "
+                                      f"(a warning below {FEW_HELDOUT_ROWS} rows).", within="(0, 1]")
+    dense_cutoff: float = option(0.1, "A latent firing on more than this fraction of rows is dense.", within="[0, 1]")
     batch_rows: int = option(4096, "Rows per validation batch of the per-batch FVE and L0 that the paper's "
-                                   "Tables A6/A7 average (beside the pooled values).", positive=True)
-    rotation_seed: int = option(0, "Seed of the random-rotation baseline; -1 to skip it.")
-    top: int = option(16, "Top-activating images kept per latent.", positive=True)
-    grids: int = option(0, "Render 4x4 image grids for this many highest-MS latents per SAE.")
-    chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False, positive=True)
+                                   "Tables A6/A7 average (beside the pooled values).", within="[1, inf)")
+    rotation_seed: int = option(0, "Seed of the random-rotation baseline; -1 to skip it.", within=ROTATION_SEED_RANGE)
+    top: int = option(16, "Top-activating images kept per latent.", within="[1, inf)")
+    grids: int = option(0, "Render 4x4 image grids for this many highest-MS latents per SAE.", within="[0, inf)")
+    chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False, within="[1, inf)")
     quiet: bool = quiet_option()
 
     @property
@@ -301,12 +358,12 @@ class ConvertConfig:
     model_id: str | None = option(None, "Backbone model id, e.g. openai/clip-vit-large-patch14-336.")
     arch: str | None = option(None, "Where SRC does not record it (overcomplete; dictionary_learning without its "
                                     "config.json): relu, topk or batchtopk.")
-    k: int | None = option(None, "overcomplete TopKSAE/BatchTopKSAE: the top_k per input row.", positive=True)
-    threshold: float | None = option(None, "overcomplete BatchTopKSAE: its running_threshold.")
+    k: int | None = option(None, "overcomplete TopKSAE/BatchTopKSAE: the top_k per input row.", within="[1, inf)")
+    threshold: float | None = option(None, "overcomplete BatchTopKSAE: its running_threshold.", within="[0, inf)")
     input_mean: str | None = option(None, ".npy/.pt of the mean the source's data loader subtracted from inputs "
                                           "(saev scale_mean); folded into the SAE.")
     input_scale: float | None = option(None, "Factor the source's loader multiplied inputs by after that (saev "
-                                             "scale_norm); folded into the SAE.", positive=True)
+                                             "scale_norm); folded into the SAE.", within="(0, inf)")
 
     def __post_init__(self):
         _choice(self.source_format, ("auto", *SOURCE_FORMATS), "--from")
@@ -328,7 +385,7 @@ class CompareConfig:
     layer: str | None = option(None, "Hook point subfolder of a store with several, e.g. layer.22; default: the one "
                                      "the SAEs read.")
     rows: int | None = option(None, "Correlate over at most this many rows, evenly spaced; unset: all.",
-                              positive=True)
+                              within="[1, inf)")
     out: str | None = option(None, "JSON file for the summary and per-latent arrays (match, cosine, correlation).")
     step: str | None = step_option()
     device: str = device_option()
@@ -362,17 +419,17 @@ class SteerConfig:
     llava: str = option(help="LLaVA hub id or directory (LlavaForConditionalGeneration + processor).")
     sae: str = option(help="SAE directory trained at the layer the projector reads.")
     step: str | None = step_option()
-    latents: tuple[int, ...] = option(help="Comma list of latent ids, e.g. 39,120.")
+    latents: tuple[int, ...] = option(help="Comma list of latent ids, e.g. 39,120.", within="[0, inf)")
     alpha: tuple[float, ...] = option((0.0, 30.0, 50.0), "Comma list of values for the op (paper: clamp to "
-                                                         "0,30,40,50).")
+                                                         "0,30,40,50).", within="(-inf, inf)")
     image: tuple[str, ...] = option(("white",), "'white' or an image path; repeat for several.", repeat=True)
     prompt: tuple[str, ...] = option(("Write me a short love poem",), "Prompt text; repeat for several.", repeat=True)
     op: str = option("clamp", f"Edit: {' | '.join(EDIT_OPS)}.")
-    max_new_tokens: int = option(60, "New tokens per answer (greedy).", positive=True)
+    max_new_tokens: int = option(60, "New tokens per answer (greedy).", within="[1, inf)")
     replace: bool = replace_option(False)
     hook_point: str | None = llava_hook_option()
     unsteered: bool = option(True, "Also generate once per image and prompt with the model unpatched.")
-    batch_size: int = option(16, "Cases per generate call.", positive=True)
+    batch_size: int = option(16, "Cases per generate call.", within="[1, inf)")
     device: str = device_option()
     dtype: str = model_dtype_option()
     out: str = option("steer.json", "JSON file with every output.")
@@ -400,18 +457,18 @@ class SteerScoreConfig:
                                 "stripped (without punctuation).")
     class_names: str | None = option(None, "Names of class folders, '<label> <name>[, synonyms]' per line; default: "
                                            "LOC_synset_mapping.txt in or beside the image folder, else folder names.")
-    alpha: float = option(100.0, "Value for the op (paper: clamp to 100).")
+    alpha: float = option(100.0, "Value for the op (paper: clamp to 100).", within="(-inf, inf)")
     op: str = option("clamp", f"Edit: {' | '.join(EDIT_OPS)}.")
     pool: str | None = option(None, "Folder or path list to take top images from; default: --images.")
     top: str | None = option(None, "Precomputed top-image indices [d_sae, 16] (.npy), indexing --top-images.")
     top_images: str | None = option(None, "Folder or path list the --top indices refer to.")
-    per_class: int | None = option(None, "Steer on the first N images of each class folder.")
-    max_images: int | None = option(None, "Steer on at most this many images.")
+    per_class: int | None = option(None, "Steer on the first N images of each class folder.", within="[1, inf)")
+    max_images: int | None = option(None, "Steer on at most this many images.", within="[1, inf)")
     replace: bool = replace_option(True)
     hook_point: str | None = llava_hook_option()
-    max_new_tokens: int = option(5, "New tokens per answer (paper: 5).", positive=True)
-    batch_size: int = option(16, "Cases per generate call (and images per encode batch).", positive=True)
-    seed: int = option(0, "Seed for random latents and the shuffled class names.")
+    max_new_tokens: int = option(5, "New tokens per answer (paper: 5).", within="[1, inf)")
+    batch_size: int = option(16, "Cases per generate call (and images per encode batch).", within="[1, inf)")
+    seed: int = option(0, "Seed for random latents and the shuffled class names.", within=SEED_RANGE)
     device: str = device_option()
     dtype: str = model_dtype_option()
     out: str = option("steer_score.json", "JSON file with the scores and every answer.")
@@ -433,7 +490,7 @@ class BrowseConfig:
     eval_dir: str | None = eval_dir_option()
     data: str | None = view_data_option()
     host: str = option("127.0.0.1", "Interface to listen on; keep loopback unless you mean to share.")
-    port: int = option(8765, "Port to listen on.")
+    port: int = option(8765, "Port to listen on.", within="[1, 65535]")
     clip: str | None = option(None, "CLIPModel id or directory: enables text search over latents.")
     llava: str | None = option(None, "LLaVA id or directory: enables the steering panel.")
     device: str = option("cpu", "Device for the --clip and --llava models.")
@@ -448,7 +505,7 @@ class ReportConfig:
     out: str = option(help="Directory for the static report (OUT/index.html).")
     eval_dir: str | None = eval_dir_option()
     data: str | None = view_data_option()
-    top: int = option(200, "Pages for this many highest-MS alive latents per SAE.", positive=True)
+    top: int = option(200, "Pages for this many highest-MS alive latents per SAE.", within="[1, inf)")
     all_latents: bool = option(False, "A page for every latent.", flag="--all")
     quiet: bool = quiet_option()
 
@@ -463,11 +520,12 @@ class DemoConfig:
     out: str = option("runs/demo", "Output directory.")
     quick: bool = option(False, "A smaller run (about two minutes) for tests and a first look.")
     seeds: tuple[int, ...] = option((0, 1, 2), "Comma list of SAE seeds: every SAE is trained once per seed, and "
-                                               "each finding is a median over them with the per-seed values beside it.")
+                                               "each finding is a median over them with the per-seed values beside it.",
+                                    within=SEED_RANGE)
     quiet: bool = option(False, "No progress output.")
 
     def __post_init__(self):
-        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {','.join(map(str, self.seeds))}: expected at least two distinct non-negative "
                              "integers (the findings are medians over seeds)")
 
@@ -481,24 +539,25 @@ class PlantedConfig:
 
     out: str = option("runs/planted", "Output directory (planted.json, planted.png, run/ with the SAEs).")
     branching: tuple[int, ...] = option((4, 3, 3, 3), "Comma list: the number of roots, then the children of every "
-                                                      "feature at each level below.")
-    d: int = option(40, "Dimension of the activations.", positive=True)
-    n_train: int = option(50_000, "Training rows.", positive=True)
-    n_eval: int = option(10_000, "Held-out rows the SAEs are scored on.", positive=True)
-    root_prob: float = option(0.25, "Probability that a root fires in a row (each independently).", positive=True)
+                                                      "feature at each level below.", within="[1, inf)")
+    d: int = option(40, "Dimension of the activations.", within="[2, inf)")
+    n_train: int = option(50_000, "Training rows.", within="[1, inf)")
+    n_eval: int = option(10_000, "Held-out rows the SAEs are scored on.", within="[1, inf)")
+    root_prob: float = option(0.25, "Probability that a root fires in a row (each independently).", within="(0, 1]")
     child_prob: float = option(0.5, "Probability that a firing feature also fires one of its children, picked "
-                                     "uniformly (else none).", positive=True)
-    noise: float = option(0.02, "Standard deviation of the Gaussian noise on every dimension.")
-    world_seed: int = option(0, "Seed of the directions and of the training and held-out samples.")
+                                     "uniformly (else none).", within="(0, 1]")
+    noise: float = option(0.02, "Standard deviation of the Gaussian noise on every dimension.", within="[0, inf)")
+    world_seed: int = option(0, "Seed of the directions and of the training and held-out samples.", within=SEED_RANGE)
     archs: tuple[str, ...] = option(("batchtopk", "matryoshka"), f"Comma list of architectures: {', '.join(ARCHS)}.",
                                     flag="--arch")
     k: int | None = option(None, "Active latents per row; unset: the world's mean number of firing features, "
-                                 "rounded.", positive=True)
-    steps: int = option(700, "Optimizer steps.", positive=True)
-    batch_size: int = option(256, "Activations per step.", positive=True)
-    lr: float = option(4e-3, "Learning rate.", positive=True)
-    aux_alpha: float = option(0.3, "AuxK loss weight (idle: not fired for 10 batches).")
-    seeds: tuple[int, ...] = option((0, 1, 2), "Comma list of SAE seeds; every SAE trains once per seed.")
+                                 "rounded.", within="[1, inf)")
+    steps: int = option(700, "Optimizer steps.", within="[1, inf)")
+    batch_size: int = option(256, "Activations per step.", within="[1, inf)")
+    lr: float = option(4e-3, "Learning rate.", within="(0, inf)")
+    aux_alpha: float = option(0.3, "AuxK loss weight (idle: not fired for 10 batches).", within="[0, inf)")
+    seeds: tuple[int, ...] = option((0, 1, 2), "Comma list of SAE seeds; every SAE trains once per seed.",
+                                    within=SEED_RANGE)
     device: str = device_option()
     quiet: bool = quiet_option()
 
@@ -510,7 +569,7 @@ class PlantedConfig:
             raise ValueError("--arch is empty; expected at least one architecture")
         for a in self.archs:
             arch_spec(a)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {','.join(map(str, self.seeds))}: expected distinct non-negative integers")
         if self.n_train < self.batch_size:
             raise ValueError(f"--n-train {self.n_train}: expected at least --batch-size ({self.batch_size}) rows")

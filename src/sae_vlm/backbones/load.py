@@ -17,14 +17,15 @@ def quiet_loading() -> Iterator[None]:
     """transformers' load report and weight progress bar, silenced for one load."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
+        if bars:  # not back on under --quiet
+            hf_logging.enable_progress_bar()
 
 
 def pil_backend() -> dict:

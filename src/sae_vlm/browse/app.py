@@ -7,6 +7,7 @@ inside that directory.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -126,14 +127,26 @@ def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port; a port in use or a host that is not this machine's is a one-line OSError."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
 def serve(cfg: BrowseConfig, announce=print) -> None:
-    """Serve `cfg.run_dir` with uvicorn until interrupted; `announce` gets the address line."""
+    """Serve `cfg.run_dir` with uvicorn until interrupted; `announce` gets the address line, once the port is
+    bound (a port in use is refused before anything is announced or loaded)."""
     import uvicorn
 
     from sae_vlm.browse.tools import Steerer, TextSearch
 
     view = RunView(cfg.run_dir, cfg.eval_dir, cfg.data)
-    search = TextSearch(view, cfg.clip, cfg.device) if cfg.clip else None
-    steerer = Steerer(view, cfg.llava, cfg.device) if cfg.llava else None
-    announce(f"serving {view.run_dir} at http://{cfg.host}:{cfg.port}/")
-    uvicorn.run(create_app(view, search, steerer), host=cfg.host, port=cfg.port, log_level="warning")
+    with listen(cfg.host, cfg.port) as sock:
+        search = TextSearch(view, cfg.clip, cfg.device) if cfg.clip else None
+        steerer = Steerer(view, cfg.llava, cfg.device) if cfg.llava else None
+        announce(f"serving {view.run_dir} at http://{cfg.host}:{cfg.port}/")
+        server = uvicorn.Server(uvicorn.Config(create_app(view, search, steerer), log_level="warning"))
+        server.run(sockets=[sock])

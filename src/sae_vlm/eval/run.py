@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.config import EvaluateConfig
+from sae_vlm.config import FEW_HELDOUT_ROWS, EvaluateConfig
 from sae_vlm.data.source import as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
@@ -223,6 +223,9 @@ class Evaluation:
             return None
         keep_N = torch.zeros(n, dtype=torch.bool)
         keep_N[heldout_rows(n, self.cfg.heldout_frac)] = True
+        if keep_N.sum() < FEW_HELDOUT_ROWS:  # a warning, not an error: the metrics are still right, only noisy
+            print(f"warning: --heldout-frac {self.cfg.heldout_frac:g} leaves {int(keep_N.sum())} of {n} rows for the "
+                  f"reconstruction metrics, fewer than {FEW_HELDOUT_ROWS}: FVE and L0 will be noisy", file=sys.stderr)
         return keep_N
 
     def accumulators(self, name: str, sdir: Path, sae: SAE, inp: Inputs, e_ND: torch.Tensor | None,

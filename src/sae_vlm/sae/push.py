@@ -83,13 +83,24 @@ def stage(sae_dir: Path, dest: Path, repo_id: str, metrics: dict | None) -> None
     atomic_write_text(dest / "README.md", model_card(sae, repo_id, metrics))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """`namespace/name` under the hub's own rule (letters, digits, - _ ., no -- or .., at most 96 characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"repo id {repo_id!r}: expected a hub repo id ({' '.join(str(e).split())})") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo id {repo_id!r}: expected namespace/name, e.g. you/clip-l22-matryoshka")
+
+
 def push_sae(cfg) -> str:
+    check_repo_id(cfg.repo_id)
     sae_dir = Path(cfg.sae_dir)
     if not is_sae_dir(sae_dir):
         raise FileNotFoundError(f"{sae_dir} is not an sae-vlm SAE folder (config.json + model.safetensors); "
                                 "`sae-vlm convert` one from another library first")
-    if "/" not in cfg.repo_id.strip("/"):
-        raise ValueError(f"repo id {cfg.repo_id!r}: expected owner/name")
     metrics = find_metrics(sae_dir, cfg.metrics)
     if cfg.dry_run:
         dest = Path(cfg.dry_run)
@@ -97,12 +108,19 @@ def push_sae(cfg) -> str:
             raise ValueError(f"--dry-run folder {dest} is not empty")
         stage(sae_dir, dest, cfg.repo_id, metrics)
         return str(dest)
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
 
+    client_error: type[Exception] = HfHubHTTPError.__mro__[1]  # the HTTP client's base error (no DNS, no route)
     api = HfApi()
     with tempfile.TemporaryDirectory(prefix="sae-vlm-push-") as tmp:
         stage(sae_dir, Path(tmp), cfg.repo_id, metrics)
-        api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
-        api.upload_folder(folder_path=tmp, repo_id=cfg.repo_id, revision=cfg.revision,
-                          commit_message=f"Upload {sae_dir.name} with sae-vlm")
-    return f"https://huggingface.co/{cfg.repo_id}"
+        try:
+            api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
+            api.upload_folder(folder_path=tmp, repo_id=cfg.repo_id, revision=cfg.revision,
+                              commit_message=f"Upload {sae_dir.name} with sae-vlm")
+        except (OSError, ValueError, client_error) as e:  # also a missing token, a refused or unknown revision
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise OSError(f"could not push {cfg.repo_id} to {constants.ENDPOINT}: {reason}; nothing was "
+                          "uploaded") from None
+    return f"{constants.ENDPOINT}/{cfg.repo_id}"
