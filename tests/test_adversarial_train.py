@@ -343,3 +343,9 @@ def test_an_sae_from_another_layer_is_refused_unless_the_layer_is_named(work, ca
     with intervene(model, None, SAE(SAEConfig("topk", 32, 64, 4, hook_point="layer.1")), {3: ("clamp", 5.0)}):
         pass
     assert "layer" not in capsys.readouterr().err
+    # the same layer by its index from the end (the tiny LLaVA reads its tower's layer -2): no refusal, no warning
+    with intervene(model, None, SAE(SAEConfig("topk", 32, 64, 4, hook_point="-2")), {3: ("clamp", 5.0)}):
+        pass
+    with intervene(model, "-2", SAE(SAEConfig("topk", 32, 64, 4, hook_point="layer.1")), {3: ("clamp", 5.0)}):
+        pass
+    assert "layer" not in capsys.readouterr().err

@@ -209,12 +209,13 @@ def test_a_steering_candidate_detects_its_colour_better_than_any_other():
     assert candidates(auc_CF, "blue") == [(1, 0.97)] and candidates(auc_CF, "red") == [] and MIN_AUROC == 0.9
 
 
-@pytest.mark.parametrize("seeds", ["1", "2,2", "-1,3"])
-def test_demo_needs_two_distinct_seeds(tmp_path, seeds):
+@pytest.mark.parametrize("seeds, why", [("1", "expected at least two distinct"), ("2,2", "expected at least two distinct"),
+                                        ("-1,3", "expected an integer in [0, 4294967295], not -1")])
+def test_demo_needs_two_distinct_seeds(tmp_path, seeds, why):
     from typer.testing import CliRunner
 
     from sae_vlm.cli import app
 
     r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--seeds", seeds, "--quick"])
-    assert r.exit_code == 2 and r.output.startswith(f"error: --seeds {seeds}: expected at least two distinct")
+    assert r.exit_code == 2 and r.output.startswith(f"error: --seeds {seeds}: {why}")
     assert not (tmp_path / "d").exists()

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import select
 import sys
@@ -255,7 +256,8 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
         ms_txt = (f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['unscored']} unscored)" if ms and "mean" in ms
                   else "MS – (no image embeddings: pass --embeddings or --embedder)" if not ms else "MS –")
         rec = r["recon"]
-        typer.echo(f"{r['name']}: {ms_txt}, FVE {100 * rec['fve']:.1f}%, L0 {rec['l0']:.1f}, "
+        fve = f"{100 * rec['fve']:.1f}%" if math.isfinite(rec["fve"]) else "– (the data has no variance)"
+        typer.echo(f"{r['name']}: {ms_txt}, FVE {fve}, L0 {rec['l0']:.1f}, "
                    f"{rec['dead']} of {r['d_sae']} dead (never positive)")
     for base, entry in metrics.get("seeds", {}).items():
         typer.echo(seed_line(base, entry))

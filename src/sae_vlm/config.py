@@ -141,7 +141,9 @@ class ExtractConfig:
     """`sae-vlm extract`: images -> activations at several hook points and token selections, in one pass."""
 
     model: str = option(help="Hub id or local directory that transformers' from_pretrained loads.")
-    data: str = option(help="Image folder, `datasets` folder or hub id, webdataset .tar shards, or a .txt path list.")
+    data: str = option(help="Image folder (a .tar inside it is named and skipped), `datasets` folder or hub id, "
+                       "webdataset shards (a .tar, a glob or brace pattern like 'shards/{000..009}.tar', or a folder "
+                       "holding only .tar files), or a .txt path list.")
     out: str = option(help="Store directory; rerun the same command to resume.")
     layers: tuple[str, ...] = option((), "Comma list of hook points: 11 (= layer.11), last; default: the layer a "
                                          "LLaVA projector reads, else last.")
@@ -319,7 +321,8 @@ class EvaluateConfig:
     embeddings: str | None = option(None, "Image embeddings .npy [rows, D] for the MS similarity.")
     embedder: str | None = option(None, "Model id or directory to embed the store's images (cached in "
                                          "OUT/embeddings).")
-    taxonomy: str | None = option(None, "CSV (label,path) or JSON mapping labels to 7-level taxa.")
+    taxonomy: str | None = option(None, "CSV (label,path) or JSON mapping labels to taxa paths, all of one "
+                                        "depth (7 levels in the paper); when given, the only taxonomy source.")
     out: str | None = option(None, "Output directory; default RUN/eval.")
     device: str = device_option()
     heldout_frac: float = option(1.0, "Fraction of --data rows used for the reconstruction metrics; 1: all "

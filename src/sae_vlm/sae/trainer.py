@@ -193,8 +193,7 @@ def train_step(m: Member, x_ND: torch.Tensor, step: int, cfg: TrainConfig, metri
     if ddp:  # before the projection and clipping, so every rank takes the same step
         D.average_grads_(list(sae.parameters()))
     mechanics.remove_parallel_grads_(sae.W_dec)
-    if cfg.grad_clip > 0:  # --grad-clip 0: off
-        mechanics.clip_grad_norm_(list(sae.parameters()), cfg.grad_clip)
+    mechanics.clip_grad_norm_(list(sae.parameters()), cfg.grad_clip)  # 0: off
     m.opt.step()
     mechanics.normalize_decoder_(sae.W_dec)
     if sae.arch.learned_threshold:

@@ -33,6 +33,16 @@ def check_sae_width(bb: Backbone, hook_point: str, sae) -> None:
 _WARNED: set[tuple] = set()  # (SAE, trained at, applied at) already named on stderr
 
 
+def _trained_at(bb: Backbone, name: str | None) -> str | None:
+    """The SAE's hook point in this model's names; a layer the model lacks stays as written (and so differs)."""
+    for canon in (bb.hook_point, parse_hook_point):
+        try:
+            return canon(name) if name else None
+        except ValueError:  # a free-form name from an imported checkpoint
+            continue
+    return None
+
+
 def steering_point(bb: Backbone, hook_point: str | int | None, sae) -> str:
     """Where to edit: `hook_point` if given, else LLaVA's projector input, else the SAE's own hook point.
 
@@ -41,11 +51,8 @@ def steering_point(bb: Backbone, hook_point: str | int | None, sae) -> str:
     point = hook_point if hook_point is not None else bb.default_layer or sae.cfg.hook_point
     if point is None:
         raise ValueError("hook_point is None and neither the model (LLaVA) nor the SAE config names one")
-    point = parse_hook_point(point)
-    try:
-        trained_at = parse_hook_point(sae.cfg.hook_point) if sae.cfg.hook_point else None
-    except ValueError:  # a free-form name from an imported checkpoint
-        trained_at = None
+    point = bb.hook_point(point)  # one name per point: '-1' and 'layer.<n - 1>' compare equal
+    trained_at = _trained_at(bb, sae.cfg.hook_point)
     if trained_at is None or trained_at == point:
         return point
     name = getattr(sae, "path", None) or f"(d_sae={sae.cfg.d_sae})"
