@@ -6,9 +6,25 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+import torch
 from typer.testing import CliRunner
 
+from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
+
+D = 16  # the width of the probes' activations
+
+
+def make_work(tmp_path: Path, monkeypatch) -> Path:
+    """A folder with activations, embeddings and one trained-looking SAE, as the working directory."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "acts.npy", (rng.normal(size=(256, D)) + 0.3).astype(np.float32))
+    np.save(tmp_path / "emb.npy", rng.normal(size=(256, 6)).astype(np.float32))
+    torch.manual_seed(0)
+    SAE(SAEConfig("batchtopk", D, 32, 4)).save_pretrained(tmp_path / "sae")
+    return tmp_path
 
 
 def tree(root: Path) -> dict[str, str]:

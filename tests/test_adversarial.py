@@ -15,25 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _adversarial import refused
+from _adversarial import D, make_work, refused
 from typer.testing import CliRunner
 
 from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
 
-D = 16
-
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """A folder with activations, embeddings and one trained-looking SAE, as the working directory."""
-    monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "acts.npy", (rng.normal(size=(256, D)) + 0.3).astype(np.float32))
-    np.save(tmp_path / "emb.npy", rng.normal(size=(256, 6)).astype(np.float32))
-    torch.manual_seed(0)
-    SAE(SAEConfig("batchtopk", D, 32, 4)).save_pretrained(tmp_path / "sae")
-    return tmp_path
+    return make_work(tmp_path, monkeypatch)
 
 
 TRAIN = ["train", "--data", "acts.npy", "--width", "2", "--k", "4", "--batch-size", "32", "--steps", "4", "--quiet"]

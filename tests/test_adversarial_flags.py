@@ -15,24 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _adversarial import refused, tree
+from _adversarial import make_work, refused, tree
 from typer.testing import CliRunner
 
-from sae_vlm import SAE, SAEConfig
+from sae_vlm import SAE
 from sae_vlm.cli import EXIT_BROKEN_PIPE, app
-
-D = 16
 
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """Activations and one tiny SAE, as the working directory."""
-    monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "acts.npy", (rng.normal(size=(256, D)) + 0.3).astype(np.float32))
-    torch.manual_seed(0)
-    SAE(SAEConfig("batchtopk", D, 32, 4)).save_pretrained(tmp_path / "sae")
-    return tmp_path
+    return make_work(tmp_path, monkeypatch)
 
 
 TRAIN = ["train", "--data", "acts.npy", "--out", "r", "--width", "2", "--k", "4", "--batch-size", "32", "--steps",

@@ -209,7 +209,8 @@ def test_a_steering_candidate_detects_its_colour_better_than_any_other():
     assert candidates(auc_CF, "blue") == [(1, 0.97)] and candidates(auc_CF, "red") == [] and MIN_AUROC == 0.9
 
 
-@pytest.mark.parametrize("seeds, why", [("1", "expected at least two distinct"), ("2,2", "expected at least two distinct"),
+@pytest.mark.parametrize("seeds, why", [("1", "expected at least two distinct"),
+                                        ("2,2", "expected at least two distinct"),
                                         ("-1,3", "expected an integer in [0, 4294967295], not -1")])
 def test_demo_needs_two_distinct_seeds(tmp_path, seeds, why):
     from typer.testing import CliRunner
