@@ -58,6 +58,12 @@ class EncoderOutput(NamedTuple):
     codes: torch.Tensor | SparseCodes  # selected codes: dense [N, F], or sparse entries on the fast path
 
 
+def nonfinite_tensors(named: dict[str, torch.Tensor | None]) -> str:
+    """'W_dec has 3 non-finite values, ...' for the tensors holding NaN or inf; "" when all are finite."""
+    counts = {n: int((~torch.isfinite(t)).sum()) for n, t in named.items() if t is not None}
+    return ", ".join(f"{n} has {c} non-finite values" for n, c in counts.items() if c)
+
+
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -159,17 +165,15 @@ class SAE(nn.Module):
             return EncoderOutput(h, act.jumprelu(h, self.threshold, bandwidth))
         return EncoderOutput(h, self.select(h, rule))
 
-    def nonfinite(self) -> dict[str, int]:
-        """{tensor name: count of NaN/inf entries} for every tensor that holds any (empty: all finite)."""
-        counts = {n: int((~torch.isfinite(t)).sum()) for n, t in self.state_dict().items()}
-        return {n: c for n, c in counts.items() if c}
+    def nonfinite(self) -> str:
+        """Which tensors hold NaN/inf entries, and how many, in words ("" when all are finite)."""
+        return nonfinite_tensors(self.state_dict())
 
     def check_finite(self, where: str) -> None:
         """Refuse an SAE with NaN or inf weights: every code and reconstruction it gives would be wrong."""
         bad = self.nonfinite()
         if bad:
-            listed = ", ".join(f"{n} has {c} non-finite values" for n, c in bad.items())
-            raise ValueError(f"{where}: {listed}")
+            raise ValueError(f"{where}: {bad}")
 
     # --- scaling and I/O ---
     @torch.no_grad()

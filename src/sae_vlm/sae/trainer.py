@@ -468,8 +468,7 @@ def first_nonfinite(members: list[Member], done: int, weights: bool) -> dict | N
     for m in members if weights else []:
         bad = m.sae.nonfinite()
         if bad:
-            what = ", ".join(f"{n} has {c} non-finite values" for n, c in bad.items())
-            return {"sae": m.spec.name, "step": done, "what": what}
+            return {"sae": m.spec.name, "step": done, "what": bad}
     return None
 
 

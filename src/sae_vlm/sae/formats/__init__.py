@@ -16,7 +16,7 @@ import torch
 from sae_vlm.outdir import check_owned, claim
 from sae_vlm.sae.formats import dictionary_learning, overcomplete, sae_lens, saev, sparsify
 from sae_vlm.sae.formats.common import Hints, Parts
-from sae_vlm.sae.model import SAE, SAEConfig, local_or_hub
+from sae_vlm.sae.model import SAE, SAEConfig, local_or_hub, nonfinite_tensors
 
 __all__ = ["FORMATS", "Hints", "Parts", "detect", "load_foreign", "to_sae"]
 
@@ -82,11 +82,10 @@ def to_sae(p: Parts, hints: Hints = Hints()) -> SAE:
 
 def check_parts_finite(p: Parts, where: str) -> None:
     """Refuse NaN or inf in a library's weights, naming the tensor: converting would carry them into every code."""
-    named = {"W_enc": p.W_enc_DF, "b_enc": p.b_enc_F, "W_dec": p.W_dec_FD, "b_dec": p.b_dec_D, "threshold": p.threshold}
-    bad = {n: int((~torch.isfinite(t)).sum()) for n, t in named.items() if t is not None}
-    listed = ", ".join(f"{n} has {c} non-finite values" for n, c in bad.items() if c)
-    if listed:
-        raise ValueError(f"{where}: {listed}")
+    bad = nonfinite_tensors({"W_enc": p.W_enc_DF, "b_enc": p.b_enc_F, "W_dec": p.W_dec_FD, "b_dec": p.b_dec_D,
+                             "threshold": p.threshold})
+    if bad:
+        raise ValueError(f"{where}: {bad}")
 
 
 def describe(sae: SAE) -> str:
