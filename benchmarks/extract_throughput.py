@@ -85,7 +85,8 @@ def main() -> None:
         res = {"model": args.model or f"random CLIP hidden={args.hidden} layers={args.layers} image={args.image_size}",
                "device": args.device, "n_images": args.n_images, "batch_size": args.batch_size,
                "workers": args.workers, "threads": torch.get_num_threads(), "bare_img_per_s": round(bare, 2),
-               "extract_img_per_s": round(ext, 2), "ratio": round(ext / bare, 3), "rows": s["rows"]}
+               "extract_img_per_s": round(ext, 2), "ratio": round(ext / bare, 3),
+               "rows": s.store.rows if s.store else None}
         print(json.dumps(res, indent=1))
 
 

@@ -52,7 +52,7 @@ def trained(stores: dict, layer: str, steps: int) -> Path:
 def scored(run: Path, store: Path, truth: Path, out: Path) -> tuple[float, float]:
     """(MS under the ground truth, FVE) of the run's SAE on an eval store."""
     m = evaluate_run(EvaluateConfig(run_dir=str(run), data=str(store), embeddings=str(truth), out=str(out),
-                                    device="cpu", quiet=True))
+                                    device="cpu", quiet=True)).to_json()
     return m["saes"][0]["ms"]["mean"], m["saes"][0]["recon"]["fve"]
 
 

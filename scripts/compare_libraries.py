@@ -181,7 +181,7 @@ def compare(a: argparse.Namespace) -> list[dict]:
         convert(ConvertConfig(src=str(got["src"]), dst=str(out / "saes" / library), hook_point=a.layer, **hints))
         rows.append({"library": library, "trained": got["trained"]})
     metrics = evaluate_run(EvaluateConfig(run_dir=str(out), data=a.eval, embeddings=a.embeddings,
-                                          out=str(out / "eval"), device="cpu", quiet=True))
+                                          out=str(out / "eval"), device="cpu", quiet=True)).to_json()
     by_name = {m["name"]: m for m in metrics["saes"]}
     for r in rows:
         r["metrics"] = by_name[r["library"]]

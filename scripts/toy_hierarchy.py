@@ -68,7 +68,7 @@ def run_layer(paths: dict, layer: str, out: Path, a) -> dict:
     eval_dir = out / "eval" / layer
     m = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else \
         evaluate_run(EvaluateConfig(run_dir=str(run), data=str(paths["stores_eval"]), out=str(eval_dir),
-                                    embeddings=str(truth), device="cpu", quiet=True))
+                                    embeddings=str(truth), device="cpu", quiet=True)).to_json()
     return {r["name"]: summarise(r, eval_dir) for r in m["saes"]}
 
 

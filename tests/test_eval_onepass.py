@@ -10,6 +10,7 @@ import torch
 
 from sae_vlm import SAE, SAEConfig
 from sae_vlm.config import EvaluateConfig
+from sae_vlm.data.source import ActivationSource
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval import ms as ms_mod
 from sae_vlm.eval import run as run_mod
@@ -17,7 +18,7 @@ from sae_vlm.eval.recon import heldout_rows, reconstruction_metrics
 from sae_vlm.eval.top import EncodedSource, top_activating
 
 
-class CountingSource:
+class CountingSource(ActivationSource):
     """An activation source that counts how often each row is read, through `get` or `read_rows`."""
 
     def __init__(self, src):
@@ -69,7 +70,7 @@ def test_every_row_is_read_once_per_source(tmp_path, monkeypatch, one_thread):
     cfg = EvaluateConfig(run_dir=str(run), data=str(tmp_path / "acts.npy"), embeddings=str(tmp_path / "emb.npy"),
                          taxonomy=str(tmp_path / "tax.json"), out=str(tmp_path / "out"), heldout_frac=0.6,
                          batch_rows=7, chunk_rows=16, device="cpu", quiet=True)
-    m = run_mod.evaluate_run(cfg)
+    m = run_mod.evaluate_run(cfg).to_json()
 
     assert len(opened) == 2  # one source per hook point, each opened once
     for src in opened:

@@ -192,7 +192,8 @@ def test_llava_tower_defaults_to_projector_layer(setup, tmp_path):
     bb = Backbone(LlavaForConditionalGeneration(cfg).eval(), tiny_clip_processor(), model_id="tiny-llava")
     s = run_extract(ExtractConfig(model="tiny-llava", data=str(root / "imgs"), out=str(tmp_path / "llava"),
                                   tokens=("random-2",), quiet=True), backbone=bb)
-    assert s["subdirs"] == ["layer.2__random-2"] and open_store(tmp_path / "llava").rows == 22
+    assert s.store is not None and s.store.subdirs == ["layer.2__random-2"]
+    assert open_store(tmp_path / "llava").rows == 22
 
 
 def test_store_that_does_not_fit_the_disk_is_refused_then_resumes(setup, tmp_path, monkeypatch):
@@ -289,7 +290,7 @@ def test_a_store_from_before_batch_size_was_recorded_still_reruns(setup, tmp_pat
     old = json.loads(cfg_file.read_text())
     del old["batch_size"]
     cfg_file.write_text(json.dumps({**old, "data": "imgs"}))
-    assert run_extract(cfg)["rows"] == 11
+    assert run_extract(cfg).store.rows == 11
     (tmp_path / "s" / "manifest.json").unlink()
     with pytest.raises(ValueError, match=r"different settings \(batch_size\)"):
         run_extract(cfg)

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from sae_vlm import SAE
 from sae_vlm.cli import app
 from sae_vlm.config import INAT_COUNTS, PRESETS, TrainConfig
-from sae_vlm.data.source import NumpySource, TensorSource
+from sae_vlm.data.source import NumpySource, StoreMeta, TensorSource
 from sae_vlm.device import native_bf16
 from sae_vlm.sae import trainer
 from sae_vlm.sae.checkpoint import CKPT, truncate_log
@@ -183,8 +183,9 @@ def test_sweep_reads_data_once_and_saves_every_sae(tmp_path, monkeypatch):
 
 
 def test_source_provenance_reaches_config_json(tmp_path):
-    class Tagged(TensorSource):
-        hook_point, model_id, token_selection = "layer.11", "tiny-clip", "cls"
+    class Tagged(TensorSource):  # provenance comes from the store's manifest
+        meta = StoreMeta(Path("tagged"), {"hook_point": "layer.11", "model_id": "tiny-clip", "token_selection": "cls"},
+                         1, list)
 
     cfg = TrainConfig(data="tagged", out=str(tmp_path / "run"), batch_size=64, steps=3, warmup_steps=1,
                       expansions=(2,), ks=(4,), device="cpu", quiet=True)

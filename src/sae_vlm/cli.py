@@ -221,20 +221,21 @@ def extract(cfg: C.ExtractConfig) -> None:
     from sae_vlm.data.extract import run_extract
 
     s = run_extract(cfg)
-    if s["rank"] != 0:
+    store = s.store
+    if store is None:  # not rank 0
         return
-    typer.echo(f"wrote {cfg.out}: {s['rows']} images kept, {len(s['skipped'])} skipped, {s['images_processed']} "
-               f"processed in {s['seconds']:.1f}s ({s['img_per_s']:.1f} img/s), subdirs {', '.join(s['subdirs'])}")
-    if s["ignored"]:
-        kinds = ", ".join(f"{ext} {n}" for ext, n in list(s["ignored"].items())[:8])
-        typer.echo(f"  {sum(s['ignored'].values())} files in the folder are not images and were not read ({kinds}); "
+    typer.echo(f"wrote {cfg.out}: {store.rows} images kept, {len(store.skipped)} skipped, {s.images_processed} "
+               f"processed in {s.seconds:.1f}s ({s.img_per_s:.1f} img/s), subdirs {', '.join(store.subdirs)}")
+    if store.ignored:
+        kinds = ", ".join(f"{ext} {n}" for ext, n in list(store.ignored.items())[:8])
+        typer.echo(f"  {sum(store.ignored.values())} files in the folder are not images and were not read ({kinds}); "
                    "counted in manifest.json as ignored_files")
-    for note in s["notes"]:  # what the data source was read as, and what in it was passed over
+    for note in store.notes:  # what the data source was read as, and what in it was passed over
         typer.echo(f"  {note}")
-    for sk in s["skipped"][:20]:
+    for sk in store.skipped[:20]:
         typer.echo(f"  skipped {sk['path']}: {sk['reason']}")
-    if len(s["skipped"]) > 20:
-        typer.echo(f"  ... {len(s['skipped']) - 20} more in {cfg.out}/manifest.json")
+    if len(store.skipped) > 20:
+        typer.echo(f"  ... {len(store.skipped) - 20} more in {cfg.out}/manifest.json")
 
 
 def train(cfg: C.TrainConfig) -> None:
@@ -250,20 +251,20 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
     from sae_vlm.eval.seeds import seed_line
 
     metrics = evaluate_run(cfg)
-    typer.echo(f"scored the SAEs at step {metrics['step']}")
-    for r in metrics["saes"]:
-        ms = r["ms"]
+    typer.echo(f"scored the SAEs at step {metrics.step}")
+    for r in metrics.saes:
+        ms = r.ms
         ms_txt = (f"MS {ms['mean']:.3f}±{ms['std']:.3f} ({ms['unscored']} unscored)" if ms and "mean" in ms
                   else "MS – (no image embeddings: pass --embeddings or --embedder)" if not ms else "MS –")
-        rec = r["recon"]
+        rec = r.recon
         fve = f"{100 * rec['fve']:.1f}%" if math.isfinite(rec["fve"]) else "– (the data has no variance)"
-        typer.echo(f"{r['name']}: {ms_txt}, FVE {fve}, L0 {rec['l0']:.1f}, "
-                   f"{rec['dead']} of {r['d_sae']} dead (never positive)")
-    for base, entry in metrics.get("seeds", {}).items():
+        typer.echo(f"{r.name}: {ms_txt}, FVE {fve}, L0 {rec['l0']:.1f}, "
+                   f"{rec['dead']} of {r.d_sae} dead (never positive)")
+    for base, entry in metrics.seeds.items():
         typer.echo(seed_line(base, entry))
-    for r in metrics["saes"]:
-        if "hierarchy" in r:
-            typer.echo("\n" + hierarchy_table(r))
+    for r in metrics.saes:
+        if r.hierarchy is not None:
+            typer.echo("\n" + hierarchy_table(r.to_json()))
     typer.echo(f"wrote {cfg.out_dir}/metrics.json")
 
 

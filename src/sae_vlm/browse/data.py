@@ -23,6 +23,7 @@ from sae_vlm.io import read_json
 from sae_vlm.sae.groups import latent_levels
 
 if TYPE_CHECKING:
+    from sae_vlm.data.source import ActivationSource
     from sae_vlm.sae.model import SAE
 
 SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level", "stable")
@@ -120,7 +121,7 @@ class Dictionary:
     top_val: np.ndarray | None
     sae_dir: Path | None = None
     info: dict = field(default_factory=dict)  # arch, d_sae, k, group_sizes for the header
-    source: Any = None  # the activation store subdir the top indices point into (a StoreReader, or None)
+    source: ActivationSource | None = None  # the activation store subdir the top indices point into
     detects: dict = field(default_factory=dict)  # latent -> [(taxonomy node, AUROC)] it detects best
     _sae: SAE | None = None
     _dec_unit: np.ndarray | None = None
@@ -405,12 +406,13 @@ class RunView:
 
     def image_path(self, d: Dictionary, row: int) -> Path | None:
         """The image file behind store row `row`, or None (no store, out of range, not a plain file)."""
-        if d.source is None or not hasattr(d.source, "paths") or not 0 <= row < d.source.rows:
+        if d.source is None or d.source.meta is None or not 0 <= row < d.source.rows:
             return None
+        meta = d.source.meta
         paths = d._paths
         if paths is None:
             try:
-                paths = d.source.paths()
+                paths = meta.paths()
             except ValueError as e:  # an old store moved away from its images: pages without pictures
                 print(f"warning: {e}", file=sys.stderr)
                 paths = []

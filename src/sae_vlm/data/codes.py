@@ -76,7 +76,7 @@ def write_codes(sae, source, out_dir: str | Path, k: int | None = None, batch_si
         tmp_v.unlink(missing_ok=True)
     atomic_write_json(out / "codes.json", {"format": "sae-vlm-codes/1", "rows": n_out, "d_sae": d_sae, "k": k,
                                            "rows_per_group": g, "truncated_rows": truncated,
-                                           "source": str(getattr(source, "path", type(source).__name__))},
+                                           "source": str(source.meta.path if source.meta else type(source).__name__)},
                       indent=1)
     return CodeStore(out)
 

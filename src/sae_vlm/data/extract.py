@@ -140,8 +140,31 @@ class ShardWriter:
                                             listing)
 
 
-def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
-    """Run one extraction (or resume it); returns a summary dict (rows, skipped, seconds, img_per_s)."""
+@dataclasses.dataclass(frozen=True)
+class StoreSummary:
+    """What the finished store holds (rank 0 reads it when it merges the shards)."""
+
+    rows: int  # images kept
+    skipped: list[dict]  # {path, reason} per image passed over
+    subdirs: list[str]
+    ignored: dict[str, int]  # files of --data that are not images, by extension
+    notes: list[str]  # what --data was read as, and what in it was passed over
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSummary:
+    """What one rank of `run_extract` did; `store` on rank 0 only."""
+
+    seconds: float
+    images_processed: int  # by all ranks
+    img_per_s: float
+    rank: int
+    world_size: int
+    store: StoreSummary | None = None
+
+
+def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> ExtractSummary:
+    """Run one extraction (or resume it); returns what it did."""
     rank, world, device, _ = join_process_group(resolve_device(cfg.device))
     resolve_dtype(cfg.model_dtype or "auto", device, "--model-dtype")  # bf16 on a CPU that lacks it: refused first
     if "*" not in cfg.data and Path(cfg.data).exists():  # recorded absolute: the store reads the same from anywhere
@@ -150,7 +173,7 @@ def run_extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict:
         return _extract(cfg, backbone, rank, world, device)
 
 
-def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: int, device) -> dict:
+def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: int, device) -> ExtractSummary:
     src = open_images(cfg.data)  # before the model: a bad --data fails fast
     if len(src) == 0:
         other = ", ".join(f"{ext} {n}" for ext, n in list(src.ignored.items())[:8])
@@ -185,16 +208,14 @@ def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: in
         t = torch.tensor([n_seen], device=device)
         dist.all_reduce(t)
         n_seen = int(t.item())
-    summary = {"rows": None, "skipped": None, "seconds": elapsed, "images_processed": n_seen,
-               "img_per_s": n_seen / elapsed if elapsed > 0 else float("nan"), "rank": rank, "world_size": world}
+    done_store = None
     if rank == 0:
         meta = {"model_id": backbone.model_id, "revision": backbone.revision, "d_model": backbone.d_model,
                 "data": cfg.data, "shard_images": shard_images, "ignored_files": src.ignored, "source": src.describe()}
         root = store.finalize(n_shards, meta)
-        summary.update(rows=root["rows"], skipped=root["skipped"], subdirs=root["subdirs"], ignored=src.ignored,
-                       notes=src.notes)
+        done_store = StoreSummary(root["rows"], root["skipped"], root["subdirs"], src.ignored, src.notes)
     _barrier(world)
-    return summary
+    return ExtractSummary(elapsed, n_seen, n_seen / elapsed if elapsed > 0 else float("nan"), rank, world, done_store)
 
 
 def check_disk_space(cfg: ExtractConfig, subdirs: dict[str, dict], shards_left: int, shard_images: int) -> None:

@@ -1,14 +1,17 @@
 """One small interface the trainer and evaluators read activations through.
 
-An `ActivationSource` is a table of `rows` vectors of width `d_in`, readable by row index. Three kinds
-exist: an in-memory tensor, a numpy array or memmap (`.npy`), and the on-disk store (`data/store.py`).
+An `ActivationSource` is a table of `rows` vectors of width `d_in`, readable by row index, in consecutive runs
+(`read_rows`) or all at once (`all`). Three kinds exist: an in-memory tensor, a numpy array or memmap (`.npy`),
+and the on-disk store (`data/store.py`); only a store has `meta`: where it is and which image each row came from.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,17 +21,71 @@ import torch
 from sae_vlm.data.loader import FileRows, RowFile, npy_layout
 
 
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a store subdir knows beyond its rows. The per-image records (`images`) are read from rows.jsonl only
+    when first asked for, so a damaged one fails the command that needs it, not every command."""
+
+    path: Path
+    manifest: dict
+    rows_per_image: int
+    images: Callable[[], list[dict]]  # one dict per kept image: id, path, label, row (first row), n (rows)
+
+    def image_index(self) -> np.ndarray:
+        """For each row, the index of its image in `images()`."""
+        return np.repeat(np.arange(len(self.images())), self.rows_per_image)
+
+    def _per_row(self, key: str) -> list:
+        ims = self.images()
+        return [ims[i][key] for i in self.image_index()]
+
+    def image_ids(self) -> list[str]:
+        return self._per_row("id")
+
+    def labels(self) -> list[str | None]:
+        return self._per_row("label")
+
+    def paths(self, resolve: bool = True) -> list[str]:
+        """Image path per row. Stores record absolute paths; older ones recorded them relative to the folder
+        extract ran in, which is taken to be the nearest folder above the store holding its first image (never
+        the working directory). `resolve=False` gives the paths as recorded (names only: nothing is opened)."""
+        paths = self._per_row("path")
+        rel = next((p for p in paths if not os.path.isabs(p)), None)
+        if not resolve or rel is None:
+            return paths
+        here = self.path.resolve()
+        base = next((d for d in (here, *here.parents) if (d / rel).exists()), None)
+        if base is None:
+            raise ValueError(f"{self.path}: image paths are relative to the folder extract ran in (a store from "
+                             f"before paths were stored absolute), and {rel!r} is under no folder above the store; "
+                             "re-run extract, or move the store back below that folder")
+        return [p if os.path.isabs(p) else str(base / p) for p in paths]
+
+
 @runtime_checkable
 class ActivationSource(Protocol):
+    """Rows of activations. A class that declares it (`class X(ActivationSource)`) needs only `rows`, `d_in` and
+    `get`: rows are read in runs through `get`, no positioned reads (`files`) and no store (`meta`)."""
+
     rows: int
     d_in: int
+    files: FileRows | None = None  # the rows' files, for positioned reads and the streaming loader
+    meta: StoreMeta | None = None
 
     def get(self, idx_N: torch.Tensor) -> torch.Tensor:
         """Rows `idx_N` (int64, any order) as a float32 CPU tensor [N, d_in]."""
         ...
 
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) as float32."""
+        return self.get(torch.arange(r0, r1))
 
-class TensorSource:
+    def all(self) -> torch.Tensor:
+        """Every row as float32."""
+        return self.read_rows(0, self.rows)
+
+
+class TensorSource(ActivationSource):
     """Activations already in memory (CPU or any device)."""
 
     def __init__(self, acts_ND: torch.Tensor):
@@ -44,7 +101,7 @@ class TensorSource:
         return self.acts_ND.float()
 
 
-class NumpySource:
+class NumpySource(ActivationSource):
     """A numpy array or memmap, e.g. `np.load(path, mmap_mode="r")`; rows are read on demand. Opened from a .npy
     `path`, it also reads rows with positioned reads (`files`), which the streaming loader uses."""
 
@@ -53,7 +110,6 @@ class NumpySource:
             raise ValueError(f"activations must be 2-D [rows, d_in], got shape {arr_ND.shape}")
         self.arr_ND = arr_ND
         self.rows, self.d_in = arr_ND.shape
-        self.files = None
         if path is not None:
             offset, _, dtype = npy_layout(path)
             self.files = FileRows([RowFile(path, offset, self.rows, 0)], self.d_in, dtype)
@@ -115,7 +171,7 @@ def fingerprint(source: ActivationSource, n: int = 64) -> str:
 
 def sequential_chunks(source: ActivationSource, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, float32 rows [R, d_in]) of consecutive chunks, in order, the next one read while this one is used."""
-    read = getattr(source, "read_rows", None) or (lambda r0, r1: source.get(torch.arange(r0, r1)))
+    read = source.read_rows
     starts = range(0, source.rows, chunk_rows)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(read, 0, min(chunk_rows, source.rows)) if source.rows else None

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sae_vlm.data.loader import FileRows, RowFile, npy_layout
+from sae_vlm.data.source import ActivationSource, StoreMeta
 from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_json
 
 FORMAT = "sae-vlm-store/1"
@@ -283,8 +284,11 @@ def check_manifest(path: Path, m) -> dict:
     return m
 
 
-class StoreReader:
+class StoreReader(ActivationSource):
     """One (hook point, token selection) of a store as an ActivationSource (float32 rows on demand)."""
+
+    files: FileRows
+    meta: StoreMeta
 
     def __init__(self, subdir: str | Path):
         self.path = Path(subdir)
@@ -304,6 +308,7 @@ class StoreReader:
         self._images: list[dict] | None = None
         self.files = FileRows([self._row_file(j) for j in range(len(self._shards))], self.d_in,
                               np.dtype(STORAGE[self.dtype]), check=self._verify, bf16=self.dtype == "bf16")
+        self.meta = StoreMeta(self.path, self.manifest, self.rows_per_image, self.images)
 
     def __len__(self) -> int:
         return self.rows
@@ -358,35 +363,14 @@ class StoreReader:
             self._images = read_rows_file(self.path / self.manifest["rows_file"], self.rows // self.rows_per_image)
         return self._images
 
-    def image_index(self) -> np.ndarray:
-        """For each row, the index of its image in `images()`."""
-        return np.repeat(np.arange(len(self.images())), self.rows_per_image)
-
-    def _per_row(self, key: str) -> list:
-        ims = self.images()
-        return [ims[i][key] for i in self.image_index()]
-
     def image_ids(self) -> list[str]:
-        return self._per_row("id")
+        return self.meta.image_ids()
 
     def paths(self, resolve: bool = True) -> list[str]:
-        """Image path per row. Stores record absolute paths; older ones recorded them relative to the folder
-        extract ran in, which is taken to be the nearest folder above the store holding its first image (never
-        the working directory). `resolve=False` gives the paths as recorded (names only: nothing is opened)."""
-        paths = self._per_row("path")
-        rel = next((p for p in paths if not os.path.isabs(p)), None)
-        if not resolve or rel is None:
-            return paths
-        here = self.path.resolve()
-        base = next((d for d in (here, *here.parents) if (d / rel).exists()), None)
-        if base is None:
-            raise ValueError(f"{self.path}: image paths are relative to the folder extract ran in (a store from "
-                             f"before paths were stored absolute), and {rel!r} is under no folder above the store; "
-                             "re-run extract, or move the store back below that folder")
-        return [p if os.path.isabs(p) else str(base / p) for p in paths]
+        return self.meta.paths(resolve)
 
     def labels(self) -> list[str | None]:
-        return self._per_row("label")
+        return self.meta.labels()
 
     def token_index(self) -> np.ndarray:
         path = self.path / self.manifest["token_index_file"]

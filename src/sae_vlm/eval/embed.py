@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_vlm.data.source import ActivationSource
 from sae_vlm.io import atomic_save_npy, atomic_write_json
 
 
@@ -84,12 +85,12 @@ def backbone_embedder(model_id: str, paths: Sequence[str], *, device: str | torc
     return compute
 
 
-def load_embeddings(src, rows: int, cache_dir: str | Path, embeddings=None, embedder=None,
+def load_embeddings(src: ActivationSource, rows: int, cache_dir: str | Path, embeddings=None, embedder=None,
                     device: str | torch.device = "cpu", quiet: bool = True):
     """Precomputed embeddings (checked against the store's image ids when a sidecar json lists them), or
     embeddings of the store's images computed once with `embedder` and cached in `cache_dir` (keyed by the
     model and the store's image ids). None when neither is given."""
-    store = src if hasattr(src, "image_ids") else None
+    store = src.meta
     ids = [str(i) for i in store.image_ids()] if store is not None else None
     if embeddings is not None:
         path = Path(embeddings)
@@ -117,7 +118,7 @@ def load_embeddings(src, rows: int, cache_dir: str | Path, embeddings=None, embe
                                  f"the store has {ours}")
         return emb, str(path)
     if embedder is not None:
-        if store is None or not hasattr(store, "paths"):
+        if store is None:
             raise ValueError(f"--embedder {embedder} needs a store with image paths; this source has none "
                              "(pass --embeddings)")
         paths = store.paths()

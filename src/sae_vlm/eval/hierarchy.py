@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_vlm.data.source import ActivationSource
 from sae_vlm.sae.groups import level_slices
 
 _PREFIX = re.compile(r"^\d+_")
@@ -165,12 +166,13 @@ def credit_line(credit: dict) -> str:
             "out of the hierarchy metrics")
 
 
-def store_taxonomy(src, rows: int, taxonomy_file=None) -> tuple[list | None, list | None, dict | None]:
+def store_taxonomy(src: ActivationSource, rows: int,
+                   taxonomy_file=None) -> tuple[list | None, list | None, dict | None]:
     """(per-row taxonomy, per-row names, credit) from a `--taxonomy` file (source "file"), iNat-style labels
     ("inat") or nested image folders ("folders"); (None, None, None) when there is none. Credit is `_credit`'s.
     A file that matches no row is an error; rows it does not match are left out of the hierarchy metrics."""
     mapping = load_taxonomy_file(taxonomy_file) if taxonomy_file else None
-    store = src if hasattr(src, "labels") else None
+    store = src.meta
     if store is not None:
         labels, paths = store.labels(), store.paths(resolve=False)  # folder names only
     elif mapping is not None:  # plain arrays: the mapping is keyed by row number

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.data.source import as_source, sequential_chunks
+from sae_vlm.data.source import ActivationSource, as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 
 F64 = torch.float64
@@ -240,7 +240,7 @@ def random_rotation(d: int, seed: int = 0) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
-class RotatedSource:
+class RotatedSource(ActivationSource):
     """Raw neurons seen in a random orthonormal basis: the "rotated neurons" baseline."""
 
     def __init__(self, source, seed: int = 0):

@@ -18,14 +18,13 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.config import FEW_HELDOUT_ROWS, EvaluateConfig
-from sae_vlm.data.source import as_source, sequential_chunks
+from sae_vlm.data.source import ActivationSource, as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.embed import load_embeddings
@@ -59,12 +58,104 @@ def open_data(data, hook_point: str | None, token_selection: str | None):
 class Inputs:
     """One (hook point, token selection) of the data, and what describes its rows: embeddings and taxonomy."""
 
-    src: Any  # an ActivationSource; a store also has paths(), labels() and image ids
+    src: ActivationSource
     emb: np.ndarray | None = None
     chance: float | None = None
     taxa: list | None = None
     names: list | None = None
     taxonomy: dict | None = None  # H.store_taxonomy's credit: source (file | inat | folders) and rows matched
+
+
+@dataclasses.dataclass
+class SAEResult:
+    """One SAE's entry in metrics.json. `ms_per_level` and `ms_support_median` are written only with an MS,
+    `hierarchy` only with a taxonomy and `stable_share` only for an SAE trained under several seeds."""
+
+    name: str
+    path: str
+    step: int | None
+    arch: str
+    hook_point: str
+    d_in: int
+    d_sae: int
+    k: int | None
+    group_sizes: list[int] | None
+    ms: dict | None = None  # summarize_ms's record
+    ms_per_level: list | None = None
+    ms_support_median: float | None = None
+    recon: dict = dataclasses.field(default_factory=dict)  # ReconAccumulator's record, fire_freq moved to the arrays
+    hierarchy: dict | None = None
+    stable_share: float | None = None  # set by score_seeds
+
+    def to_json(self) -> dict:
+        entry = dataclasses.asdict(self)
+        absent = (["ms_per_level", "ms_support_median"] if self.ms is None else []) + \
+            [k for k in ("hierarchy", "stable_share") if entry[k] is None]
+        return {k: v for k, v in entry.items() if k not in absent}
+
+
+@dataclasses.dataclass
+class LatentArrays:
+    """One SAE's per-latent arrays, saved to latents/<name>.npz in this order (those the evaluation computed)."""
+
+    ms: np.ndarray | None = None
+    support: np.ndarray | None = None
+    max_act: np.ndarray | None = None
+    freq: np.ndarray | None = None
+    fire_freq: np.ndarray | None = None
+    top_values: np.ndarray | None = None
+    top_indices: np.ndarray | None = None
+    lca_mean: np.ndarray | None = None
+    lca_mode: np.ndarray | None = None
+    max_jaccard: np.ndarray | None = None
+
+    def npz(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class LayerBaseline:
+    """The MS of a layer's raw neurons and (unless --rotation-seed is negative) of a random rotation of them."""
+
+    no_sae: dict
+    rotated: dict | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class BrokenSAE:
+    """An SAE that could not be scored, and why (one line)."""
+
+    name: str
+    path: str
+    error: str
+
+
+@dataclasses.dataclass
+class EvalMetrics:
+    """metrics.json. The embeddings' source, row count and chance similarity are written only with embeddings;
+    `broken`, `seeds` and `taxonomy` only when there is one."""
+
+    run: str
+    data: str
+    saes: list[SAEResult] = dataclasses.field(default_factory=list)
+    baselines: dict[str, LayerBaseline] = dataclasses.field(default_factory=dict)
+    step: int | str | None = None  # which snapshot was scored: a step number or "final"
+    broken: list[BrokenSAE] = dataclasses.field(default_factory=list)
+    embeddings: str | None = None
+    rows: int | None = None
+    chance_similarity: float | None = None
+    seeds: dict = dataclasses.field(default_factory=dict)  # score_seeds's records, by base name
+    taxonomy: dict | None = None
+
+    def to_json(self) -> dict:
+        entry = dataclasses.asdict(self) | {"saes": [r.to_json() for r in self.saes],
+                                            "baselines": {k: b.to_json() for k, b in self.baselines.items()}}
+        absent = [k for k in ("broken", "seeds", "taxonomy") if not entry[k]]
+        absent += ["embeddings", "rows", "chance_similarity"] if self.embeddings is None else []
+        return {k: v for k, v in entry.items() if k not in absent}
 
 
 @dataclasses.dataclass
@@ -118,12 +209,12 @@ class Evaluation:
 
     def __init__(self, cfg: EvaluateConfig):
         self.cfg, self.dev, self.out = cfg, resolve_device(cfg.device), Path(cfg.out_dir)
-        self.metrics: dict = {"run": str(cfg.run_dir), "data": str(cfg.data), "saes": [], "baselines": {}}
+        self.metrics = EvalMetrics(str(cfg.run_dir), str(cfg.data))
         self.inputs: dict[tuple, Inputs] = {}
         self.neuron_ms: dict[str, np.ndarray] = {}  # hook point -> MS of the raw neurons
         self.first_taxonomy: Inputs | None = None
 
-    def score_all(self, saes: list[tuple[str, Path]]) -> list[dict]:
+    def score_all(self, saes: list[tuple[str, Path]]) -> list[SAEResult]:
         """Every SAE's metrics.json entry, in the order of `saes`; one pass per distinct source, in the order the
         sources first appear."""
         by_source: dict[tuple, list[int]] = {}
@@ -132,22 +223,22 @@ class Evaluation:
                 by_source.setdefault(source_key(sdir), []).append(i)
             except (OSError, ValueError) as e:
                 self.broken(name, sdir, str(e))  # read_json's message names the file
-        results: dict[int, dict | None] = {}
+        results: dict[int, SAEResult | None] = {}
         for members in by_source.values():
             results.update(zip(members, self.score_source([saes[i] for i in members])))
         scored = [r for i in range(len(saes)) if (r := results.get(i)) is not None]
-        broken = self.metrics.get("broken", [])
+        broken = self.metrics.broken
         if not scored:  # exit 0 would claim a result
-            raise ValueError(f"no SAE of {self.cfg.run_dir} could be scored; {broken[0]['name']}: {broken[0]['error']}")
+            raise ValueError(f"no SAE of {self.cfg.run_dir} could be scored; {broken[0].name}: {broken[0].error}")
         for b in broken:
-            print(f"warning: skipped SAE {b['name']}: {b['error']}", file=sys.stderr)
+            print(f"warning: skipped SAE {b.name}: {b.error}", file=sys.stderr)
         return scored
 
     def broken(self, name: str, sdir: Path, error: str) -> None:
         """An SAE that cannot be read, or whose weights or metrics are not finite: named in metrics.json (and on
         stderr); the others are still scored."""
         error = error.strip().splitlines()[0] if error.strip() else "unreadable"
-        self.metrics.setdefault("broken", []).append({"name": name, "path": str(sdir), "error": error})
+        self.metrics.broken.append(BrokenSAE(name, str(sdir), error))
 
     def load(self, name: str, sdir: Path) -> SAE | None:
         try:
@@ -156,7 +247,7 @@ class Evaluation:
             self.broken(name, sdir, str(e))
             return None
 
-    def score_source(self, saes: list[tuple[str, Path]]) -> list[dict | None]:
+    def score_source(self, saes: list[tuple[str, Path]]) -> list[SAEResult | None]:
         """Read one source once for its layer's baselines and every SAE that reads it, then write their results
         (None for an SAE that could not be loaded)."""
         maybe = [(name, sdir, self.load(name, sdir)) for name, sdir in saes]
@@ -185,11 +276,12 @@ class Evaluation:
         if src.rows == 0:
             raise ValueError(f"evaluation set is empty: {cfg.data} has 0 rows for {scfg.hook_point}, "
                              "expected at least 2")
-        per_image = int(getattr(src, "rows_per_image", 1) or 1)
+        per_image = src.meta.rows_per_image if src.meta else 1
         want_ms = cfg.embeddings is not None or cfg.embedder is not None
         if per_image > 1 and (want_ms or cfg.taxonomy is not None):
-            raise ValueError(f"{getattr(src, 'path', cfg.data)} has {per_image} rows per image ({scfg.token_selection} "
-                             "tokens); MS and taxonomy need one row per image: evaluate a CLS, mean or pooled store")
+            where = src.meta.path if src.meta else cfg.data
+            raise ValueError(f"{where} has {per_image} rows per image ({scfg.token_selection} tokens); MS and "
+                             "taxonomy need one row per image: evaluate a CLS, mean or pooled store")
         inp = Inputs(src)
         if per_image == 1:  # before embeddings are cached: a taxonomy refused leaves the output folder as it was
             inp.taxa, inp.names, inp.taxonomy = H.store_taxonomy(src, src.rows, cfg.taxonomy)
@@ -197,8 +289,9 @@ class Evaluation:
             inp.emb, emb_src = load_embeddings(src, src.rows, self.out / "embeddings", cfg.embeddings, cfg.embedder,
                                                self.dev, cfg.quiet)
             inp.chance = chance_similarity(inp.emb)
-            if "embeddings" not in self.metrics:
-                self.metrics |= {"embeddings": emb_src, "rows": src.rows, "chance_similarity": inp.chance}
+            m = self.metrics
+            if m.embeddings is None:
+                m.embeddings, m.rows, m.chance_similarity = emb_src, src.rows, inp.chance
         if self.first_taxonomy is None and inp.taxonomy is not None:
             self.first_taxonomy = inp
             if inp.taxonomy["matched_rows"] < inp.taxonomy["rows"]:  # said once, not per layer
@@ -258,43 +351,44 @@ class Evaluation:
     # --- step 3: the raw neurons of the layer ("No SAE") and a random rotation of them ----------------------------
     def baselines(self, base: Baselines, inp: Inputs) -> None:
         neurons = base.neurons.result()
-        entry = {"no_sae": summarize_ms(neurons.ms, inp.chance)}
+        entry = LayerBaseline(summarize_ms(neurons.ms, inp.chance))
         arrays = {"no_sae_ms": neurons.ms.numpy()}
         if base.rotated is not None:
             rot = base.rotated.result()
-            entry["rotated"] = summarize_ms(rot.ms, inp.chance) | {"seed": self.cfg.rotation_seed}
+            entry.rotated = summarize_ms(rot.ms, inp.chance) | {"seed": self.cfg.rotation_seed}
             arrays["rotated_ms"] = rot.ms.numpy()
         self.neuron_ms[base.layer] = neurons.ms.numpy()
-        self.metrics["baselines"][base.layer] = entry
+        self.metrics.baselines[base.layer] = entry
         atomic_save_npz(self.out / "latents" / f"baseline__{base.layer}.npz", **arrays)
 
     # --- step 4: MS of every latent ----------------------------------------------------------------------------
-    def ms(self, sae: SAE, acc: MSAccumulator | None, inp: Inputs, r: dict, arrays: dict) -> None:
+    def ms(self, sae: SAE, acc: MSAccumulator | None, inp: Inputs, r: SAEResult, arrays: LatentArrays) -> None:
         if acc is None:
-            r["ms"] = None
             return
         res = acc.result()
         ms = res.ms.numpy()
-        r["ms"] = summarize_ms(res.ms, inp.chance)
-        r["ms_per_level"] = H.per_level(ms, sae.cfg.group_sizes)
-        r["ms_support_median"] = float(res.support[~res.ms.isnan()].double().median()) if r["ms"]["scored"] else None
-        arrays |= {"ms": ms, "support": res.support.numpy(), "max_act": res.max_act.numpy(), "freq": res.freq.numpy()}
+        r.ms = summarize_ms(res.ms, inp.chance)
+        r.ms_per_level = H.per_level(ms, sae.cfg.group_sizes)
+        r.ms_support_median = float(res.support[~res.ms.isnan()].double().median()) if r.ms["scored"] else None
+        arrays.ms, arrays.support, arrays.max_act = ms, res.support.numpy(), res.max_act.numpy()
+        arrays.freq = res.freq.numpy()
 
     # --- step 5: FVE, MSE, cosine, L0, dead and dense fractions ----------------------------------------------------
-    def reconstruction(self, acc: ReconAccumulator, r: dict, arrays: dict) -> None:
+    def reconstruction(self, acc: ReconAccumulator, r: SAEResult, arrays: LatentArrays) -> None:
         recon = acc.result()
-        arrays["fire_freq"] = recon.pop("fire_freq").numpy()
-        r["recon"] = recon
+        arrays.fire_freq = recon.pop("fire_freq").numpy()
+        r.recon = recon
 
     # --- step 6: each latent's top-activating images ---------------------------------------------------------------
-    def top_images(self, name: str, acc: TopAccumulator, arrays: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_images(self, name: str, acc: TopAccumulator, arrays: LatentArrays) -> tuple[torch.Tensor, torch.Tensor]:
         tv, ti = (t.cpu() for t in acc.result())
         save_top(self.out / "top" / name, tv, ti)
-        arrays |= {"top_values": tv.numpy(), "top_indices": ti.numpy()}
+        arrays.top_values, arrays.top_indices = tv.numpy(), ti.numpy()
         return tv, ti
 
     # --- step 7: LCA depth of each latent's top images per Matryoshka level, uniqueness of the top sets -----------
-    def hierarchy(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, r: dict, arrays: dict) -> None:
+    def hierarchy(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, r: SAEResult,
+                  arrays: LatentArrays) -> None:
         if inp.taxa is None or s.nodes is None:
             return
         groups = s.sae.cfg.group_sizes
@@ -303,8 +397,8 @@ class Evaluation:
         uniq = H.top_set_uniqueness(ti.numpy(), skip_F=rare)
         used = ti[~torch.as_tensor(rare)].clamp(min=0)
         detection = s.nodes.result()
-        atomic_write_bytes(self.out / "nodes" / f"{r['name']}.json", json.dumps(detection["nodes"]).encode())
-        r["hierarchy"] = {
+        atomic_write_bytes(self.out / "nodes" / f"{r.name}.json", json.dumps(detection["nodes"]).encode())
+        r.hierarchy = {
             "taxonomy_source": inp.taxonomy["source"] if inp.taxonomy else None,
             "taxonomy_rows": {k: inp.taxonomy[k] for k in ("matched_rows", "rows")} if inp.taxonomy else None,
             "nodes_detected": detection["detected"],  # share of taxonomy nodes some latent detects at AUROC >= 0.9
@@ -316,65 +410,66 @@ class Evaluation:
             "missing_taxonomy": H.missing_taxonomy(inp.taxa, inp.names, used_rows=used),
             "uniqueness": {k: v for k, v in uniq.items() if k != "max_jaccard"},
         }
-        arrays |= {"lca_mean": lca["mean"], "lca_mode": lca["mode"], "max_jaccard": uniq["max_jaccard"]}
+        arrays.lca_mean, arrays.lca_mode, arrays.max_jaccard = lca["mean"], lca["mode"], uniq["max_jaccard"]
 
-    def grids(self, name: str, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, arrays: dict) -> None:
-        if not self.cfg.grids or not hasattr(inp.src, "paths") or "ms" not in arrays:
+    def grids(self, name: str, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, arrays: LatentArrays) -> None:
+        if not self.cfg.grids or inp.src.meta is None or arrays.ms is None:
             return
-        paths = inp.src.paths()
-        for j in np.argsort(np.nan_to_num(arrays["ms"], nan=-np.inf))[::-1][: self.cfg.grids]:
+        paths = inp.src.meta.paths()
+        for j in np.argsort(np.nan_to_num(arrays.ms, nan=-np.inf))[::-1][: self.cfg.grids]:
             render_grid(ti[j].numpy(), lambda i: paths[i], self.out / "grids" / name / f"latent_{j}.png",
                         values=tv[j].numpy())
 
-    def score(self, s: Scoring, inp: Inputs) -> dict | None:
+    def score(self, s: Scoring, inp: Inputs) -> SAEResult | None:
         """One SAE's files and metrics.json entry, from the accumulators the pass filled; None, listed as broken
         before any of its files is written, when its reconstruction metrics are not finite."""
         scfg, name = s.sae.cfg, s.name
         layer = scfg.hook_point or "unknown"
-        r = {"name": name, "path": str(s.sdir), "step": s.sae.meta.get("training", {}).get("step"), "arch": scfg.arch,
-             "hook_point": layer, "d_in": scfg.d_in, "d_sae": scfg.d_sae, "k": scfg.k,
-             "group_sizes": list(scfg.group_sizes) if scfg.group_sizes else None}
-        arrays: dict = {}
+        r = SAEResult(name, str(s.sdir), s.sae.meta.get("training", {}).get("step"), scfg.arch, layer, scfg.d_in,
+                      scfg.d_sae, scfg.k, list(scfg.group_sizes) if scfg.group_sizes else None)
+        arrays = LatentArrays()
         self.ms(s.sae, s.ms, inp, r, arrays)
         self.reconstruction(s.recon, r, arrays)
-        bad = [f"{k} {r['recon'][k]}" for k in ("fve", "mse", "cosine", "l0") if not np.isfinite(r["recon"][k])]
+        bad = [f"{k} {r.recon[k]}" for k in ("fve", "mse", "cosine", "l0") if not np.isfinite(r.recon[k])]
         if bad:
             self.broken(name, s.sdir, f"{s.sdir}: non-finite metrics ({', '.join(bad)}) on {self.cfg.data}")
             return None
         tv, ti = self.top_images(name, s.top, arrays)
         self.hierarchy(s, inp, tv, ti, r, arrays)
         self.grids(name, inp, tv, ti, arrays)
-        atomic_save_npz(self.out / "latents" / f"{name}.npz", **arrays)
-        if "ms" in arrays:
-            plot_ms_levels(self.out / "plots" / f"ms_levels__{name}.png", name, arrays["ms"], scfg.group_sizes,
+        atomic_save_npz(self.out / "latents" / f"{name}.npz", **arrays.npz())
+        if arrays.ms is not None:
+            plot_ms_levels(self.out / "plots" / f"ms_levels__{name}.png", name, arrays.ms, scfg.group_sizes,
                            self.neuron_ms.get(layer))
         return r
 
     # --- step 8: run-wide tables and plots, then metrics.json ------------------------------------------------------
-    def finish(self, results: list[dict]) -> dict:
+    def finish(self, results: list[SAEResult]) -> EvalMetrics:
         metrics, out = self.metrics, self.out
-        metrics["saes"] = results
-        seeds = score_seeds(results, out / "latents", self.dev)  # sets stable_share in the entries it groups
-        if seeds:
-            metrics["seeds"] = seeds
+        metrics.saes = results
+        entries = [r.to_json() for r in results]  # the seed summary and the tables read metrics.json's records
+        metrics.seeds = score_seeds(entries, out / "latents", self.dev)  # sets stable_share in the entries it groups
+        for r, entry in zip(results, entries):
+            r.stable_share = entry.get("stable_share")
         t = self.first_taxonomy
         if t is not None and t.taxa is not None and t.taxonomy is not None:
-            metrics["taxonomy"] = t.taxonomy | {"images_missing": H.missing_taxonomy(t.taxa, t.names)["count"],
-                                                "depth": H.taxonomy_depth(t.taxa)}
-        atomic_write_bytes(out / "tables.md", paper_tables(results, metrics["baselines"]).encode())
-        plot_fve_vs_width(out / "plots" / "fve_vs_width.png", results)
-        if any("hierarchy" in r for r in results):
-            plot_lca_levels(out / "plots" / "lca_per_level.png", results)
-        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2, default=float).encode())
+            metrics.taxonomy = t.taxonomy | {"images_missing": H.missing_taxonomy(t.taxa, t.names)["count"],
+                                             "depth": H.taxonomy_depth(t.taxa)}
+        record = metrics.to_json()
+        atomic_write_bytes(out / "tables.md", paper_tables(entries, record["baselines"]).encode())
+        plot_fve_vs_width(out / "plots" / "fve_vs_width.png", entries)
+        if any(r.hierarchy is not None for r in results):
+            plot_lca_levels(out / "plots" / "lca_per_level.png", entries)
+        atomic_write_bytes(out / "metrics.json", json.dumps(record, indent=2, default=float).encode())
         return metrics
 
 
-def evaluate_run(cfg: EvaluateConfig) -> dict:
+def evaluate_run(cfg: EvaluateConfig) -> EvalMetrics:
     """Score every SAE of `cfg.run_dir` (at `cfg.step`, or the run's default snapshot) on `cfg.data`; returns what
     metrics.json holds."""
     saes, step = find_saes(cfg.run_dir, cfg.step)
     needs_scipy([name for name, _ in saes])
     with claim(cfg.out_dir, "evaluate"):
         ev = Evaluation(cfg)
-        ev.metrics["step"] = step  # which snapshot was scored: a step number or "final"
+        ev.metrics.step = step
         return ev.finish(ev.score_all(saes))

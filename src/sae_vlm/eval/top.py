@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.data.source import as_source, sequential_chunks
+from sae_vlm.data.source import ActivationSource, as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 from sae_vlm.eval.ms import is_sparse_codes
 from sae_vlm.io import atomic_save_image, atomic_save_npy
 
 
-class EncodedSource:
+class EncodedSource(ActivationSource):
     """SAE codes of an activation source, computed chunk by chunk (an ActivationSource of width d_sae)."""
 
     def __init__(self, sae, source, mode: str | None = None, device=None):

@@ -46,13 +46,13 @@ class Batches:
     def __init__(self, source: ActivationSource, cfg: TrainConfig, device: torch.device, place: D.Dist = D.Dist(),
                  plan: dict | None = None):
         self.source, self.cfg, self.device = source, cfg, device
-        self.name = str(getattr(source, "path", None) or cfg.data)  # what a message about the rows names
+        self.name = str(source.meta.path if source.meta else cfg.data)  # what a message about the rows names
         if source.rows == 0:
             raise ValueError(f"activation source {cfg.data!r} is empty (0 rows)")
         if source.rows < cfg.batch_size:
             raise ValueError(f"activation source has {source.rows} rows, fewer than batch_size={cfg.batch_size}")
         self.per_epoch = source.rows // cfg.batch_size  # the ragged tail of each epoch is dropped
-        budget, files = memory_budget(cfg.max_memory, device), getattr(source, "files", None)
+        budget, files = memory_budget(cfg.max_memory, device), source.files
         self.data_bytes = source.rows * source.d_in * 4
         streams = plan["path"] == "stream" if plan else self.data_bytes > budget
         self.stream, self.data_ND, self.rank_local = None, None, False
@@ -66,9 +66,8 @@ class Batches:
             self.plan = {"path": "stream", "chunk_rows": layout.chunk_rows, "window_chunks": layout.window_chunks}
         else:
             self.plan = {"path": "memory"}
-            read_all = getattr(source, "all", None)  # in-memory, .npy and store sources hand over every row at once
-            if read_all is not None and (self.data_bytes <= budget or plan is not None):
-                self.data_ND = read_all().to(device, torch.float32)
+            if self.data_bytes <= budget or plan is not None:
+                self.data_ND = source.all().to(device, torch.float32)
                 for start in range(0, source.rows, 65536):
                     stop = min(start + 65536, source.rows)
                     self.check_rows(self.data_ND[start:stop], torch.arange(start, stop))
@@ -258,11 +257,10 @@ def estimate_norm_factor(batches: Batches, n: int) -> float:
     return math.sqrt(float(sums[0] / sums[1]))
 
 
-def source_meta(source) -> dict:
+def source_meta(source: ActivationSource) -> dict:
     """Where the activations came from, copied into every SAE's config.json."""
-    manifest = getattr(source, "manifest", None) or {}
-    keys = ("hook_point", "model_id", "token_selection")
-    return {k: getattr(source, k, None) or manifest.get(k) for k in keys}
+    manifest = source.meta.manifest if source.meta else {}
+    return {k: manifest.get(k) for k in ("hook_point", "model_id", "token_selection")}
 
 
 def train(cfg: TrainConfig, source: ActivationSource | None = None) -> dict[str, SAE]:

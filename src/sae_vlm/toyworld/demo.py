@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from sae_vlm.data.extract import run_extract
 from sae_vlm.data.store import open_store
 from sae_vlm.device import cpu_summary
 from sae_vlm.eval.planted import run_planted
-from sae_vlm.eval.run import evaluate_run
+from sae_vlm.eval.run import EvalMetrics, evaluate_run
 from sae_vlm.io import atomic_save_npy, atomic_save_npz, atomic_write_text
 from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
@@ -40,6 +41,48 @@ class DemoSize:
     n_eval: int
     steps: int
     batch_size: int
+
+
+@dataclass
+class SAESummary:
+    """One SAE of a hook point in the demo's metrics.json: MS under both embedders, FVE/L0, purity, hierarchy."""
+
+    ms_clip: dict | None
+    ms_truth: dict | None
+    ms_correlation: float
+    fve: float
+    l0: float
+    dead_frac: float | None
+    top16_purity: float
+    hierarchy: dict | None  # hierarchy_summary's record
+
+
+@dataclass
+class LayerSummary:
+    """A hook point's SAEs by name, its raw neurons under both embedders and its seed summaries."""
+
+    no_sae: dict  # clip, truth: summarize_ms's records; top16_purity
+    saes: dict[str, SAESummary] = field(default_factory=dict)
+    seeds: dict = field(default_factory=dict)
+
+
+@dataclass
+class DemoMetrics:
+    """The demo's metrics.json, filled step by step; `findings` reads the JSON of the steps before it."""
+
+    size: DemoSize
+    seeds: list[int]
+    layers: dict[str, LayerSummary] = field(default_factory=dict)
+    zero_shot: dict = field(default_factory=dict)
+    planted: dict = field(default_factory=dict)
+    steering: dict = field(default_factory=dict)
+    findings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 FULL = DemoSize(n_train=6000, n_eval=2000, steps=1000, batch_size=256)
@@ -83,7 +126,7 @@ def concept_purity(top_indices_FT: np.ndarray, top_values_FT: np.ndarray, concep
     return out
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig) -> DemoMetrics:
     # One thread: the toy's matrices are tiny, and a second spinning thread on a busy 2-core machine made the
     # planted step 4x slower (21 s -> 82 s); the results are the same either way.
     threads = torch.get_num_threads()
@@ -109,7 +152,7 @@ class Steps:
         self.seconds[name] = round(time.time() - t, 1)
 
 
-def _demo(cfg: DemoConfig) -> dict:
+def _demo(cfg: DemoConfig) -> DemoMetrics:
     out, quiet, size = Path(cfg.out), cfg.quiet, QUICK if cfg.quick else FULL
     clip_dir, llava_dir = toyworld.clip_path(), toyworld.llava_path()
     step = Steps(7, quiet)
@@ -126,21 +169,21 @@ def _demo(cfg: DemoConfig) -> dict:
             train_sweep(stores["train"], layer, runs[layer], size, quiet, seeds=cfg.seeds)
         train_sweep(stores["tokens"], None, runs["tokens"], size, quiet, archs=(TOKEN_ARCH,), width=TOKEN_WIDTH,
                     seeds=cfg.seeds)
-    metrics: dict = {"size": size.__dict__, "seeds": list(cfg.seeds)}
+    metrics = DemoMetrics(size, list(cfg.seeds))
     with step("evaluate", "evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline, "
                           "stability across seeds"):
-        metrics["layers"] = evaluate_layers(out, images, stores, runs, layers)
-        metrics["zero_shot"] = zero_shot_recovered(runs, layers, clip_dir)
+        metrics.layers = evaluate_layers(out, images, stores, runs, layers)
+        metrics.zero_shot = zero_shot_recovered(runs, layers, clip_dir)
     with step("planted", "a planted feature tree: does each SAE find its features, and Matryoshka its hierarchy?"):
-        metrics["planted"] = run_planted(PlantedConfig(out=str(out / "planted"), seeds=cfg.seeds, quiet=True))
+        metrics.planted = run_planted(PlantedConfig(out=str(out / "planted"), seeds=cfg.seeds, quiet=True))
     with step("steer", "steering the toy LLaVA towards each colour: one latent clamped on images of other colours"):
-        metrics["steering"] = steer_colours(runs["tokens"], llava_dir)
-    metrics["findings"] = findings(metrics, token_key=f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}")
+        metrics.steering = steer_colours(runs["tokens"], llava_dir)
+    metrics.findings = findings(metrics.to_json(), token_key=f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}")
     with step("report", "writing report/index.html and metrics.json"):
         write_report(out, runs["last"], out / "eval" / "last", stores["eval"], metrics)
-    metrics |= {"seconds": round(time.time() - step.t0, 1), "step_seconds": step.seconds,
-                "machine": {"cpu": cpu_summary(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))  # last: marks done
+    metrics.seconds, metrics.step_seconds = round(time.time() - step.t0, 1), step.seconds
+    metrics.machine = {"cpu": cpu_summary(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics.to_json(), indent=2, default=float))  # marks done
     return metrics
 
 
@@ -174,7 +217,7 @@ def extract_stores(out: Path, images: dict, layers, clip_dir: Path, llava_dir: P
     return stores
 
 
-def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers) -> dict:
+def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers) -> dict[str, LayerSummary]:
     """Each hook point's SAEs evaluated under the tiny CLIP's and the ground-truth embeddings, and summarised."""
     ev = open_store(stores["eval"], layer="last")
     ids = ev.image_ids()
@@ -206,28 +249,25 @@ def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet
     train(cfg)
 
 
-def summarize_layer(per: dict, eval_dir: Path, concepts_NC: np.ndarray, neurons_ND: torch.Tensor) -> dict:
+def summarize_layer(per: dict[str, EvalMetrics], eval_dir: Path, concepts_NC: np.ndarray,
+                    neurons_ND: torch.Tensor) -> LayerSummary:
     """MS under both embedders, their correlation across latents, FVE/L0, purity and hierarchy, per SAE;
     the raw neurons' MS and top-16 purity beside them."""
     top_val, top_idx = neurons_ND.T.topk(16, dim=1)
     top_val = top_val - neurons_ND.min(0).values[:, None] + 1  # a neuron is signed: its top-16 always count
-    out = {"no_sae": {k: next(iter(m["baselines"].values()))["no_sae"] for k, m in per.items()}, "saes": {},
-           "seeds": per["clip"].get("seeds", {})}
-    out["no_sae"]["top16_purity"] = float(np.nanmean(concept_purity(top_idx.numpy(), top_val.numpy(), concepts_NC)))
-    for r_clip, r_truth in zip(per["clip"]["saes"], per["truth"]["saes"]):
-        name = r_clip["name"]
+    out = LayerSummary({k: next(iter(m.baselines.values())).no_sae for k, m in per.items()},
+                       seeds=per["clip"].seeds)
+    out.no_sae["top16_purity"] = float(np.nanmean(concept_purity(top_idx.numpy(), top_val.numpy(), concepts_NC)))
+    for r_clip, r_truth in zip(per["clip"].saes, per["truth"].saes):
+        name = r_clip.name
         a_clip = np.load(eval_dir / "clip" / "latents" / f"{name}.npz")
         a_truth = np.load(eval_dir / "truth" / "latents" / f"{name}.npz")
         both = ~np.isnan(a_clip["ms"]) & ~np.isnan(a_truth["ms"])
         corr = float(np.corrcoef(a_clip["ms"][both], a_truth["ms"][both])[0, 1]) if both.sum() > 2 else float("nan")
         purity = concept_purity(a_clip["top_indices"], a_clip["top_values"], concepts_NC)
-        out["saes"][name] = {
-            "ms_clip": r_clip["ms"], "ms_truth": r_truth["ms"], "ms_correlation": corr,
-            "fve": r_clip["recon"]["fve"], "l0": r_clip["recon"]["l0_threshold"],
-            "dead_frac": r_clip["recon"].get("dead_frac"),
-            "top16_purity": float(np.nanmean(purity)),
-            "hierarchy": hierarchy_summary(r_truth.get("hierarchy")),
-        }
+        out.saes[name] = SAESummary(r_clip.ms, r_truth.ms, corr, r_clip.recon["fve"], r_clip.recon["l0_threshold"],
+                                    r_clip.recon.get("dead_frac"), float(np.nanmean(purity)),
+                                    hierarchy_summary(r_truth.hierarchy))
     return out
 
 
@@ -269,14 +309,14 @@ def add_truth_ms(eval_dir: Path) -> None:
         atomic_save_npz(f, **arrays)
 
 
-def write_report(out: Path, run: Path, eval_dir: Path, store: Path, metrics: dict) -> Path:
+def write_report(out: Path, run: Path, eval_dir: Path, store: Path, metrics: DemoMetrics) -> Path:
     """report/index.html: the findings first, then the `last` hook point's SAEs as `sae-vlm report` shows them."""
     from sae_vlm.browse.data import RunView
     from sae_vlm.browse.report import write_report as write_static
     from sae_vlm.toyworld.front import front_page
 
     add_truth_ms(eval_dir)
-    front = front_page(metrics, out / "report", out / "eval")
+    front = front_page(metrics.to_json(), out / "report", out / "eval")
     return write_static(RunView(run, eval_dir / "clip", store), out / "report", front=front)
 
 
@@ -286,21 +326,21 @@ def spread(values, fmt: str = ".3f") -> str:
     return f"{median(v):{fmt}} [{min(v):{fmt}}..{max(v):{fmt}}]" if v else "–"
 
 
-def summary_lines(m: dict, cfg: DemoConfig) -> list[str]:
+def summary_lines(m: DemoMetrics, cfg: DemoConfig) -> list[str]:
     """What the demo prints at the end, each number a median [min..max] over the SAE seeds: the `last` hook
     point's SAEs and neurons, zero-shot accuracy, hierarchy, steering, the planted world and stability."""
-    last, out, f = m["layers"]["last"], Path(cfg.out), m["findings"]
-    lines = [f"seeds {', '.join(map(str, m['seeds']))}; each number: median [min..max] over seeds"]
-    for base, seeds in by_base(last["saes"]).items():
-        rs = list(seeds.values())
-        lines.append(f"  last/{base:18s} FVE {spread([100 * r['fve'] for r in rs], '.1f')}%  "
-                     f"MS clip {spread([r['ms_clip']['mean'] for r in rs])}  "
-                     f"MS truth {spread([r['ms_truth']['mean'] for r in rs])}  "
-                     f"corr {spread([r['ms_correlation'] for r in rs], '.2f')}")
-    base = last["no_sae"]
+    last, out, f = m.layers["last"], Path(cfg.out), m.findings  # f: findings.py's record
+    lines = [f"seeds {', '.join(map(str, m.seeds))}; each number: median [min..max] over seeds"]
+    for base, seeds in by_base(last.saes).items():
+        rs = cast(list[SAESummary], list(seeds.values()))
+        lines.append(f"  last/{base:18s} FVE {spread([100 * r.fve for r in rs], '.1f')}%  "
+                     f"MS clip {spread([(r.ms_clip or {})['mean'] for r in rs])}  "
+                     f"MS truth {spread([(r.ms_truth or {})['mean'] for r in rs])}  "
+                     f"corr {spread([r.ms_correlation for r in rs], '.2f')}")
+    base = last.no_sae
     lines.append(f"  last/raw neurons        MS clip {base['clip']['mean']:.3f}  MS truth {base['truth']['mean']:.3f}")
     worst = {}
-    for key, per in m["zero_shot"].items():
+    for key, per in m.zero_shot.items():
         for attr, v in per.items():
             worst[attr] = min(worst.get(attr, 1.0), v["accuracy_spliced"] / max(v["accuracy"], 1e-9))
     lines.append("  zero-shot accuracy with any SAE spliced in, worst share of the unmodified model's: "
@@ -324,7 +364,7 @@ def summary_lines(m: dict, cfg: DemoConfig) -> list[str]:
     if f["stability"]:
         lines.append("  stable latents (matched cos >= 0.9 in every other seed): "
                      + ", ".join(f"{k} {v:.0%}" for k, v in f["stability"].items()))
-    lines.append(f"done in {m['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
+    lines.append(f"done in {m.seconds:.0f} s: {out / 'metrics.json'}, {out / 'report' / 'index.html'}, "
                  f"plots in {out / 'eval'}/<layer>/<embedder>/plots/")
-    lines.append(f"CPU: {m['machine']['cpu']}")
+    lines.append(f"CPU: {m.machine['cpu']}")
     return lines
