@@ -5,7 +5,7 @@ dimensions? Node detection and LCA depth per level, over several SAE seeds, for 
     python scripts/toy_hierarchy.py --clip src/sae_vlm/toyworld/weights/clip --width 1 --out runs/hier_wide
 
 The 12-wide CLIP (`toyworld/weights/clip_narrow`, 0.7 MB) was trained with
-`python -m sae_vlm.toyworld.train_clip --vision-hidden 12 --projection-dim 12 --heads 2 --out <dir>`.
+`sae-vlm toy-train-clip --vision-hidden 12 --projection-dim 12 --heads 2 --out <dir>`.
 
 Generates the demo's images (10,000 training, 3,000 held-out), extracts the CLS at every layer and `last`, trains
 Matryoshka (groups sized like the taxonomy's levels) and BatchTopK SAEs of `--width` × the CLIP's width under

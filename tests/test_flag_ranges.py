@@ -15,7 +15,7 @@ from sae_vlm import config as C
 
 CLASSES = [c for c in vars(C).values()
            if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == C.__name__
-           and c is not C.Interval]
+           and c not in (C.Interval, C.LatentSpec)]  # parsed values, not settings
 
 
 def _numeric(tp) -> type | None:
@@ -48,7 +48,7 @@ def _required(cls) -> dict:
 def _build(cls, name: str, v):
     """`cls` with field `name` set to v (a one-element tuple for a tuple field) and the companions some other
     check needs to accept an inside value: fractions summing to 1, two distinct demo seeds, two tree levels, a
-    kept snapshot for eval_step, a batch no larger than the training set."""
+    kept snapshot for eval_step, a batch no larger than the training set, one head (it divides any width)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     value: typing.Any = v
     if typing.get_origin(typing.get_type_hints(cls)[name]) is tuple:
@@ -62,6 +62,8 @@ def _build(cls, name: str, v):
     extra = {"keep_steps": (v,) if 1 <= v <= C.INT_MAX else ()} if name == "eval_step" else {}
     if cls is C.PlantedConfig and name == "n_train":
         extra = {"batch_size": 1}
+    if cls in (C.ClipTrainConfig, C.LlavaTrainConfig):
+        extra = {"batch_size": 1, "heads": 1}
     assert name in fields
     return cls(**{**_required(cls), **extra, name: value})
 

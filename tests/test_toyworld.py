@@ -173,13 +173,14 @@ def test_training_scripts_run_and_save_loadable_models(tmp_path):
 
     from sae_vlm.toyworld import train_clip, train_llava
 
-    ccfg = train_clip.ClipTrainConfig(steps=2, n_train=32, batch_size=8)
-    train_clip.train(ccfg, tmp_path / "clip", quiet=True)
-    train_clip.train(ccfg, tmp_path / "clip2", quiet=True)
+    for out in ("clip", "clip2"):
+        train_clip.train(train_clip.ClipTrainConfig(steps=2, n_train=32, batch_size=8, out=str(tmp_path / out),
+                                                    quiet=True))
     a, b = CLIPModel.from_pretrained(tmp_path / "clip"), CLIPModel.from_pretrained(tmp_path / "clip2")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # seeded
-    cfg = train_llava.LlavaTrainConfig(steps=2, n_train=32, batch_size=8)
-    train_llava.train(cfg, tmp_path / "clip", tmp_path / "llava", quiet=True)
+    cfg = train_llava.LlavaTrainConfig(steps=2, n_train=32, batch_size=8, clip=str(tmp_path / "clip"),
+                                       out=str(tmp_path / "llava"), quiet=True)
+    train_llava.train(cfg)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava", dtype=torch.float32)
     proc = AutoProcessor.from_pretrained(tmp_path / "llava")
     enc = proc(images=[W.sample(0).image], text=[W.PROMPT_TEMPLATE.format(question="What is shown in this image?")],

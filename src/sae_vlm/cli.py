@@ -374,13 +374,34 @@ def planted(cfg: C.PlantedConfig) -> None:
     typer.echo(f"\nwrote {res['json']} and {res['plot']}")
 
 
+def toy_train(cfg: C.ClipTrainConfig | C.LlavaTrainConfig) -> None:
+    from sae_vlm.toyworld import train_clip, train_llava
+
+    done = train_clip.train(cfg) if isinstance(cfg, C.ClipTrainConfig) else train_llava.train(cfg)
+    typer.echo(f"saved {done.out}: final loss {done.final_loss:.3f} after {done.cpu_seconds / 60:.1f} CPU minutes")
+
+
+def toy_quality(cfg: C.ToyQualityConfig) -> None:
+    from sae_vlm.toyworld.quality import assess
+
+    q = assess(cfg)
+    for name, scores in (("tiny CLIP", q.clip), ("toy LLaVA", q.llava)):
+        if scores is not None:
+            typer.echo(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                               if isinstance(v, float) and not k.endswith("_chance")))
+    if q.report is not None:
+        typer.echo(f"wrote {q.report}")
+
+
 COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, train),
             ("evaluate", C.EvaluateConfig, evaluate), ("convert", C.ConvertConfig, convert),
             ("compare", C.CompareConfig, compare),
             ("push", C.PushConfig, push),
             ("steer", C.SteerConfig, steer), ("steer-score", C.SteerScoreConfig, steer_score),
             ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo),
-            ("planted", C.PlantedConfig, planted)]
+            ("planted", C.PlantedConfig, planted),
+            ("toy-train-clip", C.ClipTrainConfig, toy_train), ("toy-train-llava", C.LlavaTrainConfig, toy_train),
+            ("toy-quality", C.ToyQualityConfig, toy_quality)]
 
 class OneLineUsageErrors(TyperGroup):
     """Typer's command group, except that a usage error (an unknown flag, a missing option, an unknown command) is

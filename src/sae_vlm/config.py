@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sae_vlm.sae.arch import ARCHS, arch_spec
@@ -412,6 +413,66 @@ class PushConfig:
 # --- steer -----------------------------------------------------------------------------------------------------
 
 EDIT_OPS = ("clamp", "add", "scale", "zero")
+LATENTS_GRAMMAR = "paper, first:N, a list like 39,120 or 0-999, random:N, level:L[:N] or all"
+
+
+def _natural(text: str) -> int:
+    """A non-negative integer written in ASCII digits only (no sign, no underscores)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    n = _natural(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
+
+
+def _spans(text: str) -> tuple[tuple[int, int], ...]:
+    """'39,120,0-999' -> ((39, 39), (120, 120), (0, 999)); kept as ranges, so '0-10**12' costs nothing here."""
+    spans = []
+    for item in (t for t in text.split(",") if t.strip()):
+        first, dash, last = item.partition("-")
+        lo = _natural(first)
+        hi = _natural(last) if dash else lo
+        if hi < lo:
+            raise ValueError(item)
+        spans.append((lo, hi))
+    if not spans:
+        raise ValueError(text)
+    return tuple(spans)
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """steer-score's `--latents`, parsed when the config is built: a typo fails before any model loads. Which ids
+    it selects also needs the SAE (steer/score.py `select_latents`)."""
+
+    text: str  # as typed; runs record it
+    kind: str  # paper | first | all | random | level | ids
+    count: int | None = None  # N of first:N, random:N, level:L:N
+    level: int | None = None  # L of level:L[:N]
+    spans: tuple[tuple[int, int], ...] = ()  # ids: inclusive (first, last) ranges
+
+    @classmethod
+    def parse(cls, text: str) -> LatentSpec:
+        kind, colon, rest = text.strip().partition(":")
+        expected = {"first": "first:N with N >= 1", "random": "random:N with N >= 1",
+                    "level": "level:L or level:L:N with L >= 0 and N >= 1"}.get(kind, LATENTS_GRAMMAR)
+        try:
+            if kind in ("paper", "all") and not colon:
+                return cls(text, kind)
+            if kind in ("first", "random"):
+                return cls(text, kind, count=_positive(rest))
+            if kind == "level":
+                level, has_count, count = rest.partition(":")
+                return cls(text, kind, level=_natural(level), count=_positive(count) if has_count else None)
+            return cls(text, "ids", spans=_spans(text))
+        except ValueError:
+            raise ValueError(f"--latents {text!r}: expected {expected}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -480,6 +541,11 @@ class SteerScoreConfig:
     def __post_init__(self):
         _choice(self.op, EDIT_OPS, "--op")
         _choice(self.word, ("paper", "stripped"), "--word")
+        self.latent_spec  # parsed (and cached) here, so a typo fails before any model loads
+
+    @cached_property
+    def latent_spec(self) -> LatentSpec:
+        return LatentSpec.parse(self.latents)
 
 
 # --- browse and report -----------------------------------------------------------------------------------------
@@ -617,3 +683,96 @@ def preset_fields(config_cls: type, preset: str | None) -> dict:
     if preset not in known:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(known)}")
     return dict(known[preset])
+
+
+# --- the toy world's models: retrain and assess the shipped tiny CLIP and toy LLaVA -----------------------------
+
+def _heads_divide(heads: int, **widths: int) -> None:
+    """Attention splits a width evenly over its heads; refused here rather than after the images are drawn."""
+    for flag, width in widths.items():
+        if width % heads:
+            raise ValueError(f"{flag} {width}: expected a multiple of --heads ({heads})")
+
+
+def _batch_fits(n_train: int, batch_size: int) -> None:
+    if n_train < batch_size:  # a batch is drawn without replacement
+        raise ValueError(f"--n-train {n_train}: expected at least --batch-size ({batch_size}) images")
+
+
+@dataclass(frozen=True, kw_only=True)
+@checked
+class ClipTrainConfig:
+    """`sae-vlm toy-train-clip`: train the toy world's tiny CLIP contrastively on generated image-text pairs
+    (maintainers: this is how the shipped weights were made)."""
+
+    seed: int = option(0, "Seed of the model, the batches and the generated images.", within=SEED_RANGE)
+    n_train: int = option(20000, "Generated training images.", within="[1, inf)")
+    steps: int = option(2000, "Optimizer steps.", within="[1, inf)")
+    batch_size: int = option(128, "Images per step.", within="[1, inf)")
+    lr: float = option(2e-3, "Peak learning rate (cosine decay after the warmup).", within="(0, inf)")
+    warmup: int = option(100, "Linear warmup steps.", within="[0, inf)")
+    weight_decay: float = option(0.05, "AdamW weight decay on the weight matrices.", within="[0, inf)")
+    p_full_caption: float = option(0.5, "Share of texts that are the full caption (else a partial description).",
+                                   within="[0, 1]")
+    p_hard_negative: float = option(0.5, "Share of images that also bring a near-miss text (one attribute changed).",
+                                    within="[0, 1]")
+    threads: int = option(1, "CPU threads; more spin-wait on a shared 2-core machine.", within="[1, inf)")
+    vision_hidden: int = option(64, "Width of the vision tower (its CLS and every hook point).", within="[1, inf)")
+    vision_layers: int = option(4, "Vision tower layers.", within="[1, inf)")
+    text_hidden: int = option(64, "Width of the text tower.", within="[1, inf)")
+    text_layers: int = option(3, "Text tower layers.", within="[1, inf)")
+    heads: int = option(4, "Attention heads (vision and text).", within="[1, inf)")
+    mlp_ratio: int = option(4, "MLP width over the hidden width.", within="[1, inf)")
+    patch: int = option(12, "Patch size in pixels: 12 gives 4x4 patches, 2x2 per quadrant.", within="[1, 48]")
+    projection_dim: int = option(64, "Width of `last` (the shared image-text embedding).", within="[1, inf)")
+    out: str | None = option(None, "Directory for the model; default: the shipped weights (toyworld/weights/clip).")
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        _heads_divide(self.heads, **{"--vision-hidden": self.vision_hidden, "--text-hidden": self.text_hidden})
+        _batch_fits(self.n_train, self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+@checked
+class LlavaTrainConfig:
+    """`sae-vlm toy-train-llava`: train the toy LLaVA (the tiny CLIP's frozen vision tower, a projector and a small
+    Llama) to caption and to answer one-word questions (maintainers: how the shipped weights were made)."""
+
+    seed: int = option(0, "Seed of the model, the batches and the generated images.", within=SEED_RANGE)
+    n_train: int = option(20000, "Generated training images.", within="[1, inf)")
+    steps: int = option(1500, "Optimizer steps.", within="[1, inf)")
+    batch_size: int = option(64, "Questions per step.", within="[1, inf)")
+    lr: float = option(2e-3, "Peak learning rate (cosine decay after the warmup).", within="(0, inf)")
+    warmup: int = option(100, "Linear warmup steps.", within="[0, inf)")
+    weight_decay: float = option(0.0, "AdamW weight decay.", within="[0, inf)")
+    threads: int = option(1, "CPU threads; more spin-wait on a shared 2-core machine.", within="[1, inf)")
+    text_hidden: int = option(96, "Width of the Llama.", within="[1, inf)")
+    text_layers: int = option(3, "Llama layers.", within="[1, inf)")
+    heads: int = option(4, "Llama attention heads.", within="[1, inf)")
+    text_mlp: int = option(256, "Llama MLP width.", within="[1, inf)")
+    question_mix: tuple = option((("caption", 0.35), ("one_word", 0.15), ("colour", 0.15), ("shade", 0.1),
+                                  ("shape", 0.1), ("pattern", 0.1), ("size", 0.05)),
+                                 "How often each question kind (world.QUESTIONS) is asked.", cli=False)
+    clip: str | None = option(None, "The tiny CLIP whose vision tower it reads; default: the shipped one.")
+    out: str | None = option(None, "Directory for the model; default: the shipped weights (toyworld/weights/llava).")
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        _heads_divide(self.heads, **{"--text-hidden": self.text_hidden})
+        _batch_fits(self.n_train, self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+@checked
+class ToyQualityConfig:
+    """`sae-vlm toy-quality`: how good the toy models are: zero-shot attribute accuracy of the tiny CLIP and answer
+    accuracy of the toy LLaVA on fresh images (world seed 1), as a Markdown report."""
+
+    out: str = option("toyworld_quality.md", "Markdown report.")
+    clip: str | None = option(None, "CLIP directory; default: the shipped one.")
+    llava: str | None = option(None, "LLaVA directory; default: the shipped one.")
+    n_clip: int = option(500, "Images the CLIP is scored on.", within="[1, inf)")
+    n_llava: int = option(200, "Images the LLaVA answers about.", within="[1, inf)")
+    skip_llava: bool = option(False, "Score the CLIP only and print it; no report.")
+    quiet: bool = quiet_option()

@@ -6,6 +6,11 @@ Two layouts (chosen by `TrainConfig.ddp`):
 - data parallel: every rank holds every SAE and takes rows rank::world of each global batch; gradients are
   averaged, firing masks OR-ed and θ's batch minimum taken globally, so parameters stay identical.
   Batch top-k then selects k·B/world entries within each rank's shard, not k·B over the global batch.
+
+Gradients are averaged by hand (`average_grads_`, one flat all_reduce per SAE), not by DistributedDataParallel:
+DDP syncs only a backward begun in its wrapper's forward(), while a training step calls the SAE's encode, decode
+and loss terms directly; it would also need a wrapper per SAE of the sweep, find_unused_parameters and no buffer
+broadcast, and its divide-then-sum would change --ddp results in the last bits. CONVENTIONS.md has the details.
 """
 
 from __future__ import annotations

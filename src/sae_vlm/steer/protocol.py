@@ -135,7 +135,7 @@ def run_steer_score(cfg: SteerScoreConfig) -> dict:
     if not alive.any():  # every concept embedding would come from images no latent fires on
         raise ValueError(f"no latent of SAE {cfg.sae} fires on any of the {len(pool_src)} images of {pool_spec}; "
                          "steering it scores nothing")
-    chosen = select_latents(cfg.latents, alive, sae.cfg.group_sizes, seed=cfg.seed,
+    chosen = select_latents(cfg.latent_spec, alive, sae.cfg.group_sizes, seed=cfg.seed,
                             paper_count=1000 if cfg.images == "white" else 10)
     if not chosen:
         raise ValueError(f"--latents {cfg.latents!r} selects no live latent "

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.backbones import Backbone, load_processor
+from sae_vlm.config import LatentSpec
 from sae_vlm.eval.top import running_top
 from sae_vlm.sae.groups import level_slices
 from sae_vlm.steer.generate import Case, generate_cases
@@ -129,54 +130,43 @@ def alive_latents(top_indices_FT: np.ndarray, top_values_FT: np.ndarray | None =
     return alive
 
 
-def select_latents(spec: str | Sequence[int], alive_F: np.ndarray, group_sizes=None, seed: int = 0,
+def select_latents(spec: LatentSpec | str, alive_F: np.ndarray, group_sizes=None, seed: int = 0,
                    paper_count: int = 10) -> list[int]:
     """Sorted latent ids. 'paper': latents 0..paper_count−1 and 'first:N': 0..N−1, dead ones included, as
     steering_score.py's --neuron_prefix; '39,120' | '0-999' | 'random:N' | 'level:L[:N]' | 'all': live ones only."""
+    spec = LatentSpec.parse(spec) if isinstance(spec, str) else spec
     F = len(alive_F)
     rng = np.random.default_rng(seed)
-    s = spec.strip() if isinstance(spec, str) else ""
-    kind, _, rest = s.partition(":")
-    if kind in ("paper", "first"):
-        n = paper_count if kind == "paper" else int(rest) if rest.isdigit() and int(rest) > 0 else 0
-        if n < 1:
-            raise ValueError(f"latents {spec!r}: expected first:N with N >= 1")
-        return list(range(min(n, F)))
-    if not isinstance(spec, str):
-        ids = [int(j) for j in spec]
+    if spec.kind in ("paper", "first"):
+        return list(range(min(paper_count if spec.kind == "paper" else cast(int, spec.count), F)))
+    if spec.kind == "all":
+        ids = list(range(F))
+    elif spec.kind == "random":
+        pool = np.flatnonzero(alive_F)
+        ids = sorted(rng.choice(pool, size=min(cast(int, spec.count), len(pool)), replace=False).tolist())
+    elif spec.kind == "level":
+        ids = level_latents(spec, alive_F, group_sizes, rng)
     else:
-        if kind == "all":
-            ids = list(range(F))
-        elif kind == "random":
-            if not rest.isdigit() or int(rest) < 1:
-                raise ValueError(f"latents {spec!r}: expected random:N with N >= 1")
-            pool = np.flatnonzero(alive_F)
-            ids = sorted(rng.choice(pool, size=min(int(rest), len(pool)), replace=False).tolist())
-        elif kind == "level":
-            if not group_sizes:
-                raise ValueError(f"latents {spec!r}: the SAE has no Matryoshka levels (group_sizes is None)")
-            lvl, _, n = rest.partition(":")
-            if not lvl.isdigit() or int(lvl) >= len(group_sizes):
-                raise ValueError(f"latents {spec!r}: level must be 0..{len(group_sizes) - 1}")
-            levels = level_slices(group_sizes, F)
-            ids = [j for j in range(F)[levels[int(lvl)]] if alive_F[j]]
-            if n:
-                if not n.isdigit() or int(n) < 1:
-                    raise ValueError(f"latents {spec!r}: expected level:L:N with N >= 1")
-                ids = sorted(rng.choice(ids, size=min(int(n), len(ids)), replace=False).tolist()) if ids else []
-        else:
-            ids = []
-            try:
-                for t in (t.strip() for t in s.split(",") if t.strip()):
-                    a, dash, b = t.partition("-")
-                    ids += list(range(int(a), int(b) + 1)) if dash and a else [int(t)]  # "0-999": inclusive range
-            except ValueError:
-                raise ValueError(f"latents {spec!r}: expected paper, first:N, a list like 39,120 or 0-999, "
-                                 "random:N, level:L[:N] or all") from None
-    bad = [j for j in ids if not 0 <= j < F]
-    if bad:
-        raise ValueError(f"latent ids {bad} are out of range; the SAE has latents 0..{F - 1}")
+        bad = [f"{max(lo, F)}" + (f"-{hi}" if hi > max(lo, F) else "") for lo, hi in spec.spans if hi >= F]
+        if bad:  # checked on the ranges: '0-10**12' is refused without listing its ids
+            raise ValueError(f"--latents {spec.text!r}: latent ids {', '.join(bad)} are out of range; the SAE has "
+                             f"latents 0..{F - 1}")
+        ids = [j for lo, hi in spec.spans for j in range(lo, hi + 1)]
     return sorted({j for j in ids if alive_F[j]})
+
+
+def level_latents(spec: LatentSpec, alive_F: np.ndarray, group_sizes, rng: np.random.Generator) -> list[int]:
+    """The live latents of Matryoshka level L, or N of them drawn at random (level:L:N)."""
+    if not group_sizes:
+        raise ValueError(f"--latents {spec.text!r}: the SAE has no Matryoshka levels (group_sizes is None)")
+    level = cast(int, spec.level)
+    if level >= len(group_sizes):
+        raise ValueError(f"--latents {spec.text!r}: level must be 0..{len(group_sizes) - 1}")
+    F = len(alive_F)
+    ids = [j for j in range(F)[level_slices(group_sizes, F)[level]] if alive_F[j]]
+    if spec.count is not None and ids:
+        ids = sorted(rng.choice(ids, size=min(spec.count, len(ids)), replace=False).tolist())
+    return ids
 
 
 def paper_top_indices(top_indices_FT: np.ndarray, n_images: int) -> np.ndarray:

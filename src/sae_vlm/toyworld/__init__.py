@@ -31,7 +31,7 @@ def _weights(name: str) -> Path:
     path = WEIGHTS / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"toy {name} weights are missing at {path}; train them with "
-                                f"python -m sae_vlm.toyworld.train_{name}")
+                                f"sae-vlm toy-train-{name}")
     return path
 
 

@@ -1,20 +1,22 @@
 """How good are the shipped toy models? Zero-shot attribute accuracy of the tiny CLIP, answer accuracy of the toy LLaVA.
 
-    python -m sae_vlm.toyworld.quality --out toyworld_quality.md
+    sae-vlm toy-quality --out toyworld_quality.md      # settings: config.ToyQualityConfig
 
 Evaluation images come from world seed 1 (training uses seed 0), so they are fresh draws of the world.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import time
+import shlex
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sae_vlm.config import ToyQualityConfig
+from sae_vlm.io import atomic_write_text
 from sae_vlm.toyworld import world as W
 
 EVAL_SEED = 1
@@ -135,11 +137,11 @@ def _training_lines(clip_dir, llava_dir) -> list[str]:
         with safe_open(str(Path(d) / "model.safetensors"), "pt") as f:
             n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
         info = json.loads((Path(d) / "training.json").read_text())
-        mod = "train_clip" if name == "tiny CLIP" else "train_llava"
+        command = "toy-train-clip" if name == "tiny CLIP" else "toy-train-llava"
         size_mb = (Path(d) / "model.safetensors").stat().st_size / 2**20
         cfg = info["config"]
         lines.append(f"| {name} | {n / 1e3:.0f}k | {size_mb:.1f} MB | "
-                     f"`python -m sae_vlm.toyworld.{mod}` ({cfg['steps']} steps, batch {cfg['batch_size']}) "
+                     f"`sae-vlm {command}` ({cfg['steps']} steps, batch {cfg['batch_size']}) "
                      f"| {info['cpu_seconds'] / 60:.1f} min |")
     return lines + [""]
 
@@ -174,27 +176,36 @@ def report(clip: dict, llava: dict, command: str, clip_dir=None, llava_dir=None)
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--out", default="toyworld_quality.md")
-    ap.add_argument("--clip", default=None, help="CLIP directory (default: the shipped one)")
-    ap.add_argument("--llava", default=None, help="LLaVA directory (default: the shipped one)")
-    ap.add_argument("--n-clip", type=int, default=500)
-    ap.add_argument("--n-llava", type=int, default=200)
-    ap.add_argument("--skip-llava", action="store_true")
-    a = ap.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """What `sae-vlm toy-quality` measured: the CLIP's scores, the LLaVA's (None with --skip-llava) and the report
+    written (None with --skip-llava)."""
+
+    clip: dict
+    llava: dict | None
+    report: Path | None
+
+
+def command_line(cfg: ToyQualityConfig) -> str:
+    """The command that reproduces `cfg`: the flags whose values differ from the defaults."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
+    return " ".join(["sae-vlm toy-quality", *flags])
+
+
+def assess(cfg: ToyQualityConfig) -> Quality:
+    """Score the CLIP (and unless --skip-llava the LLaVA) and write the report to `cfg.out`."""
+    for flag, path in (("--clip", cfg.clip), ("--llava", cfg.llava)):
+        if path is not None and not (Path(path) / "config.json").is_file():  # before minutes of scoring
+            raise FileNotFoundError(f"{flag} {path}: no model there (no config.json)")
     torch.set_num_threads(1)
-    t0 = time.time()
-    clip = clip_zero_shot(a.clip, a.n_clip)
-    print(json.dumps(clip))
-    if a.skip_llava:
-        return
-    llava = llava_accuracy(a.llava, a.n_llava)
-    print(json.dumps(llava))
-    cmd = "python -m sae_vlm.toyworld.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    Path(a.out).write_text(report(clip, llava, cmd.strip(), a.clip, a.llava))
-    print(f"wrote {a.out} in {time.time() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
+    clip = clip_zero_shot(cfg.clip, cfg.n_clip)
+    if cfg.skip_llava:
+        return Quality(clip, None, None)
+    llava = llava_accuracy(cfg.llava, cfg.n_llava)
+    atomic_write_text(cfg.out, report(clip, llava, command_line(cfg), cfg.clip, cfg.llava))
+    return Quality(clip, llava, Path(cfg.out))

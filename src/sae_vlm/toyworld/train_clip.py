@@ -1,6 +1,6 @@
 """Train the toy world's tiny CLIP (a HF `CLIPModel`) contrastively on generated image-text pairs.
 
-    python -m sae_vlm.toyworld.train_clip --out src/sae_vlm/toyworld/weights/clip
+    sae-vlm toy-train-clip             # settings: config.ClipTrainConfig; writes the shipped weights
 
 Texts are the full caption of the image half of the time, otherwise a partial description of one of its objects
 ("a warm striped object", "a triangle in the top left", "an object on a gray background") so that zero-shot
@@ -17,8 +17,6 @@ MLP 256; text hidden 64, 3 layers, 48 positions, 69-token word-level vocabulary;
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -29,31 +27,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sae_vlm.config import ClipTrainConfig
+from sae_vlm.toyworld import WEIGHTS
 from sae_vlm.toyworld import text as T
 from sae_vlm.toyworld import world as W
 
 
 @dataclass(frozen=True)
-class ClipTrainConfig:
-    seed: int = 0
-    n_train: int = 20000  # generated images (world seed = seed)
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup: int = 100
-    weight_decay: float = 0.05
-    p_full_caption: float = 0.5
-    p_hard_negative: float = 0.5  # add a near-miss text (one attribute changed) for this share of the batch
-    threads: int = 1  # more threads spin-wait on a shared 2-core machine
-    # model sizes
-    vision_hidden: int = 64
-    vision_layers: int = 4
-    text_hidden: int = 64
-    text_layers: int = 3
-    heads: int = 4
-    mlp_ratio: int = 4
-    patch: int = 12  # 4x4 patches: 2x2 per quadrant
-    projection_dim: int = 64
+class Trained:
+    """What a toy trainer did: where the model went, its last logged loss, the CPU time."""
+
+    out: Path
+    final_loss: float
+    cpu_seconds: float
+
+
+def recorded(cfg) -> dict:
+    """The settings training.json records: the model's, not where it was saved or whether bars showed."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "clip", "quiet")}
 
 
 def build_clip(cfg: ClipTrainConfig, vocab_size: int):
@@ -220,12 +211,12 @@ def optimizer(model, cfg: ClipTrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
+def train(cfg: ClipTrainConfig) -> Trained:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t0 = time.process_time()
-    samples = [W.sample(i, cfg.seed) for i in tqdm(range(cfg.n_train), desc="generate", disable=quiet)]
+    samples = [W.sample(i, cfg.seed) for i in tqdm(range(cfg.n_train), desc="generate", disable=cfg.quiet)]
     pix = T.pixels(W.to_array(samples))
     scenes = torch.from_numpy(scene_onehots(samples))
     captions = [s.caption for s in samples]
@@ -236,7 +227,7 @@ def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
     opt = optimizer(model, cfg)
     model.train()
     log = []
-    bar = tqdm(range(cfg.steps), desc="train clip", disable=quiet)
+    bar = tqdm(range(cfg.steps), desc="train clip", disable=cfg.quiet)
     for step in bar:
         idx = rng.choice(cfg.n_train, cfg.batch_size, replace=False)
         texts, masks, full, tcap = [], [], [], []
@@ -276,8 +267,8 @@ def train(cfg: ClipTrainConfig, out: str | Path, quiet: bool = False) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     cpu_s = time.process_time() - t0
-    save(model, tok, out, {"config": asdict(cfg), "log": log, "cpu_seconds": round(cpu_s, 1)})
-    return {"cpu_seconds": cpu_s, "final_loss": log[-1]["loss"]}
+    info = {"config": recorded(cfg), "log": log, "cpu_seconds": round(cpu_s, 1)}
+    return Trained(save(model, tok, cfg.out or WEIGHTS / "clip", info), log[-1]["loss"], cpu_s)
 
 
 def save(model, tok, out: str | Path, info: dict) -> Path:
@@ -288,26 +279,3 @@ def save(model, tok, out: str | Path, info: dict) -> Path:
     model.save_pretrained(out)
     CLIPProcessor(image_processor=T.build_image_processor(), tokenizer=tok).save_pretrained(out)
     return T.finish_shipped(out, info)
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "weights" / "clip"))
-    ap.add_argument("--steps", type=int, default=ClipTrainConfig.steps)
-    ap.add_argument("--n-train", type=int, default=ClipTrainConfig.n_train)
-    ap.add_argument("--seed", type=int, default=ClipTrainConfig.seed)
-    ap.add_argument("--threads", type=int, default=ClipTrainConfig.threads)
-    ap.add_argument("--vision-hidden", type=int, default=ClipTrainConfig.vision_hidden,
-                    help="width of the vision tower (its CLS and every hook point)")
-    ap.add_argument("--projection-dim", type=int, default=ClipTrainConfig.projection_dim, help="width of `last`")
-    ap.add_argument("--heads", type=int, default=ClipTrainConfig.heads, help="attention heads (vision and text)")
-    ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args(argv)
-    cfg = ClipTrainConfig(seed=a.seed, steps=a.steps, n_train=a.n_train, threads=a.threads,
-                          vision_hidden=a.vision_hidden, projection_dim=a.projection_dim, heads=a.heads)
-    res = train(cfg, a.out, quiet=a.quiet)
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,6 @@
 """Train the toy LLaVA: the tiny CLIP's vision tower (frozen) + a projector + a small Llama, all from HF classes.
 
-    python -m sae_vlm.toyworld.train_llava --clip src/sae_vlm/toyworld/weights/clip \
-        --out src/sae_vlm/toyworld/weights/llava
+    sae-vlm toy-train-llava            # settings: config.LlavaTrainConfig; reads and writes the shipped weights
 
 Like llava-1.5 the language model reads the vision tower's second-to-last layer (`vision_feature_layer=-2`)
 without the CLS token (`vision_feature_select_strategy="default"`): 16 image tokens for a 48 px image with
@@ -21,10 +20,7 @@ Default run: 20k images, 1500 steps of batch 64, about 5 CPU minutes on one thre
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
 
@@ -33,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sae_vlm.config import LlavaTrainConfig
+from sae_vlm.toyworld import WEIGHTS
 from sae_vlm.toyworld import text as T
 from sae_vlm.toyworld import world as W
-from sae_vlm.toyworld.train_clip import lr_at
+from sae_vlm.toyworld.train_clip import Trained, lr_at, recorded
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -49,25 +47,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class LlavaTrainConfig:
-    seed: int = 0
-    n_train: int = 20000
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 100
-    weight_decay: float = 0.0
-    threads: int = 1
-    text_hidden: int = 96
-    text_layers: int = 3
-    heads: int = 4
-    text_mlp: int = 256
-    # how often each question is asked during training (world.QUESTIONS kinds)
-    question_mix: tuple = (("caption", 0.35), ("one_word", 0.15), ("colour", 0.15), ("shade", 0.1), ("shape", 0.1),
-                           ("pattern", 0.1), ("size", 0.05))
 
 
 def build_llava(cfg: LlavaTrainConfig, clip_dir: str | Path, vocab_size: int):
@@ -134,13 +113,16 @@ def lm_loss(model, ids_BL, am_BL, labels_BL, feats_BND) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_BL[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def train(cfg: LlavaTrainConfig, clip_dir: str | Path, out: str | Path, quiet: bool = False) -> dict:
+def train(cfg: LlavaTrainConfig) -> Trained:
+    clip_dir = cfg.clip or WEIGHTS / "clip"
+    if not (Path(clip_dir) / "config.json").is_file():  # named by its flag, before transformers tries the hub
+        raise FileNotFoundError(f"--clip {clip_dir}: no CLIP there (no config.json)")
     torch.set_num_threads(cfg.threads)
     t0 = time.process_time()
     rng = np.random.default_rng(cfg.seed)
     tok = T.build_tokenizer(for_clip=False)
     model, n_img = build_llava(cfg, clip_dir, len(tok))
-    samples = [W.sample(i, cfg.seed) for i in tqdm(range(cfg.n_train), desc="generate", disable=quiet)]
+    samples = [W.sample(i, cfg.seed) for i in tqdm(range(cfg.n_train), desc="generate", disable=cfg.quiet)]
     feats = tower_features(model, T.pixels(W.to_array(samples)))
     kinds = [k for k, _ in cfg.question_mix]
     probs = np.array([p for _, p in cfg.question_mix], np.float64)
@@ -158,7 +140,7 @@ def train(cfg: LlavaTrainConfig, clip_dir: str | Path, out: str | Path, quiet: b
     model.train()
     model.model.vision_tower.eval()
     log = []
-    bar = tqdm(range(cfg.steps), desc="train llava", disable=quiet)
+    bar = tqdm(range(cfg.steps), desc="train llava", disable=cfg.quiet)
     for step in bar:
         idx = rng.choice(cfg.n_train, cfg.batch_size, replace=False)
         ks = rng.choice(len(kinds), cfg.batch_size, p=probs)
@@ -187,9 +169,8 @@ def train(cfg: LlavaTrainConfig, clip_dir: str | Path, out: str | Path, quiet: b
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     cpu_s = time.process_time() - t0
-    info = {"config": asdict(cfg), "clip": str(clip_dir), "log": log, "cpu_seconds": round(cpu_s, 1)}
-    save(model, tok, n_img, out, info)
-    return {"cpu_seconds": cpu_s, "final_loss": log[-1]["loss"]}
+    info = {"config": recorded(cfg), "clip": str(clip_dir), "log": log, "cpu_seconds": round(cpu_s, 1)}
+    return Trained(save(model, tok, n_img, cfg.out or WEIGHTS / "llava", info), log[-1]["loss"], cpu_s)
 
 
 def save(model, tok, n_img: int, out: str | Path, info: dict) -> Path:
@@ -205,23 +186,3 @@ def save(model, tok, n_img: int, out: str | Path, info: dict) -> Path:
     )
     proc.save_pretrained(out)
     return T.finish_shipped(out, info)
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    here = Path(__file__).parent / "weights"
-    ap.add_argument("--clip", default=str(here / "clip"))
-    ap.add_argument("--out", default=str(here / "llava"))
-    ap.add_argument("--steps", type=int, default=LlavaTrainConfig.steps)
-    ap.add_argument("--n-train", type=int, default=LlavaTrainConfig.n_train)
-    ap.add_argument("--seed", type=int, default=LlavaTrainConfig.seed)
-    ap.add_argument("--threads", type=int, default=LlavaTrainConfig.threads)
-    ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args(argv)
-    cfg = LlavaTrainConfig(seed=a.seed, steps=a.steps, n_train=a.n_train, threads=a.threads)
-    res = train(cfg, a.clip, a.out, quiet=a.quiet)
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
-
-
-if __name__ == "__main__":
-    main()
