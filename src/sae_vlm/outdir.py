@@ -4,16 +4,24 @@ A command writes only into a folder that is new, empty, or marked as holding its
 (`.sae-vlm-owner.json`); anything else is refused with one line naming the folder, and nothing in it is touched.
 While it writes, it holds an exclusive flock on `.sae-vlm.lock` in that folder, which the kernel releases when the
 process ends however it ends; a second run on the same folder is refused with the PID of the first.
+
+Without fcntl (Windows) the lock is the file itself, created exclusively with the PID in it and removed at the end.
+A process killed there leaves it behind, and we do not probe whether that PID still lives (on Windows `os.kill`
+would end it): the next run is refused with the PID and the file to remove once that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from sae_vlm.io import TEMP_NAME, atomic_write_json, remove_stale_temps
 
@@ -63,29 +71,78 @@ def claim(out: str | Path, kind: str, lead: bool = True) -> Iterator[Path]:
     check_owned(out, kind)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        try:
+            check_owned(out, kind)  # another run may have claimed it between the first check and the lock
+            if owner(out) != kind:
+                atomic_write_json(out / OWNER, {"kind": kind, "tool": "sae-vlm"})
+            _remove_killed_runs_temps(out)
+            yield out
+        except BaseException:
+            if created and {p.name for p in out.iterdir()} <= {OWNER, LOCK}:  # failed before writing: leave no trace
+                (out / OWNER).unlink(missing_ok=True)
+                _release_lock_file(out)
+                out.rmdir()
+            raise
+
+
+def _in_use(out: Path, pid: str) -> ValueError:
+    return ValueError(f"output folder {out} is in use by another sae-vlm run (PID {pid or 'unknown'}); wait for it "
+                      "to finish or choose another folder")
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold `out`'s lock for the block: a flock where fcntl exists, else the lock file itself."""
+    if fcntl is None:
+        with _lock_file(out):
+            yield
+        return
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"output folder {out} is in use by another sae-vlm run (PID {pid}); wait for it to "
-                             "finish or choose another folder") from None
+            raise _in_use(out, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        check_owned(out, kind)  # another run may have claimed it between the first check and the lock
-        if owner(out) != kind:
-            atomic_write_json(out / OWNER, {"kind": kind, "tool": "sae-vlm"})
-        _remove_killed_runs_temps(out)
-        yield out
-    except BaseException:
-        if created and {p.name for p in out.iterdir()} <= {OWNER, LOCK}:  # failed before writing: leave no trace
-            for name in (OWNER, LOCK):
-                (out / name).unlink(missing_ok=True)
-            out.rmdir()
-        raise
+        yield
     finally:
-        os.close(fd)  # releases the flock
+        os.close(fd)  # releases the flock (a cleanup may have unlinked the file already: that is fine on POSIX)
+
+
+@contextlib.contextmanager
+def _lock_file(out: Path) -> Iterator[None]:
+    """The lock where there is no flock: `.sae-vlm.lock` created exclusively, holding our PID, removed after."""
+    try:
+        fd = os.open(out / LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    except FileExistsError:
+        pid = _lock_pid(out) or "unknown"
+        raise ValueError(f"output folder {out} is in use by another sae-vlm run (PID {pid}) or was left locked by "
+                         f"one that was killed: if process {pid} is gone, remove {out / LOCK}; else wait for it "
+                         "or choose another folder") from None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)  # the file's existence is the lock: closed, it can be removed on Windows too
+    try:
+        yield
+    finally:
+        _release_lock_file(out)
+
+
+def _lock_pid(out: Path) -> str:
+    try:
+        return (out / LOCK).read_text(errors="replace").strip()[:32]
+    except OSError:
+        return ""
+
+
+def _release_lock_file(out: Path) -> None:
+    """Remove the lock file when it is ours; with a flock held, the file is left (its fd still holds the lock)."""
+    if fcntl is None and _lock_pid(out) != str(os.getpid()):
+        return
+    (out / LOCK).unlink(missing_ok=True)
 
 
 def _remove_killed_runs_temps(out: Path) -> None:

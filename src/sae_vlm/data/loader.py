@@ -1,7 +1,8 @@
 """Training batches from activations larger than memory, at disk speed.
 
 Reading rows one by one from a memory map costs one page fault, and often megabytes of readahead, per row. This
-loader reads instead large contiguous pieces with `os.preadv` on several threads, and shuffles in two stages:
+loader reads instead large contiguous pieces with `os.preadv` (a seek and a read on Windows) on several threads, and
+shuffles in two stages:
 
 * epoch e cuts the rows into chunks of `chunk_rows` consecutive rows and draws a random order of the chunks;
   under --ddp the chunks are dealt round-robin to the ranks, so a rank reads only its own rows;
@@ -68,8 +69,9 @@ class FileRows:
             if j not in self._fds:
                 if self._check is not None:
                     self._check(j)
-                fd = os.open(self.files[j].path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # we read whole pieces; readahead would be waste
+                fd = os.open(self.files[j].path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                if hasattr(os, "posix_fadvise"):  # not on macOS or Windows: there the OS's readahead stays
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # we read whole pieces; readahead is waste
                 self._fds[j] = fd
             return self._fds[j]
 
@@ -83,7 +85,7 @@ class FileRows:
             view = memoryview(out[pos - r0 : stop - r0].data).cast("B")  # type: ignore[arg-type]
             want, got = len(view), 0
             while got < want:
-                n = os.preadv(self._fd(j), [view[got:]], f.offset + (pos - f.start) * self.row_bytes + got)
+                n = self._read_at(self._fd(j), view[got:], f.offset + (pos - f.start) * self.row_bytes + got)
                 if n == 0:
                     gone = pos + got // self.row_bytes
                     raise ValueError(f"{f.path} ends early: rows {gone - f.start}..{stop - f.start} of the file (rows "
@@ -91,6 +93,17 @@ class FileRows:
                 got += n
             self.bytes_read += want
             pos, j = stop, j + 1
+
+    def _read_at(self, fd: int, view: memoryview, offset: int) -> int:
+        """Bytes read into `view` from `offset`. Without positioned reads (Windows) a seek and a read, which the
+        threads take in turn on the shared descriptor."""
+        if hasattr(os, "preadv"):
+            return os.preadv(fd, [view], offset)
+        with self._lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, len(view))
+        view[: len(data)] = data
+        return len(data)
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         out = np.empty((r1 - r0, self.d_in), dtype=self.storage)
