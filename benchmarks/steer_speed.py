@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _steer_helpers import save_tiny_llava, tiny_sae  # noqa: E402
 
-from sae_vlm.steer.generate import Case, generate_cases, load_llava, white_image  # noqa: E402
+from sae_vlm.data.images import white_image  # noqa: E402
+from sae_vlm.steer.generate import Case, generate_cases, load_llava  # noqa: E402
 
 
 def main() -> None:

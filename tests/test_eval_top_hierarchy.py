@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from sae_vlm.eval import hierarchy as H
-from sae_vlm.eval.top import load_top, render_grid, save_top, top_activating
+from sae_vlm.eval.top import render_grid, top_activating
 from sae_vlm.sae.groups import level_slices
+from sae_vlm.topk import load_top, save_top
 
 
 def test_streaming_topk_matches_full_sort():

@@ -9,7 +9,8 @@ from _extract_helpers import tiny_clip_config, tiny_clip_processor
 from PIL import Image
 
 from sae_vlm.backbones import Backbone, parse_hook_point
-from sae_vlm.data.tokens import parse_tokens, random_positions, select_tokens
+from sae_vlm.data.tokens import random_positions, select_tokens
+from sae_vlm.token_selection import parse_tokens
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,8 @@ def test_ms_summary_std_is_unbiased_as_metric_py_prints_it():
 def test_first_token_reproduces_cls_only_on_siglip():
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from sae_vlm.data.tokens import parse_tokens, select_tokens
+    from sae_vlm.data.tokens import select_tokens
+    from sae_vlm.token_selection import parse_tokens
 
     torch.manual_seed(0)
     m = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

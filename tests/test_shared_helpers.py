@@ -46,7 +46,7 @@ def test_atomic_writers_round_trip_and_leave_no_temporaries(tmp_path):
 def test_open_image_decodes_like_extraction(tmp_path):
     from PIL import Image
 
-    from sae_vlm.steer.generate import open_image
+    from sae_vlm.data.images import open_image
 
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "a.png")
     im = open_image(tmp_path / "a.png")
@@ -87,7 +87,7 @@ def test_resolve_dtype_and_device():
 
 
 def test_running_top_matches_a_full_sort():
-    from sae_vlm.eval.top import running_top
+    from sae_vlm.topk import running_top
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 6, generator=g)

@@ -251,7 +251,7 @@ def test_cli_steer_and_steer_score(llava_dir, sae, tmp_path):
 
     # "images × few latents" with a precomputed top table (eval/top.py's files) and bounds from the class folders
     from sae_vlm.data.images import FolderSource
-    from sae_vlm.eval.top import save_top
+    from sae_vlm.topk import save_top
 
     src = FolderSource(pool)
     model, proc = load_llava(str(llava_dir))

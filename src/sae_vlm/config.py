@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from sae_vlm.sae.arch import ARCHS, arch_spec
-from sae_vlm.sae.formats import FORMATS as SOURCE_FORMATS
+import numpy as np
+
+from sae_vlm.names import ARCH_NAMES, FORMAT_NAMES, check_arch
+from sae_vlm.token_selection import parse_tokens
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's warning limit; larger images are refused as decompression bombs
 
@@ -165,17 +167,7 @@ class ExtractConfig:
         _choice(self.dtype, ("fp16", "bf16", "fp32"), "--dtype")
         if not self.tokens:
             raise ValueError("--tokens is empty; expected cls, mean, all or random-<k>")
-        from sae_vlm.data.tokens import parse_tokens
-
         parse_tokens(list(self.tokens))  # a bad selection is refused before any model loads
-
-    def store_config(self, n_images: int) -> dict:
-        """The settings a resume must match: all that can change the stored bytes, batch size included (batched
-        kernels may round differently); not workers, device, ranks or output folder."""
-        d = dataclasses.asdict(self)
-        for k in ("out", "workers", "device", "quiet"):
-            d.pop(k)
-        return {**d, "layers": list(self.layers), "tokens": list(self.tokens), "n_images": n_images}
 
 
 # --- train -----------------------------------------------------------------------------------------------------
@@ -221,7 +213,8 @@ class TrainConfig:
     data: str = option(help="Activation store directory or a .npy file of shape (rows, d_in).")
     out: str = option(help="Run directory (SAEs go to OUT/saes/<name>/).")
     layer: str | None = option(None, "Hook point subfolder of a store with several, e.g. layer.22.")
-    archs: tuple[str, ...] = option(("batchtopk",), f"Comma list of architectures: {', '.join(ARCHS)}.", flag="--arch")
+    archs: tuple[str, ...] = option(("batchtopk",), f"Comma list of architectures: {', '.join(ARCH_NAMES)}.",
+                                    flag="--arch")
     expansions: tuple[float, ...] = option((8,), "Comma list of expansion factors (d_sae / d_in), e.g. 8,16,64.",
                                            flag="--width", within="(0, inf)")
     ks: tuple[int, ...] = option((20,), "Comma list of k (mean active latents; JumpReLU's target L0).", flag="--k",
@@ -277,7 +270,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for a in self.archs:
-            arch_spec(a)
+            check_arch(a)
         if self.log_to not in (None, "wandb", "tensorboard"):
             raise ValueError(f"log_to={self.log_to!r}; expected wandb or tensorboard")
         total = sum(self.group_fractions)
@@ -356,7 +349,7 @@ class ConvertConfig:
     subfolder: str | None = option(None, "Folder (or checkpoint file) inside SRC, e.g. one hook point's SAE.")
     revision: str | None = option(None, "Hub revision of SRC.")
     source_format: str = option("auto", f"Format of SRC: auto (detected from its files) or one of "
-                                        f"{', '.join(SOURCE_FORMATS)}.", flag="--from")
+                                        f"{', '.join(FORMAT_NAMES)}.", flag="--from")
     target_format: str = option("sae-vlm", "Format written: sae-vlm or sae-lens.", flag="--to")
     hook_point: str | None = option(None, "Hook point the SAE reads, e.g. layer.22 (overrides the source's).")
     model_id: str | None = option(None, "Backbone model id, e.g. openai/clip-vit-large-patch14-336.")
@@ -370,7 +363,7 @@ class ConvertConfig:
                                              "scale_norm); folded into the SAE.", within="(0, inf)")
 
     def __post_init__(self):
-        _choice(self.source_format, ("auto", *SOURCE_FORMATS), "--from")
+        _choice(self.source_format, ("auto", *FORMAT_NAMES), "--from")
         _choice(self.target_format, ("sae-vlm", "sae-lens"), "--to")
         if self.arch is not None:
             _choice(self.arch, ("relu", "topk", "batchtopk"), "--arch")
@@ -599,6 +592,29 @@ class DemoConfig:
                              "integers (the findings are medians over seeds)")
 
 
+MAX_FEATURES = 100_000  # a tree much larger would not fit an SAE of its width in memory anyway
+
+
+def check_world(branching, d: int, root_prob: float, child_prob: float, noise: float, seed: int) -> None:
+    """Refuse settings that describe no tree or no probability, naming the flag of `sae-vlm planted`."""
+    text = ",".join(map(str, branching))
+    if len(branching) < 2 or min(branching) < 1:
+        raise ValueError(f"--branching {text}: expected at least 2 positive integers (the roots, then the children "
+                         "of every feature at each level below)")
+    n_features = int(np.cumprod(np.asarray(branching, dtype=np.float64)).sum())
+    if n_features > MAX_FEATURES:
+        raise ValueError(f"--branching {text}: gives {n_features} features; expected at most {MAX_FEATURES}")
+    if d < 2:
+        raise ValueError(f"--d {d}: expected at least 2 dimensions")
+    for flag, p in (("--root-prob", root_prob), ("--child-prob", child_prob)):
+        if not 0 < p <= 1:
+            raise ValueError(f"{flag} {p}: expected a probability in (0, 1]")
+    if noise < 0:
+        raise ValueError(f"--noise {noise}: expected a standard deviation >= 0")
+    if seed < 0:
+        raise ValueError(f"--world-seed {seed}: expected a non-negative integer")
+
+
 @dataclass(frozen=True, kw_only=True)
 @checked
 class PlantedConfig:
@@ -617,8 +633,8 @@ class PlantedConfig:
                                      "uniformly (else none).", within="(0, 1]")
     noise: float = option(0.02, "Standard deviation of the Gaussian noise on every dimension.", within="[0, inf)")
     world_seed: int = option(0, "Seed of the directions and of the training and held-out samples.", within=SEED_RANGE)
-    archs: tuple[str, ...] = option(("batchtopk", "matryoshka"), f"Comma list of architectures: {', '.join(ARCHS)}.",
-                                    flag="--arch")
+    archs: tuple[str, ...] = option(("batchtopk", "matryoshka"),
+                                    f"Comma list of architectures: {', '.join(ARCH_NAMES)}.", flag="--arch")
     k: int | None = option(None, "Active latents per row; unset: the world's mean number of firing features, "
                                  "rounded.", within="[1, inf)")
     steps: int = option(700, "Optimizer steps.", within="[1, inf)")
@@ -631,13 +647,11 @@ class PlantedConfig:
     quiet: bool = quiet_option()
 
     def __post_init__(self):
-        from sae_vlm.data.planted import check_world
-
         check_world(self.branching, self.d, self.root_prob, self.child_prob, self.noise, self.world_seed)
         if not self.archs:
             raise ValueError("--arch is empty; expected at least one architecture")
         for a in self.archs:
-            arch_spec(a)
+            check_arch(a)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds {','.join(map(str, self.seeds))}: expected distinct non-negative integers")
         if self.n_train < self.batch_size:

@@ -24,9 +24,10 @@ from sae_vlm.backbones import Backbone, load_backbone
 from sae_vlm.config import ExtractConfig
 from sae_vlm.data.images import BadImage, ImageSource, load_image, open_images, prefetch_map
 from sae_vlm.data.store import STORAGE, StoreWriter, to_storage
-from sae_vlm.data.tokens import POOLED, TokenSelection, parse_tokens, rows_per_image, select_tokens
+from sae_vlm.data.tokens import rows_per_image, select_tokens
 from sae_vlm.device import join_process_group, resolve_device, resolve_dtype
 from sae_vlm.outdir import claim
+from sae_vlm.token_selection import POOLED, TokenSelection, parse_tokens
 
 Plan = list[tuple[str, str, TokenSelection]]  # (store subdir, hook point, token selection)
 
@@ -47,6 +48,15 @@ def make_plan(backbone: Backbone, layers, tokens) -> Plan:
                                  "use --layers last for its pooled vector, or --tokens mean / random-k")
             plan.append((f"{hp}__{sel.name}", hp, sel))
     return plan
+
+
+def resume_settings(cfg: ExtractConfig, n_images: int) -> dict:
+    """The settings a resume must match: all that can change the stored bytes, batch size included (batched
+    kernels may round differently); not workers, device, ranks or output folder."""
+    d = dataclasses.asdict(cfg)
+    for k in ("out", "workers", "device", "quiet"):
+        d.pop(k)
+    return {**d, "layers": list(cfg.layers), "tokens": list(cfg.tokens), "n_images": n_images}
 
 
 def _layer(backbone: Backbone, name: str) -> str:
@@ -186,7 +196,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: in
     n_tokens = _n_tokens(backbone)
     subdirs = {name: {"hook_point": hp, "tokens": sel.name, "rows_per_image": rows_per_image(sel, n_tokens),
                       "width": backbone.width(hp), "note": backbone.describe(hp)} for name, hp, sel in plan}
-    store = StoreWriter(cfg.out, cfg.store_config(len(src)), subdirs)
+    store = StoreWriter(cfg.out, resume_settings(cfg, len(src)), subdirs)
     store.prepare(is_main=rank == 0)
     _barrier(world)
     # a shard covers a fixed range of input images, so its content depends on nothing but the input order

@@ -3,6 +3,7 @@
 Every source lists its images up front in a deterministic order (`records`), so a run can be split by rank
 and resumed by index. `load_image(src, i)` returns an RGB PIL image or raises `BadImage(reason)`; unusual
 but valid files (CMYK, 16-bit, grayscale, palette with transparency, EXIF-rotated) are converted, never dropped.
+`open_image` decodes one image named on a command line (or 'white') the same way.
 """
 
 from __future__ import annotations
@@ -466,3 +467,35 @@ def prefetch_map(fn: Callable, items, workers: int, ahead: int) -> Iterator:
         while q:
             yield q.popleft().result()
 
+
+WHITE = "white"
+
+
+def white_image(size: int = 336) -> Image.Image:
+    return Image.new("RGB", (size, size), "white")
+
+
+def is_store_member(path: str | Path) -> bool:
+    """True for a store image path that names no file: a tar member (`x.tar::member`) or a dataset row
+    (`name[i]`), as the sources here record them."""
+    s = str(path)
+    return not Path(s).is_file() and ("::" in s or re.search(r"\[\d+\]$", s) is not None)
+
+
+def open_image(spec: str | Path | Image.Image) -> Image.Image:
+    """'white', a path, or a PIL image -> RGB PIL image, decoded like extraction does (`decode_image`: EXIF
+    rotation, 16-bit, transparency over white, decompression-bomb guard)."""
+    if isinstance(spec, Image.Image):
+        return to_rgb(spec)
+    if str(spec) == WHITE:
+        return white_image()
+    p = Path(spec)
+    if not p.is_file():
+        if is_store_member(p):
+            raise ValueError(f"image {spec} is inside a tar shard or dataset, not a file; "
+                             "expected 'white' or an image file")
+        raise FileNotFoundError(f"image {p} does not exist; expected 'white' or an image file")
+    try:
+        return decode_image(p.read_bytes())
+    except BadImage as e:
+        raise ValueError(f"image {p}: {e}") from None

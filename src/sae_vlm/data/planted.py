@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sae_vlm.config import check_world
+
 MAGNITUDE = (0.5, 1.5)  # a firing feature's magnitude is uniform in this range
 
 
@@ -72,29 +74,6 @@ class PlantedWorld:
         x_ND = magnitude_NC @ self.directions_CD.astype(np.float64)
         x_ND += self.noise * rng.standard_normal((n, self.d))
         return x_ND.astype(np.float32), active_NC
-
-
-MAX_FEATURES = 100_000  # a tree much larger would not fit an SAE of its width in memory anyway
-
-
-def check_world(branching, d: int, root_prob: float, child_prob: float, noise: float, seed: int) -> None:
-    """Refuse settings that describe no tree or no probability, naming the flag of `sae-vlm planted`."""
-    text = ",".join(map(str, branching))
-    if len(branching) < 2 or min(branching) < 1:
-        raise ValueError(f"--branching {text}: expected at least 2 positive integers (the roots, then the children "
-                         "of every feature at each level below)")
-    n_features = int(np.cumprod(np.asarray(branching, dtype=np.float64)).sum())
-    if n_features > MAX_FEATURES:
-        raise ValueError(f"--branching {text}: gives {n_features} features; expected at most {MAX_FEATURES}")
-    if d < 2:
-        raise ValueError(f"--d {d}: expected at least 2 dimensions")
-    for flag, p in (("--root-prob", root_prob), ("--child-prob", child_prob)):
-        if not 0 < p <= 1:
-            raise ValueError(f"{flag} {p}: expected a probability in (0, 1]")
-    if noise < 0:
-        raise ValueError(f"--noise {noise}: expected a standard deviation >= 0")
-    if seed < 0:
-        raise ValueError(f"--world-seed {seed}: expected a non-negative integer")
 
 
 def make_world(branching, d: int, root_prob: float, child_prob: float, noise: float, seed: int) -> PlantedWorld:

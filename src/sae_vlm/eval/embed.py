@@ -63,7 +63,7 @@ def backbone_embedder(model_id: str, paths: Sequence[str], *, device: str | torc
     """A callable that embeds the images at `paths` with the backbone's "last" hook point.
 
     Only image files can be embedded: a store of tar members or dataset rows raises ValueError at once."""
-    from sae_vlm.steer.generate import is_store_member
+    from sae_vlm.data.images import is_store_member
 
     if any(is_store_member(p) for p in paths):
         raise ValueError("--embedder needs a folder or path-list store; pass --embeddings")
@@ -72,7 +72,7 @@ def backbone_embedder(model_id: str, paths: Sequence[str], *, device: str | torc
         from tqdm.auto import tqdm
 
         from sae_vlm.backbones import load_backbone
-        from sae_vlm.steer.generate import open_image
+        from sae_vlm.data.images import open_image
 
         bb = load_backbone(model_id, device=device)
         out = []

@@ -32,11 +32,12 @@ from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, sum
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
 from sae_vlm.eval.seeds import needs_scipy, score_seeds
-from sae_vlm.eval.top import TopAccumulator, render_grid, save_top
+from sae_vlm.eval.top import render_grid
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes, read_json
 from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.runs import find_saes
+from sae_vlm.topk import TopAccumulator, save_top
 
 
 def open_data(data, hook_point: str | None, token_selection: str | None):

@@ -1,8 +1,5 @@
-"""Top-activating images per latent in one streaming pass, and 4×4 grids of them.
-
-A running top-k (`TopAccumulator`) lives on the device: per chunk, `torch.topk` over the concatenation of the
-running values and the chunk's codes. Token-level codes are mean-pooled per image first (rows of one image must be
-contiguous).
+"""Top-activating images per latent in one streaming pass (the running top-k of `sae_vlm.topk`, on the device), and
+4×4 grids of them. Token-level codes are mean-pooled per image first (rows of one image must be contiguous).
 """
 
 from __future__ import annotations
@@ -14,10 +11,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sae_vlm.data.images import is_store_member, open_image
 from sae_vlm.data.source import ActivationSource, as_source, sequential_chunks
 from sae_vlm.device import resolve_device
 from sae_vlm.eval.ms import is_sparse_codes
-from sae_vlm.io import atomic_save_image, atomic_save_npy
+from sae_vlm.io import atomic_save_image
+from sae_vlm.topk import running_top
 
 
 class EncodedSource(ActivationSource):
@@ -87,46 +86,6 @@ def _pooled_chunks(codes, image_ids, chunk_rows, dev):
         yield torch.tensor([carry_id], device=dev), carry_sum[None] / carry_n
 
 
-class TopAccumulator:
-    """The running top-k merge on the chunks' device: per chunk, `torch.topk` over the running values [F, top]
-    concatenated with the chunk's codes. Slots never filled keep value `fill` and index -1. The state is created
-    from the first chunk, or up front when `width` (F) is given."""
-
-    def __init__(self, top: int, *, fill: float = float("-inf"), width: int | None = None, device=None):
-        self.top, self.fill, self.seen = top, fill, 0
-        self.state = self._start(width, device) if width is not None else None
-
-    def _start(self, f: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.full((f, self.top), self.fill, device=dev),
-                torch.full((f, self.top), -1, dtype=torch.int64, device=dev))
-
-    def add(self, c_RF: torch.Tensor, ids_R: torch.Tensor | None = None) -> None:
-        """Codes [R, F] of rows `ids_R`; None numbers the rows consecutively from 0."""
-        ids = torch.arange(self.seen, self.seen + c_RF.shape[0], device=c_RF.device) if ids_R is None else ids_R
-        self.seen += c_RF.shape[0]
-        vals_FT, idx_FT = self.state if self.state is not None else self._start(c_RF.shape[1], c_RF.device)
-        cand_v = torch.cat([vals_FT, c_RF.T], 1)
-        cand_i = torch.cat([idx_FT, ids[None, :].expand(c_RF.shape[1], -1)], 1)
-        vals_FT, pos = cand_v.topk(self.top, dim=1)
-        self.state = (vals_FT, cand_i.gather(1, pos))
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values [F, top], indices [F, top] int64), best first."""
-        if self.state is None:
-            raise ValueError("evaluation set is empty: no code rows to rank, expected at least 1")
-        return self.state
-
-
-def running_top(stream, top: int, *, fill: float = float("-inf"), width: int | None = None, device=None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`TopAccumulator` over `stream`, which yields (ids [R] or None, codes [R, F]); without `width`, an empty
-    stream is a ValueError, with it the filled state comes back."""
-    acc = TopAccumulator(top, fill=fill, width=width, device=device)
-    for ids, c_RF in stream:
-        acc.add(c_RF, ids)
-    return acc.result()
-
-
 @torch.no_grad()
 def top_activating(
     codes, *, top: int = 16, image_ids=None, device=None, chunk_rows: int = 1024, quiet: bool = True
@@ -148,24 +107,9 @@ def top_activating(
     return vals_FT.cpu(), idx_FT.cpu()
 
 
-def save_top(directory: str | Path, values_FT, indices_FT, prefix: str = "top") -> None:
-    """`<prefix>_values.npy` and `<prefix>_indices.npy` beside the codes, each written atomically."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(d / f"{prefix}_values.npy", np.asarray(values_FT, dtype=np.float32))
-    atomic_save_npy(d / f"{prefix}_indices.npy", np.asarray(indices_FT, dtype=np.int64))
-
-
-def load_top(directory: str | Path, prefix: str = "top") -> tuple[np.ndarray, np.ndarray]:
-    d = Path(directory)
-    return np.load(d / f"{prefix}_values.npy"), np.load(d / f"{prefix}_indices.npy")
-
-
 def render_grid(indices, image_fn: Callable, path: str | Path, *, tile: int = 96, values=None, cols: int = 4) -> Path:
     """A PNG grid (4×4 for 16) of the images `image_fn(index)` returns (a path or a PIL image); -1 stays blank."""
     from PIL import Image, ImageDraw
-
-    from sae_vlm.steer.generate import is_store_member, open_image
 
     idx = [int(i) for i in np.asarray(indices).reshape(-1)]
     rows = (len(idx) + cols - 1) // cols

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from sae_vlm.names import add_arch_name
 from sae_vlm.sae import losses
 
 TRAIN_SELECTS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -54,8 +55,13 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {}
 
 
-def register(spec: ArchSpec) -> ArchSpec:
+def register(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
+    """Add an architecture. A name already taken is refused unless `replace`: SAEs saved under it would then load
+    as the new record."""
+    if spec.name in ARCHS and not replace:
+        raise ValueError(f"architecture {spec.name!r} is already registered; pass replace=True to replace it")
     ARCHS[spec.name] = spec
+    add_arch_name(spec.name)
     return spec
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +27,10 @@ from sae_vlm.sae.sparse import SparseCodes
 __all__ = ["ARCHS", "MODES", "SAE", "EncoderOutput", "SAEConfig"]
 
 MODES = ("relu", "topk", "batchtopk", "threshold")  # what `encode(x, mode=...)` accepts
+
+# Loaders of other libraries' checkpoints, (path, **hints) -> SAE: `sae_vlm.sae.formats` registers its own when
+# imported (the sae package imports it), so this module names no library. The latest registered is used.
+FOREIGN_LOADERS: list[Callable[..., SAE]] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,15 +200,12 @@ class SAE(nn.Module):
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = None,
                         revision: str | None = None, device: str | torch.device = "cpu", **hints) -> "SAE":
         """An SAE from a local directory or file, or a hub repo (`subfolder` inside it), in our format or any that
-        `sae_vlm.sae.formats` reads: dictionary_learning, SAELens, saev, sparsify, overcomplete (detected by their
-        files). `hints` (arch, k, threshold, input_mean, input_scale, hook_point, model_id) supply what a foreign
-        checkpoint does not record."""
+        `sae_vlm.sae.formats` reads (detected by their files). `hints` (arch, k, threshold, input_mean,
+        input_scale, hook_point, model_id) supply what a foreign checkpoint does not record."""
         path = local_or_hub(path_or_id, subfolder, revision)
         cfg_file, weights = path / "config.json", path / "model.safetensors"
         if not (cfg_file.is_file() and weights.is_file()):
-            from sae_vlm.sae.formats import load_foreign
-
-            return load_foreign(path, **hints).to(device)
+            return FOREIGN_LOADERS[-1](path, **hints).to(device)
         fields = {f.name for f in dataclasses.fields(SAEConfig)}
         try:
             raw = json.loads(cfg_file.read_text())

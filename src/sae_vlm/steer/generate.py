@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import cast
 
 import torch
@@ -20,12 +18,11 @@ from tqdm.auto import tqdm
 
 from sae_vlm.backbones import load_processor, quiet_loading
 from sae_vlm.config import SteerConfig
+from sae_vlm.data.images import open_image
 from sae_vlm.device import resolve_device, resolve_dtype
 from sae_vlm.io import atomic_write_json
 from sae_vlm.outdir import check_result_file
 from sae_vlm.steer.intervene import intervene
-
-WHITE = "white"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,38 +30,6 @@ class Case:
     image: Image.Image
     prompt: str
     edits: dict | None  # None: the model unpatched (the unsteered run)
-
-
-def white_image(size: int = 336) -> Image.Image:
-    return Image.new("RGB", (size, size), "white")
-
-
-def is_store_member(path: str | Path) -> bool:
-    """True for a store image path that names no file: a tar member (`x.tar::member`) or a dataset row
-    (`name[i]`), as `sae_vlm.data.images` records them."""
-    s = str(path)
-    return not Path(s).is_file() and ("::" in s or re.search(r"\[\d+\]$", s) is not None)
-
-
-def open_image(spec: str | Path | Image.Image) -> Image.Image:
-    """'white', a path, or a PIL image -> RGB PIL image, decoded like extraction does (`sae_vlm.data.images`:
-    EXIF rotation, 16-bit, transparency over white, decompression-bomb guard)."""
-    from sae_vlm.data.images import BadImage, decode_image, to_rgb
-
-    if isinstance(spec, Image.Image):
-        return to_rgb(spec)
-    if str(spec) == WHITE:
-        return white_image()
-    p = Path(spec)
-    if not p.is_file():
-        if is_store_member(p):
-            raise ValueError(f"image {spec} is inside a tar shard or dataset, not a file; "
-                             "expected 'white' or an image file")
-        raise FileNotFoundError(f"image {p} does not exist; expected 'white' or an image file")
-    try:
-        return decode_image(p.read_bytes())
-    except BadImage as e:
-        raise ValueError(f"image {p}: {e}") from None
 
 
 def load_llava(model_id_or_dir: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto"):

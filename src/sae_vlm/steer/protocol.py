@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sae_vlm.config import SteerScoreConfig
-from sae_vlm.eval.top import save_top
+from sae_vlm.data.images import white_image
 from sae_vlm.io import atomic_write_json
 from sae_vlm.outdir import check_result_file
 from sae_vlm.steer.classes import class_names
-from sae_vlm.steer.generate import load_steering, white_image
+from sae_vlm.steer.generate import load_steering
 from sae_vlm.steer.score import (
     ClipEmbedder,
     alive_latents,
@@ -26,6 +26,7 @@ from sae_vlm.steer.score import (
     steering_score,
     top_images,
 )
+from sae_vlm.topk import save_top
 
 if TYPE_CHECKING:
     from sae_vlm.data.images import ImageSource

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from sae_vlm.backbones import Backbone, load_processor
 from sae_vlm.config import LatentSpec
-from sae_vlm.eval.top import running_top
 from sae_vlm.sae.groups import level_slices
 from sae_vlm.steer.generate import Case, generate_cases
 from sae_vlm.steer.intervene import check_sae_width, steering_point
+from sae_vlm.topk import running_top
 
 PROMPT = "What is shown in this image? Use exactly one word!"
 MAX_NEW_TOKENS = 5

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 
+from sae_vlm.names import FORMAT_NAMES
 from sae_vlm.outdir import check_owned, claim
 from sae_vlm.sae.formats import dictionary_learning, overcomplete, sae_lens, saev, sparsify
 from sae_vlm.sae.formats.common import Hints, Parts
-from sae_vlm.sae.model import SAE, SAEConfig, local_or_hub, nonfinite_tensors
+from sae_vlm.sae.model import FOREIGN_LOADERS, SAE, SAEConfig, local_or_hub, nonfinite_tensors
 
 __all__ = ["FORMATS", "Hints", "Parts", "detect", "load_foreign", "to_sae"]
 
 READERS = {"dictionary-learning": dictionary_learning.read, "sae-lens": sae_lens.read, "saev": saev.read,
            "sparsify": sparsify.read, "overcomplete": overcomplete.read}
-FORMATS = tuple(READERS)
+FORMATS = FORMAT_NAMES  # config.py checks --from against these names without loading the readers
 
 
 def detect(path: Path) -> str:
@@ -48,6 +49,9 @@ def load_foreign(path: str | Path, source_format: str | None = None, **hints) ->
     sae = to_sae(READERS[fmt](path, given), given)
     sae.path = path
     return sae
+
+
+FOREIGN_LOADERS.append(load_foreign)  # SAE.from_pretrained hands it what is not in our format
 
 
 def to_sae(p: Parts, hints: Hints = Hints()) -> SAE:
