@@ -78,7 +78,7 @@ def test_a_partial_file_is_counted_and_its_unmatched_rows_are_left_out(views):
     assert h["taxonomy_rows"] == {"matched_rows": 12, "rows": 18}
     assert "against the file taxonomy (12 of 18 rows matched)" in (root / "eval" / "tables.md").read_text()
     # node detection ranks only the 12 matched rows: the bird is neither a positive nor a negative
-    from sae_vlm.data.source import as_source
+    from sae_vlm.data.store import as_source
 
     src = as_source(root / "store", layer="layer.1__cls")
     codes = SAE.from_pretrained(root / "run" / "saes" / "m").encode(src.get(torch.arange(src.rows))).detach().numpy()

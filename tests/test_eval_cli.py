@@ -117,7 +117,7 @@ def test_evaluate_store_with_embedder_and_folder_taxonomy(tmp_path):
     assert not list((tmp_path / "store").glob("embeddings__*"))  # the input store is never written to
     assert len(list((out / "grids" / "batchtopk_x2_k4").glob("*.png"))) == 2
     # embeddings whose sidecar lists other image ids than the store's: a one-line error naming both
-    from sae_vlm.data.source import as_source
+    from sae_vlm.data.store import as_source
 
     ids = [str(i) for i in as_source(tmp_path / "store").image_ids()]
     np.save(tmp_path / "e.npy", np.ones((24, 8), np.float32))

@@ -19,8 +19,7 @@ from sae_vlm.cli import app
 from sae_vlm.config import ExtractConfig
 from sae_vlm.data import extract as extract_mod
 from sae_vlm.data.extract import run_extract
-from sae_vlm.data.source import as_source
-from sae_vlm.data.store import open_store, to_storage
+from sae_vlm.data.store import as_source, open_store, to_storage
 
 
 @pytest.fixture(scope="module")

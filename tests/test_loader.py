@@ -20,7 +20,7 @@ from sae_vlm.cli import app
 from sae_vlm.config import TrainConfig
 from sae_vlm.data import store as S
 from sae_vlm.data.loader import FileRows, Layout, RowFile, Schedule, StreamingBatches
-from sae_vlm.data.source import as_source
+from sae_vlm.data.store import as_source
 from sae_vlm.sae import trainer
 
 D = 16

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
-from sae_vlm.data.source import ActivationSource, NumpySource, StoreMeta, TensorSource, as_source, sequential_chunks
-from sae_vlm.data.store import StoreWriter
+from sae_vlm.data.source import ActivationSource, NumpySource, StoreMeta, TensorSource, sequential_chunks
+from sae_vlm.data.store import StoreWriter, as_source
 from sae_vlm.eval.run import EvalMetrics, SAEResult, evaluate_run
 from sae_vlm.sae.trainer import source_meta
 

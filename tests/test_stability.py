@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
 from sae_vlm.config import TrainConfig
-from sae_vlm.data.source import as_source
+from sae_vlm.data.store import as_source
 from sae_vlm.eval.stability import match_latents, matched_correlation, stable_per_latent
 
 BASE = "topk_x1_k3"

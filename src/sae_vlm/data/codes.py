@@ -33,7 +33,7 @@ def _d_sae(sae) -> int:
 def write_codes(sae, source, out_dir: str | Path, k: int | None = None, batch_size: int = 4096,
                 rows_per_group: int = 1, device: str | torch.device = "cpu", quiet: bool = False) -> "CodeStore":
     """Encode every row of an ActivationSource with `sae.encode` and keep each row's top-k latents."""
-    from sae_vlm.data.source import as_source
+    from sae_vlm.data.store import as_source
 
     source = as_source(source)
     out = Path(out_dir)

@@ -130,33 +130,6 @@ class NumpySource(ActivationSource):
         return torch.from_numpy(np.array(self.arr_ND, dtype=np.float32))  # a writable copy
 
 
-def as_source(data, layer: str | None = None) -> ActivationSource:
-    """Turn a tensor, numpy array, `.npy` path or store directory into an ActivationSource."""
-    if isinstance(data, torch.Tensor):
-        return TensorSource(data)
-    if isinstance(data, np.ndarray):
-        return NumpySource(data)
-    if isinstance(data, (str, Path)):
-        path = Path(data)
-        if path.suffix == ".npy":
-            if not path.is_file():
-                raise FileNotFoundError(f"activation file {path} does not exist")
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except ValueError as e:
-                why = "it holds pickled objects or is not .npy at all" if "pickle" in str(e) else str(e).splitlines()[0]
-                raise ValueError(f"{path} is not a readable .npy array of numbers ({why})") from None
-            return NumpySource(arr, path)
-        if path.is_dir():
-            from sae_vlm.data.store import open_store
-
-            return open_store(path, layer=layer)
-        raise FileNotFoundError(f"activation source {path} is neither a .npy file nor a store directory")
-    if isinstance(data, ActivationSource):
-        return data
-    raise TypeError(f"cannot read activations from {type(data).__name__}; expected a tensor, array, .npy or store dir")
-
-
 def fingerprint(source: ActivationSource, n: int = 64) -> str:
     """A content fingerprint: shape and the bytes of the first, middle, last and n spread-out rows (cheap on any
     size; different activations all but surely differ in them)."""

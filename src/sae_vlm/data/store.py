@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sae_vlm.data.loader import FileRows, RowFile, npy_layout
-from sae_vlm.data.source import ActivationSource, StoreMeta
+from sae_vlm.data.source import ActivationSource, NumpySource, StoreMeta, TensorSource
 from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_json
 
 FORMAT = "sae-vlm-store/1"
@@ -457,3 +457,28 @@ def open_store(path: str | Path, layer: str | None = None) -> StoreReader:
     if len(hits) == 1:
         return StoreReader(path / hits[0])
     raise ValueError(f"layer {layer!r} does not pick one subdir of {path}; choose one of {names}")
+
+
+def as_source(data, layer: str | None = None) -> ActivationSource:
+    """Turn a tensor, numpy array, `.npy` path or store directory into an ActivationSource."""
+    if isinstance(data, torch.Tensor):
+        return TensorSource(data)
+    if isinstance(data, np.ndarray):
+        return NumpySource(data)
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if path.suffix == ".npy":
+            if not path.is_file():
+                raise FileNotFoundError(f"activation file {path} does not exist")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except ValueError as e:
+                why = "it holds pickled objects or is not .npy at all" if "pickle" in str(e) else str(e).splitlines()[0]
+                raise ValueError(f"{path} is not a readable .npy array of numbers ({why})") from None
+            return NumpySource(arr, path)
+        if path.is_dir():
+            return open_store(path, layer=layer)
+        raise FileNotFoundError(f"activation source {path} is neither a .npy file nor a store directory")
+    if isinstance(data, ActivationSource):
+        return data
+    raise TypeError(f"cannot read activations from {type(data).__name__}; expected a tensor, array, .npy or store dir")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.data.source import ActivationSource, as_source, sequential_chunks
+from sae_vlm.data.source import ActivationSource, sequential_chunks
+from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 
 F64 = torch.float64

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.data.source import as_source
+from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 
 F64 = torch.float64

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.config import FEW_HELDOUT_ROWS, EvaluateConfig
-from sae_vlm.data.source import ActivationSource, as_source, sequential_chunks
+from sae_vlm.data.source import ActivationSource, sequential_chunks
+from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.embed import load_embeddings

@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vlm.data.images import is_store_member, open_image
-from sae_vlm.data.source import ActivationSource, as_source, sequential_chunks
+from sae_vlm.data.source import ActivationSource, sequential_chunks
+from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 from sae_vlm.eval.ms import is_sparse_codes
 from sae_vlm.io import atomic_save_image

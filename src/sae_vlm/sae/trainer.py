@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from sae_vlm.config import SAESpec, TrainConfig
 from sae_vlm.data.loader import Layout, Schedule, StreamingBatches, check_finite
-from sae_vlm.data.source import ActivationSource, TensorSource, as_source, fingerprint
+from sae_vlm.data.source import ActivationSource, TensorSource, fingerprint
+from sae_vlm.data.store import as_source
 from sae_vlm.device import check_bf16, keep_freed_memory, memory_budget
 from sae_vlm.io import atomic_write_text, read_json
 from sae_vlm.outdir import claim
