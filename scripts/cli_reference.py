@@ -14,11 +14,13 @@ import dataclasses
 import inspect
 import re
 import sys
-import types
 import typing
 from pathlib import Path
 
 from sae_vlm import config as C
+from sae_vlm.cli import _base_type as base_type
+from sae_vlm.cli import _flag
+from sae_vlm.cli import _shown as shown
 from sae_vlm.io import atomic_write_text
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -42,24 +44,10 @@ def commands() -> list[tuple[str, type]]:
     return found
 
 
-def shown(value) -> str:
-    """A value as it is typed on the command line."""
-    if isinstance(value, tuple):
-        return ",".join(shown(v) for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def base_type(tp):
-    """The type without its `| None`."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
-
-
 def flag(f: dataclasses.Field, tp) -> str:
     if f.metadata.get("positional"):
         return f.name.upper()
-    name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    name = _flag(f)
     if base_type(tp) is bool and "/" not in name and not f.metadata.get("flag"):
         name += "/--no-" + name[2:]
     return name

@@ -218,3 +218,32 @@ def test_an_embedder_on_a_npy_names_the_missing_store(tmp_path):
     SAE(SAEConfig("relu", 3, 4)).save_pretrained(tmp_path / "run" / "saes" / "a")
     refused(tmp_path, ["evaluate", tmp_path / "run", "--data", tmp_path / "x.npy", "--embedder", "some/model",
                        "--out", tmp_path / "out", "--device", "cpu", "--quiet"], "--embedder some/model")
+
+
+def demo_layout(m) -> list[str]:
+    """metrics.json's keys in order, three levels deep (four under `layers`, the typed per-SAE summaries), with the
+    kind of each value; a number and null count as one kind (a finding can be undefined on another machine)."""
+    out = []
+
+    def walk(x, path: str, depth: int):
+        if depth > (4 if path.startswith("/layers") else 3):
+            return
+        if isinstance(x, dict):
+            out.append(f"{path} {{{','.join(x)}}}")
+            for k, v in x.items():
+                walk(v, f"{path}/{k}", depth + 1)
+        elif isinstance(x, list):
+            out.append(f"{path} [list]")
+            if x:
+                walk(x[0], f"{path}[]", depth)
+        else:
+            out.append(f"{path} {'number' if x is None or type(x) in (int, float) else type(x).__name__}")
+
+    walk(m, "", 0)
+    return out
+
+
+def test_the_demo_metrics_layout_is_the_one_before_the_typed_results(quick_demo):
+    """Recorded from `sae-vlm demo --quick` at commit 2d67c4f, before its summaries became dataclasses."""
+    golden = (Path(__file__).parent / "data" / "demo_quick_layout.txt").read_text().splitlines()
+    assert demo_layout(quick_demo[1]) == golden
