@@ -74,6 +74,55 @@ def top_arrays(where: Path, idx: np.ndarray, val: np.ndarray, n: int) -> tuple[n
     return idx, val
 
 
+@dataclass(frozen=True)
+class PatchMaps:
+    """maps/<name>.npz: each latent's code on the patches of its top images, CSR over (latent * top + rank)."""
+
+    indptr: np.ndarray
+    patch: np.ndarray
+    code: np.ndarray
+    rows: int
+    cols: int
+    complete: bool  # absent patches are 0; else they were not sampled (a random-k store)
+    top: int
+
+    def grid(self, j: int, rank: int) -> np.ndarray:
+        """Latent j's map on its rank-th top image [rows, cols]: 0 where silent, NaN where not sampled."""
+        m = j * self.top + rank
+        out = np.full(self.rows * self.cols, 0.0 if self.complete else np.nan)
+        a, b = int(self.indptr[m]), int(self.indptr[m + 1])
+        out[self.patch[a:b]] = self.code[a:b]
+        return out.reshape(self.rows, self.cols)
+
+
+def check_maps(f: Path, n: int, top: int) -> PatchMaps:
+    """evaluate's maps of a token SAE, every array checked against the others and the top images it goes with."""
+    z = read_npz(f)
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{f}: {why}; re-run `sae-vlm evaluate`")
+
+    missing = [k for k in ("indptr", "patch", "code", "grid", "complete") if k not in z]
+    if missing:
+        raise bad(f"no {missing[0]!r} array (it holds {', '.join(z) or 'nothing'})")
+    ip, patch, code, grid, complete = (z[k] for k in ("indptr", "patch", "code", "grid", "complete"))
+    if grid.shape != (2,) or grid.dtype.kind not in "iu" or (grid < 1).any():
+        raise bad(f"'grid' is {grid.tolist()}; expected (rows, cols), two whole numbers >= 1")
+    if ip.shape != (n * top + 1,) or ip.dtype.kind not in "iu":
+        raise bad(f"'indptr' has shape {ip.shape} ({ip.dtype}); expected {n * top + 1} integers, one per latent and "
+                  "top image, and one more")
+    if patch.ndim != 1 or patch.shape != code.shape or ip[0] != 0 or ip[-1] != len(patch) or (np.diff(ip) < 0).any():
+        raise bad(f"'indptr' (0..{ip[-1]}) does not index 'patch' {patch.shape} and 'code' {code.shape}")
+    cells = int(grid[0] * grid[1])
+    if patch.dtype.kind not in "iu" or (len(patch) and not 0 <= patch.min() <= patch.max() < cells):
+        raise bad(f"'patch' holds {patch.dtype} values outside 0..{cells - 1}, the grid's patches")
+    if code.dtype.kind != "f" or not np.isfinite(code).all():
+        raise bad(f"'code' holds {code.dtype}, not finite floats")
+    if complete.shape != () or complete.dtype != bool:
+        raise bad(f"'complete' is {complete.dtype} {complete.shape}; expected one bool")
+    return PatchMaps(ip, patch, code.astype(np.float32), int(grid[0]), int(grid[1]), bool(complete), top)
+
+
 def check_metrics(mfile: Path, m) -> dict:
     """evaluate's metrics.json, its shape checked: another file is named, not a traceback later."""
     if not isinstance(m, dict):
@@ -123,6 +172,7 @@ class Dictionary:
     info: dict = field(default_factory=dict)  # arch, d_sae, k, group_sizes for the header
     source: ActivationSource | None = None  # the activation store subdir the top indices point into
     detects: dict = field(default_factory=dict)  # latent -> [(taxonomy node, AUROC)] it detects best
+    maps: PatchMaps | None = None  # a token SAE's maps of its top images
     _sae: SAE | None = None
     _dec_unit: np.ndarray | None = None
     _sample: tuple | None = None
@@ -361,13 +411,19 @@ class RunView:
                                           read_npy(top_dir / "top_values.npy"), n)
         elif "top_indices" in z:
             top_idx, top_val = top_arrays(f, z["top_indices"], z.get("top_values", np.zeros(0)), n)
-        nodes = self.eval_dir / "nodes" / f"{name}.json"
+        nodes, maps = self.eval_dir / "nodes" / f"{name}.json", self.eval_dir / "maps" / f"{name}.npz"
+        patch_maps = None
+        if maps.is_file():
+            if top_idx is None:
+                raise ValueError(f"{maps} has no top images beside it ({top_dir}); re-run `sae-vlm evaluate`")
+            patch_maps = check_maps(maps, n, top_idx.shape[1])
         info = {k: cfg.get(k) for k in ("arch", "d_in", "d_sae", "k", "group_sizes", "token_selection")}
         info["recon"] = summary.get("recon")
         return Dictionary(name, "sae", cfg.get("hook_point") or "unknown", n, arrays,
                           latent_levels(cfg.get("group_sizes"), n), top_idx, top_val, sdir, info,
                           _store_for(self.data, cfg.get("hook_point"), cfg.get("token_selection")),
-                          detects=check_nodes(nodes, n) if nodes.is_file() else {})
+                          detects=check_nodes(nodes, n) if nodes.is_file() else {},
+                          maps=patch_maps)
 
     def _load_baseline(self, f: Path) -> Dictionary:
         """Raw neurons of one layer: MS from the evaluation, top rows / support / max from one store pass."""

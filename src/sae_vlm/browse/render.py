@@ -123,17 +123,27 @@ def _row(d: Dictionary, j: int, extra: list[str], view: RunView | None = None, l
     return row
 
 
-def fired_images(view: RunView, d: Dictionary, j: int, links: Links) -> list[dict]:
-    """Latent j's top images on which it fired (activation > 0), best first; raw neurons: all of them."""
+def fired_images(view: RunView, d: Dictionary, j: int, links: Links, maps: bool = False) -> list[dict]:
+    """Latent j's top images on which it fired (activation > 0), best first; raw neurons: all of them. With `maps`,
+    a token SAE's image carries its map: rows of codes per patch, None where the patch was not sampled."""
     if d.top_idx is None or d.top_val is None:
         return []
     images = []
-    for row, val in zip(d.top_idx[j], d.top_val[j]):
+    for rank, (row, val) in enumerate(zip(d.top_idx[j], d.top_val[j])):
         row = int(row)
         if row < 0 or (d.kind == "sae" and val <= 0):
             continue
-        images.append({"row": row, "value": float(val), "url": links.img(d.name, row, view.image_path(d, row))})
+        im = {"row": row, "value": float(val), "url": links.img(d.name, row, view.image_path(d, row)), "map": None}
+        if maps and d.maps is not None:
+            im["map"] = [[None if math.isnan(v) else float(f"{v:.4g}") for v in r] for r in d.maps.grid(j, rank)]
+        images.append(im)
     return images
+
+
+def map_scale(images: list[dict]) -> float | None:
+    """The top of the colour scale the maps of one latent share (its largest patch code); None without maps."""
+    codes = [v for im in images if im["map"] for r in im["map"] for v in r if v is not None]
+    return max(codes, default=0.0) if any(im["map"] for im in images) else None
 
 
 def extra_ms(d: Dictionary) -> list[str]:
@@ -229,7 +239,7 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
     """Everything the latent page shows; `order` is the list prev/next walk (default: all ids)."""
     d.check(j)
     a = d.arrays
-    images = fired_images(view, d, j, links)
+    images = fired_images(view, d, j, links, maps=True)
     hist = d.sample_activations(j)
     if order is None:
         prev_j, next_j = (j - 1 if j > 0 else None), (j + 1 if j + 1 < d.n else None)
@@ -241,7 +251,8 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
     ms_rows += [(k.split("__", 1)[1], a[k][j]) for k in extra_ms(d)]
     return {
         "links": links, "d": summary(d), "j": j, "title": f"{d.name} · latent {j}", "detects": d.detects.get(j, []),
-        "stats": _row(d, j, []), "ms_rows": ms_rows, "images": images,
+        "stats": _row(d, j, []), "ms_rows": ms_rows, "images": images, "map_max": map_scale(images),
+        "sampled_only": d.maps is not None and not d.maps.complete,
         "hist": histogram_svg(hist[0]) if hist is not None else None,
         "hist_n": (len(hist[0]), hist[1]) if hist is not None else None,
         "nearest": [(i, c, links.latent(d.name, i)) for i, c in d.nearest(j)],

@@ -195,7 +195,8 @@ def _extract(cfg: ExtractConfig, backbone: Backbone | None, rank: int, world: in
     plan = make_plan(backbone, layers, cfg.tokens)
     n_tokens = _n_tokens(backbone)
     subdirs = {name: {"hook_point": hp, "tokens": sel.name, "rows_per_image": rows_per_image(sel, n_tokens),
-                      "width": backbone.width(hp), "note": backbone.describe(hp)} for name, hp, sel in plan}
+                      "width": backbone.width(hp), "note": backbone.describe(hp), "tokens_per_image": n_tokens,
+                      "prefix_tokens": backbone.n_prefix} for name, hp, sel in plan}
     store = StoreWriter(cfg.out, resume_settings(cfg, len(src)), subdirs)
     store.prepare(is_main=rank == 0)
     _barrier(world)

@@ -185,7 +185,8 @@ class StoreWriter:
                 "dtype": self.config["dtype"], "storage_dtype": np.dtype(STORAGE[self.config["dtype"]]).name,
                 "shape": [total, sd["width"]], "rows": total, "images": len(images), "rows_per_image": n_per,
                 "rows_file": "rows.jsonl", "token_index_file": "token_index.npy", "shards": shards,
-                "skipped": skipped}, indent=1)
+                "skipped": skipped, **({k: sd[k] for k in ("tokens_per_image", "prefix_tokens") if k in sd}
+                                       if n_per > 1 else {})}, indent=1)  # where the patches are, for heatmaps
         root_manifest = {"format": FORMAT, **meta, "rows": len(images), "images": len(images),
                          "subdirs": list(self.subdirs), "skipped": skipped, "config": self.config}
         atomic_write_json(self.root / "manifest.json", root_manifest, indent=1)

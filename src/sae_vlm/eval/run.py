@@ -6,7 +6,8 @@ chunk encoded once) its MS, top images, reconstruction and taxonomy node detecti
 written in named steps, and the run-wide tables and plots.
 
 Writes under the output directory: metrics.json (summaries, written last: it marks the evaluation done),
-latents/<name>.npz (per-latent arrays), top/<name>/top_*.npy, tables.md (paper Tables A1/A6/A7 shape), plots/*.png,
+latents/<name>.npz (per-latent arrays), top/<name>/top_*.npy, maps/<name>.npz (for a store of patch tokens: each
+latent's code on the patches of its top images), tables.md (paper Tables A1/A6/A7 shape), plots/*.png,
 nodes/<name>.json (each taxonomy node's best-detecting latent), grids/ with --grids and, with an embedder,
 embeddings/ (the cache; the input store is only read). SAEs of one configuration trained with several seeds are
 also summarised together, with each latent's stability across them (eval/seeds.py).
@@ -33,7 +34,7 @@ from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, sum
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
 from sae_vlm.eval.seeds import needs_scipy, score_seeds
-from sae_vlm.eval.top import render_grid
+from sae_vlm.eval.top import ImageTopMaps, PatchGrid, patch_grid, render_grid
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes, read_json
 from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
@@ -61,6 +62,7 @@ class Inputs:
     """One (hook point, token selection) of the data, and what describes its rows: embeddings and taxonomy."""
 
     src: ActivationSource
+    grid: PatchGrid | None = None  # a store of patch tokens: top images are whole images, with maps
     emb: np.ndarray | None = None
     chance: float | None = None
     taxa: list | None = None
@@ -182,7 +184,7 @@ class Scoring:
     name: str
     sdir: Path
     sae: SAE
-    top: TopAccumulator
+    top: TopAccumulator | ImageTopMaps
     recon: ReconAccumulator
     ms: MSAccumulator | None = None  # with embeddings
     nodes: H.NodeCollector | None = None  # with a taxonomy
@@ -191,7 +193,10 @@ class Scoring:
         codes_RF = self.sae.encode(x_RD).float()  # once per chunk, for every metric
         if self.ms is not None and e_RD is not None:
             self.ms.add(codes_RF, e_RD)
-        self.top.add(codes_RF)
+        if isinstance(self.top, ImageTopMaps):
+            self.top.add(codes_RF, r0)
+        else:
+            self.top.add(codes_RF)
         self.recon.add(x_RD, codes_RF, r0)
         if self.nodes is not None:
             self.nodes.add(codes_RF)
@@ -284,7 +289,7 @@ class Evaluation:
             where = src.meta.path if src.meta else cfg.data
             raise ValueError(f"{where} has {per_image} rows per image ({scfg.token_selection} tokens); MS and "
                              "taxonomy need one row per image: evaluate a CLS, mean or pooled store")
-        inp = Inputs(src)
+        inp = Inputs(src, patch_grid(src))
         if per_image == 1:  # before embeddings are cached: a taxonomy refused leaves the output folder as it was
             inp.taxa, inp.names, inp.taxonomy = H.store_taxonomy(src, src.rows, cfg.taxonomy)
         if want_ms:
@@ -328,7 +333,8 @@ class Evaluation:
         cfg, scfg = self.cfg, sae.cfg
         if inp.src.d_in != scfg.d_in:
             raise ValueError(f"activations have width {inp.src.d_in} but the SAE expects d_in={scfg.d_in}")
-        s = Scoring(name, sdir, sae, TopAccumulator(cfg.top),
+        top = ImageTopMaps(cfg.top, inp.grid, scfg.d_sae, self.dev) if inp.grid else TopAccumulator(cfg.top)
+        s = Scoring(name, sdir, sae, top,
                     ReconAccumulator(sae, keep_N, batch_rows=cfg.batch_rows, dense_cutoff=cfg.dense_cutoff))
         if e_ND is not None:
             s.ms = MSAccumulator(scfg.d_sae, e_ND.shape[1], self.dev)
@@ -340,8 +346,10 @@ class Evaluation:
     def read_once(self, src, e_ND: torch.Tensor | None, base: Baselines | None, scoring: list[Scoring],
                   layer: str) -> None:
         """The one pass over a source: each chunk goes to the device once and into every accumulator."""
+        per = src.meta.rows_per_image if src.meta else 1
+        chunk = max(per, self.cfg.chunk_rows // per * per)  # whole images, for the top images' maps
         with tqdm(total=src.rows, desc=f"evaluate {layer}", unit="rows", disable=self.cfg.quiet, leave=False) as bar:
-            for r0, x_RD in sequential_chunks(src, self.cfg.chunk_rows):
+            for r0, x_RD in sequential_chunks(src, chunk):
                 x_RD = x_RD.to(self.dev)
                 e_RD = e_ND[r0 : r0 + x_RD.shape[0]].to(self.dev) if e_ND is not None else None
                 if base is not None and e_RD is not None:
@@ -382,9 +390,15 @@ class Evaluation:
         r.recon = recon
 
     # --- step 6: each latent's top-activating images ---------------------------------------------------------------
-    def top_images(self, name: str, acc: TopAccumulator, arrays: LatentArrays) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_images(self, name: str, acc: TopAccumulator | ImageTopMaps, arrays: LatentArrays
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         tv, ti = (t.cpu() for t in acc.result())
         save_top(self.out / "top" / name, tv, ti)
+        maps = self.out / "maps" / f"{name}.npz"
+        if isinstance(acc, ImageTopMaps):
+            atomic_save_npz(maps, **acc.npz())
+        else:  # an earlier evaluation's maps would be read beside these top images
+            maps.unlink(missing_ok=True)
         arrays.top_values, arrays.top_indices = tv.numpy(), ti.numpy()
         return tv, ti
 
