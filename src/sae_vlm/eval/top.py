@@ -176,11 +176,11 @@ def token_positions(path: Path, rows: int) -> np.ndarray:
     return tok
 
 
-def patch_grid(src) -> PatchGrid | None:
+def patch_grid(src: ActivationSource) -> PatchGrid | None:
     """The patch grid of a store of patch tokens; None for one row per image or a source that is not a store. The
     store records its tokens per image; a store from before that records nothing: for `all` its rows per image are
     the tokens, CLS and registers first, then a square grid; a random-k one gets no maps (a warning)."""
-    meta = getattr(src, "meta", None)
+    meta = src.meta
     if meta is None or meta.rows_per_image < 2:
         return None
     man, where, per = meta.manifest, meta.path / "manifest.json", meta.rows_per_image
