@@ -172,6 +172,8 @@ def test_upload_refusals_are_one_line_and_write_nothing(built, no_temp):
     bomb = png(Image.new("1", (8000, 6000)))  # 48 MP in the header, a few kB on disk: refused before decoding
     assert len(bomb) < 100_000
     one_line(upload("bomb.png", bomb), 400, f"8000x6000 pixels exceeds the limit of {MAX_UPLOAD_PIXELS}")
+    strip = png(Image.new("L", (MAX_UPLOAD_PIXELS // 4, 1)))  # under the decode limit, not once resized to 32 high
+    one_line(upload("strip.png", strip), 400, f"a {MAX_UPLOAD_PIXELS // 4}x1 image becomes")
     one_line(upload("ok.png", good, top="0"), 400, "top='0'")
     one_line(upload("ok.png", good, top="many"), 400, "top='many'")
     one_line(upload("ok.png", good, sae="nope"), 404, "'nope'")
@@ -261,6 +263,10 @@ def shown(driver) -> list[tuple[int, float]]:
 
 def test_inspect_page_in_chromium(built, server, chrome, tmp_path):  # noqa: F811  (test_browse's fixture)
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def arrives(test):  # a form's answer loads after click() returns; no bound on how long it takes
+        return WebDriverWait(d, timeout=3600, poll_frequency=0.05).until(lambda _: test())
 
     port, view = server
     base = f"http://127.0.0.1:{port}"
@@ -269,8 +275,10 @@ def test_inspect_page_in_chromium(built, server, chrome, tmp_path):  # noqa: F81
     d = chrome
     d.get(base + "/")
     d.find_element(By.ID, "inspect-link").click()
+    arrives(lambda: d.find_elements(By.ID, "row"))
     d.find_element(By.ID, "row").send_keys(str(ROW))
     d.find_element(By.ID, "inspect-row").click()
+    arrives(lambda: d.find_elements(By.ID, "inspected"))
     got = shown(d)
     assert [j for j, _ in got] == [j for j, _ in want] and np.allclose([c for _, c in got], [c for _, c in want],
                                                                        rtol=1e-4, atol=1e-6)
@@ -278,19 +286,20 @@ def test_inspect_page_in_chromium(built, server, chrome, tmp_path):  # noqa: F81
     assert (tmp_path / "inspect.png").stat().st_size > 1000
     first = d.find_element(By.CSS_SELECTOR, "a.latent")
     first.click()
-    assert d.current_url == f"{base}/sae/{SAE_NAME}/latent/{got[0][0]}"
+    assert arrives(lambda: d.current_url == f"{base}/sae/{SAE_NAME}/latent/{got[0][0]}")
     # an upload through the file input: the store row's own file gives the store row's latents
     d.get(base + "/inspect")
     path = view.image_path(view.get(SAE_NAME), ROW)
     d.find_element(By.ID, "image").send_keys(str(path))
     d.find_element(By.ID, "upload").click()
-    assert f"upload: {path.name}" in d.find_element(By.ID, "inspected").text
+    assert f"upload: {path.name}" in arrives(lambda: d.find_elements(By.ID, "inspected"))[0].text
     assert shown(d) == got
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     d.get(base + "/inspect")
     d.find_element(By.ID, "image").send_keys(str(bad))
     d.find_element(By.ID, "upload").click()
+    arrives(lambda: not d.find_elements(By.ID, "upload-form"))
     text = d.find_element(By.TAG_NAME, "body").text.strip()
     assert text.count("\n") == 0 and text.startswith("error: upload 'bad.png'"), text
     # a body over the limit, through the real server: a 400 with one line, not a dropped connection

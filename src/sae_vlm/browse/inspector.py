@@ -142,6 +142,19 @@ def heatmap(map_RC) -> dict:
             "scale": gradient_css(anchors), "grid": f"{m.shape[0]}×{m.shape[1]}"}
 
 
+def check_resized(bb: Backbone, image: Image.Image, max_pixels: int) -> None:
+    """Refuse an image that the processor's resize (shorter side to the model's input size) would blow up past
+    the pixel limit: a 1×40,000,000 strip passes the decode limit but not this one."""
+    vcfg = getattr(bb.model.config, "vision_config", bb.model.config)
+    size = getattr(vcfg, "image_size", 224)
+    side = min(size) if isinstance(size, (tuple, list)) else int(size)
+    w, h = image.size
+    resized = w * h * (side / min(w, h)) ** 2
+    if resized > max_pixels:
+        raise ValueError(f"a {w}x{h} image becomes {resized:.0f} pixels once its shorter side is resized to {side}, "
+                         f"over the limit of {max_pixels}; crop it to a less extreme aspect ratio")
+
+
 def model_view(bb, image: Image.Image) -> Image.Image:
     """The image as the vision tower sees it (the processor's resize and crop, its normalisation undone), so that
     each map cell lies over its own patch."""
@@ -206,6 +219,7 @@ class Inspector:
             raise ValueError(f"{d.name} holds raw neurons; inspect needs an SAE")
         with self._lock:
             bb = self.backbone(d)
+            check_resized(bb, image, self.max_pixels)
             sae = self.sae_for(d, next(bb.model.parameters()).device)
             found = inspect_images([image], sae, bb, top=top)[0]["latents"]
             seen = data_url(model_view(bb, image))
