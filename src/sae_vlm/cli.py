@@ -89,7 +89,9 @@ def _parameter(f: dataclasses.Field, tp, preset_fields: set[str]) -> inspect.Par
     value: Any = f.default if has_default else None
     if meta.get("positional"):
         info = typer.Argument(..., help=_help_text(meta["help"]), show_default=False)
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=str, default=info)
+        many = typing.get_origin(base) is tuple  # IMAGE...: one or more
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=list[str] if many else str,
+                                 default=info)
     if base is bool:
         info = typer.Option(value, *([meta["flag"]] if meta["flag"] else []), help=_help_text(meta["help"]))
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=info)
@@ -346,6 +348,16 @@ def report(cfg: C.ReportConfig) -> None:
     typer.echo(f"wrote {report_run(cfg)}")
 
 
+def inspect_images(cfg: C.InspectConfig) -> None:
+    from sae_vlm.eval.inspect_page import run_inspect
+
+    found = run_inspect(cfg)
+    for entry in found:
+        top = ", ".join(f"{x['latent']} ({x['code']:.3g})" for x in entry["latents"][:5]) or "no latent fires"
+        typer.echo(f"{entry['image']}: {top}")
+    typer.echo(f"wrote {cfg.out}/inspect.json and {cfg.out}/index.html")
+
+
 def demo(cfg: C.DemoConfig) -> None:
     from sae_vlm.toyworld.demo import run_demo, summary_lines
 
@@ -398,7 +410,8 @@ COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, trai
             ("compare", C.CompareConfig, compare),
             ("push", C.PushConfig, push),
             ("steer", C.SteerConfig, steer), ("steer-score", C.SteerScoreConfig, steer_score),
-            ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report), ("demo", C.DemoConfig, demo),
+            ("browse", C.BrowseConfig, browse), ("report", C.ReportConfig, report),
+            ("inspect", C.InspectConfig, inspect_images), ("demo", C.DemoConfig, demo),
             ("planted", C.PlantedConfig, planted),
             ("toy-train-clip", C.ClipTrainConfig, toy_train), ("toy-train-llava", C.LlavaTrainConfig, toy_train),
             ("toy-quality", C.ToyQualityConfig, toy_quality)]

@@ -574,6 +574,37 @@ class ReportConfig:
     quiet: bool = quiet_option()
 
 
+@dataclass(frozen=True, kw_only=True)
+@checked
+class InspectConfig:
+    """`sae-vlm inspect`: which latents fire on each image, and where: its top latents by code, each with a map over
+    the patch grid (a token SAE's code on every patch; for an SAE on CLS, `last` or the patch mean, |gradient ×
+    input| through the vision tower), with MS and name where the run was evaluated, in OUT/inspect.json and
+    OUT/index.html."""
+
+    images: tuple[str, ...] = option(help="Image files, decoded as extract decodes them.", positional=True,
+                                     repeat=True)
+    sae: str = option(help="SAE directory (RUN/saes/<name>, or one `convert` wrote).")
+    out: str = option(help="Output folder for inspect.json and index.html (new, empty, or an earlier inspect's).")
+    model: str | None = option(None, "Hub id or directory of the vision model; default: the one the SAE records.")
+    step: str | None = step_option()
+    hook_point: str | None = option(None, "Hook point the SAE reads, e.g. layer.22; default: the one it records.")
+    tokens: str | None = option(None, "How the SAE read the hook point where its config does not say: all (a code "
+                                      "per patch) or cls, first, mean (one vector per image: attribution maps).")
+    top: int = option(10, "Latents listed per image (those with a positive code).", within="[1, inf)")
+    eval_dir: str | None = option(None, "Output of `sae-vlm evaluate` for MS and names; default: the SAE's "
+                                        "RUN/eval.", flag="--eval")
+    report: str | None = option(None, "Static report of the run (`sae-vlm report`): each latent links to its page.")
+    batch_size: int = option(32, "Images per forward pass, and (image, latent) pairs per attribution pass.",
+                             within="[1, inf)")
+    device: str = device_option()
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        if self.tokens is not None and len(parse_tokens(self.tokens)) != 1:
+            raise ValueError(f"--tokens {self.tokens!r}: expected one token selection, such as all or cls")
+
+
 # --- demo ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)

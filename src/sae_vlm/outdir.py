@@ -29,7 +29,7 @@ OWNER, LOCK = ".sae-vlm-owner.json", ".sae-vlm.lock"
 # Folders written before markers existed, recognised by paths only that kind writes (all of them present).
 LEGACY = {"extract": ("extract_config.json",), "train": ("train_config.json",), "evaluate": ("metrics.json", "latents"),
           "report": ("index.html", "s"), "demo": ("images/eval/toyworld.jsonl",)}
-KINDS = ("extract", "train", "evaluate", "report", "convert", "demo", "planted")
+KINDS = ("extract", "train", "evaluate", "report", "convert", "demo", "planted", "inspect")
 
 
 def owner(out: Path) -> str | None:
