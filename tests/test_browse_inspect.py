@@ -129,13 +129,13 @@ def test_store_row_and_upload_agree_with_the_sae(built, no_temp):
         assert j == ref["latent"] and m.shape == (4, 4) and np.allclose(m, ref["map"], rtol=1e-4, atol=1e-7)
     for a in page.text.split('class="latent" href="')[1:]:  # each latent links to its own page
         assert c.get(a.split('"', 1)[0]).status_code == 200
-    # each drawn map has one pixel per patch, its brightest (viridis: yellow) at the map's peak, its darkest at 0
+    # each drawn map has one pixel per patch, its brightest (viridis: yellow) at the map's peak
     drawn = data_images(page.text, "map")
+    assert len(drawn) == len(got)
     for (_, _, m), rgb in zip(got, drawn):
-        assert rgb.shape == (4, 4, 3)
-        if (m >= 0).all() and m.max() > 0:
-            brightness = rgb.astype(int).sum(-1)
-            assert np.unravel_index(brightness.argmax(), m.shape) == np.unravel_index(m.argmax(), m.shape)
+        assert rgb.shape == (4, 4, 3) and (m >= 0).all() and m.max() > 0
+        brightness = rgb.astype(int).sum(-1)
+        assert m.flat[brightness.argmax()] >= 0.99 * m.max()  # at the peak, up to the colours' rounding
     # the image beside it is what the tower saw: the 32×32 store image itself (normalisation undone)
     seen = data_images(page.text, "seen")[0]
     assert np.abs(seen.astype(int) - np.asarray(Image.open(path).convert("RGB"), int)).max() <= 1

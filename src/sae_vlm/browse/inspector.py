@@ -33,9 +33,7 @@ MAX_UPLOAD_PIXELS = 40_000_000  # 40 MP, below PIL's decompression-bomb warning 
 FORM_OVERHEAD = 64 * 2**10  # the multipart headers and small fields around the file
 TOP_DEFAULT, TOP_MAX = 10, 100
 PICKS = 12  # store images offered as thumbnails on the form
-# anchors of viridis (maps with no negative value: 0..max) and of a blue-white-red scale (signed: -m..m)
-SEQUENTIAL = ((0x44, 0x01, 0x54), (0x3B, 0x52, 0x8B), (0x21, 0x91, 0x8C), (0x5E, 0xC9, 0x62), (0xFD, 0xE7, 0x25))
-DIVERGING = ((0x21, 0x66, 0xAC), (0x92, 0xC5, 0xDE), (0xF7, 0xF7, 0xF7), (0xF4, 0xA5, 0x82), (0xB2, 0x18, 0x2B))
+VIRIDIS = ((0x44, 0x01, 0x54), (0x3B, 0x52, 0x8B), (0x21, 0x91, 0x8C), (0x5E, 0xC9, 0x62), (0xFD, 0xE7, 0x25))
 
 
 def is_loopback(host: str | None) -> bool:
@@ -130,16 +128,13 @@ def gradient_css(anchors) -> str:
 
 
 def heatmap(map_RC) -> dict:
-    """A map as a PNG with one pixel per patch (the page scales it up without smoothing), and its colour scale:
-    viridis over 0..max for a map with no negative value, blue-white-red over -m..m for a signed one."""
+    """A map as a PNG with one pixel per patch (the page scales it up without smoothing) and its colour scale,
+    viridis over 0..max: both kinds of map (codes, |gradient × input|) are non-negative."""
     m = np.nan_to_num(np.asarray(map_RC, np.float64))
-    signed = bool((m < 0).any())
-    lo, hi = (-np.abs(m).max(), np.abs(m).max()) if signed else (0.0, m.max())
-    span = hi - lo if hi > lo else 1.0
-    anchors = DIVERGING if signed else SEQUENTIAL
-    rgb = colour((m - lo) / span, anchors)
-    return {"map": data_url(Image.fromarray(rgb, "RGB")), "lo": float(lo), "hi": float(hi),
-            "scale": gradient_css(anchors), "grid": f"{m.shape[0]}×{m.shape[1]}"}
+    hi = float(m.max()) if m.size else 0.0
+    rgb = colour(m / hi if hi > 0 else np.zeros_like(m), VIRIDIS)
+    return {"map": data_url(Image.fromarray(rgb, "RGB")), "lo": 0.0, "hi": hi, "scale": gradient_css(VIRIDIS),
+            "grid": f"{m.shape[0]}×{m.shape[1]}"}
 
 
 def check_resized(bb: Backbone, image: Image.Image, max_pixels: int) -> None:
