@@ -555,7 +555,9 @@ class BrowseConfig:
     port: int = option(8765, "Port to listen on.", within="[1, 65535]")
     clip: str | None = option(None, "CLIPModel id or directory: enables text search over latents.")
     llava: str | None = option(None, "LLaVA id or directory: enables the steering panel.")
-    device: str = option("cpu", "Device for the --clip and --llava models.")
+    model: str | None = option(None, "Vision model id or directory that /inspect runs the SAEs on; unset: the model "
+                                     "each SAE (or its store) records.")
+    device: str = option("cpu", "Device for the --clip, --llava and /inspect models.")
 
 
 @dataclass(frozen=True, kw_only=True)

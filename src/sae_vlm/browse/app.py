@@ -2,7 +2,8 @@
 
 Files are served from two places only: images by store row number (`/img/<dict>/<row>`, never a path from the
 URL) and files under the run or evaluation directory (`/files/run|eval/<rel>`), resolved and checked to stay
-inside that directory.
+inside that directory. `/inspect` maps an image's top latents (browse/inspector.py); it takes uploads only on a
+loopback address. A refusal is one line of text: `error: ...`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import socket
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sae_vlm.browse.data import RunView, TableQuery, as_index
+from sae_vlm.browse.inspector import Inspector, inspect_context, is_loopback, one_line, parse_top, read_upload
 from sae_vlm.browse.render import STATIC, Links, index_context, latent_context, make_env, table_context
 from sae_vlm.config import BrowseConfig
+from sae_vlm.data.images import open_image
 
 
 def safe_file(root: Path, rel: str) -> Path:
@@ -32,14 +37,20 @@ def safe_file(root: Path, rel: str) -> Path:
     return path
 
 
-def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
-    """The app; `search` (TextSearch) and `steerer` (Steerer) add their views when given."""
+def create_app(view: RunView, search=None, steerer=None, inspector: Inspector | None = None) -> FastAPI:
+    """The app; `search` (TextSearch) and `steerer` (Steerer) add their views when given; `inspector` serves
+    /inspect (default: the model each SAE records, no uploads)."""
     app = FastAPI(title="sae-vlm browser", docs_url=None, redoc_url=None, openapi_url=None)
     env = make_env()
     links = Links(static=False)
     roots = {"run": view.run_dir, "eval": view.eval_dir}
+    inspector = inspector if inspector is not None else Inspector(view)
 
-    env.globals |= {"has_search": search is not None, "has_steer": steerer is not None}
+    env.globals |= {"has_search": search is not None, "has_steer": steerer is not None, "has_inspect": True}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refusal(_request: Request, e: StarletteHTTPException):
+        return PlainTextResponse(f"error: {one_line(e.detail)}", e.status_code, headers=e.headers)
 
     def page(template: str, ctx: dict) -> HTMLResponse:
         return HTMLResponse(env.get_template(template).render(**ctx))
@@ -120,6 +131,57 @@ def create_app(view: RunView, search=None, steerer=None) -> FastAPI:
         return page("steer.html", {"links": links, "title": f"steer {name} · {j}", "name": name, "j": j,
                                     "alpha": alpha, "prompt": prompt, "image": image, "result": result})
 
+    def inspectable(name: str):
+        names = inspector.saes()
+        if not names:
+            raise HTTPException(404, f"run {view.run_dir.name} has no SAE to inspect images with")
+        d = lookup(name or names[0])
+        if d.kind != "sae":
+            raise HTTPException(404, f"{d.name} holds raw neurons; inspect needs an SAE, one of {', '.join(names)}")
+        return d
+
+    def inspected(d, top: int, image=None, **where) -> HTMLResponse:
+        try:
+            result = inspector.run(d, image, top) if image is not None else None
+        except (ValueError, OSError) as e:  # no model recorded, widths that differ, a model directory gone
+            raise HTTPException(400, str(e)) from None
+        return page("inspect.html", inspect_context(inspector, d, links, top, result, **where))
+
+    @app.get("/inspect", response_class=HTMLResponse)
+    def inspect_row(sae: str = "", row: str = "", top: str = ""):
+        d = inspectable(sae)
+        try:
+            n = parse_top(top)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        if not row.strip():
+            return inspected(d, n)
+        idx = as_index(row.strip())
+        path = view.image_path(d, idx) if idx is not None else None
+        if path is None:
+            raise HTTPException(404, f"row={row[:20]!r}: no image file for that store row of {d.name}")
+        try:
+            image = open_image(path)
+        except (ValueError, OSError) as e:
+            raise HTTPException(400, str(e)) from None
+        return inspected(d, n, image, row=idx, label=f"store row {idx}: {path.name}")
+
+    @app.post("/inspect", response_class=HTMLResponse)
+    async def inspect_upload(request: Request):
+        client = request.client.host if request.client else None
+        if not inspector.uploads:
+            raise HTTPException(403, "uploads are taken only while the browser listens on 127.0.0.1 "
+                                     "(sae-vlm browse --host 127.0.0.1)")
+        if not is_loopback(client):
+            raise HTTPException(403, f"uploads are taken only from this machine (127.0.0.1), not from {client}")
+        try:
+            fields, filename, image = await read_upload(request, inspector.max_bytes, inspector.max_pixels)
+            n = parse_top(fields.get("top"))
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        d = inspectable(fields.get("sae", ""))
+        return await run_in_threadpool(inspected, d, n, image, label=f"upload: {filename}")
+
     @app.get("/static/{file}")
     def static(file: str):
         return FileResponse(safe_file(STATIC, file))
@@ -147,6 +209,8 @@ def serve(cfg: BrowseConfig, announce=print) -> None:
     with listen(cfg.host, cfg.port) as sock:
         search = TextSearch(view, cfg.clip, cfg.device) if cfg.clip else None
         steerer = Steerer(view, cfg.llava, cfg.device) if cfg.llava else None
+        inspector = Inspector(view, cfg.model, cfg.device, uploads=is_loopback(cfg.host))
         announce(f"serving {view.run_dir} at http://{cfg.host}:{cfg.port}/")
-        server = uvicorn.Server(uvicorn.Config(create_app(view, search, steerer), log_level="warning"))
+        app = create_app(view, search, steerer, inspector)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         server.run(sockets=[sock])
