@@ -176,6 +176,14 @@ class Backbone:
             return int(self.parts.last_width)
         return int(self.d_model)
 
+    def check_sae(self, hook_point: str | int, sae) -> None:
+        """Refuse an SAE whose input width is not this hook point's, naming both, before any forward."""
+        want = self.width(hook_point)
+        if sae.cfg.d_in != want:
+            raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the width {want} of hook point {hook_point!r} "
+                             f"of {self.model.config.model_type} {self.model_id}; expected an SAE trained on that "
+                             "model and hook point")
+
     def describe(self, hook_point: str | int) -> str:
         """What the vectors at a hook point are, in words (the store manifest records it)."""
         point = self.hook_point(hook_point)

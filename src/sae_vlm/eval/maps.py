@@ -43,13 +43,6 @@ def patch_grid(bb: Backbone, pixel_values: torch.Tensor | None = None) -> tuple[
     return int(h) // patch, int(w) // patch
 
 
-def check_width(bb: Backbone, point: str, sae) -> None:
-    want = bb.width(point)
-    if sae.cfg.d_in != want:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the width {want} of hook point {point!r} of "
-                         f"{bb.model_id}; expected an SAE trained on that model and hook point")
-
-
 def _named(sae) -> str:
     return f"SAE {sae.path}" if getattr(sae, "path", None) else "the SAE"
 
@@ -168,7 +161,7 @@ def attribution_maps(bb: Backbone, sae, pixel_values: torch.Tensor, latents, hoo
     image or [B, L] per image; `how`: the SAE's reading (cls, first, mean or pooled). Pairs (image, latent) run
     `batch_size` at a time."""
     point = bb.hook_point(hook_point)
-    check_width(bb, point, sae)
+    bb.check_sae(point, sae)
     if how not in READINGS[1:]:
         raise ValueError(f"attribution reads one vector per image: how={how!r}, expected one of {READINGS[1:]}")
     B = pixel_values.shape[0]
@@ -251,7 +244,7 @@ def resolve(sae, backbone=None, hook_point: str | None = None, tokens: str | Non
     if name is None:
         raise ValueError(f"{_named(sae)} does not record its hook point; pass --hook-point")
     point = bb.hook_point(name)
-    check_width(bb, point, sae)
+    bb.check_sae(point, sae)
     return sae.eval(), bb, point, reading(sae, point, tokens)
 
 

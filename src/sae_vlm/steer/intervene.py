@@ -23,13 +23,6 @@ def as_backbone(model) -> Backbone:
     return model if isinstance(model, Backbone) else Backbone(model)
 
 
-def check_sae_width(bb: Backbone, hook_point: str, sae) -> None:
-    want = bb.width(hook_point)
-    if sae.cfg.d_in != want:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the width {want} of hook point {hook_point!r} "
-                         f"of {bb.model.config.model_type} {bb.model_id}")
-
-
 _WARNED: set[tuple] = set()  # (SAE, trained at, applied at) already named on stderr
 
 
@@ -153,7 +146,7 @@ def intervene(model, hook_point: str | int | None, sae, edits, error_term: bool 
     """
     bb = as_backbone(model)
     hook_point = steering_point(bb, hook_point, sae)
-    check_sae_width(bb, hook_point, sae)  # also checks the point exists, now rather than at the first forward
+    bb.check_sae(hook_point, sae)  # also checks the point exists, now rather than at the first forward
     sae.to(device=bb.device(), dtype=torch.float32)
     with bb.patch(hook_point, make_edit_fn(sae, edits, error_term=error_term, positions=positions)):
         yield bb

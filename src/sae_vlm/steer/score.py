@@ -21,7 +21,7 @@ from sae_vlm.backbones import Backbone, load_processor
 from sae_vlm.config import LatentSpec
 from sae_vlm.sae.groups import level_slices
 from sae_vlm.steer.generate import Case, generate_cases
-from sae_vlm.steer.intervene import check_sae_width, steering_point
+from sae_vlm.steer.intervene import steering_point
 from sae_vlm.topk import running_top
 
 PROMPT = "What is shown in this image? Use exactly one word!"
@@ -104,7 +104,7 @@ def top_images(model, sae, images: Sequence, *, hook_point=None, top: int = 16, 
     """
     bb = Backbone(model, processor=getattr(processor, "image_processor", processor))
     hook_point = steering_point(bb, hook_point, sae)
-    check_sae_width(bb, hook_point, sae)
+    bb.check_sae(hook_point, sae)
     dev = bb.device()
     sae.to(device=dev, dtype=torch.float32)
 
