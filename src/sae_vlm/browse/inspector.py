@@ -8,11 +8,9 @@ extract decodes (`decode_image`) up to MAX_UPLOAD_PIXELS: nothing is written to 
 
 from __future__ import annotations
 
-import base64
 import copy
 import email.parser
 import email.policy
-import io
 import ipaddress
 import threading
 from typing import TYPE_CHECKING
@@ -23,6 +21,7 @@ from PIL import Image
 
 from sae_vlm.browse.data import Dictionary, RunView
 from sae_vlm.data.images import BadImage, decode_image
+from sae_vlm.eval.inspect_page import colour, data_uri, scale_css, seen_image
 
 if TYPE_CHECKING:
     from sae_vlm.backbones import Backbone
@@ -33,7 +32,6 @@ MAX_UPLOAD_PIXELS = 40_000_000  # 40 MP, below PIL's decompression-bomb warning 
 FORM_OVERHEAD = 64 * 2**10  # the multipart headers and small fields around the file
 TOP_DEFAULT, TOP_MAX = 10, 100
 PICKS = 12  # store images offered as thumbnails on the form
-VIRIDIS = ((0x44, 0x01, 0x54), (0x3B, 0x52, 0x8B), (0x21, 0x91, 0x8C), (0x5E, 0xC9, 0x62), (0xFD, 0xE7, 0x25))
 
 
 def is_loopback(host: str | None) -> bool:
@@ -110,30 +108,12 @@ async def read_upload(request, max_bytes: int, max_pixels: int) -> tuple[dict[st
     return fields, filename, decode_upload(filename, data, max_bytes, max_pixels)
 
 
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def colour(values: np.ndarray, anchors) -> np.ndarray:
-    """values in [0, 1] -> uint8 RGB by linear interpolation between evenly spaced anchor colours."""
-    stops = np.linspace(0.0, 1.0, len(anchors))
-    rgb = np.asarray(anchors, np.float64)
-    return np.stack([np.interp(values, stops, rgb[:, c]) for c in range(3)], axis=-1).round().astype(np.uint8)
-
-
-def gradient_css(anchors) -> str:
-    return "linear-gradient(to right, " + ", ".join(f"rgb{tuple(a)}" for a in anchors) + ")"
-
-
 def heatmap(map_RC) -> dict:
     """A map as a PNG with one pixel per patch (the page scales it up without smoothing) and its colour scale,
     viridis over 0..max: both kinds of map (codes, |gradient × input|) are non-negative."""
     m = np.nan_to_num(np.asarray(map_RC, np.float64))
     hi = float(m.max()) if m.size else 0.0
-    rgb = colour(m / hi if hi > 0 else np.zeros_like(m), VIRIDIS)
-    return {"map": data_url(Image.fromarray(rgb, "RGB")), "lo": 0.0, "hi": hi, "scale": gradient_css(VIRIDIS),
+    return {"map": data_uri(Image.fromarray(colour(m), "RGB")), "lo": 0.0, "hi": hi, "scale": scale_css(),
             "grid": f"{m.shape[0]}×{m.shape[1]}"}
 
 
@@ -148,19 +128,6 @@ def check_resized(bb: Backbone, image: Image.Image, max_pixels: int) -> None:
     if resized > max_pixels:
         raise ValueError(f"a {w}x{h} image becomes {resized:.0f} pixels once its shorter side is resized to {side}, "
                          f"over the limit of {max_pixels}; crop it to a less extreme aspect ratio")
-
-
-def model_view(bb, image: Image.Image) -> Image.Image:
-    """The image as the vision tower sees it (the processor's resize and crop, its normalisation undone), so that
-    each map cell lies over its own patch."""
-    pv = bb.preprocess([image])[0].float()
-    proc = bb.processor
-    mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
-    if getattr(proc, "do_normalize", True) and mean is not None and std is not None:
-        x = pv * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-    else:  # no known normalisation: stretch to the full range
-        x = (pv - pv.min()) / max(float(pv.max() - pv.min()), 1e-12)
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy(), "RGB")
 
 
 class Inspector:
@@ -217,7 +184,7 @@ class Inspector:
             check_resized(bb, image, self.max_pixels)
             sae = self.sae_for(d, next(bb.model.parameters()).device)
             found = inspect_images([image], sae, bb, top=top)[0]["latents"]
-            seen = data_url(model_view(bb, image))
+            seen = data_uri(seen_image(bb, bb.preprocess([image])[0]))
         return {"seen": seen, "latents": [{"j": int(x["latent"]), "code": float(x["code"]), "cells": x["map"],
                                            **heatmap(x["map"])} for x in found]}
 

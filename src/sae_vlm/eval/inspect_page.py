@@ -46,11 +46,16 @@ def seen_image(bb, pixel_values_3HW: torch.Tensor) -> Image.Image:
     proc = getattr(bb.processor, "image_processor", bb.processor)
     x = pixel_values_3HW.float().numpy()
     mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
-    if mean is not None and std is not None:
+    if getattr(proc, "do_normalize", True) and mean is not None and std is not None:
         x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
     else:  # no recorded normalisation: stretch to the full range
         x = (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
     return Image.fromarray(np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0), "RGB")
+
+
+def scale_css() -> str:
+    """The viridis scale as a CSS gradient, for a page's colour bar."""
+    return "linear-gradient(to right, " + ",".join(f"rgb{tuple(int(v) for v in c)}" for c in VIRIDIS) + ")"
 
 
 def data_uri(img: Image.Image) -> str:
@@ -122,7 +127,7 @@ def latent_link(cfg: InspectConfig, name: str, eval_dir: Path | None, j: int) ->
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>sae-vlm inspect</title><style>
 body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td,th{{padding:4px 8px;text-align:left;
 vertical-align:middle;border-bottom:1px solid #ddd}} img{{image-rendering:pixelated}} .scale{{display:inline-block;
-width:160px;height:12px;background:linear-gradient(to right,{stops})}}
+width:160px;height:12px;background:{scale}}}
 </style></head><body><h1>Which latents fire, and where</h1><p>SAE {sae} at {point} ({how}). Maps: {what}; each in
 viridis from 0 <span class="scale"></span> to its own peak, drawn over the picture as the model saw it and alone.
 </p>{sections}</body></html>"""
@@ -168,8 +173,7 @@ def run_inspect(cfg: InspectConfig) -> list[dict]:
             sections.append(image_section(entry, seen_image(bb, pixel_values[k]), ms, names,
                                           lambda j: latent_link(cfg, name, eval_dir, j)))
     what = "the code on each patch" if how == "tokens" else "|gradient × input| of the code at each patch"
-    stops = ",".join(f"rgb{tuple(int(v) for v in c)}" for c in VIRIDIS)
-    page = PAGE.format(stops=stops, sae=html.escape(str(cfg.sae)), point=point, how=how, what=what,
+    page = PAGE.format(scale=scale_css(), sae=html.escape(str(cfg.sae)), point=point, how=how, what=what,
                        sections="".join(sections))
     with claim(cfg.out, "inspect") as out:
         atomic_write_json(out / "inspect.json", found)
