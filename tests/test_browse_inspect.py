@@ -129,7 +129,7 @@ def test_store_row_and_upload_agree_with_the_sae(built, no_temp):
         assert j == ref["latent"] and m.shape == (4, 4) and np.allclose(m, ref["map"], rtol=1e-4, atol=1e-7)
     for a in page.text.split('class="latent" href="')[1:]:  # each latent links to its own page
         assert c.get(a.split('"', 1)[0]).status_code == 200
-    # each drawn map has one pixel per patch, its brightest (viridis: yellow) at the map's peak
+    # each drawn map has one pixel per patch, its brightest (inferno: pale yellow) at the map's peak
     drawn = data_images(page.text, "map")
     assert len(drawn) == len(got)
     for (_, _, m), rgb in zip(got, drawn):

@@ -35,17 +35,7 @@ def toy(one_thread):
     caps = bb.capture(pv, ["layer.2", "layer.3", "last"])
     colours = np.array([W.COLOURS.index(s.main.colour) for s in samples])
     return {"bb": bb, "samples": samples, "pv": pv, "caps": caps, "colours": colours,
-            "boxes": [creature_box(s, seed=0) for s in samples]}
-
-
-def creature_box(s, seed: int) -> tuple[int, int, int]:
-    """(top, left, side) of the creature's square, replaying the draws `world.sample` makes before drawing it."""
-    rng = np.random.default_rng([seed, s.index])
-    W._draw_scene(rng)
-    side = W.SIZE_PX[s.main.size]
-    qy, qx = divmod(W.POSITIONS.index(s.main.position), 2)
-    top = qy * W.QUADRANT + int(rng.integers(0, W.QUADRANT - side + 1))
-    return top, qx * W.QUADRANT + int(rng.integers(0, W.QUADRANT - side + 1)), side
+            "boxes": [s.boxes[0] for s in samples]}
 
 
 def test_creature_boxes_hold_every_creature_pixel(toy):
@@ -192,8 +182,8 @@ def test_attribution_refuses_latents_out_of_range(toy):
 
 
 def test_patch_grid_follows_the_pixel_values(toy):
-    assert maps.patch_grid(toy["bb"]) == (4, 4)
-    assert maps.patch_grid(toy["bb"], torch.zeros(1, 3, 48, 72)) == (4, 6)
+    assert toy["bb"].patch_grid() == (4, 4)
+    assert toy["bb"].patch_grid(torch.zeros(1, 3, 48, 72)) == (4, 6)
 
 
 # --- inspect: the library function and the command ---------------------------------------------------------------

@@ -144,7 +144,11 @@ def _alive(view: RunView, name: str) -> int:
     """A latent positive on all 16 top images (it has a page in the report too), with a firing patch in its maps."""
     d = view.get(name)
     return next(j for j in range(d.n) if d.top_val is not None and d.top_val[j, -1] > 0
-                and (d.maps is None or np.nansum(d.maps.grid(j, 0)) > 0))
+                and (d.maps is None or np.nansum(_or_nan(d.maps.grid(j, 0))) > 0))
+
+
+def _or_nan(grid):
+    return np.nan if grid is None else grid
 
 
 def _maps_copy(token_run: Path, tmp: Path) -> tuple[Path, Path]:
@@ -293,3 +297,130 @@ def test_damaged_token_layout_is_one_line(token_run, tmp_path, damage, culprit):
         np.save(sub / "token_index.npy", tok)
     refused(tmp_path, ["evaluate", tmp_path / "run", "--data", store, "--out", tmp_path / "ev", "--quiet",
                        "--device", "cpu"], culprit)
+
+
+# --- evaluate --heatmaps: attribution maps of a CLS SAE's top images ---------------------------------------------
+
+MAPPED = 3  # --heatmap-latents
+
+
+@pytest.fixture(scope="module")
+def heat_run(token_run, tmp_path_factory):
+    """The token run evaluated again with --heatmaps (the CLS SAE records no model: --model names it)."""
+    out = tmp_path_factory.mktemp("heat") / "ev"
+    r = CliRunner().invoke(app, ["evaluate", str(token_run / "run"), "--data", str(token_run / "store"), "--out",
+                                 str(out), "--heatmaps", "--heatmap-latents", str(MAPPED), "--heatmap-batch", "8",
+                                 "--model", str(token_run / "clip"), "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_heatmaps_are_attribution_maps_of_the_most_frequent_latents(token_run, heat_run):
+    """The CLS SAE's 3 most often firing latents get |gradient x input| maps of their top images, equal to
+    `attribution_maps` on those images; the others have none; the cost is in metrics.json."""
+    from sae_vlm.backbones import load_backbone
+    from sae_vlm.data.images import open_image
+    from sae_vlm.eval.maps import attribution_maps
+
+    name = SAES["cls"]
+    z = dict(np.load(heat_run / "maps" / f"{name}.npz"))
+    arrays = np.load(heat_run / "latents" / f"{name}.npz")
+    top_i, top_v = arrays["top_indices"], arrays["top_values"]
+    fired = np.flatnonzero(top_v[:, 0] > 0)
+    want = fired[np.argsort(-arrays["fire_freq"][fired], kind="stable")][:MAPPED]
+    assert str(z["kind"]) == "attribution" and bool(z["complete"]) and z["grid"].tolist() == [4, 4]
+    assert np.flatnonzero(z["mapped"]).tolist() == sorted(want.tolist())
+    bb = load_backbone(str(token_run / "clip"))
+    sae = SAE.from_pretrained(token_run / "run" / "saes" / name).eval()
+    paths = open_store(token_run / "store", "layer.1__cls").paths()
+    pairs = 0
+    for j in range(64):
+        for rank in range(16):
+            m = j * 16 + rank
+            if j not in want or top_v[j, rank] <= 0:
+                assert z["indptr"][m + 1] == z["indptr"][m], (j, rank)
+                continue
+            pv = bb.preprocess([open_image(paths[top_i[j, rank]])])
+            ref = attribution_maps(bb, sae, pv, [j], "layer.1", how="cls")[0, 0].numpy()
+            assert ref.max() > 0
+            np.testing.assert_allclose(_dense(z, m, 0.0), ref, rtol=2e-3, atol=1e-5 * ref.max())
+            pairs += 1
+    entry = next(e for e in json.loads((heat_run / "metrics.json").read_text())["saes"] if e["name"] == name)
+    h = entry["heatmaps"]
+    assert (h["kind"], h["latents"], h["pairs"], h["batch"]) == ("attribution", MAPPED, pairs, 8)
+    assert h["seconds"] > 0 and h["seconds_per_latent"] == pytest.approx(h["seconds"] / MAPPED, abs=1e-3)
+    # the token SAEs keep the token maps evaluate gives them without --heatmaps, and get no `heatmaps` entry
+    for tok in ("all", "random-3"):
+        old = np.load(token_run / "run" / "eval" / "maps" / f"{SAES[tok]}.npz")
+        new = np.load(heat_run / "maps" / f"{SAES[tok]}.npz")
+        assert str(new["kind"]) == "tokens" and all(np.array_equal(old[k], new[k]) for k in old.files)
+
+
+def test_heatmap_pages_name_what_the_map_shows(token_run, heat_run):
+    from fastapi.testclient import TestClient
+
+    from sae_vlm.browse.app import create_app
+
+    view = RunView(token_run / "run", heat_run, token_run / "store")
+    d = view.get(SAES["cls"])
+    assert d.maps is not None and d.maps.mapped is not None
+    client = TestClient(create_app(view))
+    mapped = [j for j in np.flatnonzero(d.maps.mapped) if d.top_val is not None and d.top_val[j, 0] > 0]
+    page = client.get(f"/sae/{SAES['cls']}/latent/{mapped[0]}").text
+    assert "gradient × input" in page and page.count('<canvas class="map">') == page.count('class="top"') > 0
+    other = next(j for j in range(d.n) if not d.maps.mapped[j] and d.top_val is not None and d.top_val[j, 0] > 0)
+    page = client.get(f"/sae/{SAES['cls']}/latent/{other}").text
+    assert 'class="top"' in page and not any(s in page for s in ("<canvas", 'id="map-legend"'))
+    page = client.get(f"/sae/{SAES['all']}/latent/{_alive(view, SAES['all'])}").text
+    assert "code on each patch" in page and "gradient" not in page
+
+
+def test_heatmaps_bad_input_is_one_line_before_anything(token_run, tmp_path):
+    from sae_vlm import toyworld
+
+    base = ["evaluate", token_run / "run", "--data", token_run / "store", "--out", tmp_path / "ev", "--heatmaps",
+            "--quiet", "--device", "cpu"]
+    refused(tmp_path, base, "--model")  # the CLS SAE records no model
+    refused(tmp_path, [*base, "--model", toyworld.clip_path()], "d_in=32")  # a 64-wide model
+    np.save(tmp_path / "acts.npy", np.zeros((4, 32), np.float32))
+    refused(tmp_path, [*base[:3], tmp_path / "acts.npy", *base[4:], "--model", token_run / "clip"], "--heatmaps")
+    refused(tmp_path, [*base, "--model", tmp_path / "no-such-model"], "no-such-model")
+
+
+def test_inspect_route_with_a_token_sae(token_run):
+    """The browser's /inspect with a token SAE: its latents ranked by their largest code on a patch, each map the
+    latent's code on every patch (`token_maps` of the same image), no attribution."""
+    from test_browse_inspect import client, latents
+
+    from sae_vlm.backbones import load_backbone
+    from sae_vlm.data.images import open_image
+    from sae_vlm.eval.maps import token_maps
+
+    view = RunView(token_run / "run")
+    d = view.get(SAES["all"])
+    row = 5 * TOKENS  # the sixth image's first row
+    page = client(view).get("/inspect", params={"sae": SAES["all"], "row": row, "top": 5})
+    assert page.status_code == 200, page.text
+    got = latents(page.text)
+    path = view.image_path(d, row)
+    assert path is not None and len(got) == 5
+    bb = load_backbone(str(token_run / "clip"))
+    maps_RCF = token_maps(bb, d.sae(), bb.preprocess([open_image(path)]), "layer.1")[0].numpy()
+    peaks_F = maps_RCF.max((0, 1))
+    want = [int(j) for j in np.argsort(-peaks_F, kind="stable")[:5]]
+    assert [j for j, _, _ in got] == want
+    for j, code, m in got:
+        assert code == pytest.approx(float(peaks_F[j]), rel=1e-4) and m.shape == (4, 4)
+        np.testing.assert_allclose(m, maps_RCF[:, :, j], rtol=1e-4, atol=1e-6)
+
+
+def test_overlays_and_inspect_share_one_colour_scale():
+    """The browser's overlays (browse.js) and inspect's pictures (eval/inspect_page.py) draw maps on one table."""
+    import re
+
+    import sae_vlm.browse
+    from sae_vlm.eval.inspect_page import INFERNO
+
+    js = (Path(sae_vlm.browse.__file__).parent / "static" / "browse.js").read_text()
+    table = re.search(r"var INFERNO = (\[\[.*?\]\]);", js, re.S)
+    assert table is not None and json.loads(table.group(1)) == INFERNO.astype(int).tolist()

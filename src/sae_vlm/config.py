@@ -327,6 +327,16 @@ class EvaluateConfig:
     rotation_seed: int = option(0, "Seed of the random-rotation baseline; -1 to skip it.", within=ROTATION_SEED_RANGE)
     top: int = option(16, "Top-activating images kept per latent.", within="[1, inf)")
     grids: int = option(0, "Render 4x4 image grids for this many highest-MS latents per SAE.", within="[0, inf)")
+    heatmaps: bool = option(False, "Maps for SAEs on one vector per image (CLS, `last`): |gradient x input| of each "
+                                   "mapped latent's code over the patches of its top images, through the vision "
+                                   "model, into maps/<name>.npz; costs about 2-3 forward passes per (latent, top "
+                                   "image). Token stores get their maps without it.")
+    heatmap_latents: int = option(64, "With --heatmaps: latents mapped per SAE, highest MS first (else most often "
+                                      "firing); 0: every latent that fired.", within="[0, inf)")
+    heatmap_batch: int = option(32, "With --heatmaps: (image, latent) pairs per forward and backward pass.",
+                                within="[1, inf)")
+    model: str | None = option(None, "With --heatmaps: hub id or directory of the vision model; default: the one "
+                                     "the SAE records.")
     chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False, within="[1, inf)")
     quiet: bool = quiet_option()
 

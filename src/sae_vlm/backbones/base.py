@@ -178,9 +178,13 @@ class Backbone:
 
     def check_sae(self, hook_point: str | int, sae) -> None:
         """Refuse an SAE whose input width is not this hook point's, naming both, before any forward."""
+        self.check_width(hook_point, sae.cfg.d_in)
+
+    def check_width(self, hook_point: str | int, d_in: int) -> None:
+        """Refuse an SAE input width `d_in` that is not this hook point's, naming both."""
         want = self.width(hook_point)
-        if sae.cfg.d_in != want:
-            raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the width {want} of hook point {hook_point!r} "
+        if d_in != want:
+            raise ValueError(f"SAE d_in={d_in} does not match the width {want} of hook point {hook_point!r} "
                              f"of {self.model.config.model_type} {self.model_id}; expected an SAE trained on that "
                              "model and hook point")
 
@@ -223,6 +227,47 @@ class Backbone:
         if missing:
             raise RuntimeError(f"hook points {sorted(missing)} did not fire in the forward pass")
         return out
+
+    def patch_grid(self, pixel_values: torch.Tensor | None = None) -> tuple[int, int]:
+        """(rows, cols) of the patch tokens: of `pixel_values` [B, 3, H, W] if given, else of the model's own size."""
+        cfg = self.model.config
+        vcfg = getattr(cfg, "vision_config", cfg)
+        patch = int(vcfg.patch_size)
+        if pixel_values is not None:
+            h, w = pixel_values.shape[-2:]
+        else:
+            size = vcfg.image_size
+            h, w = (size, size) if isinstance(size, int) else size
+        return int(h) // patch, int(w) // patch
+
+    def capture_with_input(self, pixel_values: torch.Tensor, hook_point: str | int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the first encoder layer's input [B, T, D] (patch embeddings with positions, after any pre-layer norm) as
+        a leaf that requires grad, the hook point's output computed from it): one forward pass with autograd on,
+        stopped at the hook point. For attribution: differentiate a function of the output w.r.t. the input."""
+        point = self.hook_point(hook_point)
+        seen: dict[str, torch.Tensor] = {}
+
+        def take_input(_m, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            seen["input"] = x
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        def take_output(_m, _inp, output):
+            seen["output"] = self._select(point)(output[0] if isinstance(output, (tuple, list)) else output)
+            raise _StopForward
+
+        handles = [self.parts.layers[0].register_forward_pre_hook(take_input, with_kwargs=True),
+                   self.module(point).register_forward_hook(take_output)]
+        try:
+            with torch.enable_grad():
+                self.run(pixel_values)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return seen["input"], seen["output"]
 
     @contextlib.contextmanager
     def patch(self, hook_point: str | int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:

@@ -74,6 +74,9 @@ def top_arrays(where: Path, idx: np.ndarray, val: np.ndarray, n: int) -> tuple[n
     return idx, val
 
 
+MAP_KINDS = {"tokens": "code", "attribution": "|gradient × input| of the code"}  # what a map's values are
+
+
 @dataclass(frozen=True)
 class PatchMaps:
     """maps/<name>.npz: each latent's code on the patches of its top images, CSR over (latent * top + rank)."""
@@ -85,9 +88,14 @@ class PatchMaps:
     cols: int
     complete: bool  # absent patches are 0; else they were not sampled (a random-k store)
     top: int
+    kind: str = "tokens"  # what the values are: "tokens" (codes) or "attribution" (|gradient x input|)
+    mapped: np.ndarray | None = None  # [n] bool: the latents that have maps (--heatmaps maps some); None: all
 
-    def grid(self, j: int, rank: int) -> np.ndarray:
-        """Latent j's map on its rank-th top image [rows, cols]: 0 where silent, NaN where not sampled."""
+    def grid(self, j: int, rank: int) -> np.ndarray | None:
+        """Latent j's map on its rank-th top image [rows, cols]: 0 where silent, NaN where not sampled; None for a
+        latent without maps."""
+        if self.mapped is not None and not self.mapped[j]:
+            return None
         m = j * self.top + rank
         out = np.full(self.rows * self.cols, 0.0 if self.complete else np.nan)
         a, b = int(self.indptr[m]), int(self.indptr[m + 1])
@@ -120,7 +128,14 @@ def check_maps(f: Path, n: int, top: int) -> PatchMaps:
         raise bad(f"'code' holds {code.dtype}, not finite floats")
     if complete.shape != () or complete.dtype != bool:
         raise bad(f"'complete' is {complete.dtype} {complete.shape}; expected one bool")
-    return PatchMaps(ip, patch, code.astype(np.float32), int(grid[0]), int(grid[1]), bool(complete), top)
+    kind = z["kind"] if "kind" in z else np.array("tokens")  # maps from before --heatmaps are token maps
+    if kind.shape != () or str(kind) not in MAP_KINDS:
+        raise bad(f"'kind' is {kind.tolist()!r}; expected one of {', '.join(MAP_KINDS)}")
+    mapped = z["mapped"] if "mapped" in z else None
+    if mapped is not None and (mapped.shape != (n,) or mapped.dtype != bool):
+        raise bad(f"'mapped' is {mapped.dtype} {mapped.shape}; expected {n} bools, one per latent")
+    return PatchMaps(ip, patch, code.astype(np.float32), int(grid[0]), int(grid[1]), bool(complete), top, str(kind),
+                     mapped)
 
 
 def check_metrics(mfile: Path, m) -> dict:

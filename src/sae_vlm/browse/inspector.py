@@ -110,7 +110,7 @@ async def read_upload(request, max_bytes: int, max_pixels: int) -> tuple[dict[st
 
 def heatmap(map_RC) -> dict:
     """A map as a PNG with one pixel per patch (the page scales it up without smoothing) and its colour scale,
-    viridis over 0..max: both kinds of map (codes, |gradient × input|) are non-negative."""
+    inferno over 0..max: both kinds of map (codes, |gradient × input|) are non-negative."""
     m = np.nan_to_num(np.asarray(map_RC, np.float64))
     hi = float(m.max()) if m.size else 0.0
     return {"map": data_uri(Image.fromarray(colour(m), "RGB")), "lo": 0.0, "hi": hi, "scale": scale_css(),

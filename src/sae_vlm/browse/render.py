@@ -12,7 +12,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from sae_vlm.browse.data import SHOW, Dictionary, RunView, TableQuery
+from sae_vlm.browse.data import MAP_KINDS, SHOW, Dictionary, RunView, TableQuery
 from sae_vlm.eval.stability import stable_share
 
 HERE = Path(__file__).parent
@@ -134,8 +134,9 @@ def fired_images(view: RunView, d: Dictionary, j: int, links: Links, maps: bool 
         if row < 0 or (d.kind == "sae" and val <= 0):
             continue
         im = {"row": row, "value": float(val), "url": links.img(d.name, row, view.image_path(d, row)), "map": None}
-        if maps and d.maps is not None:
-            im["map"] = [[None if math.isnan(v) else float(f"{v:.4g}") for v in r] for r in d.maps.grid(j, rank)]
+        grid = d.maps.grid(j, rank) if maps and d.maps is not None else None
+        if grid is not None:
+            im["map"] = [[None if math.isnan(v) else float(f"{v:.4g}") for v in r] for r in grid]
         images.append(im)
     return images
 
@@ -253,6 +254,7 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
         "links": links, "d": summary(d), "j": j, "title": f"{d.name} · latent {j}", "detects": d.detects.get(j, []),
         "stats": _row(d, j, []), "ms_rows": ms_rows, "images": images, "map_max": map_scale(images),
         "sampled_only": d.maps is not None and not d.maps.complete,
+        "map_what": MAP_KINDS[d.maps.kind] if d.maps is not None else None,
         "hist": histogram_svg(hist[0]) if hist is not None else None,
         "hist_n": (len(hist[0]), hist[1]) if hist is not None else None,
         "nearest": [(i, c, links.latent(d.name, i)) for i, c in d.nearest(j)],

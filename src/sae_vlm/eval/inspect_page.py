@@ -1,7 +1,7 @@
 """`sae-vlm inspect`: OUT/inspect.json (what `inspect_images` returns) and OUT/index.html, which opens from file://.
 
 The page shows, per image, the picture as the model saw it (resized and cropped by its processor, so the map lines
-up) and, per top latent, the picture under its map and the map alone, in viridis from 0 to the map's own peak;
+up) and, per top latent, the picture under its map and the map alone, in inferno from 0 to the map's own peak;
 beside them the code, the latent's MS and best-detected taxonomy node where the run was evaluated, and a link to
 its page in a static report (`--report`) or to its top-image grid (`evaluate --grids`). Pictures are data: URIs.
 """
@@ -25,20 +25,21 @@ from sae_vlm.io import atomic_write_json, atomic_write_text, read_json
 from sae_vlm.outdir import check_owned, claim
 
 SHOWN_PX = 192  # the side pictures are drawn at, at least
-# viridis at 0, 1/8, ..., 1: a colour scale that reads in grey and to colour-blind eyes
-VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
-                    (92, 200, 99), (170, 220, 50), (253, 231, 37)], np.float32)
+# inferno at 0, 1/7, ..., 1, as the browser's overlays (browse.js): dark to pale yellow, readable in grey and to
+# colour-blind eyes, so the peak is the brightest cell
+INFERNO = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
+                    (250, 193, 39), (252, 255, 164)], np.float32)
 OVERLAY_ALPHA = 0.55
 
 
 def colour(map_RC: np.ndarray) -> np.ndarray:
-    """A map as RGB uint8 [rows, cols, 3], 0 to its peak on the viridis scale (an all-zero map is all dark)."""
+    """A map as RGB uint8 [rows, cols, 3], 0 to its peak on the inferno scale (an all-zero map is all dark)."""
     peak = float(map_RC.max(initial=0.0))
     t = np.clip(map_RC / peak, 0, 1) if peak > 0 else np.zeros_like(map_RC)
-    x = t * (len(VIRIDIS) - 1)
-    lo = np.minimum(np.floor(x).astype(int), len(VIRIDIS) - 2)
+    x = t * (len(INFERNO) - 1)
+    lo = np.minimum(np.floor(x).astype(int), len(INFERNO) - 2)
     w = (x - lo)[..., None]
-    return np.rint(VIRIDIS[lo] * (1 - w) + VIRIDIS[lo + 1] * w).astype(np.uint8)
+    return np.rint(INFERNO[lo] * (1 - w) + INFERNO[lo + 1] * w).astype(np.uint8)
 
 
 def seen_image(bb, pixel_values_3HW: torch.Tensor) -> Image.Image:
@@ -54,8 +55,8 @@ def seen_image(bb, pixel_values_3HW: torch.Tensor) -> Image.Image:
 
 
 def scale_css() -> str:
-    """The viridis scale as a CSS gradient, for a page's colour bar."""
-    return "linear-gradient(to right, " + ",".join(f"rgb{tuple(int(v) for v in c)}" for c in VIRIDIS) + ")"
+    """The inferno scale as a CSS gradient, for a page's colour bar."""
+    return "linear-gradient(to right, " + ",".join(f"rgb{tuple(int(v) for v in c)}" for c in INFERNO) + ")"
 
 
 def data_uri(img: Image.Image) -> str:
@@ -129,7 +130,7 @@ body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}} td
 vertical-align:middle;border-bottom:1px solid #ddd}} img{{image-rendering:pixelated}} .scale{{display:inline-block;
 width:160px;height:12px;background:{scale}}}
 </style></head><body><h1>Which latents fire, and where</h1><p>SAE {sae} at {point} ({how}). Maps: {what}; each in
-viridis from 0 <span class="scale"></span> to its own peak, drawn over the picture as the model saw it and alone.
+inferno from 0 <span class="scale"></span> to its own peak, drawn over the picture as the model saw it and alone.
 </p>{sections}</body></html>"""
 
 

@@ -20,27 +20,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from sae_vlm.backbones import Backbone
+from sae_vlm.eval.top import MAP_PATCHES, largest_patches, maps_npz
 from sae_vlm.token_selection import parse_tokens
 
 READINGS = ("tokens", "cls", "first", "mean", "pooled")  # how an SAE read its hook point (see `reading`)
-
-
-def patch_grid(bb: Backbone, pixel_values: torch.Tensor | None = None) -> tuple[int, int]:
-    """(rows, cols) of the patch tokens: of `pixel_values` [B, 3, H, W] if given, else of the model's own size."""
-    cfg = bb.model.config
-    vcfg = getattr(cfg, "vision_config", cfg)
-    patch = int(vcfg.patch_size)
-    if pixel_values is not None:
-        h, w = pixel_values.shape[-2:]
-    else:
-        size = vcfg.image_size
-        h, w = (size, size) if isinstance(size, int) else size
-    return int(h) // patch, int(w) // patch
 
 
 def _named(sae) -> str:
@@ -85,7 +74,7 @@ def _patch_codes(bb: Backbone, sae, pixel_values: torch.Tensor, hook_point: str)
     t_BTD = bb.capture(pixel_values, [point])[point]
     if t_BTD.ndim != 3:
         raise ValueError(f"hook point {point} gives one vector per image; token maps need a layer's tokens")
-    _check_tokens(bb, t_BTD.shape[1], patch_grid(bb, pixel_values))
+    _check_tokens(bb, t_BTD.shape[1], bb.patch_grid(pixel_values))
     sae = sae.to(t_BTD.device)
     for b in range(t_BTD.shape[0]):
         yield sae.encode(t_BTD[b, bb.n_prefix :].float())
@@ -97,7 +86,7 @@ def token_codes(bb: Backbone, sae, pixel_values: torch.Tensor, hook_point: str,
     """(image codes [B, F]: each latent's largest code on a patch, the map's peak; maps [B, rows, cols, F]) of a
     token SAE, from one forward pass stopped at the hook point. `latents` [L]: keep those columns only (the encode
     is still over all latents, which top-k selection needs)."""
-    rows, cols = patch_grid(bb, pixel_values)
+    rows, cols = bb.patch_grid(pixel_values)
     maps = [(c if latents is None else c[:, latents.to(c.device)]).reshape(rows, cols, -1).cpu()
             for c in _patch_codes(bb, sae, pixel_values, hook_point)]
     maps_BRCF = torch.stack(maps)
@@ -108,38 +97,6 @@ def token_maps(bb: Backbone, sae, pixel_values: torch.Tensor, hook_point: str,
                latents: torch.Tensor | None = None) -> torch.Tensor:
     """A token SAE's code of every latent (or of `latents` [L]) on every patch, [B, rows, cols, F or L]."""
     return token_codes(bb, sae, pixel_values, hook_point, latents)[1]
-
-
-class _Stop(Exception):
-    """Raised once the hook point's output is seen: later layers are not computed."""
-
-
-def _forward_with_input(bb: Backbone, pixel_values: torch.Tensor, point: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first encoder layer's input [B, T, D] as a leaf that requires grad, the hook point's output), one
-    forward pass with autograd on, stopped at the hook point."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def take_input(_m, args, kwargs):
-        x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
-        seen["input"] = x
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-
-    def take_output(_m, _inp, output):
-        seen["output"] = output[0] if isinstance(output, (tuple, list)) else output
-        raise _Stop
-
-    handles = [bb.parts.layers[0].register_forward_pre_hook(take_input, with_kwargs=True),
-               bb.module(point).register_forward_hook(take_output)]
-    try:
-        with torch.enable_grad():
-            bb.run(pixel_values)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    out = seen["output"]
-    return seen["input"], bb.parts.last_select(out) if point == "last" else out
 
 
 def _latent_grid(latents, B: int, d_sae: int) -> torch.Tensor:
@@ -166,13 +123,13 @@ def attribution_maps(bb: Backbone, sae, pixel_values: torch.Tensor, latents, hoo
         raise ValueError(f"attribution reads one vector per image: how={how!r}, expected one of {READINGS[1:]}")
     B = pixel_values.shape[0]
     lat_BL = _latent_grid(latents, B, sae.cfg.d_sae)
-    L, grid = lat_BL.shape[1], patch_grid(bb, pixel_values)
+    L, grid = lat_BL.shape[1], bb.patch_grid(pixel_values)
     image_P, latent_P = torch.arange(B).repeat_interleave(L), lat_BL.reshape(-1)
     sae = sae.to(bb.device())
     out = []
     for p0 in tqdm(range(0, B * L, batch_size), desc="attribution", disable=quiet, leave=False):
         img, lat = image_P[p0 : p0 + batch_size], latent_P[p0 : p0 + batch_size].to(bb.device())
-        x_PTD, t = _forward_with_input(bb, pixel_values[img], point)
+        x_PTD, t = bb.capture_with_input(pixel_values[img], point)
         with torch.enable_grad():
             code_P = sae.encode(_rows(bb, how, t))[torch.arange(len(img)), lat]
             (grad_PTD,) = torch.autograd.grad(code_P.sum(), x_PTD)  # pairs are independent: one backward for all
@@ -183,6 +140,37 @@ def attribution_maps(bb: Backbone, sae, pixel_values: torch.Tensor, latents, hoo
     if not out:
         return torch.zeros(B, L, *grid)
     return torch.cat(out).reshape(B, L, *grid)
+
+
+def top_image_maps(bb: Backbone, sae, point: str, how: str, image_of, top_idx_FT: torch.Tensor,
+                   top_val_FT: torch.Tensor, latents, *, batch_size: int = 32, quiet: bool = True
+                   ) -> dict[str, np.ndarray]:
+    """Attribution maps of `latents` on their top images (store rows `top_idx_FT`, where `top_val_FT` > 0), as
+    maps/<name>.npz arrays (`eval.top.maps_npz`, kind "attribution", `mapped` marking `latents`): each map's
+    `MAP_PATCHES` largest patches. `image_of(row)` gives a row's image. Latents run `batch_size // top` at a time,
+    so a batch's pairs are (image, latent) of `batch_size` at most."""
+    F, T = top_idx_FT.shape
+    grid = bb.patch_grid()
+    keep = min(MAP_PATCHES, grid[0] * grid[1])
+    code_MP, patch_MP = torch.zeros(F * T, keep, dtype=torch.float16), torch.full((F * T, keep), -1)
+    mapped_F = np.zeros(F, bool)
+    per = max(1, batch_size // T)
+    lat = [int(j) for j in latents]
+    for l0 in tqdm(range(0, len(lat), per), desc="heatmaps", unit="batch", disable=quiet, leave=False):
+        pairs = [(j * T + r, int(top_idx_FT[j, r]), j) for j in lat[l0 : l0 + per] for r in range(T)
+                 if top_idx_FT[j, r] >= 0 and top_val_FT[j, r] > 0]
+        mapped_F[lat[l0 : l0 + per]] = True
+        if not pairs:
+            continue
+        pv = bb.preprocess([image_of(row) for _, row, _ in pairs])
+        if bb.patch_grid(pv) != grid:
+            raise ValueError(f"{bb.model_id}'s processor gives {tuple(pv.shape[-2:])} px images, not the "
+                             f"{grid[0]}x{grid[1]} patch grid of its config")
+        m_PRC = attribution_maps(bb, sae, pv, [[j] for _, _, j in pairs], point, how=how, batch_size=batch_size)[:, 0]
+        dense = m_PRC.flatten(1)
+        slot = torch.tensor([m for m, _, _ in pairs])
+        code_MP[slot], patch_MP[slot] = largest_patches(dense, dense > 0, keep)
+    return maps_npz(code_MP, patch_MP, grid, True, "attribution", mapped_F)
 
 
 @torch.no_grad()
@@ -208,7 +196,7 @@ def inspect_batch(bb: Backbone, sae, pixel_values: torch.Tensor, point: str, how
                   batch_size: int = 32, quiet: bool = True) -> list[list[dict]]:
     """Per image, its top latents by code (positive codes only, descending) with their maps."""
     if how == "tokens":
-        rows, cols = patch_grid(bb, pixel_values)
+        rows, cols = bb.patch_grid(pixel_values)
         result = []
         for c_PF in _patch_codes(bb, sae, pixel_values, point):  # only the top latents' maps are kept
             peaks_F = c_PF.amax(0).cpu()

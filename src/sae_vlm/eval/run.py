@@ -7,10 +7,11 @@ written in named steps, and the run-wide tables and plots.
 
 Writes under the output directory: metrics.json (summaries, written last: it marks the evaluation done),
 latents/<name>.npz (per-latent arrays), top/<name>/top_*.npy, maps/<name>.npz (for a store of patch tokens: each
-latent's code on the patches of its top images), tables.md (paper Tables A1/A6/A7 shape), plots/*.png,
-nodes/<name>.json (each taxonomy node's best-detecting latent), grids/ with --grids and, with an embedder,
-embeddings/ (the cache; the input store is only read). SAEs of one configuration trained with several seeds are
-also summarised together, with each latent's stability across them (eval/seeds.py).
+latent's code on the patches of its top images; with --heatmaps, for an SAE on one vector per image, |gradient x
+input| of its mapped latents' codes over their top images' patches, through the vision model), tables.md (paper Tables
+A1/A6/A7 shape), plots/*.png, nodes/<name>.json (each taxonomy node's best-detecting latent), grids/ with --grids and,
+with an embedder, embeddings/ (the cache; the input store is only read). SAEs of one configuration trained with
+several seeds are also summarised together, with each latent's stability across them (eval/seeds.py).
 """
 
 from __future__ import annotations
@@ -18,18 +19,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sae_vlm.backbones import Backbone, load_backbone
 from sae_vlm.config import FEW_HELDOUT_ROWS, EvaluateConfig
+from sae_vlm.data.images import is_store_member, open_image
 from sae_vlm.data.source import ActivationSource, sequential_chunks
 from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.embed import load_embeddings
+from sae_vlm.eval.maps import resolve, top_image_maps
 from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, summarize_ms, unit_embeddings
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
@@ -90,11 +95,12 @@ class SAEResult:
     recon: dict = dataclasses.field(default_factory=dict)  # ReconAccumulator's record, fire_freq moved to the arrays
     hierarchy: dict | None = None
     stable_share: float | None = None  # set by score_seeds
+    heatmaps: dict | None = None  # with --heatmaps: what was mapped and what it cost
 
     def to_json(self) -> dict:
         entry = dataclasses.asdict(self)
         absent = (["ms_per_level", "ms_support_median"] if self.ms is None else []) + \
-            [k for k in ("hierarchy", "stable_share") if entry[k] is None]
+            [k for k in ("hierarchy", "stable_share", "heatmaps") if entry[k] is None]
         return {k: v for k, v in entry.items() if k not in absent}
 
 
@@ -177,6 +183,15 @@ class Baselines:
             self.rotated.add(self.rotation.rotate(x_RD), e_RD)
 
 
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+    """Where --heatmaps differentiates an SAE's codes: the vision model, the hook point and how the SAE read it."""
+
+    bb: Backbone
+    point: str
+    how: str
+
+
 @dataclasses.dataclass
 class Scoring:
     """One SAE during the pass over its source: the model and the accumulators of its metrics."""
@@ -188,6 +203,7 @@ class Scoring:
     recon: ReconAccumulator
     ms: MSAccumulator | None = None  # with embeddings
     nodes: H.NodeCollector | None = None  # with a taxonomy
+    attribution: Attribution | None = None  # with --heatmaps, for an SAE on one vector per image
 
     def add(self, x_RD: torch.Tensor, e_RD: torch.Tensor | None, r0: int) -> None:
         codes_RF = self.sae.encode(x_RD).float()  # once per chunk, for every metric
@@ -220,6 +236,8 @@ class Evaluation:
         self.inputs: dict[tuple, Inputs] = {}
         self.neuron_ms: dict[str, np.ndarray] = {}  # hook point -> MS of the raw neurons
         self.first_taxonomy: Inputs | None = None
+        self.backbones: dict[str, Backbone] = {}  # --heatmaps: vision models by id, loaded once
+        self.heatmap_models: dict[str, Backbone | None] = {}  # --heatmaps: each SAE's, None for a token SAE
 
     def score_all(self, saes: list[tuple[str, Path]]) -> list[SAEResult]:
         """Every SAE's metrics.json entry, in the order of `saes`; one pass per distinct source, in the order the
@@ -230,6 +248,10 @@ class Evaluation:
                 by_source.setdefault(source_key(sdir), []).append(i)
             except (OSError, ValueError) as e:
                 self.broken(name, sdir, str(e))  # read_json's message names the file
+        if self.cfg.heatmaps:  # before any pass: a wrong or missing --model leaves nothing behind
+            for i in sorted(i for members in by_source.values() for i in members):
+                name, sdir = saes[i]
+                self.heatmap_models[name] = self.heatmap_model(name, read_json(sdir / "config.json"))
         results: dict[int, SAEResult | None] = {}
         for members in by_source.values():
             results.update(zip(members, self.score_source([saes[i] for i in members])))
@@ -285,6 +307,8 @@ class Evaluation:
                              "expected at least 2")
         per_image = src.meta.rows_per_image if src.meta else 1
         want_ms = cfg.embeddings is not None or cfg.embedder is not None
+        if cfg.heatmaps and per_image == 1:
+            first_image(src, cfg.data)
         if per_image > 1 and (want_ms or cfg.taxonomy is not None):
             where = src.meta.path if src.meta else cfg.data
             raise ValueError(f"{where} has {per_image} rows per image ({scfg.token_selection} tokens); MS and "
@@ -340,7 +364,32 @@ class Evaluation:
             s.ms = MSAccumulator(scfg.d_sae, e_ND.shape[1], self.dev)
         if inp.taxa is not None:
             s.nodes = H.NodeCollector(inp.taxa, scfg.group_sizes)
+        if cfg.heatmaps and inp.grid is None:  # checked before the pass: a wrong --model costs nothing
+            s.attribution = self.attribution(name, sae)
         return s
+
+    def heatmap_model(self, name: str, raw: dict) -> Backbone | None:
+        """The vision model --heatmaps differentiates an SAE (from its config.json) through, loaded once and checked
+        against the SAE's hook point and width; None for a token SAE (its maps come from its store)."""
+        if str(raw.get("token_selection")).startswith(("all", "random")):
+            return None
+        model = self.cfg.model or raw.get("model_id")
+        if model is None:
+            raise ValueError(f"SAE {name} does not record its vision model; pass --model ID|DIR for --heatmaps")
+        if model not in self.backbones:
+            self.backbones[model] = load_backbone(str(model), device=self.dev, dtype="fp32")
+        bb = self.backbones[model]
+        if raw.get("hook_point") is None:
+            raise ValueError(f"SAE {name} does not record its hook point; --heatmaps needs it")
+        bb.check_width(raw["hook_point"], int(raw.get("d_in", -1)))
+        return bb
+
+    def attribution(self, name: str, sae: SAE) -> Attribution | None:
+        bb = self.heatmap_models.get(name)
+        if bb is None:
+            return None
+        _, bb, point, how = resolve(sae, bb)
+        return Attribution(bb, point, how)
 
     @torch.no_grad()
     def read_once(self, src, e_ND: torch.Tensor | None, base: Baselines | None, scoring: list[Scoring],
@@ -402,6 +451,30 @@ class Evaluation:
         arrays.top_values, arrays.top_indices = tv.numpy(), ti.numpy()
         return tv, ti
 
+    # --- step 6b: with --heatmaps, attribution maps of the top images of an SAE on one vector per image ----------
+    def heatmaps(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, arrays: LatentArrays
+                 ) -> dict | None:
+        a, cfg = s.attribution, self.cfg
+        if a is None or inp.src.meta is None:
+            return None
+        fired = np.flatnonzero(tv[:, 0].numpy() > 0)
+        rank = arrays.ms if arrays.ms is not None else arrays.fire_freq
+        if rank is not None:  # highest MS (else most often firing) first; NaN last
+            fired = fired[np.argsort(-np.nan_to_num(rank[fired], nan=-np.inf), kind="stable")]
+        latents = fired[: cfg.heatmap_latents or None]
+        pairs = int((tv[latents] > 0).sum())
+        if not cfg.quiet:
+            print(f"heatmaps {s.name}: {len(latents)} latents, {pairs} (latent, top image) pairs, each about 2-3 "
+                  f"forward passes of {a.bb.model_id}", file=sys.stderr)
+        paths, t0 = inp.src.meta.paths(), time.perf_counter()
+        maps = top_image_maps(a.bb, s.sae, a.point, a.how, lambda row: open_image(paths[row]), ti, tv, latents,
+                              batch_size=cfg.heatmap_batch, quiet=cfg.quiet)
+        atomic_save_npz(self.out / "maps" / f"{s.name}.npz", **maps)
+        seconds = time.perf_counter() - t0
+        return {"kind": "attribution", "model": a.bb.model_id, "latents": len(latents), "pairs": pairs,
+                "batch": cfg.heatmap_batch, "seconds": round(seconds, 3),
+                "seconds_per_latent": round(seconds / max(1, len(latents)), 4)}
+
     # --- step 7: LCA depth of each latent's top images per Matryoshka level, uniqueness of the top sets -----------
     def hierarchy(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, r: SAEResult,
                   arrays: LatentArrays) -> None:
@@ -451,6 +524,7 @@ class Evaluation:
             self.broken(name, s.sdir, f"{s.sdir}: non-finite metrics ({', '.join(bad)}) on {self.cfg.data}")
             return None
         tv, ti = self.top_images(name, s.top, arrays)
+        r.heatmaps = self.heatmaps(s, inp, tv, ti, arrays)
         self.hierarchy(s, inp, tv, ti, r, arrays)
         self.grids(name, inp, tv, ti, arrays)
         atomic_save_npz(self.out / "latents" / f"{name}.npz", **arrays.npz())
@@ -478,6 +552,19 @@ class Evaluation:
             plot_lca_levels(out / "plots" / "lca_per_level.png", entries)
         atomic_write_bytes(out / "metrics.json", json.dumps(record, indent=2, default=float).encode())
         return metrics
+
+
+def first_image(src: ActivationSource, data) -> None:
+    """--heatmaps reads the store's images: refuse a source without them before anything is computed."""
+    paths = src.meta.paths() if src.meta is not None else []
+    if not paths:
+        raise ValueError(f"--heatmaps needs the images behind the activations; {data} records none (a store "
+                         "extracted by sae-vlm from an image folder or path list has them)")
+    if is_store_member(paths[0]):
+        raise ValueError(f"--heatmaps needs the store's images as files; {data} reads them from {paths[0]} "
+                         "(a tar shard or dataset)")
+    if not Path(paths[0]).is_file():
+        raise ValueError(f"--heatmaps needs the store's images; {paths[0]} (the first of {data}) does not exist")
 
 
 def evaluate_run(cfg: EvaluateConfig) -> EvalMetrics:

@@ -260,20 +260,34 @@ class ImageTopMaps:
         dense = torch.full((v_KT.shape[0], n + 1), float("nan"), device=v_KT.device)
         dense.scatter_(1, torch.where(patch_KT >= 0, patch_KT, n), v_KT)  # CLS and registers into a spare column
         dense = dense[:, :n]
-        wanted = (dense > 0) if self.grid.complete else ~dense.isnan()
-        top_v, top_p = torch.where(wanted, dense, float("-inf")).topk(self.keep, dim=1)
-        kept = top_v > float("-inf")
-        return torch.where(kept, top_v.clamp(-FP16_MAX, FP16_MAX), 0).half(), torch.where(kept, top_p, -1)
+        return largest_patches(dense, (dense > 0) if self.grid.complete else ~dense.isnan(), self.keep)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values [F, top], store rows [F, top] int64), best first; slots never filled: -inf and -1."""
         return self.vals_FT, self.rows_FT
 
     def npz(self) -> dict[str, np.ndarray]:
-        """The maps as CSR arrays: map m = latent * top + rank holds `patch[indptr[m]:indptr[m + 1]]` (row-major
-        patch index) with codes `code[...]`; `grid` is (rows, cols); `complete` says absent patches are 0."""
-        kept = self.patch_FTP >= 0  # kept entries come first in each map
-        counts = kept.sum(-1).reshape(-1).cpu().numpy()
-        return {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                "patch": self.patch_FTP[kept].cpu().numpy(), "code": self.code_FTP[kept].cpu().numpy(),
-                "grid": np.array([self.grid.rows, self.grid.cols], np.int64), "complete": np.array(self.grid.complete)}
+        return maps_npz(self.code_FTP.flatten(0, 1), self.patch_FTP.flatten(0, 1), (self.grid.rows, self.grid.cols),
+                        self.grid.complete, "tokens")
+
+
+def largest_patches(dense_KN: torch.Tensor, wanted_KN: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps [K, rows*cols] as their `keep` largest wanted (code, patch) pairs, largest first: codes [K, keep]
+    float16, patch indices [K, keep] (-1 past a map's last wanted patch)."""
+    top_v, top_p = torch.where(wanted_KN, dense_KN, float("-inf")).topk(keep, dim=1)
+    kept = top_v > float("-inf")
+    return torch.where(kept, top_v.clamp(-FP16_MAX, FP16_MAX), 0).half(), torch.where(kept, top_p, -1)
+
+
+def maps_npz(code_MP: torch.Tensor, patch_MP: torch.Tensor, grid: tuple[int, int], complete: bool, kind: str,
+             mapped_F: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """maps/<name>.npz as CSR arrays: map m = latent * top + rank holds `patch[indptr[m]:indptr[m + 1]]` (row-major
+    patch index) with values `code[...]`, from [M, keep] arrays whose kept entries come first (patch -1 after);
+    `grid` is (rows, cols); `complete` says absent patches are 0; `kind` what the values are: "tokens" (the latent's
+    code on the patch) or "attribution" (|gradient x input|); `mapped` [F], where given, which latents have maps."""
+    kept = patch_MP >= 0
+    counts = kept.sum(-1).cpu().numpy()
+    out = {"indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+           "patch": patch_MP[kept].cpu().numpy(), "code": code_MP[kept].cpu().numpy(),
+           "grid": np.array(grid, np.int64), "complete": np.array(complete), "kind": np.array(kind)}
+    return out if mapped_F is None else out | {"mapped": np.asarray(mapped_F, bool)}

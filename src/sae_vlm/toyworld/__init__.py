@@ -16,6 +16,7 @@ from sae_vlm.toyworld.world import (
     PROMPT_TEMPLATE,
     QUESTIONS,
     Sample,
+    folder_boxes,
     folder_concepts,
     generate,
     parse_taxonomy,
@@ -45,5 +46,5 @@ def llava_path() -> Path:
     return _weights("llava")
 
 
-__all__ = ["CONCEPTS", "PROMPT_TEMPLATE", "QUESTIONS", "Sample", "clip_path", "folder_concepts", "generate",
-           "llava_path", "parse_taxonomy", "read_manifest", "sample", "write_folder"]
+__all__ = ["CONCEPTS", "PROMPT_TEMPLATE", "QUESTIONS", "Sample", "clip_path", "folder_boxes", "folder_concepts",
+           "generate", "llava_path", "parse_taxonomy", "read_manifest", "sample", "write_folder"]

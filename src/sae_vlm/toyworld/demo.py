@@ -31,7 +31,7 @@ from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.trainer import train
 from sae_vlm.toyworld import world as W
-from sae_vlm.toyworld.findings import by_base, findings, hierarchy_summary, median
+from sae_vlm.toyworld.findings import by_base, findings, hierarchy_summary, median, shares_by_base
 from sae_vlm.toyworld.steering import steer_colours
 
 
@@ -76,6 +76,7 @@ class DemoMetrics:
     zero_shot: dict = field(default_factory=dict)
     planted: dict = field(default_factory=dict)
     steering: dict = field(default_factory=dict)
+    localisation: dict = field(default_factory=dict)  # localisation.py: chance, and per SAE share, pairs, detectors
     findings: dict = field(default_factory=dict)
     seconds: float = 0.0
     step_seconds: dict[str, float] = field(default_factory=dict)
@@ -171,16 +172,17 @@ def _demo(cfg: DemoConfig) -> DemoMetrics:
                     seeds=cfg.seeds)
     metrics = DemoMetrics(size, list(cfg.seeds))
     with step("evaluate", "evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline, "
-                          "stability across seeds"):
-        metrics.layers = evaluate_layers(out, images, stores, runs, layers)
+                          "stability across seeds, heatmaps and whether they find the creature"):
+        metrics.layers = evaluate_layers(out, images, stores, runs, layers, clip_dir)
         metrics.zero_shot = zero_shot_recovered(runs, layers, clip_dir)
+        metrics.localisation, examples = localise(out, images, stores, runs, layers, cfg.seeds)
     with step("planted", "a planted feature tree: does each SAE find its features, and Matryoshka its hierarchy?"):
         metrics.planted = run_planted(PlantedConfig(out=str(out / "planted"), seeds=cfg.seeds, quiet=True))
     with step("steer", "steering the toy LLaVA towards each colour: one latent clamped on images of other colours"):
         metrics.steering = steer_colours(runs["tokens"], llava_dir)
     metrics.findings = findings(metrics.to_json(), token_key=f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}")
     with step("report", "writing report/index.html and metrics.json"):
-        write_report(out, runs["last"], out / "eval" / "last", stores["eval"], metrics)
+        write_report(out, runs["last"], out / "eval" / "last", stores["eval"], metrics, examples)
     metrics.seconds, metrics.step_seconds = round(time.time() - step.t0, 1), step.seconds
     metrics.machine = {"cpu": cpu_summary(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     atomic_write_text(out / "metrics.json", json.dumps(metrics.to_json(), indent=2, default=float))  # marks done
@@ -214,11 +216,16 @@ def extract_stores(out: Path, images: dict, layers, clip_dir: Path, llava_dir: P
     stores["tokens"] = out / "stores" / "llava_tokens"
     run_extract(ExtractConfig(model=str(llava_dir), data=str(images["train"]), out=str(stores["tokens"]),
                               tokens=("random-2",), dtype="fp32", batch_size=128, workers=2, quiet=quiet))
+    stores["tokens_eval"] = out / "stores" / "llava_tokens_eval"  # every token: the token SAE's maps
+    run_extract(ExtractConfig(model=str(llava_dir), data=str(images["eval"]), out=str(stores["tokens_eval"]),
+                              tokens=("all",), dtype="fp32", batch_size=128, workers=2, quiet=quiet))
     return stores
 
 
-def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers) -> dict[str, LayerSummary]:
-    """Each hook point's SAEs evaluated under the tiny CLIP's and the ground-truth embeddings, and summarised."""
+def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers, clip_dir: Path
+                    ) -> dict[str, LayerSummary]:
+    """Each hook point's SAEs evaluated under the tiny CLIP's and the ground-truth embeddings (the first with every
+    latent's heatmaps), and summarised; the token SAEs on every token of the evaluation images, for their maps."""
     ev = open_store(stores["eval"], layer="last")
     ids = ev.image_ids()
     truth = toyworld.folder_concepts(images["eval"], ids)
@@ -229,11 +236,39 @@ def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers) -
     for layer in layers:
         per = {name: evaluate_run(EvaluateConfig(run_dir=str(runs[layer]), data=str(stores["eval"]),
                                                  out=str(out / "eval" / layer / name), embeddings=str(path),
+                                                 heatmaps=name == "clip", heatmap_latents=0, model=str(clip_dir),
                                                  device="cpu", quiet=True))
                for name, path in emb.items()}
         neurons_ND = open_store(stores["eval"], layer=layer).all()
         summary[layer] = summarize_layer(per, out / "eval" / layer, concepts_NC, neurons_ND)
+    evaluate_run(EvaluateConfig(run_dir=str(runs["tokens"]), data=str(stores["tokens_eval"]),
+                                out=str(out / "eval" / "llava_tokens"), device="cpu", quiet=True))
     return summary
+
+
+EXAMPLE_SAES = (f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}_s", f"last/batchtopk_x{WIDTH:g}_k{K}_s")
+
+
+def localise(out: Path, images: dict, stores: dict, runs: dict, layers, seeds) -> tuple[dict, str]:
+    """(per SAE, the share of its colour detectors' top images whose map peaks in the creature's box
+    (localisation.py), and chance: the box's mean share of the image; example overlays of the first seed's token
+    SAE and `last` BatchTopK SAE, as HTML)."""
+    from sae_vlm.toyworld import localisation as L
+
+    found = {"chance": L.Truth.of(images["eval"], open_store(stores["eval"], layer="last").image_ids()).chance(),
+             "saes": {}}
+    examples = {f"{name}{seeds[0]}": "" for name in EXAMPLE_SAES}
+    where = [(layer, out / "eval" / layer / "clip", stores["eval"], layer) for layer in layers]
+    where.append(("llava_tokens", out / "eval" / "llava_tokens", stores["tokens_eval"], None))
+    for key, eval_dir, store, layer in where:
+        run = runs["tokens" if key == "llava_tokens" else key]
+        for sdir in sorted(p.parent for p in (run / "saes").glob("*/config.json")):
+            scored = L.score(eval_dir, sdir.name, SAE.from_pretrained(sdir), store, layer, images["eval"])
+            if scored is not None:
+                found["saes"][f"{key}/{sdir.name}"] = scored.to_json()
+                if f"{key}/{sdir.name}" in examples:
+                    examples[f"{key}/{sdir.name}"] = L.examples_html(f"{key}/{sdir.name}", scored)
+    return found, "".join(examples.values())
 
 
 def train_sweep(store: Path, layer: str | None, run: Path, size: DemoSize, quiet: bool,
@@ -309,14 +344,15 @@ def add_truth_ms(eval_dir: Path) -> None:
         atomic_save_npz(f, **arrays)
 
 
-def write_report(out: Path, run: Path, eval_dir: Path, store: Path, metrics: DemoMetrics) -> Path:
+def write_report(out: Path, run: Path, eval_dir: Path, store: Path, metrics: DemoMetrics, examples: str = ""
+                 ) -> Path:
     """report/index.html: the findings first, then the `last` hook point's SAEs as `sae-vlm report` shows them."""
     from sae_vlm.browse.data import RunView
     from sae_vlm.browse.report import write_report as write_static
     from sae_vlm.toyworld.front import front_page
 
     add_truth_ms(eval_dir)
-    front = front_page(metrics.to_json(), out / "report", out / "eval")
+    front = front_page(metrics.to_json(), out / "report", out / "eval", examples)
     return write_static(RunView(run, eval_dir / "clip", store), out / "report", front=front)
 
 
@@ -361,6 +397,11 @@ def summary_lines(m: DemoMetrics, cfg: DemoConfig) -> list[str]:
         lines.append(f"  planted tree, {arch}: features recovered at cos >= 0.9 by depth "
                      + " / ".join(f"{v:.0%}" for v in p["recovery_by_depth"])
                      + f"; Spearman(depth, group) {rho}; absorption {p['absorption']:.0%}")
+    if f.get("localisation"):
+        loc = shares_by_base({k: v for k, v in f["localisation"].items() if k != "chance"})
+        lines.append("  heatmaps: colour detectors' top images whose map peaks in the creature's box: "
+                     + ", ".join(f"{k} {spread(v.values(), '.2f')}" for k, v in loc.items())
+                     + f" (chance {f['localisation']['chance']:.2f})")
     if f["stability"]:
         lines.append("  stable latents (matched cos >= 0.9 in every other seed): "
                      + ", ".join(f"{k} {v:.0%}" for k, v in f["stability"].items()))

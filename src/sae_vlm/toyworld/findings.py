@@ -27,6 +27,16 @@ def by_base(saes: dict) -> dict[str, dict[int | None, dict]]:
     return out
 
 
+def shares_by_base(shares: dict) -> dict[str, dict]:
+    """{"<hook>/<base>": {seed: value}} from {"<hook>/<name with seed>": value}."""
+    out: dict[str, dict] = {}
+    for key, value in shares.items():
+        hook, name = key.split("/", 1)
+        base, seed = split_seed(name)
+        out.setdefault(f"{hook}/{base}", {})[seed] = value
+    return out
+
+
 def median(values) -> float | None:
     v = [x for x in values if x is not None and np.isfinite(x)]
     return float(np.median(v)) if v else None
@@ -102,4 +112,7 @@ def findings(m: dict, token_key: str) -> dict:
            "stability": stability(m, token_key)}
     if "planted" in m:
         out["planted"] = m["planted"]["summary"]
+    if m.get("localisation"):
+        loc = m["localisation"]
+        out["localisation"] = {k: v["share"] for k, v in loc["saes"].items()} | {"chance": loc["chance"]}
     return out

@@ -11,6 +11,7 @@ from markupsafe import escape
 from sae_vlm.browse.render import markdown_tables
 from sae_vlm.eval.report import _figure
 from sae_vlm.io import atomic_write_bytes
+from sae_vlm.toyworld.findings import median, shares_by_base
 
 
 def _ms_plot(path: Path, f: dict) -> None:
@@ -144,7 +145,28 @@ seeds. <code>sae-vlm compare</code> shows the whole distribution for any two SAE
 </div>"""
 
 
-def front_page(metrics: dict, report_dir: Path, eval_root: Path) -> str:
+def _localisation_section(f: dict, examples: str) -> str:
+    loc = dict(f.get("localisation", {}))
+    if not loc:
+        return ""
+    chance = loc.pop("chance")
+    rows = "".join(f"<tr><td>{escape(base)}</td><td>{_share(median(shares.values()))}</td><td>"
+                   + " / ".join(_share(s) for s in shares.values()) + "</td></tr>"
+                   for base, shares in shares_by_base(loc).items())
+    return f"""<div class="finding"><h2>5. Where in the image does a latent fire?</h2>
+<p>For the latents that best detect each colour (AUROC ≥ 0.9), the share of their top images whose map peaks
+inside the creature's box; chance, the box's mean share of the image, is {chance:.0%}. Token SAEs: the latent's code
+on each patch; SAEs on the CLS token and on <code>last</code>: |gradient × input| through the tiny CLIP
+(<code>evaluate --heatmaps</code>). Median and per seed ({_seeds(f)}).</p>
+<table class="lat md"><thead><tr><th>SAE</th><th>peak in the box, median</th><th>per seed</th></tr></thead>
+<tbody>{rows}</tbody></table>{examples}</div>"""
+
+
+def _share(v) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def front_page(metrics: dict, report_dir: Path, eval_root: Path, examples: str = "") -> str:
     """Write the findings' plots into report_dir/plots and return the HTML of the front page."""
     f, plots = metrics["findings"], report_dir / "plots"
     _ms_plot(plots / "finding_ms.png", f)
@@ -157,4 +179,5 @@ def front_page(metrics: dict, report_dir: Path, eval_root: Path) -> str:
     tables = "".join(f"<h3>{escape(layer)}</h3>{markdown_tables(p.read_text())}"
                      for layer, p in md.items() if p.is_file())
     return (f"<h1>The paper's findings on the toy world</h1>\n{_ms_section(f)}\n{_hierarchy_section(f)}\n"
-            f"{_steering_section(f)}\n{_stability_section(f)}\n<h2>Every hook point</h2>{tables}\n")
+            f"{_steering_section(f)}\n{_stability_section(f)}\n{_localisation_section(f, examples)}\n"
+            f"<h2>Every hook point</h2>{tables}\n")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -120,6 +121,14 @@ class ToyObject:
                 "pattern": self.pattern, "size": self.size, "position": self.position}
 
 
+class Box(NamedTuple):
+    """The square a creature is drawn in, in pixels: rows top..top+side-1, columns left..left+side-1."""
+
+    top: int
+    left: int
+    side: int
+
+
 @dataclass(frozen=True)
 class Sample:
     """One generated image with its ground truth; `objects[0]` (the only object) is the creature."""
@@ -128,6 +137,7 @@ class Sample:
     image: Image.Image = field(repr=False, compare=False)
     objects: tuple[ToyObject, ...]
     background: str
+    boxes: tuple[Box, ...] = field(default=(), compare=False)  # where each creature was drawn
 
     @property
     def main(self) -> ToyObject:
@@ -232,9 +242,11 @@ def _pattern_mask(pattern: str, s: int) -> np.ndarray:
     raise ValueError(f"pattern {pattern!r} is not known; expected one of {PATTERNS}")
 
 
-def render(objects, background: str, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw the creatures on the background; `rng` adds small colour and position jitter and pixel noise."""
+def render(objects, background: str, rng: np.random.Generator | None = None) -> tuple[Image.Image, tuple[Box, ...]]:
+    """Draw the creatures on the background, and say where; `rng` adds small colour and position jitter and pixel
+    noise."""
     rng = rng if rng is not None else np.random.default_rng(0)
+    boxes = []
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     img[:] = BACKGROUND_RGB[background]
     for o in objects:
@@ -247,8 +259,9 @@ def render(objects, background: str, rng: np.random.Generator | None = None) -> 
         mask = _shape_mask(o.shape, s)
         box = img[oy : oy + s, ox : ox + s]
         box[mask] = fill[mask]
+        boxes.append(Box(oy, ox, s))
     img += rng.normal(0, 4, img.shape).astype(np.float32)
-    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB"), tuple(boxes)
 
 
 def _draw_scene(rng: np.random.Generator) -> tuple[tuple[ToyObject, ...], str]:
@@ -262,7 +275,8 @@ def sample(index: int, seed: int = 0) -> Sample:
     """Sample `index` of the world with `seed` (independent of any other sample)."""
     rng = np.random.default_rng([seed, index])
     objects, background = _draw_scene(rng)
-    return Sample(index, render(objects, background, rng), objects, background)
+    image, boxes = render(objects, background, rng)
+    return Sample(index, image, objects, background, boxes)
 
 
 def generate(n: int, seed: int = 0, start: int = 0) -> list[Sample]:
@@ -282,7 +296,8 @@ def species_sample(species: tuple[str, ...], size: str = "large", position: str 
     """One picture of a given species (for probes and quality checks)."""
     _, shape, colour, shade, pattern = species
     objects = (ToyObject(shape, colour, shade, pattern, size, position),)
-    return Sample(-1, render(objects, background, np.random.default_rng(seed)), objects, background)
+    image, boxes = render(objects, background, np.random.default_rng(seed))
+    return Sample(-1, image, objects, background, boxes)
 
 
 # ---- on disk --------------------------------------------------------------------------------------------------
@@ -300,7 +315,7 @@ def write_folder(samples, out_dir: str | Path) -> Path:
         (out / rel.parent).mkdir(exist_ok=True)
         atomic_save_image(out / rel, s.image)
         rec = {"path": rel.as_posix(), "caption": s.caption, "taxonomy": s.taxonomy, "labels": s.labels,
-               "concepts": np.flatnonzero(s.concepts).tolist()}
+               "concepts": np.flatnonzero(s.concepts).tolist(), "box": list(s.boxes[0])}
         lines.append(json.dumps(rec))
     atomic_write_text(out / "concepts.json", json.dumps(list(CONCEPTS)))
     atomic_write_text(out / MANIFEST, "\n".join(lines) + "\n")
@@ -316,15 +331,32 @@ def read_manifest(out_dir: str | Path) -> dict[str, dict]:
     return {r["path"]: r for r in recs}
 
 
-def folder_concepts(out_dir: str | Path, ids) -> np.ndarray:
-    """Multi-hot concept vectors [N, len(CONCEPTS)] for images `ids` (paths relative to out_dir, e.g. the
-    `id` of each row in an activation store extracted from that folder): the ground-truth embedder for MS."""
+def folder_records(out_dir: str | Path, ids) -> list[dict]:
+    """The manifest records of images `ids` (paths relative to out_dir), in that order."""
     recs = read_manifest(out_dir)
-    out = np.zeros((len(ids), len(CONCEPTS)), np.float32)
-    for i, rid in enumerate(ids):
+    out = []
+    for rid in ids:
         rec = recs.get(Path(rid).as_posix())
         if rec is None:
             raise ValueError(f"image {rid!r} is not in {Path(out_dir) / MANIFEST}")
+        out.append(rec)
+    return out
+
+
+def folder_boxes(out_dir: str | Path, ids) -> np.ndarray:
+    """[N, 3] (top, left, side) of the creature of images `ids`, as `write_folder` recorded it."""
+    recs = folder_records(out_dir, ids)
+    if any("box" not in r for r in recs):
+        raise ValueError(f"{Path(out_dir) / MANIFEST} records no creature boxes (written by an older sae-vlm); "
+                         "delete the folder to generate it again")
+    return np.array([r["box"] for r in recs], np.int64).reshape(-1, 3)
+
+
+def folder_concepts(out_dir: str | Path, ids) -> np.ndarray:
+    """Multi-hot concept vectors [N, len(CONCEPTS)] for images `ids` (paths relative to out_dir, e.g. the
+    `id` of each row in an activation store extracted from that folder): the ground-truth embedder for MS."""
+    out = np.zeros((len(ids), len(CONCEPTS)), np.float32)
+    for i, rec in enumerate(folder_records(out_dir, ids)):
         out[i, rec["concepts"]] = 1.0
     return out
 
