@@ -177,3 +177,20 @@ def test_streamed_training_on_a_checksummed_store_resumes_bit_exact(tmp_path):
     assert r.exit_code == 0, r.output
     a, b = ((tmp_path / d / "saes/batchtopk_x1_k4/model.safetensors").read_bytes() for d in ("ref", "run"))
     assert a == b
+
+
+def test_default_chunks_are_whole_blocks_and_still_mix():
+    """With 64 KB blocks of 32 rows (1024 fp16), a chunk is whole blocks, and the ImageNet-like class-sorted order
+    still mixes within 5% of a full permutation."""
+    from test_loader import label_entropy, window_positions
+
+    rows, batch = 1_281_024, 4096
+    labels = np.arange(rows) * 1000 // rows
+    layout = Layout.for_budget(rows, 2048, 1 << 30, block_rows=32)
+    assert layout.chunk_rows % 32 == 0 and layout.chunk_rows * layout.window_chunks * 2048 <= 1 << 29
+    sched, perm = Schedule(rows, layout, 0, batch), np.random.default_rng(0).permutation(rows)
+    steps = range(0, sched.per_epoch, 31)
+    full = np.mean([label_entropy(labels[perm[s * batch : (s + 1) * batch]]) for s in steps])
+    ours = np.mean([label_entropy(labels[np.concatenate([window_positions(sched, *p) for p in sched.pieces(s)])])
+                    for s in steps])
+    assert ours >= 0.95 * full, (ours, full, layout)

@@ -307,12 +307,15 @@ class Layout:
     window_chunks: int
 
     @staticmethod
-    def for_budget(rows: int, row_bytes: int, budget_bytes: int) -> Layout:
+    def for_budget(rows: int, row_bytes: int, budget_bytes: int, block_rows: int = 1) -> Layout:
         """Two windows (the one training and the one being read) fit in `budget_bytes` and in half of the host's
-        available memory (windows live on the host whatever the device)."""
+        available memory (windows live on the host whatever the device). Chunks are whole checksum blocks where
+        they can be, so that a read checks its own bytes and no more."""
         host = free_memory_bytes(torch.device("cpu")) // 2
         window_rows = max(1, min(budget_bytes // 2, host // 2, WINDOW_CAP_BYTES) // row_bytes)
         chunk_rows = max(1, min(CHUNK_BYTES // row_bytes, window_rows // WINDOW_CHUNKS, rows // WINDOW_CHUNKS))
+        if 0 < block_rows <= chunk_rows:
+            chunk_rows -= chunk_rows % block_rows
         return Layout(chunk_rows, max(1, window_rows // chunk_rows))
 
 
