@@ -13,8 +13,12 @@ each timed read, so the disk, not RAM, answers.
           --train-max-memory (1 GB) against the same run with the data in memory.
   mixing: per-batch label entropy on an ImageNet-like class-sorted order (1000 classes, 1.28M rows, batch 4096)
           for several chunk and window sizes, against a full permutation; indices only, no data read.
+  profile: the loader's hot loop taken apart on one window of the default layout, each part timed alone in this
+          process: read (cold, O_DIRECT and through the page cache), copy out of the page cache (a warm buffered
+          read), crc32 of the blocks, the batch gather, fp16 -> fp32, and memcpy of the same bytes (the CPU's bound).
 
   python benchmarks/loader_throughput.py --rows 1000000 --d 1024 --out /tmp/loader-bench
+  python benchmarks/loader_throughput.py --rows 400000 --d 768 --rows-per-image 577 --widths 2,8  # patch tokens
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ import torch
 
 from sae_vlm.config import TrainConfig
 from sae_vlm.data import store as S
-from sae_vlm.data.loader import Layout, Schedule, StreamingBatches
+from sae_vlm.data.loader import Layout, Schedule, StreamingBatches, aligned_empty
 from sae_vlm.sae import trainer
 
 
@@ -75,7 +80,7 @@ def loader_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, budget:
                       ) -> tuple[float, float, Layout]:
     """(rows/s over the epoch, rows/s after the first window is in: what a store of many windows sees, layout)."""
     src = S.open_store(src.path)  # fresh reader: no open file, nothing cached
-    layout = Layout.for_budget(src.rows, src.files.row_bytes, budget)
+    layout = Layout.for_budget(src.rows, src.files.row_bytes, budget, src.files.block_rows)
     stream = StreamingBatches(src.files, Schedule(src.rows, layout, 0, batch), torch.device("cpu"))
     evict(paths)
     t0, rows = time.perf_counter(), 0
@@ -114,6 +119,51 @@ def train_acts_per_s(src: S.StoreReader, paths: list[Path], out: Path, max_memor
     return (steps - 4) * batch / (times[steps] - times[4])
 
 
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def read_window(src: S.StoreReader, spans, direct: bool) -> np.ndarray:
+    files = S.open_store(src.path).files
+    files.direct = direct
+    starts, n = files.slots(spans)
+    buf = aligned_empty(n, files.d_in, files.storage)
+    for (a, b), q in zip(spans, starts):
+        files.read_into(a, b, buf[q : q + b - a])
+    files.close()
+    return buf
+
+
+def profile(src: S.StoreReader, paths: list[Path], batch: int, budget: int) -> dict[str, float]:
+    """Seconds per GB of rows for each part of the hot loop, on the first window of the default layout."""
+    layout = Layout.for_budget(src.rows, src.files.row_bytes, budget, src.files.block_rows)
+    sched = Schedule(src.rows, layout, 0, batch)
+    spans = sched.window_rows(sched.windows(0)[0])
+    gb = sum(b - a for a, b in spans) * src.files.row_bytes / 1e9
+    out = {}
+    for name, direct in (("read cold, O_DIRECT", True), ("read cold, page cache", False)):
+        evict(paths)
+        out[name] = timed(lambda: read_window(src, spans, direct)) / gb
+    out["copy out of the page cache"] = timed(lambda: read_window(src, spans, False)) / gb  # warm now
+    buf = read_window(src, spans, True)
+    raw = memoryview(buf.reshape(-1).view(np.uint8).data)
+    blocks = range(0, len(raw), 1 << 16)
+    out["crc32 of the blocks"] = timed(lambda: [zlib.crc32(raw[i : i + (1 << 16)]) for i in blocks]) / gb
+    x = src.files.as_torch(buf)
+    perm = torch.randperm(len(x))
+    idx = [perm[i : i + batch].sort().values for i in range(0, len(x) - batch + 1, batch)]
+    rows = len(idx) * batch * src.files.row_bytes / 1e9
+    parts = []
+    out["gather (one indexed copy a batch)"] = timed(lambda: parts.extend(x.index_select(0, i) for i in idx)) / rows
+    out["fp16 -> fp32"] = timed(lambda: [p.float() for p in parts]) / rows
+    copy = np.empty_like(buf)
+    np.copyto(copy, buf)  # pages touched once: what is timed is the copy
+    out["memcpy (the CPU's bound)"] = timed(lambda: np.copyto(copy, buf)) / gb
+    return out
+
+
 def entropy(labels_N: np.ndarray) -> float:
     p = np.bincount(labels_N) / len(labels_N)
     p = p[p > 0]
@@ -149,14 +199,18 @@ def main() -> None:
     ap.add_argument("--random-seconds", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=24, help="training steps per timed run (0: skip training)")
     ap.add_argument("--train-max-memory", type=float, default=1.0, help="--max-memory of the streamed training run")
-    ap.add_argument("--width", type=float, default=2)
+    ap.add_argument("--widths", default="2,8", help="comma list of SAE widths trained side by side")
+    ap.add_argument("--rows-per-image", type=int, default=1, help="e.g. 197 or 577 for patch-token stores: mixing "
+                    "is then also measured over images (contiguous rows of one image)")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--out", default="/tmp/loader-bench")
     args = ap.parse_args()
 
     root = Path(args.out)
     src = write_store(root / "store", args.rows, args.d, args.shard_rows)
-    src.verify()  # checksums once, so the timed reads are the reads alone
+    t0 = time.perf_counter()
+    S.open_store(src.path)  # what a run waits for before its first step: the header checks, no whole-store hash
+    print(f"open (checks before the first step): {time.perf_counter() - t0:.2f} s")
     paths = [f.path for f in src.files.files]
     gb = sum(p.stat().st_size for p in paths) / 1e9
     print(f"store: {src.rows:,} rows x {args.d} fp16 = {gb:.2f} GB in {len(paths)} shards")
@@ -165,21 +219,32 @@ def main() -> None:
     print(f"cold sequential read: {seq:,.0f} rows/s ({seq * src.files.row_bytes / 1e6:,.0f} MB/s)")
     print(f"cold loader epoch:    {rate:,.0f} rows/s = {rate / seq:.1%} of sequential, after the first window "
           f"{steady:,.0f} rows/s = {steady / seq:.1%}  ({layout})")
-    rnd = random_rows_per_s(src, paths, args.batch_size, args.random_seconds)
-    print(f"cold random get:      {rnd:,.0f} rows/s = {rnd / seq:.2%} of sequential")
-    if args.steps:
-        kw = dict(steps=args.steps, width=args.width, k=args.k, batch=args.batch_size)
+    prof = profile(src, paths, args.batch_size, int(args.budget_gb * 1e9))
+    loop = sum(v for k, v in prof.items() if k not in ("read cold, page cache", "memcpy (the CPU's bound)"))
+    for name, sec in prof.items():
+        print(f"  profile {name:36s} {sec:7.3f} s/GB = {1 / sec:6.2f} GB/s  ({sec / loop:.0%} of the loop)")
+    if args.random_seconds:
+        rnd = random_rows_per_s(src, paths, args.batch_size, args.random_seconds)
+        print(f"cold random get:      {rnd:,.0f} rows/s = {rnd / seq:.2%} of sequential")
+    for width in (float(w) for w in args.widths.split(",") if args.steps):
+        kw = dict(steps=args.steps, width=width, k=args.k, batch=args.batch_size)
         mem = train_acts_per_s(src, paths, root / "run", None, **kw)
         streamed = train_acts_per_s(src, paths, root / "run", args.train_max_memory, **kw)
         bound = min(mem, seq)
-        print(f"train x{args.width:g} k={args.k} batch {args.batch_size}: in memory {mem:,.0f} acts/s, streamed "
+        print(f"train x{width:g} k={args.k} batch {args.batch_size}: in memory {mem:,.0f} acts/s, streamed "
               f"(--max-memory {args.train_max_memory:g}) {streamed:,.0f} acts/s = {streamed / bound:.1%} of "
-              "min(disk, in memory)")
+              f"min(disk, in memory); the loader {'is' if seq < mem else 'is not'} the bound")
     row_bytes = args.d * 2
     layouts = [Layout.for_budget(1_281_024, row_bytes, int(b * 1e9)) for b in (0.25, 1.0, 8.0)]
     layouts += [Layout(c, max(1, (1 << 30) // (c * row_bytes))) for c in (128, 1024)]
     for lay, ratio in mixing(layouts):
         print(f"mixing {lay}: per-batch label entropy {ratio:.1%} of a full permutation")
+    if args.rows_per_image > 1:  # images as labels: how many images a batch draws from, against a full permutation
+        lay = Layout.for_budget(src.rows, row_bytes, int(args.budget_gb * 1e9))
+        for lay, ratio in mixing([lay], rows=src.rows // args.rows_per_image * args.rows_per_image,
+                                 classes=src.rows // args.rows_per_image, batch=args.batch_size, every=7):
+            print(f"mixing over images of {args.rows_per_image} rows {lay}: per-batch image entropy {ratio:.1%} of a "
+                  "full permutation")
 
 
 if __name__ == "__main__":

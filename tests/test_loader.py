@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -19,8 +20,9 @@ from typer.testing import CliRunner
 from sae_vlm.cli import app
 from sae_vlm.config import TrainConfig
 from sae_vlm.data import store as S
-from sae_vlm.data.loader import FileRows, Layout, RowFile, Schedule, StreamingBatches
+from sae_vlm.data.loader import ALIGN, FileRows, Layout, RowFile, Schedule, StreamingBatches
 from sae_vlm.data.store import as_source
+from sae_vlm.io import npy_bytes
 from sae_vlm.sae import trainer
 
 D = 16
@@ -164,21 +166,36 @@ def test_truncated_shard_is_named_with_its_rows(tmp_path):
     with pytest.raises(ValueError, match="shard_000001.npy is truncated"):
         S.open_store(src.path)
     # truncated after the store was opened: the read names the file and the missing rows
-    files = FileRows([RowFile(shard, 128, 100, 0)], D, np.dtype(np.float32))
+    files = FileRows([RowFile(shard, ALIGN, 100, 0)], D, np.dtype(np.float32))  # header padded to ALIGN
     with pytest.raises(ValueError, match=r"shard_000001.npy ends early: rows 90..100"):
         files.read(0, 100)
 
 
+def as_old_store(src) -> S.StoreReader:
+    """The store as written before block checksums: shards with numpy's own header, sha256 only."""
+    mp = src.path / "manifest.json"
+    m = json.loads(mp.read_text())
+    m.pop("checksums")
+    for sh in m["shards"]:
+        data = npy_bytes(np.load(src.path / sh["file"]))
+        (src.path / sh["file"]).write_bytes(data)
+        sh["sha256"] = hashlib.sha256(data).hexdigest()
+        del sh["crc32"], sh["header_crc32"]
+    mp.write_text(json.dumps(m))
+    return S.open_store(src.path)
+
+
 def test_corrupt_shard_is_found_once_and_named(tmp_path, monkeypatch):
+    """A store from before block checksums: whole-file sha256, remembered across runs."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    src = ids_store(tmp_path, rows=300, shard_rows=100)
+    src = as_old_store(ids_store(tmp_path, rows=300, shard_rows=100))
     shard = src.path / "shard_000002.npy"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"shard .*shard_000002.npy \(rows 200..300\) is corrupt"):
         as_source(src.path).read_rows(0, 300)
-    src2 = ids_store(tmp_path / "ok", rows=300, shard_rows=100)
+    src2 = as_old_store(ids_store(tmp_path / "ok", rows=300, shard_rows=100))
     calls, sha256 = [], S.hashlib.sha256
     monkeypatch.setattr(S.hashlib, "sha256", lambda *a: calls.append(1) or sha256(*a))
     src2.read_rows(0, 300)

@@ -240,6 +240,13 @@ def extract(cfg: C.ExtractConfig) -> None:
         typer.echo(f"  ... {len(store.skipped) - 20} more in {cfg.out}/manifest.json")
 
 
+def verify(cfg: C.VerifyConfig) -> None:
+    from sae_vlm.data.store import verify_store
+
+    for name, shards, rows, nbytes in verify_store(cfg):
+        typer.echo(f"{name}: {shards} shards, {rows} rows, {nbytes / 1e9:.3g} GB: every byte matches the manifest")
+
+
 def train(cfg: C.TrainConfig) -> None:
     from sae_vlm.sae import trainer
 
@@ -405,7 +412,7 @@ def toy_quality(cfg: C.ToyQualityConfig) -> None:
         typer.echo(f"wrote {q.report}")
 
 
-COMMANDS = [("extract", C.ExtractConfig, extract), ("train", C.TrainConfig, train),
+COMMANDS = [("extract", C.ExtractConfig, extract), ("verify", C.VerifyConfig, verify), ("train", C.TrainConfig, train),
             ("evaluate", C.EvaluateConfig, evaluate), ("convert", C.ConvertConfig, convert),
             ("compare", C.CompareConfig, compare),
             ("push", C.PushConfig, push),

@@ -170,6 +170,16 @@ class ExtractConfig:
         parse_tokens(list(self.tokens))  # a bad selection is refused before any model loads
 
 
+@dataclass(frozen=True, kw_only=True)
+@checked
+class VerifyConfig:
+    """`sae-vlm verify`: read a whole store and check every shard against its manifest (block crc32s, or the
+    sha256 of a store written before them); the first mismatch is an error naming the shard and its rows."""
+
+    store: str = option(help="Store directory (its root, or one hook point's subdir).", positional=True)
+    layer: str | None = option(None, "Check only this subdir, e.g. layer.22 or layer.22__cls.")
+
+
 # --- train -----------------------------------------------------------------------------------------------------
 
 PAPER_GROUPS = (1 / 16, 1 / 8, 1 / 4, 9 / 16)

@@ -13,16 +13,24 @@ shuffles in two stages:
 Every order is drawn from (seed, epoch, window), so batch `step` is the same whenever it is asked for: a resumed
 run replays the same batches bit for bit. `benchmarks/loader_throughput.py` measures the speed and the label
 mixing of the default sizes.
+
+Copies: a window's chunks are read straight from the disk into its buffer (`O_DIRECT` where the filesystem takes
+it, so no copy out of the page cache), a batch is one indexed copy out of the window (into pinned memory when it
+goes to a GPU), and fp16/bf16 become fp32 once, on the device. A store with block checksums has each block's crc32
+checked as it is read, before its rows reach a step; an older store's shards are hashed whole, in the background.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,43 +45,99 @@ CHUNK_BYTES = 1 << 20
 WINDOW_CHUNKS = 2048
 WINDOW_CAP_BYTES = 1 << 30  # bigger mixes little better, delays the first batch and competes with training for CPU
 IO_THREADS = 16
+ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in multiples of the disk's block (<= 4096)
+REREAD = "re-extract it (delete it and its parts/ file, rerun extract)"
 
 
 @dataclass(frozen=True)
 class RowFile:
-    """Rows [start, start + rows) of the source live in `path`, from byte `offset`, `row_bytes` per row."""
+    """Rows [start, start + rows) of the source live in `path`, from byte `offset`, `row_bytes` per row.
+    `crc32_K`: the crc32 of each block of `FileRows.block_rows` rows, checked on every read (None: no blocks)."""
 
     path: Path
     offset: int
     rows: int
     start: int
+    crc32_K: np.ndarray | None = field(default=None, compare=False)
+
+
+def aligned_empty(rows: int, d: int, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised [rows, d] array whose first byte is ALIGN-aligned (a destination for O_DIRECT reads)."""
+    nbytes = rows * d * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip : skip + nbytes].view(dtype).reshape(rows, d)
 
 
 class FileRows:
-    """Raw rows (storage dtype) of one or more files read with positioned reads; `check(j)` runs before file j is
-    first read (a store verifies the shard's checksum there). `bf16`: the uint16 words are bfloat16 values."""
+    """Raw rows (storage dtype) of one or more files read with positioned reads. `check(j)` runs before file j is
+    first read (an older store hashes the shard whole there); files with `crc32_K` have each block of `block_rows`
+    rows checked as it is read instead. `bf16`: the uint16 words are bfloat16 values."""
 
     def __init__(self, files: list[RowFile], d_in: int, storage: np.dtype, check: Callable[[int], None] | None = None,
-                 bf16: bool = False):
+                 bf16: bool = False, block_rows: int = 0):
         self.files, self.d_in, self.storage, self.bf16 = files, d_in, np.dtype(storage), bf16
         self.row_bytes = d_in * self.storage.itemsize
         self.rows = files[-1].start + files[-1].rows if files else 0
+        self.block_rows = block_rows
         self._starts = np.array([f.start for f in files], dtype=np.int64)
         self._check = check
-        self._fds: dict[int, int] = {}
+        self._checked: set[int] = set()
+        self._good_K = [np.zeros(0 if f.crc32_K is None else len(f.crc32_K), dtype=bool) for f in files]
+        self._check_locks = [threading.Lock() for _ in files]
+        self._fds: dict[int, tuple[int, int | None]] = {}  # file -> (buffered fd, O_DIRECT fd or None)
         self._lock = threading.Lock()
+        self._closed = False
+        self.direct = hasattr(os, "O_DIRECT")
         self.bytes_read = 0
 
-    def _fd(self, j: int) -> int:
+    def ensure_checked(self, j: int) -> None:
+        """Run `check(j)` once (a second caller waits for the first)."""
+        if self._check is None:
+            return
+        with self._check_locks[j]:
+            if j not in self._checked:
+                self._check(j)
+                self._checked.add(j)
+
+    def check_in_background(self) -> None:
+        """Hash the files that need it on a background thread, in order, so that reads rarely wait for it; a read
+        of a file not yet checked still checks it first."""
+        if self._check is None:
+            return
+
+        def run():
+            for j in range(len(self.files)):
+                if self._closed:
+                    return
+                try:
+                    self.ensure_checked(j)
+                except (OSError, ValueError):  # raised again by the read that needs the file
+                    pass
+
+        threading.Thread(target=run, daemon=True, name="sae-vlm-verify").start()
+
+    def _fd(self, j: int) -> tuple[int, int | None]:
+        self.ensure_checked(j)
         with self._lock:
             if j not in self._fds:
-                if self._check is not None:
-                    self._check(j)
-                fd = os.open(self.files[j].path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                path = self.files[j].path
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
                 if hasattr(os, "posix_fadvise"):  # not on macOS or Windows: there the OS's readahead stays
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # we read whole pieces; readahead is waste
-                self._fds[j] = fd
+                direct = None
+                if self.direct:
+                    try:
+                        direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                    except OSError:  # tmpfs and some network filesystems refuse it: the page cache then
+                        direct = None
+                self._fds[j] = (fd, direct)
             return self._fds[j]
+
+    def offset_of(self, r: int) -> int:
+        """Byte offset of source row r in its file."""
+        f = self.files[int(np.searchsorted(self._starts, r, side="right")) - 1]
+        return f.offset + (r - f.start) * self.row_bytes
 
     def read_into(self, r0: int, r1: int, out: np.ndarray) -> None:
         """Rows [r0, r1) into `out` (shape [r1 - r0, d_in], storage dtype, C-contiguous)."""
@@ -82,17 +146,104 @@ class FileRows:
         while pos < r1:
             f = self.files[j]
             stop = min(r1, f.start + f.rows)
-            view = memoryview(out[pos - r0 : stop - r0].data).cast("B")  # type: ignore[arg-type]
-            want, got = len(view), 0
-            while got < want:
-                n = self._read_at(self._fd(j), view[got:], f.offset + (pos - f.start) * self.row_bytes + got)
-                if n == 0:
-                    gone = pos + got // self.row_bytes
-                    raise ValueError(f"{f.path} ends early: rows {gone - f.start}..{stop - f.start} of the file (rows "
-                                     f"{gone}..{stop} of the source) are missing; the file was truncated")
-                got += n
-            self.bytes_read += want
+            part = out[pos - r0 : stop - r0]
+            view = memoryview(part.data).cast("B")  # type: ignore[arg-type]
+            got = self._read_span(j, view, f.offset + (pos - f.start) * self.row_bytes, part.ctypes.data)
+            if got < len(view):
+                gone = pos + got // self.row_bytes
+                raise ValueError(f"{f.path} ends early: rows {gone - f.start}..{stop - f.start} of the file (rows "
+                                 f"{gone}..{stop} of the source) are missing; the file was truncated")
+            if f.crc32_K is not None:
+                self._check_blocks(j, pos - f.start, stop - f.start, view)
+            self.bytes_read += len(view)
             pos, j = stop, j + 1
+
+    def _read_span(self, j: int, view: memoryview, offset: int, address: int) -> int:
+        """Fill `view` from `offset` of file j; returns the bytes read (fewer: the file ended). The ALIGN-aligned
+        middle goes straight from the disk when the buffer's address is aligned like the file offset."""
+        fd, direct = self._fd(j)
+        lo = -offset % ALIGN
+        hi = (offset + len(view)) // ALIGN * ALIGN - offset
+        if direct is None or (address + lo) % ALIGN or hi - lo < ALIGN:
+            return self._fill(fd, view, offset)
+        got = self._fill(fd, view[:lo], offset)
+        if got < lo:
+            return got
+        try:
+            mid = self._fill(direct, view[lo:hi], offset + lo)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            with self._lock:  # the filesystem opened it but refuses the reads: the page cache from now on
+                self._fds[j] = (fd, None)
+            mid = self._fill(fd, view[lo:hi], offset + lo)
+        if mid < hi - lo:
+            return lo + mid
+        return hi + self._fill(fd, view[hi:], offset + hi)
+
+    def _fill(self, fd: int, view: memoryview, offset: int) -> int:
+        got = 0
+        while got < len(view):
+            n = self._read_at(fd, view[got:], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def _check_blocks(self, j: int, a: int, b: int, view: memoryview) -> None:
+        """Check the crc32 of every block holding rows [a, b) of file j (`view`: their bytes) the first time this
+        reader reads it; the rest of a block cut by the read is read too (none when the read is block-aligned)."""
+        f, br, rb, good_K = self.files[j], self.block_rows, self.row_bytes, self._good_K[j]
+        assert f.crc32_K is not None
+        for k in range(a // br, -(-b // br)):
+            if good_K[k]:  # checked by an earlier read: later epochs cost no CPU
+                continue
+            lo, hi = k * br, min((k + 1) * br, f.rows)
+            crc = zlib.crc32(self.read_raw(j, lo, a)) if lo < a else 0
+            crc = zlib.crc32(view[(max(lo, a) - a) * rb : (min(hi, b) - a) * rb], crc)
+            if hi > b:
+                crc = zlib.crc32(self.read_raw(j, b, hi), crc)
+            if crc != int(f.crc32_K[k]):
+                raise ValueError(f"shard {f.path} (rows {f.start + lo}..{f.start + hi}) is corrupt: the crc32 of its "
+                                 f"rows {lo}..{hi} differs from the manifest's; {REREAD}")
+            good_K[k] = True
+
+    def read_raw(self, j: int, lo: int, hi: int) -> bytes:
+        """Rows [lo, hi) of file j as bytes, through the page cache (a block's edge: small, unchecked)."""
+        f = self.files[j]
+        buf = bytearray((hi - lo) * self.row_bytes)
+        if self._fill(self._fd(j)[0], memoryview(buf), f.offset + lo * self.row_bytes) < len(buf):
+            raise ValueError(f"{f.path} ends early: rows {lo}..{hi} of the file are missing; the file was truncated")
+        return bytes(buf)
+
+    def check_file(self, j: int, force: bool = False, piece_bytes: int = 8 << 20) -> None:
+        """Read file j whole, checking every block (`force`: those checked before too), or its whole-file hash."""
+        f, rows = self.files[j], max(1, piece_bytes // self.row_bytes)
+        if force:
+            self._good_K[j][:] = False
+        if f.crc32_K is None:
+            self.ensure_checked(j)
+            return
+        buf = np.empty((min(rows, f.rows), self.d_in), dtype=self.storage)
+        for r in range(f.start, f.start + f.rows, rows):
+            r1 = min(r + rows, f.start + f.rows)
+            self.read_into(r, r1, buf[: r1 - r])
+
+    def slots(self, spans: list[tuple[int, int]]) -> tuple[list[int], int]:
+        """Where each span of rows goes in one aligned buffer, and the buffer's rows: each span starts at a row whose
+        address is aligned like its file offset, so its reads go straight from the disk; spans stay packed where
+        that would waste more than an eighth of them (or where there is no O_DIRECT)."""
+        g = math.gcd(self.row_bytes, ALIGN)
+        period = ALIGN // g  # buffer rows after which the address alignment repeats
+        inv = pow(self.row_bytes // g, -1, period) if period > 1 else 0
+        q, out = 0, []
+        for a, b in spans:
+            off = self.offset_of(a)
+            if self.direct and period <= (b - a) // 8 and off % g == 0:
+                q += ((off // g) * inv - q) % period
+            out.append(q)
+            q += b - a
+        return out, q
 
     def _read_at(self, fd: int, view: memoryview, offset: int) -> int:
         """Bytes read into `view` from `offset`. Without positioned reads (Windows) a seek and a read, which the
@@ -119,9 +270,12 @@ class FileRows:
         return self.as_torch(self.read(r0, r1)).float()
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
-            for fd in self._fds.values():
+            for fd, direct in self._fds.values():
                 os.close(fd)
+                if direct is not None:
+                    os.close(direct)
             self._fds.clear()
 
 
@@ -153,12 +307,15 @@ class Layout:
     window_chunks: int
 
     @staticmethod
-    def for_budget(rows: int, row_bytes: int, budget_bytes: int) -> Layout:
+    def for_budget(rows: int, row_bytes: int, budget_bytes: int, block_rows: int = 1) -> Layout:
         """Two windows (the one training and the one being read) fit in `budget_bytes` and in half of the host's
-        available memory (windows live on the host whatever the device)."""
+        available memory (windows live on the host whatever the device). Chunks are whole checksum blocks where
+        they can be, so that a read checks its own bytes and no more."""
         host = free_memory_bytes(torch.device("cpu")) // 2
         window_rows = max(1, min(budget_bytes // 2, host // 2, WINDOW_CAP_BYTES) // row_bytes)
         chunk_rows = max(1, min(CHUNK_BYTES // row_bytes, window_rows // WINDOW_CHUNKS, rows // WINDOW_CHUNKS))
+        if 0 < block_rows <= chunk_rows:
+            chunk_rows -= chunk_rows % block_rows
         return Layout(chunk_rows, max(1, window_rows // chunk_rows))
 
 
@@ -239,17 +396,20 @@ class StreamingBatches:
         self._lock = threading.Lock()
         self.read_seconds = 0.0  # time the trainer waited on the disk
         self.rows_served = 0
+        files.check_in_background()
 
-    def _load(self, epoch: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window w of `epoch` as read (storage dtype) and the order its rows are served in."""
+    def _load(self, epoch: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window w of `epoch` as read (storage dtype, chunks at their `slots`), the order its positions are served
+        in, and the buffer row of each position."""
         spans = self.schedule.window_rows(self.schedule.windows(epoch)[w])
-        n = sum(b - a for a, b in spans)
-        buf = np.empty((n, self.files.d_in), dtype=self.files.storage)
-        offsets = np.cumsum([0] + [b - a for a, b in spans])
-        reads = [self._io.submit(self.files.read_into, a, b, buf[o : o + b - a]) for (a, b), o in zip(spans, offsets)]
+        starts, n_buf = self.files.slots(spans)
+        buf = aligned_empty(n_buf, self.files.d_in, self.files.storage)
+        reads = [self._io.submit(self.files.read_into, a, b, buf[q : q + b - a]) for (a, b), q in zip(spans, starts)]
+        buf_row = np.concatenate([np.arange(q, q + b - a) for (a, b), q in zip(spans, starts)])
         for r in reads:
             r.result()
-        return self.files.as_torch(buf), torch.from_numpy(self.schedule.permutation(epoch, w, n))
+        perm = torch.from_numpy(self.schedule.permutation(epoch, w, len(buf_row)))
+        return self.files.as_torch(buf), perm, torch.from_numpy(buf_row)
 
     def _window(self, epoch: int, w: int) -> Future:
         with self._lock:
@@ -263,14 +423,17 @@ class StreamingBatches:
 
     def __call__(self, step: int) -> torch.Tensor:
         t0 = time.perf_counter()
-        pieces, parts = self.schedule.pieces(step), []
-        for epoch, w, a, b in pieces:
-            buf, perm = self._window(epoch, w).result()
-            parts.append(buf.index_select(0, perm[a:b].sort().values))  # sorted: a gather that walks memory forwards
+        pieces = self.schedule.pieces(step)
+        windows = [self._window(epoch, w).result() for epoch, w, _, _ in pieces]
         self._prefetch(*pieces[-1][:2])
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if self.device.type == "cuda":
-            x = x.pin_memory()
+        dtype = windows[0][0].dtype
+        x = torch.empty(sum(b - a for _, _, a, b in pieces), self.files.d_in, dtype=dtype,
+                        pin_memory=self.device.type == "cuda")  # pinned: the copy to the GPU needs no staging
+        at = 0
+        for (buf, perm, buf_row), (_, _, a, b) in zip(windows, pieces):
+            # sorted: a gather that walks memory forwards; one indexed copy straight into the batch
+            torch.index_select(buf, 0, buf_row[perm[a:b].sort().values], out=x[at : at + b - a])
+            at += b - a
         x_ND = x.to(self.device, non_blocking=True).float()  # converted after the copy: half the bytes move
         self.read_seconds += time.perf_counter() - t0
         self.rows_served += len(x_ND)

@@ -5,9 +5,11 @@ Layout of one extraction:
   STORE/parts/shard_000000.json      written last for each shard: it marks the shard done (images, skipped,
                                      per-subdir rows + sha256); a killed run redoes only unmarked shards
   STORE/<hook point>__<tokens>/      e.g. layer.11__cls, layer.22__random-2, last__pooled
-      shard_000000.npy               rows of the shard (fp16 | fp32 | bf16 stored as raw uint16)
-      manifest.json                  model id + revision, hook point, tokens, dtype, shape, shards + sha256,
-                                     rows, skipped [{path, reason}], rows_file
+      shard_000000.npy               rows of the shard (fp16 | fp32 | bf16 stored as raw uint16), after a header
+                                     padded to 4096 bytes (so rows can be read with O_DIRECT)
+      manifest.json                  model id + revision, hook point, tokens, dtype, shape, shards + sha256 +
+                                     crc32 of the header and of each block of rows (`checksums` says the block
+                                     size), rows, skipped [{path, reason}], rows_file
       rows.jsonl                     one line per kept image: id, path, label, first row, row count
       token_index.npy                token position of each row (-1 = pooled/mean), int32
   STORE/manifest.json                written last of all: the store is complete
@@ -22,12 +24,14 @@ import itertools
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sae_vlm.data.loader import FileRows, RowFile, npy_layout
+from sae_vlm.config import VerifyConfig
+from sae_vlm.data.loader import ALIGN, REREAD, FileRows, RowFile, npy_layout
 from sae_vlm.data.source import ActivationSource, NumpySource, StoreMeta, TensorSource
 from sae_vlm.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_json
 
@@ -35,6 +39,27 @@ FORMAT = "sae-vlm-store/1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
 FP16_MAX = 65504.0
 PART_NAME = re.compile(r"shard_(\d{6})\.json")
+# crc32 per block of about 64 KB of rows: checked on every read at ~2 GB/s a core (zlib), a loader chunk (1 MB) is
+# whole blocks when its rows are, and the manifest grows by 8 hex digits per 64 KB (0.01%)
+BLOCK_BYTES = 1 << 16
+
+
+def block_rows(row_bytes: int) -> int:
+    return max(1, BLOCK_BYTES // row_bytes)
+
+
+def shard_bytes(arr: np.ndarray) -> tuple[bytes, dict]:
+    """The .npy bytes of a shard, its header padded to ALIGN bytes (rows start on a disk block), and its checksums:
+    sha256 of the file, crc32 of the header and of each block of `block_rows` rows (hex, 8 digits a block)."""
+    arr = np.ascontiguousarray(arr)
+    fields = np.lib.format.header_data_from_array_1_0(arr)
+    text = "{" + "".join(f"'{k}': {v!r}, " for k, v in sorted(fields.items())) + "}"  # as numpy writes it
+    head = b"\x93NUMPY\x01\x00" + (ALIGN - 10).to_bytes(2, "little") + text.encode().ljust(ALIGN - 11) + b"\n"
+    raw = memoryview(arr.reshape(-1).view(np.uint8).data) if arr.size else memoryview(b"")
+    step = block_rows(arr.dtype.itemsize * arr.shape[1]) * arr.dtype.itemsize * arr.shape[1]
+    data = head + raw.tobytes()
+    crc = "".join(f"{zlib.crc32(raw[i : i + step]):08x}" for i in range(0, len(raw), step))
+    return data, {"sha256": hashlib.sha256(data).hexdigest(), "header_crc32": zlib.crc32(head), "crc32": crc}
 
 
 def to_storage(acts_ND: torch.Tensor, dtype: str, hook_point: str) -> np.ndarray:
@@ -146,10 +171,9 @@ class StoreWriter:
         it, a resume compares the kept images)."""
         info = {}
         for name, arr in arrays.items():
-            data = npy_bytes(arr)
+            data, sums = shard_bytes(arr)
             atomic_write_bytes(self.root / name / f"{shard_name(s)}.npy", data)
-            info[name] = {"rows": int(arr.shape[0]), "sha256": hashlib.sha256(data).hexdigest(),
-                          "token_index": token_index[name].tolist()}
+            info[name] = {"rows": int(arr.shape[0]), **sums, "token_index": token_index[name].tolist()}
         atomic_write_json(self.root / "parts" / f"{shard_name(s)}.json",
                           {"shard": s, "images": images, "skipped": skipped, "subdirs": info,
                            **({"listing": listing} if listing is not None else {})}, indent=1)
@@ -165,9 +189,12 @@ class StoreWriter:
         skipped = [sk for part in parts for sk in part["skipped"]]
         for name, sd in self.subdirs.items():
             shards, lines, tok, row = [], [], [], 0
+            # blocks only when every shard has them (parts from before block checksums: the whole-file path)
+            blocks = all("crc32" in part["subdirs"][name] for part in parts)
             for part in parts:
                 si = part["subdirs"][name]
-                shards.append({"file": f"{shard_name(part['shard'])}.npy", "rows": si["rows"], "sha256": si["sha256"]})
+                shards.append({"file": f"{shard_name(part['shard'])}.npy", "rows": si["rows"], "sha256": si["sha256"],
+                               **({k: si[k] for k in ("header_crc32", "crc32")} if blocks else {})})
                 tok.extend(si["token_index"])
             n_per = sd["rows_per_image"]
             for im in images:
@@ -184,6 +211,8 @@ class StoreWriter:
                 "token_selection": sd["tokens"],
                 "dtype": self.config["dtype"], "storage_dtype": np.dtype(STORAGE[self.config["dtype"]]).name,
                 "shape": [total, sd["width"]], "rows": total, "images": len(images), "rows_per_image": n_per,
+                **({"checksums": {"kind": "crc32", "header_bytes": ALIGN, "block_rows": block_rows(
+                    sd["width"] * np.dtype(STORAGE[self.config["dtype"]]).itemsize)}} if blocks else {}),
                 "rows_file": "rows.jsonl", "token_index_file": "token_index.npy", "shards": shards,
                 "skipped": skipped, **({k: sd[k] for k in ("tokens_per_image", "prefix_tokens") if k in sd}
                                        if n_per > 1 else {})}, indent=1)  # where the patches are, for heatmaps
@@ -196,13 +225,14 @@ class StoreWriter:
 _VERIFIED: set[tuple[str, int, int, str]] = set()
 
 
-def verify_once(path: Path, sha256: str, what: str = "") -> None:
-    """Check a file's sha256 the first time it is read, and again only if its size or mtime changed. Passed checks
-    are remembered for this process and in ~/.cache/sae-vlm/verified/, so later runs don't re-hash a large store."""
+def verify_once(path: Path, sha256: str, what: str = "", force: bool = False) -> None:
+    """Check a file's sha256 the first time it is read, and again only if its size or mtime changed (or `force`).
+    Passed checks are remembered for this process and in ~/.cache/sae-vlm/verified/, so later runs don't re-hash a
+    large store."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, sha256)
     mark = _cache_dir() / hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
-    if key in _VERIFIED or mark.is_file():
+    if not force and (key in _VERIFIED or mark.is_file()):
         _VERIFIED.add(key)
         return
     h = hashlib.sha256()
@@ -210,8 +240,7 @@ def verify_once(path: Path, sha256: str, what: str = "") -> None:
         while block := f.read(16 << 20):
             h.update(block)
     if h.hexdigest() != sha256:
-        raise ValueError(f"shard {path}{what} is corrupt: its sha256 differs from the manifest's; "
-                         "re-extract it (delete it and its parts/ file, rerun extract)")
+        raise ValueError(f"shard {path}{what} is corrupt: its sha256 differs from the manifest's; {REREAD}")
     _VERIFIED.add(key)
     try:
         mark.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +286,17 @@ SHARD_FIELDS = {
 }
 
 
+CHECKSUM_FIELDS = {  # present in stores written since block checksums
+    "kind": (lambda v: v == "crc32", '"crc32"'),
+    "header_bytes": (lambda v: v == ALIGN, str(ALIGN)),
+    "block_rows": (_whole(1), "a whole number >= 1"),
+}
+BLOCK_FIELDS = {
+    "header_crc32": (lambda v: _whole(0)(v) and v < 1 << 32, "a crc32: a whole number below 2**32"),
+    "crc32": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]*", v) is not None, "hex digits, 8 a block"),
+}
+
+
 def check_manifest(path: Path, m) -> dict:
     """A subdir manifest whose every field the reader uses is there and of its kind; else one ValueError naming the
     manifest, the field and the value (a hand-edited or foreign file must not end in a traceback)."""
@@ -271,11 +311,23 @@ def check_manifest(path: Path, m) -> dict:
                 raise ValueError(f"{path}: field {where}{key!r} is {json.dumps(obj[key])[:60]}; expected {want}")
 
     check(MANIFEST_FIELDS, m, "")
+    sums = m.get("checksums")
+    if sums is not None:
+        if not isinstance(sums, dict):
+            raise ValueError(f"{path}: field 'checksums' is {json.dumps(sums)[:60]}; expected an object with "
+                             f"{', '.join(CHECKSUM_FIELDS)}")
+        check(CHECKSUM_FIELDS, sums, "checksums.")
     for j, sh in enumerate(m["shards"]):
         if not isinstance(sh, dict):
             raise ValueError(f"{path}: shards[{j}] is {json.dumps(sh)[:60]}; expected an object with "
                              f"{', '.join(SHARD_FIELDS)}")
         check(SHARD_FIELDS, sh, f"shards[{j}].")
+        if sums is not None:
+            check(BLOCK_FIELDS, sh, f"shards[{j}].")
+            blocks = -(-sh["rows"] // sums["block_rows"]) if _whole(0)(sh["rows"]) else 0
+            if len(sh["crc32"]) != 8 * blocks:
+                raise ValueError(f"{path}: field shards[{j}].'crc32' holds {len(sh['crc32']) / 8:g} checksums; "
+                                 f"expected {blocks} (one per {sums['block_rows']} rows of {sh['rows']})")
     rows, per = m["shape"][0], m["rows_per_image"]
     if rows % per:
         raise ValueError(f"{path}: shape says {rows} rows, not a multiple of rows_per_image {per}")
@@ -307,8 +359,11 @@ class StoreReader(ActivationSource):
         self._starts = np.cumsum([0] + [sh["rows"] for sh in self._shards])
         self._mm: dict[int, np.ndarray] = {}
         self._images: list[dict] | None = None
+        self.checksums = self.manifest.get("checksums")  # None: a store from before block checksums
         self.files = FileRows([self._row_file(j) for j in range(len(self._shards))], self.d_in,
-                              np.dtype(STORAGE[self.dtype]), check=self._verify, bf16=self.dtype == "bf16")
+                              np.dtype(STORAGE[self.dtype]), check=None if self.checksums else self._verify_sha256,
+                              bf16=self.dtype == "bf16", block_rows=(self.checksums or {}).get("block_rows", 0))
+        self._whole_checked: set[int] = set()
         self.meta = StoreMeta(self.path, self.manifest, self.rows_per_image, self.images)
 
     def __len__(self) -> int:
@@ -321,15 +376,29 @@ class StoreReader(ActivationSource):
         sh, path = self._shards[j], self.path / self._shards[j]["file"]
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} of the store is missing")
+        crc32_K = None
+        if self.manifest.get("checksums"):  # the header first: a flipped byte there may not break the parse
+            with open(path, "rb") as f:
+                head = f.read(ALIGN)
+            if zlib.crc32(head) != sh["header_crc32"]:
+                raise ValueError(f"shard {path} (rows {self._starts[j]}..{self._starts[j + 1]}) is corrupt: the crc32 "
+                                 f"of its .npy header differs from the manifest's; {REREAD}")
+            crc32_K = np.array([int(sh["crc32"][i : i + 8], 16) for i in range(0, len(sh["crc32"]), 8)], np.uint32)
         offset, shape, dtype = npy_layout(path)
         if shape != (sh["rows"], self.d_in) or dtype != np.dtype(STORAGE[self.dtype]):
             raise ValueError(f"shard {path} holds {dtype} {list(shape)}; the manifest says "
                              f"{np.dtype(STORAGE[self.dtype])} {[sh['rows'], self.d_in]}")
-        return RowFile(path, offset, sh["rows"], int(self._starts[j]))
+        return RowFile(path, offset, sh["rows"], int(self._starts[j]), crc32_K)
+
+    def _verify_sha256(self, j: int, force: bool = False) -> None:
+        a, b = int(self._starts[j]), int(self._starts[j + 1])
+        verify_once(self.path / self._shards[j]["file"], self._shards[j]["sha256"], f" (rows {a}..{b})", force)
 
     def _verify(self, j: int) -> None:
-        a, b = int(self._starts[j]), int(self._starts[j + 1])
-        verify_once(self.path / self._shards[j]["file"], self._shards[j]["sha256"], f" (rows {a}..{b})")
+        """Shard j checked whole before its memory map is read (once per reader; blocks, or the sha256)."""
+        if j not in self._whole_checked:
+            self.files.check_file(j)
+            self._whole_checked.add(j)
 
     def _shard(self, j: int) -> np.ndarray:
         if j not in self._mm:
@@ -387,10 +456,14 @@ class StoreReader(ActivationSource):
     def skipped(self) -> list[dict]:
         return self.manifest["skipped"]
 
-    def verify(self) -> None:
-        """Check every shard's sha256 (cached: see `verify_once`); raise naming the first that does not match."""
+    def verify(self, force: bool = False) -> None:
+        """Check every shard, reading it whole: its header and block crc32s, or in a store from before them its
+        sha256 (remembered: see `verify_once`; `force` hashes again); raise naming the first that does not match."""
         for j in range(len(self._shards)):
-            self._verify(j)
+            if self.checksums is None:
+                self._verify_sha256(j, force)
+            else:
+                self.files.check_file(j, force)
 
 
 ROW_KEYS = ("id", "path", "label")
@@ -458,6 +531,23 @@ def open_store(path: str | Path, layer: str | None = None) -> StoreReader:
     if len(hits) == 1:
         return StoreReader(path / hits[0])
     raise ValueError(f"layer {layer!r} does not pick one subdir of {path}; choose one of {names}")
+
+
+def verify_store(cfg: VerifyConfig) -> list[tuple[str, int, int, int]]:
+    """`sae-vlm verify`: every shard of the store (or of `cfg.layer`) read whole and checked, hashes not taken from
+    the cache; (subdir, shards, rows, bytes) per subdir checked."""
+    root = Path(cfg.store)
+    if not root.is_dir():
+        raise FileNotFoundError(f"store {root} does not exist")
+    names, top = list_subdirs(root), root / "manifest.json"
+    one = cfg.layer is not None or not names or top.is_file() and _is_subdir_manifest(read_json(top))
+    readers = [open_store(root, cfg.layer)] if one else [StoreReader(root / name) for name in names]
+    done = []
+    for r in readers:
+        r.verify(force=True)
+        nbytes = sum(f.path.stat().st_size for f in r.files.files)
+        done.append((str(r.path), len(r.files.files), r.rows, nbytes))
+    return done
 
 
 def as_source(data, layer: str | None = None) -> ActivationSource:

@@ -59,7 +59,7 @@ class Batches:
         self.stream, self.data_ND, self.rank_local = None, None, False
         if files is not None and streams:
             layout = Layout(plan["chunk_rows"], plan["window_chunks"]) if plan else \
-                Layout.for_budget(source.rows, files.row_bytes, budget)
+                Layout.for_budget(source.rows, files.row_bytes, budget, files.block_rows)
             rank, world = (place.rank, place.world) if place.ddp else (0, 1)
             schedule = Schedule(source.rows, layout, cfg.seed, cfg.batch_size, rank, world)
             self.stream = StreamingBatches(files, schedule, device)
