@@ -327,6 +327,11 @@ class EvaluateConfig:
     rotation_seed: int = option(0, "Seed of the random-rotation baseline; -1 to skip it.", within=ROTATION_SEED_RANGE)
     top: int = option(16, "Top-activating images kept per latent.", within="[1, inf)")
     grids: int = option(0, "Render 4x4 image grids for this many highest-MS latents per SAE.", within="[0, inf)")
+    labels: str | None = option(None, "Concept alignment against baselines: a CSV image,label[,label...] naming "
+                                      "images of --data and the training store, or `store` for the stores' own "
+                                      "labels and taxonomy nodes.")
+    train_data: str | None = option(None, "Store the alignment baselines and probes are fit on; default: the "
+                                          "run's training data (train_config.json).")
     chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False, within="[1, inf)")
     quiet: bool = quiet_option()
 
