@@ -347,6 +347,11 @@ class EvaluateConfig:
                                 within="[1, inf)")
     model: str | None = option(None, "With --heatmaps: hub id or directory of the vision model; default: the one "
                                      "the SAE records.")
+    labels: str | None = option(None, "Concept alignment against baselines: a CSV image,label[,label...] naming "
+                                      "images of --data and the training store, or `store` for the stores' own "
+                                      "labels and taxonomy nodes.")
+    train_data: str | None = option(None, "Store the alignment baselines and probes are fit on; default: the "
+                                          "run's training data (train_config.json).")
     chunk_rows: int = option(2048, "Rows per evaluation chunk.", cli=False, within="[1, inf)")
     quiet: bool = quiet_option()
 

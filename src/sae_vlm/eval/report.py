@@ -164,3 +164,35 @@ def plot_lca_levels(path: Path, results: list[dict]) -> None:
                 ax.plot(xs, [s["mean"] for s in levels if "mean" in s], marker="o", label=r["name"])
         ax.set(xlabel="Matryoshka level", ylabel=f"avg LCA depth (0..{depth})", ylim=(0, depth))
         ax.legend(fontsize=7)
+
+
+def alignment_table(alignment: dict) -> str:
+    """Per hook point and basis: mean best-unit AP and AUROC over the classes, coverage, k-sparse accuracies."""
+    parts = []
+    for hook, rec in alignment.items():
+        ks = sorted({k for b in rec["bases"].values() for k in b["ksparse"]}, key=int)
+        lines = [f"### Concept alignment at {hook}: {rec['classes']} classes ({rec['labels']}); baselines and probes "
+                 f"fit on {rec['train_rows']} rows of {rec['train_data']}, scored on {rec['eval_rows']} rows", "",
+                 "| basis | units | mean best AP | mean best AUROC | coverage (AP ≥ 0.5) |"
+                 + "".join(f" {k}-sparse bal. acc. |" for k in ks), "|---|---|---|---|---|" + "---|" * len(ks)]
+        for name, b in rec["bases"].items():
+            lines.append(f"| {name} | {b['units']} | {num(b['mean_best_ap'], 3)} | {num(b['mean_best_auroc'], 3)} | "
+                         f"{num(b['coverage'], 0, 100, '%')} |" + "".join(f" {num(b['ksparse'].get(k), 3)} |"
+                                                                         for k in ks))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_alignment(path: Path, alignment: dict) -> None:
+    """Mean best-unit AP per basis, one group of bars per hook point."""
+    with _figure(path, (7, 3.5)) as ax:
+        hooks = list(alignment)
+        names = list(dict.fromkeys(n for rec in alignment.values() for n in rec["bases"]))
+        width = 0.8 / max(len(names), 1)
+        for j, name in enumerate(names):
+            ys = [alignment[h]["bases"].get(name, {}).get("mean_best_ap") for h in hooks]
+            ax.bar([i + j * width for i in range(len(hooks))], [np.nan if y is None else y for y in ys], width,
+                   label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(hooks))], hooks)
+        ax.set(ylabel="mean best-unit AP over classes", ylim=(0, 1))
+        ax.legend(fontsize=6, ncol=2)

@@ -33,11 +33,19 @@ from sae_vlm.data.source import ActivationSource, sequential_chunks
 from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
+from sae_vlm.eval.alignment import HookAlignment, SparseCollector, resolve_labels, training_data
 from sae_vlm.eval.embed import load_embeddings
 from sae_vlm.eval.maps import resolve, top_image_maps
 from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, summarize_ms, unit_embeddings
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
-from sae_vlm.eval.report import paper_tables, plot_fve_vs_width, plot_lca_levels, plot_ms_levels
+from sae_vlm.eval.report import (
+    alignment_table,
+    paper_tables,
+    plot_alignment,
+    plot_fve_vs_width,
+    plot_lca_levels,
+    plot_ms_levels,
+)
 from sae_vlm.eval.seeds import needs_scipy, score_seeds
 from sae_vlm.eval.top import ImageTopMaps, PatchGrid, patch_grid, render_grid
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes, read_json
@@ -73,6 +81,7 @@ class Inputs:
     taxa: list | None = None
     names: list | None = None
     taxonomy: dict | None = None  # H.store_taxonomy's credit: source (file | inat | folders) and rows matched
+    align: HookAlignment | None = None  # with --labels
 
 
 @dataclasses.dataclass
@@ -159,11 +168,12 @@ class EvalMetrics:
     chance_similarity: float | None = None
     seeds: dict = dataclasses.field(default_factory=dict)  # score_seeds's records, by base name
     taxonomy: dict | None = None
+    alignment: dict = dataclasses.field(default_factory=dict)  # with --labels: per hook point, eval/alignment.py
 
     def to_json(self) -> dict:
         entry = dataclasses.asdict(self) | {"saes": [r.to_json() for r in self.saes],
                                             "baselines": {k: b.to_json() for k, b in self.baselines.items()}}
-        absent = [k for k in ("broken", "seeds", "taxonomy") if not entry[k]]
+        absent = [k for k in ("broken", "seeds", "taxonomy", "alignment") if not entry[k]]
         absent += ["embeddings", "rows", "chance_similarity"] if self.embeddings is None else []
         return {k: v for k, v in entry.items() if k not in absent}
 
@@ -204,6 +214,7 @@ class Scoring:
     ms: MSAccumulator | None = None  # with embeddings
     nodes: H.NodeCollector | None = None  # with a taxonomy
     attribution: Attribution | None = None  # with --heatmaps, for an SAE on one vector per image
+    align: SparseCollector | None = None  # with --labels
 
     def add(self, x_RD: torch.Tensor, e_RD: torch.Tensor | None, r0: int) -> None:
         codes_RF = self.sae.encode(x_RD).float()  # once per chunk, for every metric
@@ -216,6 +227,8 @@ class Scoring:
         self.recon.add(x_RD, codes_RF, r0)
         if self.nodes is not None:
             self.nodes.add(codes_RF)
+        if self.align is not None:
+            self.align.add(codes_RF, r0)
 
 
 def source_key(sdir: Path) -> tuple:
@@ -289,10 +302,12 @@ class Evaluation:
         base = self.baseline_accumulators(layer, inp, e_ND)
         keep_N = self.heldout(inp.src.rows)
         scoring = [self.accumulators(name, sdir, sae, inp, e_ND, keep_N) for name, sdir, sae in loaded]
-        self.read_once(inp.src, e_ND, base, scoring, layer)
+        self.read_once(inp.src, e_ND, base, scoring, layer, inp.align)
         if base is not None:
             self.baselines(base, inp)
         done = {s.name: self.score(s, inp) for s in scoring}
+        if inp.align is not None:
+            self.alignment(inp.align, {s.name: s.sae for s in scoring if done[s.name] is not None}, layer)
         return [done.get(name) for name, _, _ in maybe]
 
     # --- step 1: the rows an SAE reads, with their embeddings and taxonomy (once per distinct source) ---------
@@ -316,6 +331,8 @@ class Evaluation:
         inp = Inputs(src, patch_grid(src))
         if per_image == 1:  # before embeddings are cached: a taxonomy refused leaves the output folder as it was
             inp.taxa, inp.names, inp.taxonomy = H.store_taxonomy(src, src.rows, cfg.taxonomy)
+        if cfg.labels is not None:  # labels refused, too, leave it as it was
+            inp.align = self.align_labels(src, scfg.hook_point, scfg.token_selection)
         if want_ms:
             inp.emb, emb_src = load_embeddings(src, src.rows, self.out / "embeddings", cfg.embeddings, cfg.embedder,
                                                self.dev, cfg.quiet)
@@ -329,6 +346,18 @@ class Evaluation:
                 print(f"warning: {H.credit_line(inp.taxonomy)}", file=sys.stderr)
         self.inputs[key] = inp
         return inp
+
+    def align_labels(self, src: ActivationSource, hook_point, token_selection) -> HookAlignment:
+        """--labels resolved on the evaluation store and the training store (opened at the same hook point)."""
+        cfg = self.cfg
+        assert cfg.labels is not None
+        train_data = training_data(cfg.run_dir, cfg.train_data)
+        if not Path(train_data).exists():
+            raise FileNotFoundError(f"training store {train_data} does not exist; pass --train-data")
+        train = open_data(train_data, hook_point, token_selection)
+        if train.d_in != src.d_in:
+            raise ValueError(f"training store {train_data} has width {train.d_in}, --data {cfg.data} {src.d_in}")
+        return HookAlignment(resolve_labels(cfg.labels, src, train, train_data, cfg.taxonomy), src.rows)
 
     # --- step 2: the accumulators of the layer's baselines and of each SAE, filled by one pass ---------------------
     def baseline_accumulators(self, layer: str, inp: Inputs, e_ND: torch.Tensor | None) -> Baselines | None:
@@ -366,6 +395,8 @@ class Evaluation:
             s.nodes = H.NodeCollector(inp.taxa, scfg.group_sizes)
         if cfg.heatmaps and inp.grid is None:  # checked before the pass: a wrong --model costs nothing
             s.attribution = self.attribution(name, sae)
+        if inp.align is not None:
+            s.align = inp.align.collector(name)
         return s
 
     def heatmap_model(self, name: str, raw: dict) -> Backbone | None:
@@ -393,7 +424,7 @@ class Evaluation:
 
     @torch.no_grad()
     def read_once(self, src, e_ND: torch.Tensor | None, base: Baselines | None, scoring: list[Scoring],
-                  layer: str) -> None:
+                  layer: str, align: HookAlignment | None = None) -> None:
         """The one pass over a source: each chunk goes to the device once and into every accumulator."""
         per = src.meta.rows_per_image if src.meta else 1
         chunk = max(per, self.cfg.chunk_rows // per * per)  # whole images, for the top images' maps
@@ -405,6 +436,8 @@ class Evaluation:
                     base.add(x_RD, e_RD)
                 for s in scoring:
                     s.add(x_RD, e_RD, r0)
+                if align is not None:
+                    align.add_rows(x_RD, r0)
                 bar.update(x_RD.shape[0])
 
     # --- step 3: the raw neurons of the layer ("No SAE") and a random rotation of them ----------------------------
@@ -533,6 +566,13 @@ class Evaluation:
                            self.neuron_ms.get(layer))
         return r
 
+    # --- step 7b: concept alignment of the SAEs and the baselines (with --labels) ---------------------------------
+    def alignment(self, align: HookAlignment, saes: dict[str, SAE], layer: str) -> None:
+        key = layer if layer not in self.metrics.alignment else f"{layer}__{len(self.metrics.alignment)}"
+        summary, per_class = align.result(saes, self.cfg.rotation_seed, self.cfg.chunk_rows, self.dev)
+        atomic_write_bytes(self.out / "alignment" / f"{key}.json", json.dumps(per_class).encode())
+        self.metrics.alignment[key] = summary
+
     # --- step 8: run-wide tables and plots, then metrics.json ------------------------------------------------------
     def finish(self, results: list[SAEResult]) -> EvalMetrics:
         metrics, out = self.metrics, self.out
@@ -546,7 +586,11 @@ class Evaluation:
             metrics.taxonomy = t.taxonomy | {"images_missing": H.missing_taxonomy(t.taxa, t.names)["count"],
                                              "depth": H.taxonomy_depth(t.taxa)}
         record = metrics.to_json()
-        atomic_write_bytes(out / "tables.md", paper_tables(entries, record["baselines"]).encode())
+        tables = paper_tables(entries, record["baselines"])
+        if metrics.alignment:
+            tables += "\n" + alignment_table(metrics.alignment)
+            plot_alignment(out / "plots" / "alignment.png", metrics.alignment)
+        atomic_write_bytes(out / "tables.md", tables.encode())
         plot_fve_vs_width(out / "plots" / "fve_vs_width.png", entries)
         if any(r.hierarchy is not None for r in results):
             plot_lca_levels(out / "plots" / "lca_per_level.png", entries)
