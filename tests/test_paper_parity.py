@@ -22,13 +22,13 @@ from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
 from sae_vlm.config import INAT_GROUPS, PRESETS, ExtractConfig, TrainConfig, presets_for
 from sae_vlm.eval import hierarchy as H
+from sae_vlm.eval.classes import class_names
 from sae_vlm.eval.ms import summarize_ms
 from sae_vlm.eval.recon import reconstruction_metrics
 from sae_vlm.sae import trainer
 from sae_vlm.sae.groups import group_sizes_from_fractions
 from sae_vlm.sae.runs import resolve_sae_dir
 from sae_vlm.steer import score as S
-from sae_vlm.steer.classes import class_names
 from sae_vlm.steer.protocol import first_per_class
 
 # --- 1. the step-100000 snapshot is what a paper run is scored on ----------------------------------------------

@@ -277,6 +277,20 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
     typer.echo(f"wrote {cfg.out_dir}/metrics.json")
 
 
+def name_latents(cfg: C.NameConfig) -> None:
+    from sae_vlm.eval.naming import name_run
+
+    res = name_run(cfg)
+    typer.echo(f"vocabulary: {res.vocab['names']} names ({res.vocab['source']}); text and image embeddings "
+               f"{res.seconds.get('text', 0) + res.seconds.get('images', 0):.1f}s")
+    for sae, s in res.saes.items():
+        score = "–" if s["median_score"] is None else f"{s['median_score']:.3f}"
+        wrong = "–" if s["median_score_shuffled"] is None else f"{s['median_score_shuffled']:.3f}"
+        typer.echo(f"{sae}: named {s['named']} of {s['latents']} latents; median name score {score} (AUROC; another "
+                   f"latent's name: {wrong}) in {sum(s['seconds'].values()):.1f}s")
+    typer.echo(f"wrote the names into {res.eval_dir}/latents/ and {res.eval_dir}/naming.json")
+
+
 def convert(cfg: C.ConvertConfig) -> None:
     from sae_vlm.sae.formats import convert, describe
 
@@ -413,7 +427,8 @@ def toy_quality(cfg: C.ToyQualityConfig) -> None:
 
 
 COMMANDS = [("extract", C.ExtractConfig, extract), ("verify", C.VerifyConfig, verify), ("train", C.TrainConfig, train),
-            ("evaluate", C.EvaluateConfig, evaluate), ("convert", C.ConvertConfig, convert),
+            ("evaluate", C.EvaluateConfig, evaluate), ("name", C.NameConfig, name_latents),
+            ("convert", C.ConvertConfig, convert),
             ("compare", C.CompareConfig, compare),
             ("push", C.PushConfig, push),
             ("steer", C.SteerConfig, steer), ("steer-score", C.SteerScoreConfig, steer_score),

@@ -360,6 +360,38 @@ class EvaluateConfig:
         return self.out if self.out is not None else f"{self.run_dir}/eval"
 
 
+# --- name ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+@checked
+class NameConfig:
+    """`sae-vlm name`: name every live latent of an evaluated run with the vocabulary entries whose text embeddings
+    are nearest the mean image embedding of its top images, and score each name by the AUROC with which its
+    image-text similarity separates the images where the latent fires from the rest. The names go into the
+    evaluation's latents/<name>.npz, which the browser and the report show."""
+
+    run_dir: str = option(help="Training run directory (RUN/saes/<name>/): every SAE its evaluation scored; or one "
+                               "SAE directory.", positional=True)
+    embedder: str = option(help="CLIP-style model id or directory with an image and a text tower (the image "
+                                "embeddings are cached in the evaluation's embeddings/, shared with evaluate).")
+    vocab: str | None = option(None, "Names, one per line, UTF-8, each once; default: the store's own class and "
+                                     "taxonomy names plus the packaged English nouns and adjectives.")
+    template: str = option("{}", "How a name is written for the text tower, {} standing for it, e.g. "
+                                 "'a photo of a {}.'.")
+    names: int = option(3, "Names kept per latent, best first (at most the vocabulary's size).", within="[1, inf)")
+    eval_dir: str | None = option(None, "Output of `sae-vlm evaluate` to read and add the names to; default "
+                                        "RUN/eval (for an SAE directory: SAE/eval, where evaluate writes).",
+                                  flag="--eval")
+    data: str | None = view_data_option()
+    device: str = device_option()
+    chunk_rows: int = option(2048, "Rows per chunk of codes.", cli=False, within="[1, inf)")
+    quiet: bool = quiet_option()
+
+    def __post_init__(self):
+        if self.template.count("{}") != 1:
+            raise ValueError(f"--template {self.template!r}: expected one {{}} where the name goes")
+
+
 # --- convert ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)

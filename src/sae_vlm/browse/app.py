@@ -46,7 +46,8 @@ def create_app(view: RunView, search=None, steerer=None, inspector: Inspector | 
     roots = {"run": view.run_dir, "eval": view.eval_dir}
     inspector = inspector if inspector is not None else Inspector(view)
 
-    env.globals |= {"has_search": search is not None, "has_steer": steerer is not None, "has_inspect": True}
+    named = any(d.names is not None for d in view.dicts.values())  # names search without a CLIP model
+    env.globals |= {"has_search": search is not None or named, "has_steer": steerer is not None, "has_inspect": True}
 
     @app.exception_handler(StarletteHTTPException)
     async def refusal(_request: Request, e: StarletteHTTPException):
@@ -106,13 +107,21 @@ def create_app(view: RunView, search=None, steerer=None, inspector: Inspector | 
 
     @app.get("/search", response_class=HTMLResponse)
     def text_search(q: str = "", sae: str = ""):
-        if search is None:
-            raise HTTPException(404, "text search needs `sae-vlm browse --clip DIR`")
-        d = lookup(sae or next(iter(view.dicts)))
-        hits = [(j, s, links.latent(d.name, j)) for j, s in search.search(d, q)]
+        named = [name for name, d in view.dicts.items() if d.names is not None]
+        if search is None and not named:
+            raise HTTPException(404, "text search needs `sae-vlm browse --clip DIR` or names from `sae-vlm name`")
+        d = lookup(sae or (named or list(view.dicts))[0])
+        hits = [(j, s, links.latent(d.name, j)) for j, s in search.search(d, q)] if search is not None else []
         return page("search.html", {"links": links, "title": "text search", "q": q, "sae": d.name,
-                                     "method": search.method(d) if q else None,
-                                     "names": list(view.dicts), "hits": hits})
+                                     "method": search.method(d) if q and search is not None else None,
+                                     "names": list(view.dicts), "hits": hits, "by_name": name_hits(d, q)})
+
+    def name_hits(d, q: str) -> list[tuple]:
+        """Latents one of whose names contains `q`, by their best name's score."""
+        if d.names is None or not q.strip():
+            return []
+        ids = d.select(TableQuery(sort="name_score", show="all", name=q, per=1000))[:50]
+        return [(int(j), d.names.of(int(j)), links.latent(d.name, int(j))) for j in ids]
 
     @app.get("/sae/{name}/steer", response_class=HTMLResponse)
     def steer(name: str, j: int = 0, alpha: float = 50.0, prompt: str = "What is shown in this image?",

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from sae_vlm.data.source import ActivationSource
     from sae_vlm.sae.model import SAE
 
-SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level", "stable")
-RANGE_KEYS = ("ms", "freq", "support", "max_act", "stable")  # stable: only in a seed sweep's evaluation
+SORT_KEYS = ("id", "ms", "freq", "support", "max_act", "level", "stable", "name_score")
+RANGE_KEYS = ("ms", "freq", "support", "max_act", "stable", "name_score")  # stable: only in a seed sweep's evaluation
+NAME_ARRAYS = ("names", "name_cos", "name_score", "name_score_shuffled")  # `sae-vlm name` adds them
 SHOW = ("common", "rare", "dead", "all")  # the table filter; rare includes dead
 HIST_SAMPLE_ROWS = 2048
 
@@ -156,6 +157,37 @@ def check_metrics(mfile: Path, m) -> dict:
     return m
 
 
+@dataclass(frozen=True)
+class LatentNames:
+    """`sae-vlm name`'s names of each latent, best first ("" for none), with their cosine and score (AUROC)."""
+
+    names: np.ndarray  # [n, K] text
+    cos: np.ndarray  # [n, K]
+    score: np.ndarray  # [n, K]
+
+    def of(self, j: int) -> list[tuple[str, float, float]]:
+        return [(str(w), float(c), float(s)) for w, c, s in zip(self.names[j], self.cos[j], self.score[j]) if w]
+
+    def matching(self, text: str) -> np.ndarray:
+        """[n] bool: some name of the latent contains `text` (case-insensitively)."""
+        want = text.strip().casefold()
+        return np.array([any(want in str(w).casefold() for w in row if w) for row in self.names], bool)
+
+
+def check_names(f: Path, z: dict, n: int) -> LatentNames | None:
+    """The names in latents/<name>.npz, when `sae-vlm name` wrote them, checked against each other."""
+    if "names" not in z:
+        return None
+    names, k = z["names"], z["names"].shape[1] if z["names"].ndim == 2 else -1
+    cos, score = (z.get(key, np.zeros(0)) for key in NAME_ARRAYS[1:3])
+    ok = names.dtype.kind == "U" and names.shape == (n, k) and all(
+        a.shape == (n, k) and a.dtype.kind == "f" for a in (cos, score))
+    if not ok:
+        raise ValueError(f"{f}: names {names.shape} ({names.dtype}) do not come with [{n}, K] text names and "
+                         "float 'name_cos' and 'name_score'; re-run `sae-vlm name`")
+    return LatentNames(names, cos.astype(np.float64), score.astype(np.float64))
+
+
 def check_nodes(f: Path, n: int) -> dict[int, list[tuple[str, float]]]:
     """nodes/<name>.json: per latent, the taxonomy nodes it detects best, with the AUROC."""
     raw = read_json(f)
@@ -188,6 +220,7 @@ class Dictionary:
     source: ActivationSource | None = None  # the activation store subdir the top indices point into
     detects: dict = field(default_factory=dict)  # latent -> [(taxonomy node, AUROC)] it detects best
     maps: PatchMaps | None = None  # a token SAE's maps of its top images
+    names: LatentNames | None = None  # `sae-vlm name`'s names
     _sae: SAE | None = None
     _dec_unit: np.ndarray | None = None
     _sample: tuple | None = None
@@ -244,6 +277,8 @@ class Dictionary:
             keep &= {"common": ~self.rare, "rare": self.rare, "dead": self.dead}[q.show]
         if q.level is not None:
             keep &= self.level == q.level
+        if q.name:
+            keep &= self.names.matching(q.name) if self.names is not None else False
         for key, (lo, hi) in q.ranges.items():
             col = self.column(key)
             if lo is not None:
@@ -314,6 +349,7 @@ class TableQuery:
     ranges: dict = field(default_factory=dict)  # key -> (lo, hi)
     page: int = 1
     per: int = 50
+    name: str = ""  # a text some name of the latent contains
 
     @classmethod
     def parse(cls, params) -> "TableQuery":
@@ -340,7 +376,8 @@ class TableQuery:
         ranges = {k: (num(f"{k}_min"), num(f"{k}_max")) for k in RANGE_KEYS}
         ranges = {k: v for k, v in ranges.items() if v != (None, None)}
         per = min(max(num("per", int) or 50, 1), 1000)
-        return cls(sort, order == "desc", show, num("level", int), ranges, max(num("page", int) or 1, 1), per)
+        return cls(sort, order == "desc", show, num("level", int), ranges, max(num("page", int) or 1, 1), per,
+                   (params.get("name") or "").strip())
 
 
 def _store_for(data, hook_point, token_selection):
@@ -416,7 +453,11 @@ class RunView:
         if not isinstance(cfg, dict) or type(cfg.get("d_sae")) is not int or cfg["d_sae"] < 1:
             raise ValueError(f"{sdir / 'config.json'} gives no latent count d_sae; expected an SAE config")
         z, n = read_npz(f), cfg["d_sae"]
-        arrays = {k: per_latent(f, k, a, n) for k, a in z.items() if k in RANGE_KEYS or k.startswith("ms__")}
+        arrays = {k: per_latent(f, k, a, n) for k, a in z.items()
+                  if (k in RANGE_KEYS and k not in NAME_ARRAYS) or k.startswith("ms__")}
+        names = check_names(f, z, n)
+        if names is not None:  # the best name's score sorts and filters the table
+            arrays["name_score"] = names.score[:, 0]
         if "freq" not in arrays and "fire_freq" in z:
             arrays["freq"] = per_latent(f, "fire_freq", z["fire_freq"], n)
         top_dir = self.eval_dir / "top" / name
@@ -438,7 +479,7 @@ class RunView:
                           latent_levels(cfg.get("group_sizes"), n), top_idx, top_val, sdir, info,
                           _store_for(self.data, cfg.get("hook_point"), cfg.get("token_selection")),
                           detects=check_nodes(nodes, n) if nodes.is_file() else {},
-                          maps=patch_maps)
+                          maps=patch_maps, names=names)
 
     def _load_baseline(self, f: Path) -> Dictionary:
         """Raw neurons of one layer: MS from the evaluation, top rows / support / max from one store pass."""

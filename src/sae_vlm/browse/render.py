@@ -22,6 +22,7 @@ COLUMNS = (("id", "latent"), ("level", "level"), ("ms", "MS"), ("freq", "frequen
            ("max_act", "max act"))
 # a seed sweep's evaluation adds each latent's minimum matched decoder cosine over the other seeds
 STABLE = ("stable", "stable")
+NAMED = ("name_score", "name score")  # `sae-vlm name`'s score of each latent's best name (AUROC)
 FILTERS = (("ms", "MS"), ("freq", "freq"), ("support", "support"), ("max_act", "max act"))
 STRIP = 6  # thumbnails of top images per row of a latent table
 
@@ -58,7 +59,7 @@ class Links:
     def index(self) -> str:
         return self.root + ("index.html" if self.static else "")
 
-    def table(self, name: str, **params) -> str:
+    def table(self, name: str, /, **params) -> str:
         if self.static:
             return f"{self.root}s/{quote(name)}.html"
         params = {k: v for k, v in params.items() if v not in (None, "")}
@@ -117,7 +118,9 @@ def _row(d: Dictionary, j: int, extra: list[str], view: RunView | None = None, l
          strip: int = 0) -> dict:
     a = d.arrays
     row = {"j": j, "level": int(d.level[j]), "dead": bool(d.dead[j]), "rare": bool(d.rare[j]),
-           **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", "stable", *extra)}}
+           **{k: (a[k][j] if k in a else None) for k in ("ms", "freq", "support", "max_act", "stable", "name_score",
+                                                        *extra)},
+           "names": d.names.of(j) if d.names is not None else []}
     if strip and view is not None and links is not None:
         row["strip"] = [im["url"] for im in fired_images(view, d, j, links)[:strip] if im["url"]]
     return row
@@ -216,13 +219,15 @@ def table_context(view: RunView, d: Dictionary, links: Links, q: TableQuery | No
     page = min(q.page, pages) if q else 1
     shown = ids[(page - 1) * q.per : page * q.per] if q else ids
     seeds = (STABLE,) if "stable" in d.arrays else ()  # runs without seeds keep their table as it was
+    seeds += (NAMED,) if d.names is not None else ()
     ctx = {"links": links, "d": summary(d), "rows": [_row(d, int(j), extra, view, links, STRIP) for j in shown],
            "extra": extra, "show_options": SHOW_LABELS, "filters": FILTERS + seeds,
            "total": total, "page": page, "pages": pages, "q": q, "columns": COLUMNS + seeds,
            "values": [k for k, _ in COLUMNS[2:] + seeds] + extra, "embedder": view.embedder,
-           "title": f"{d.name} · latents"}
+           "named": d.names is not None, "title": f"{d.name} · latents"}
     if q is not None:  # links that keep the filters and change one thing
-        base = {"sort": q.sort, "order": "desc" if q.desc else "asc", "show": q.show, "level": q.level, "per": q.per}
+        base = {"sort": q.sort, "order": "desc" if q.desc else "asc", "show": q.show, "level": q.level, "per": q.per,
+                "name": q.name}
         for k, (lo, hi) in q.ranges.items():
             base |= {f"{k}_min": lo, f"{k}_max": hi}
 
@@ -252,6 +257,7 @@ def latent_context(view: RunView, d: Dictionary, j: int, links: Links, order: li
     ms_rows += [(k.split("__", 1)[1], a[k][j]) for k in extra_ms(d)]
     return {
         "links": links, "d": summary(d), "j": j, "title": f"{d.name} · latent {j}", "detects": d.detects.get(j, []),
+        "names": d.names.of(j) if d.names is not None else [],
         "stats": _row(d, j, []), "ms_rows": ms_rows, "images": images, "map_max": map_scale(images),
         "sampled_only": d.maps is not None and not d.maps.complete,
         "map_what": MAP_KINDS[d.maps.kind] if d.maps is not None else None,

@@ -4,7 +4,8 @@ Cache: `DIR/embeddings__<model slug>.npy` + `.json` ({model_id, rows, dim[, imag
 when they match.
 The cache logic takes a callable or an array, so it does not depend on any backbone; `backbone_embedder`
 builds such a callable from a hub id / directory via the extraction code's loader ("last" hook point: CLIP
-image_embeds, DINOv2 pooler output).
+image_embeds, DINOv2 pooler output). `ClipEmbedder` holds a dual encoder's both towers, for what compares images
+with text: latent names, text search and the steering score.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -125,3 +127,64 @@ def load_embeddings(src: ActivationSource, rows: int, cache_dir: str | Path, emb
         compute = backbone_embedder(embedder, paths, device=device, quiet=quiet)
         return cached_embeddings(cache_dir, embedder, rows, compute, image_ids=ids), str(embedder)
     return None, None
+
+
+def check_text_tower(model_id_or_dir: str, flag: str = "--embedder") -> None:
+    """Refuse, before any weight loads, a model without both a text and an image tower (DINOv2, CLIPVisionModel)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    if str(model_id_or_dir).startswith((".", "/", "~")) and not Path(model_id_or_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"{flag} {model_id_or_dir}: model directory does not exist")
+    try:
+        cfg = AutoConfig.from_pretrained(model_id_or_dir)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{flag} {model_id_or_dir}: not a model id or directory ({str(e).splitlines()[0]})") from None
+    cls = MODEL_MAPPING[type(cfg)] if type(cfg) in MODEL_MAPPING else None
+    if not (hasattr(cls, "get_text_features") and hasattr(cls, "get_image_features")):
+        raise ValueError(f"{flag} {model_id_or_dir} is a {cfg.model_type} model without a text tower; expected a "
+                         "CLIP-style model with image and text towers (e.g. openai/clip-vit-base-patch32)")
+
+
+class ClipEmbedder:
+    """A CLIP-style model's image tower (concepts) and text tower (words), in one joint space."""
+
+    def __init__(self, model, processor, batch_size: int = 64):
+        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
+
+    @classmethod
+    def load(cls, model_id_or_dir: str, device: str = "cpu", batch_size: int = 64) -> "ClipEmbedder":
+        from transformers import AutoModel
+
+        from sae_vlm.backbones import load_processor
+
+        model = cast(torch.nn.Module, AutoModel.from_pretrained(model_id_or_dir)).to(device)
+        return cls(model, load_processor(model_id_or_dir), batch_size)
+
+    def _dev(self):
+        return next(self.model.parameters()).device
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output object
+
+    @torch.no_grad()
+    def images(self, images: Sequence) -> np.ndarray:
+        out = []
+        for b0 in range(0, len(images), self.batch_size):
+            px = self.processor.image_processor(images=list(images[b0 : b0 + self.batch_size]), return_tensors="pt")
+            pv = px["pixel_values"].to(self._dev(), next(self.model.parameters()).dtype)
+            out.append(self._tensor(self.model.get_image_features(pixel_values=pv)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.projection_dim), np.float32)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        tok = self.processor.tokenizer
+        n_pos = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        for b0 in range(0, len(texts), self.batch_size):
+            enc = tok(list(texts[b0 : b0 + self.batch_size]), padding=True, truncation=True, max_length=n_pos,
+                      return_tensors="pt")
+            enc = {k: v.to(self._dev()) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out.append(self._tensor(self.model.get_text_features(**enc)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.projection_dim), np.float32)

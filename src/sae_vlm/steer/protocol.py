@@ -12,9 +12,9 @@ import numpy as np
 
 from sae_vlm.config import SteerScoreConfig
 from sae_vlm.data.images import white_image
+from sae_vlm.eval.classes import class_names
 from sae_vlm.io import atomic_write_json
 from sae_vlm.outdir import check_result_file
-from sae_vlm.steer.classes import class_names
 from sae_vlm.steer.generate import load_steering
 from sae_vlm.steer.score import (
     ClipEmbedder,

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_vlm.backbones import Backbone, load_processor
+from sae_vlm.backbones import Backbone
 from sae_vlm.config import LatentSpec
+from sae_vlm.eval.embed import ClipEmbedder
 from sae_vlm.sae.groups import level_slices
 from sae_vlm.steer.generate import Case, generate_cases
 from sae_vlm.steer.intervene import steering_point
@@ -26,47 +27,6 @@ from sae_vlm.topk import running_top
 
 PROMPT = "What is shown in this image? Use exactly one word!"
 MAX_NEW_TOKENS = 5
-
-
-# ---- the embedder (CLIPModel: image tower for concepts, text tower for words) -------------------------------
-class ClipEmbedder:
-    def __init__(self, model, processor, batch_size: int = 64):
-        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
-
-    @classmethod
-    def load(cls, model_id_or_dir: str, device: str = "cpu", batch_size: int = 64) -> "ClipEmbedder":
-        from transformers import CLIPModel
-
-        model = cast(torch.nn.Module, CLIPModel.from_pretrained(model_id_or_dir)).to(device)
-        return cls(model, load_processor(model_id_or_dir), batch_size)
-
-    def _dev(self):
-        return next(self.model.parameters()).device
-
-    @staticmethod
-    def _tensor(out) -> torch.Tensor:
-        return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output object
-
-    @torch.no_grad()
-    def images(self, images: Sequence) -> np.ndarray:
-        out = []
-        for b0 in range(0, len(images), self.batch_size):
-            px = self.processor.image_processor(images=list(images[b0 : b0 + self.batch_size]), return_tensors="pt")
-            pv = px["pixel_values"].to(self._dev(), next(self.model.parameters()).dtype)
-            out.append(self._tensor(self.model.get_image_features(pixel_values=pv)).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.projection_dim), np.float32)
-
-    @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = []
-        tok = self.processor.tokenizer
-        n_pos = getattr(self.model.config.text_config, "max_position_embeddings", 77)
-        for b0 in range(0, len(texts), self.batch_size):
-            enc = tok(list(texts[b0 : b0 + self.batch_size]), padding=True, truncation=True, max_length=n_pos,
-                      return_tensors="pt")
-            enc = {k: v.to(self._dev()) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            out.append(self._tensor(self.model.get_text_features(**enc)).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.projection_dim), np.float32)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
