@@ -25,28 +25,14 @@ from sae_vlm.toyworld import demo
 from sae_vlm.toyworld import world as W
 
 
-def toy_labels(images: Path, out_csv: Path) -> Path:
-    """image,label,… for every image of a toy folder: its taxonomy nodes ('round', 'round/circle', …) and nuisances."""
-    lines = []
-    for path, rec in toyworld.read_manifest(images).items():
-        labels = []
-        for c in rec["concepts"]:
-            name = W.CONCEPTS[c]
-            labels.append(name.removeprefix("taxon:"))
-        lines.append(",".join([path, *labels]))
-    out_csv.write_text("image,labels\n" + "\n".join(lines) + "\n")
-    return out_csv
-
-
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     size = demo.QUICK
     images = demo.generate_images(out, size)
     layers = demo.hook_points(toyworld.clip_path())
     stores = demo.extract_stores(out, images, layers, toyworld.clip_path(), toyworld.llava_path(), quiet=True)
-    csv_path = toy_labels(images["eval"], out / "labels_eval.csv")
-    with open(csv_path, "a") as f:  # the training images too: the probes and baselines are fit on them
-        f.write(toy_labels(images["train"], out / "labels_train.csv").read_text().split("\n", 1)[1])
+    # the training images too: the probes and baselines are fit on them
+    csv_path = W.write_labels([images["eval"], images["train"]], out / "labels.csv")
     result = {}
     for layer in layers:
         run = out / "runs" / layer

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from sae_vlm import toyworld
 from sae_vlm.cli import app
 from sae_vlm.eval import naming as N
-from sae_vlm.toyworld.naming import detected_nodes, naming_detail, naming_finding, toy_vocab
+from sae_vlm.toyworld.naming import detected_nodes, naming_detail, toy_vocab
 
 
 def pair_auroc(s: np.ndarray, pos: np.ndarray) -> float:
@@ -143,7 +143,7 @@ def test_toy_names_are_written_and_the_known_answer_holds(toy):
     # latents that detect a colour best are named by it (here 5 of 6; 100% at the demo's size, where a blue-square
     # latent is not named cyan): the tiny CLIP's text tower knows colours; shades and patterns it rarely names
     assert len(colour_hits) >= 3 and np.mean(colour_hits) >= 2 / 3, colour_hits
-    share = naming_finding({"last": ev})["last/batchtopk_x1_k8"]
+    share = naming_detail({"last": ev})["last/batchtopk_x1_k8"]["share"]
     assert share is not None and 0 < share <= 1
 
 

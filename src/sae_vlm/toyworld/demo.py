@@ -77,6 +77,8 @@ class DemoMetrics:
     planted: dict = field(default_factory=dict)
     steering: dict = field(default_factory=dict)
     localisation: dict = field(default_factory=dict)  # localisation.py: chance, and per SAE share, pairs, detectors
+    naming: dict = field(default_factory=dict)  # toyworld/naming.py's naming_detail, by "<hook>/<base>"
+    alignment: dict = field(default_factory=dict)  # evaluate --labels at `last`: eval/alignment.py's record
     findings: dict = field(default_factory=dict)
     seconds: float = 0.0
     step_seconds: dict[str, float] = field(default_factory=dict)
@@ -172,10 +174,12 @@ def _demo(cfg: DemoConfig) -> DemoMetrics:
                     seeds=cfg.seeds)
     metrics = DemoMetrics(size, list(cfg.seeds))
     with step("evaluate", "evaluating: MS (tiny CLIP and ground truth), FVE, L0, hierarchy, neuron baseline, "
-                          "stability across seeds, heatmaps and whether they find the creature"):
-        metrics.layers = evaluate_layers(out, images, stores, runs, layers, clip_dir)
+                          "stability across seeds, heatmaps and whether they find the creature, names, alignment "
+                          "with the labels against PCA, k-means, NMF and the neurons"):
+        metrics.layers, metrics.alignment = evaluate_layers(out, images, stores, runs, layers, clip_dir)
         metrics.zero_shot = zero_shot_recovered(runs, layers, clip_dir)
         metrics.localisation, examples = localise(out, images, stores, runs, layers, cfg.seeds)
+        metrics.naming = name_layers(out, stores, runs, layers)
     with step("planted", "a planted feature tree: does each SAE find its features, and Matryoshka its hierarchy?"):
         metrics.planted = run_planted(PlantedConfig(out=str(out / "planted"), seeds=cfg.seeds, quiet=True))
     with step("steer", "steering the toy LLaVA towards each colour: one latent clamped on images of other colours"):
@@ -223,27 +227,41 @@ def extract_stores(out: Path, images: dict, layers, clip_dir: Path, llava_dir: P
 
 
 def evaluate_layers(out: Path, images: dict, stores: dict, runs: dict, layers, clip_dir: Path
-                    ) -> dict[str, LayerSummary]:
-    """Each hook point's SAEs evaluated under the tiny CLIP's and the ground-truth embeddings (the first with every
-    latent's heatmaps), and summarised; the token SAEs on every token of the evaluation images, for their maps."""
+                    ) -> tuple[dict[str, LayerSummary], dict]:
+    """(each hook point's SAEs evaluated under the tiny CLIP's and the ground-truth embeddings (the first with every
+    latent's heatmaps, and at `last` the alignment with the world's labels), and summarised; the alignment). The
+    token SAEs are evaluated on every token of the evaluation images, for their maps."""
     ev = open_store(stores["eval"], layer="last")
     ids = ev.image_ids()
     truth = toyworld.folder_concepts(images["eval"], ids)
     emb = {"clip": write_embeddings(out / "embeddings" / "clip.npy", ev.all().numpy(), ids),
            "truth": write_embeddings(out / "embeddings" / "truth.npy", truth, ids)}
     concepts_NC = np.load(emb["truth"])
-    summary = {}
+    labels = W.write_labels([images["eval"], images["train"]], out / "labels.csv")  # the probes fit on train
+    summary, alignment = {}, {}
     for layer in layers:
         per = {name: evaluate_run(EvaluateConfig(run_dir=str(runs[layer]), data=str(stores["eval"]),
                                                  out=str(out / "eval" / layer / name), embeddings=str(path),
                                                  heatmaps=name == "clip", heatmap_latents=0, model=str(clip_dir),
+                                                 labels=str(labels) if (name, layer) == ("clip", "last") else None,
                                                  device="cpu", quiet=True))
                for name, path in emb.items()}
+        alignment |= per["clip"].alignment
         neurons_ND = open_store(stores["eval"], layer=layer).all()
         summary[layer] = summarize_layer(per, out / "eval" / layer, concepts_NC, neurons_ND)
     evaluate_run(EvaluateConfig(run_dir=str(runs["tokens"]), data=str(stores["tokens_eval"]),
                                 out=str(out / "eval" / "llava_tokens"), device="cpu", quiet=True))
-    return summary
+    return summary, alignment
+
+
+def name_layers(out: Path, stores: dict, runs: dict, layers) -> dict:
+    """`sae-vlm name` with the world's words on each hook point's SAEs (under the tiny CLIP), and how often a latent
+    that detects a taxonomy node carries its word (toyworld/naming.py)."""
+    from sae_vlm.toyworld.naming import name_toy, naming_detail
+
+    for layer in layers:
+        name_toy(runs[layer], out / "eval" / layer / "clip", stores["eval"])
+    return naming_detail({layer: out / "eval" / layer / "clip" for layer in layers})
 
 
 EXAMPLE_SAES = (f"llava_tokens/{TOKEN_ARCH}_x{TOKEN_WIDTH:g}_k{K}_s", f"last/batchtopk_x{WIDTH:g}_k{K}_s")
@@ -402,6 +420,12 @@ def summary_lines(m: DemoMetrics, cfg: DemoConfig) -> list[str]:
         lines.append("  heatmaps: colour detectors' top images whose map peaks in the creature's box: "
                      + ", ".join(f"{k} {spread(v.values(), '.2f')}" for k, v in loc.items())
                      + f" (chance {f['localisation']['chance']:.2f})")
+    if f.get("naming"):
+        lines.append("  names: node-detecting latents named by their node's word: "
+                     + ", ".join(f"{k} {spread([v], '.2f')}" for k, v in f["naming"].items()))
+    for hook, row in f.get("alignment", {}).items():
+        lines.append(f"  alignment at {hook}, mean best-unit AP over the world's labels: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "range"))
     if f["stability"]:
         lines.append("  stable latents (matched cos >= 0.9 in every other seed): "
                      + ", ".join(f"{k} {v:.0%}" for k, v in f["stability"].items()))

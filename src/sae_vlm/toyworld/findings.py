@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sae_vlm.eval.alignment import alignment_finding
 from sae_vlm.eval.seeds import SEED_NAME
 
 
@@ -112,6 +113,10 @@ def findings(m: dict, token_key: str) -> dict:
            "stability": stability(m, token_key)}
     if "planted" in m:
         out["planted"] = m["planted"]["summary"]
+    if m.get("naming"):
+        out["naming"] = {k: v["share"] for k, v in m["naming"].items()}
+    if m.get("alignment"):
+        out["alignment"] = alignment_finding(m["alignment"])
     if m.get("localisation"):
         loc = m["localisation"]
         out["localisation"] = {k: v["share"] for k, v in loc["saes"].items()} | {"chance": loc["chance"]}

@@ -162,6 +162,48 @@ on each patch; SAEs on the CLS token and on <code>last</code>: |gradient × inpu
 <tbody>{rows}</tbody></table>{examples}</div>"""
 
 
+def _naming_section(f: dict, detail: dict) -> str:
+    if not f.get("naming"):
+        return ""
+    rows = "".join(
+        f"<tr><td>{escape(k)}</td><td>{_share(v)}</td><td>{_share((d.get('share_range') or [None])[0])}–"
+        f"{_share((d.get('share_range') or [None, None])[1])}</td><td>{_num(d.get('score'))}</td>"
+        f"<td>{_num(d.get('score_shuffled'))}</td></tr>"
+        for k, v in f["naming"].items() for d in [detail.get(k, {})])
+    return f"""<div class="finding"><h2>6. Are the latents named after what they detect?</h2>
+<p><code>sae-vlm name</code> with the world's 27 words: each live latent's top-3 names by the tiny CLIP's text-image
+cosine with its top images. For the latents that best detect a taxonomy node (AUROC ≥ 0.9), the share named by
+the node's word; the name score (AUROC of the name's similarity between images where the latent fires and where it
+does not) of each latent's first name, against another latent's name. Medians over seeds {_seeds(f)}.</p>
+<table class="lat md"><thead><tr><th>SAE</th><th>named by its node</th><th>range</th><th>name score</th>
+<th>another latent's name</th></tr></thead><tbody>{rows}</tbody></table></div>"""
+
+
+def _alignment_section(f: dict) -> str:
+    if not f.get("alignment"):
+        return ""
+    parts = []
+    for hook, row in f["alignment"].items():
+        ranges = row.get("range", {})
+        cells = "".join(f"<tr><td>{escape(k)}</td><td>{_num(v)}</td><td>{_span(ranges.get(k))}</td></tr>"
+                        for k, v in row.items() if k != "range")
+        parts.append(f"<h3>{escape(hook)}</h3><table class=\"lat md\"><thead><tr><th>basis</th>"
+                     f"<th>mean best-unit AP</th><th>range over seeds</th></tr></thead><tbody>{cells}</tbody></table>")
+    return f"""<div class="finding"><h2>7. Do SAE latents align with the labels better than other bases?</h2>
+<p><code>evaluate --labels</code> with the world's 62 taxonomy nodes and 9 nuisance values: per label, the best
+single unit's AP on the held-out images, averaged over labels, for the SAEs and for the raw neurons, a random
+rotation, PCA, k-means and NMF fit on the training images. SAEs: median over seeds {_seeds(f)}.</p>
+{"".join(parts)}</div>"""
+
+
+def _num(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _span(r) -> str:
+    return "" if not r else f"{r[0]:.3f}–{r[1]:.3f}"
+
+
 def _share(v) -> str:
     return "–" if v is None else f"{v:.0%}"
 
@@ -180,4 +222,5 @@ def front_page(metrics: dict, report_dir: Path, eval_root: Path, examples: str =
                      for layer, p in md.items() if p.is_file())
     return (f"<h1>The paper's findings on the toy world</h1>\n{_ms_section(f)}\n{_hierarchy_section(f)}\n"
             f"{_steering_section(f)}\n{_stability_section(f)}\n{_localisation_section(f, examples)}\n"
+            f"{_naming_section(f, metrics.get('naming', {}))}\n{_alignment_section(f)}\n"
             f"<h2>Every hook point</h2>{tables}\n")

@@ -8,9 +8,8 @@ score above another latent's name (`name_score_shuffled`) on every SAE.
 
 The demo calls, after evaluating a hook point under the tiny CLIP:
 
-    name_toy(run_dir, eval_dir, store)                      # writes the names into eval_dir (sae-vlm name)
-    findings["naming"] = naming_finding({"last": eval_dir, ...})    # {"<hook>/<base>": median share}
-    findings["naming_detail"] = naming_detail({"last": eval_dir, ...})  # range over seeds, scores
+    name_toy(run_dir, eval_dir, store)             # writes the names into eval_dir (sae-vlm name)
+    naming_detail({"last": eval_dir, ...})         # {"<hook>/<base>": median share, its range over seeds, scores}
 """
 
 from __future__ import annotations
@@ -74,18 +73,14 @@ def per_sae(eval_dirs: dict[str, Path]) -> dict[str, dict]:
     return out
 
 
-def naming_finding(eval_dirs: dict[str, Path]) -> dict[str, float | None]:
-    """metrics.json["findings"]["naming"]: {"<hook>/<base>": median over seeds of the share named right}."""
-    return {key: median(r["share"] for r in seeds.values()) for key, seeds in per_sae(eval_dirs).items()}
-
-
 def naming_detail(eval_dirs: dict[str, Path]) -> dict[str, dict]:
-    """The share's range over seeds, the median name scores of true and shuffled names, and whether true names
-    score above shuffled ones on every seed."""
+    """{"<hook>/<base>": the share of its node-detecting latents named by their node's word (median over seeds) and
+    its range, the median name scores of true and shuffled names, and whether true names score above shuffled ones
+    on every seed}."""
     out = {}
     for key, seeds in per_sae(eval_dirs).items():
         shares = [r["share"] for r in seeds.values() if r["share"] is not None]
-        out[key] = {"share_range": [min(shares), max(shares)] if shares else None,
+        out[key] = {"share": median(shares), "share_range": [min(shares), max(shares)] if shares else None,
                     "score": median(r["score"] for r in seeds.values()),
                     "score_shuffled": median(r["score_shuffled"] for r in seeds.values()),
                     "true_above_shuffled": all(r["score"] is not None and r["score_shuffled"] is not None

@@ -343,6 +343,18 @@ def folder_records(out_dir: str | Path, ids) -> list[dict]:
     return out
 
 
+def write_labels(folders, path: str | Path) -> Path:
+    """A labels CSV (`image,label,...`, as `evaluate --labels` reads) of every image of the folders `write_folder`
+    wrote: its taxonomy nodes ('round', 'round/circle', ...) and nuisance values ('size:small', ...), each image
+    named by its path relative to its folder (the store's image id)."""
+    lines = ["image,labels"]
+    for folder in folders:
+        for rel, rec in read_manifest(folder).items():
+            lines.append(",".join([rel, *(CONCEPTS[c].removeprefix("taxon:") for c in rec["concepts"])]))
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    return Path(path)
+
+
 def folder_boxes(out_dir: str | Path, ids) -> np.ndarray:
     """[N, 3] (top, left, side) of the creature of images `ids`, as `write_folder` recorded it."""
     recs = folder_records(out_dir, ids)
