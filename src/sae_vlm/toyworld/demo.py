@@ -422,7 +422,8 @@ def summary_lines(m: DemoMetrics, cfg: DemoConfig) -> list[str]:
                      + f" (chance {f['localisation']['chance']:.2f})")
     if f.get("naming"):
         lines.append("  names: node-detecting latents named by their node's word: "
-                     + ", ".join(f"{k} {spread([v], '.2f')}" for k, v in f["naming"].items()))
+                     + ", ".join(f"{k} {spread([r['share'] for r in m.naming[k]['by_seed'].values()], '.2f')}"
+                                for k in f["naming"]))
     for hook, row in f.get("alignment", {}).items():
         lines.append(f"  alignment at {hook}, mean best-unit AP over the world's labels: "
                      + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "range"))
