@@ -16,6 +16,7 @@ from sae_vlm import SAE, SAEConfig
 from sae_vlm.cli import app
 from sae_vlm.data import store as S
 from sae_vlm.eval import alignment as A
+from sae_vlm.eval import baselines as B
 
 D = 8
 
@@ -90,13 +91,13 @@ def test_signed_units_are_read_downwards_and_named_so(one_thread):
 def test_pca_reconstructs_and_kmeans_finds_clusters(one_thread):
     g = torch.Generator().manual_seed(1)
     X = torch.randn(200, 3, generator=g).double() @ torch.randn(3, 6, generator=g).double() + 2.0  # rank 3
-    W, b = A.pca(X, 3)
+    W, b = B.pca(X, 3)
     codes = X @ W + b
     assert torch.allclose(codes @ W.T + X.mean(0), X, atol=1e-8)  # 3 axes hold all of a rank-3 cloud
     assert torch.allclose(W.T @ W, torch.eye(3, dtype=torch.float64), atol=1e-10)
     centres = torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]], dtype=torch.float64)
     pts = centres.repeat_interleave(30, 0) + 0.1 * torch.randn(90, 3, generator=g).double()
-    found = A.kmeans(pts, 3)
+    found = B.kmeans(pts, 3)
     assert torch.cdist(found, centres).min(0).values.max() < 0.1
 
 

@@ -33,8 +33,9 @@ from sae_vlm.data.source import ActivationSource, sequential_chunks
 from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
-from sae_vlm.eval.alignment import HookAlignment, SparseCollector, resolve_labels, training_data
+from sae_vlm.eval.alignment import HookAlignment, SparseCollector
 from sae_vlm.eval.embed import load_embeddings
+from sae_vlm.eval.labels import resolve_labels, training_data
 from sae_vlm.eval.maps import resolve, top_image_maps
 from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, summarize_ms, unit_embeddings
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
