@@ -45,7 +45,7 @@ TOY_LAYERS = {"11": "0", "17": "1", "22": "2", "23": "3"}
 SMALLER = {"extract": {"--batch-size": "32", "--workers": "1"}, "train": {"--steps": "20", "--batch-size": "32"},
            "planted": {"--n-train": "512", "--n-eval": "256", "--steps": "20", "--seeds": "0,1"},
            "steer": {"--max-new-tokens": "3"}, "steer-score": {"--latents": "first:3", "--max-images": "2"},
-           "report": {"--top": "3"}}
+           "report": {"--top": "3"}, "evaluate": {"--heatmap-latents": "4"}}
 LAUNCHERS = {"torchrun", "torch.distributed.run"}
 
 
@@ -106,6 +106,8 @@ def toy_home(tmp_path_factory):
     for i, (rel, n) in enumerate({"imagenet/train": 100, "imagenet/val": 48, "inat/train": 100,
                                   "my-images": 32}.items()):
         world.write_folder(world.generate(n, seed=0, start=1000 * i), home / rel)
+    (home / "photos").mkdir()
+    world.sample(5000).image.save(home / "photos" / "cat.jpg")  # the one photo the README inspects
     return home
 
 

@@ -245,6 +245,7 @@ def demo_layout(m) -> list[str]:
 
 def test_the_demo_metrics_layout_is_the_one_before_the_typed_results(quick_demo):
     """Recorded from `sae-vlm demo --quick` at commit 2d67c4f, before its summaries became dataclasses; since then
-    only added to: `localisation` and `findings.localisation` (the heatmaps, #27)."""
+    only added to: `localisation` and `findings.localisation` (the heatmaps, #27); `naming`, `alignment` and their
+    findings (#28)."""
     golden = (Path(__file__).parent / "data" / "demo_quick_layout.txt").read_text().splitlines()
     assert demo_layout(quick_demo[1]) == golden
