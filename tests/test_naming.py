@@ -216,3 +216,25 @@ def test_other_bad_input_is_refused(named_work):
     refused(root, ["name", root / "run", "--embedder", clip, "--data", tmp / "gone"], str(tmp / "gone"))
     refused(root, ["name", root / "run", "--embedder", clip, "--vocab", tmp], str(tmp))
     refused(root, ["name", root / "run", "--embedder", clip, "--names", "0"], "--names")
+
+
+def test_evaluate_names_in_its_own_pass_as_the_name_command_does(toy, tmp_path):
+    """`evaluate --names`: the same names, cosines and scores as `sae-vlm name` on the same evaluation, computed from
+    the codes of evaluate's one pass; its cost is in metrics.json; without --embedder it is one line."""
+    root, _, _ = toy
+    clip, vocab = toyworld.clip_path(), root / "toy_vocab.txt"
+    out = tmp_path / "ev"
+    r = CliRunner().invoke(app, ["evaluate", str(root / "run"), "--data", str(root / "eval"), "--out", str(out),
+                                 "--embedder", str(clip), "--names", "--vocab", str(vocab), "--quiet",
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    for entry in metrics["saes"]:
+        name = entry["name"]
+        got, want = np.load(out / "latents" / f"{name}.npz"), np.load(root / "run" / "eval" / "latents" / f"{name}.npz")
+        assert (got["names"] == want["names"]).all() and (got["names"][:, 0] != "").sum() > 10
+        for k in ("name_cos", "name_score", "name_score_shuffled"):
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert entry["naming"]["named"] == int((got["names"][:, 0] != "").sum()) and entry["naming"]["seconds"]
+    refused(tmp_path, ["evaluate", root / "run", "--data", root / "eval", "--out", tmp_path / "no", "--names"],
+            "--embedder")

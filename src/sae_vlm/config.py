@@ -347,6 +347,10 @@ class EvaluateConfig:
                                 within="[1, inf)")
     model: str | None = option(None, "With --heatmaps: hub id or directory of the vision model; default: the one "
                                      "the SAE records.")
+    names: bool = option(False, "Also name every live latent in this pass, as `sae-vlm name` does: its top-3 "
+                                "--vocab names by --embedder's text tower, each scored; needs --embedder.")
+    vocab: str | None = option(None, "With --names: one name per line, UTF-8; default: the store's own class and "
+                                     "taxonomy names plus the packaged English nouns and adjectives.")
     labels: str | None = option(None, "Concept alignment against baselines: a CSV image,label[,label...] naming "
                                       "images of --data and the training store, or `store` for the stores' own "
                                       "labels and taxonomy nodes.")

@@ -34,10 +34,12 @@ from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.alignment import HookAlignment, SparseCollector
-from sae_vlm.eval.embed import load_embeddings
+from sae_vlm.eval.embed import ClipEmbedder, check_text_tower, load_embeddings
 from sae_vlm.eval.labels import resolve_labels, training_data
 from sae_vlm.eval.maps import resolve, top_image_maps
 from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, summarize_ms, unit_embeddings
+from sae_vlm.eval.naming import FiredImages, default_vocab, name_latents, read_vocab, unit
+from sae_vlm.eval.naming import summary as naming_summary
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import (
     alignment_table,
@@ -54,6 +56,8 @@ from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.runs import find_saes
 from sae_vlm.topk import TopAccumulator, save_top
+
+NAMES_PER_LATENT = 3  # --names keeps each latent's top 3, as `sae-vlm name` does by default
 
 
 def open_data(data, hook_point: str | None, token_selection: str | None):
@@ -106,11 +110,12 @@ class SAEResult:
     hierarchy: dict | None = None
     stable_share: float | None = None  # set by score_seeds
     heatmaps: dict | None = None  # with --heatmaps: what was mapped and what it cost
+    naming: dict | None = None  # with --names: eval/naming.py's summary (named latents, scores, seconds)
 
     def to_json(self) -> dict:
         entry = dataclasses.asdict(self)
         absent = (["ms_per_level", "ms_support_median"] if self.ms is None else []) + \
-            [k for k in ("hierarchy", "stable_share", "heatmaps") if entry[k] is None]
+            [k for k in ("hierarchy", "stable_share", "heatmaps", "naming") if entry[k] is None]
         return {k: v for k, v in entry.items() if k not in absent}
 
 
@@ -128,9 +133,11 @@ class LatentArrays:
     lca_mean: np.ndarray | None = None
     lca_mode: np.ndarray | None = None
     max_jaccard: np.ndarray | None = None
+    names: dict[str, np.ndarray] | None = None  # with --names: names, name_cos, name_score, name_score_shuffled
 
     def npz(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+        return {k: v for k, v in vars(self).items() if v is not None and k != "names"} | (self.names or {})
+
 
 
 @dataclasses.dataclass
@@ -215,6 +222,7 @@ class Scoring:
     ms: MSAccumulator | None = None  # with embeddings
     nodes: H.NodeCollector | None = None  # with a taxonomy
     attribution: Attribution | None = None  # with --heatmaps, for an SAE on one vector per image
+    fired: FiredImages | None = None  # with --names: the (image, latent) pairs where it fires
     align: SparseCollector | None = None  # with --labels
 
     def add(self, x_RD: torch.Tensor, e_RD: torch.Tensor | None, r0: int) -> None:
@@ -230,6 +238,8 @@ class Scoring:
             self.nodes.add(codes_RF)
         if self.align is not None:
             self.align.add(codes_RF, r0)
+        if self.fired is not None:
+            self.fired.add(codes_RF)
 
 
 def source_key(sdir: Path) -> tuple:
@@ -252,6 +262,8 @@ class Evaluation:
         self.first_taxonomy: Inputs | None = None
         self.backbones: dict[str, Backbone] = {}  # --heatmaps: vision models by id, loaded once
         self.heatmap_models: dict[str, Backbone | None] = {}  # --heatmaps: each SAE's, None for a token SAE
+        self.texts: dict[tuple, torch.Tensor] = {}  # --names: unit text embeddings per vocabulary
+        self.text_seconds = 0.0
 
     def score_all(self, saes: list[tuple[str, Path]]) -> list[SAEResult]:
         """Every SAE's metrics.json entry, in the order of `saes`; one pass per distinct source, in the order the
@@ -398,6 +410,8 @@ class Evaluation:
             s.attribution = self.attribution(name, sae)
         if inp.align is not None:
             s.align = inp.align.collector(name)
+        if cfg.names and inp.emb is not None and (inp.src.meta is None or inp.src.meta.rows_per_image == 1):
+            s.fired = FiredImages(scfg.d_sae)
         return s
 
     def heatmap_model(self, name: str, raw: dict) -> Backbone | None:
@@ -509,6 +523,27 @@ class Evaluation:
                 "batch": cfg.heatmap_batch, "seconds": round(seconds, 3),
                 "seconds_per_latent": round(seconds / max(1, len(latents)), 4)}
 
+    # --- step 6c: with --names, each live latent's names and their scores (eval/naming.py) -------------------------
+    def names(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, arrays: LatentArrays
+              ) -> dict | None:
+        if s.fired is None or inp.emb is None:
+            return None
+        words = self.vocab(inp)
+        key = tuple(words)
+        if key not in self.texts:
+            t0 = time.perf_counter()
+            embedder = ClipEmbedder.load(str(self.cfg.embedder), device=str(self.dev))
+            self.texts[key] = unit(embedder.texts(words)).cpu()
+            self.text_seconds = time.perf_counter() - t0
+        arrays.names, seconds = name_latents(unit(inp.emb), self.texts[key], words, ti.numpy(), tv.numpy(),
+                                             s.fired.result(), NAMES_PER_LATENT)
+        return naming_summary(arrays.names, seconds | {"text": self.text_seconds})
+
+    def vocab(self, inp: Inputs) -> list[str]:
+        if self.cfg.vocab is not None:
+            return read_vocab(self.cfg.vocab)
+        return default_vocab(inp.src)[0]
+
     # --- step 7: LCA depth of each latent's top images per Matryoshka level, uniqueness of the top sets -----------
     def hierarchy(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, r: SAEResult,
                   arrays: LatentArrays) -> None:
@@ -559,6 +594,7 @@ class Evaluation:
             return None
         tv, ti = self.top_images(name, s.top, arrays)
         r.heatmaps = self.heatmaps(s, inp, tv, ti, arrays)
+        r.naming = self.names(s, inp, tv, ti, arrays)
         self.hierarchy(s, inp, tv, ti, r, arrays)
         self.grids(name, inp, tv, ti, arrays)
         atomic_save_npz(self.out / "latents" / f"{name}.npz", **arrays.npz())
@@ -612,11 +648,23 @@ def first_image(src: ActivationSource, data) -> None:
         raise ValueError(f"--heatmaps needs the store's images; {paths[0]} (the first of {data}) does not exist")
 
 
+def check_names(cfg: EvaluateConfig) -> None:
+    """--names: an embedder with a text tower and a readable vocabulary, before anything is read or written."""
+    if not cfg.names:
+        return
+    if cfg.embedder is None:
+        raise ValueError("--names needs --embedder ID|DIR, a model with a text tower (CLIP, SigLIP)")
+    check_text_tower(cfg.embedder)
+    if cfg.vocab is not None:
+        read_vocab(cfg.vocab)
+
+
 def evaluate_run(cfg: EvaluateConfig) -> EvalMetrics:
     """Score every SAE of `cfg.run_dir` (at `cfg.step`, or the run's default snapshot) on `cfg.data`; returns what
     metrics.json holds."""
     saes, step = find_saes(cfg.run_dir, cfg.step)
     needs_scipy([name for name, _ in saes])
+    check_names(cfg)
     with claim(cfg.out_dir, "evaluate"):
         ev = Evaluation(cfg)
         ev.metrics.step = step
