@@ -9,7 +9,7 @@ each timed read, so the disk, not RAM, answers.
                        prefetched on 8 threads, fp16 -> fp32 batches of --batch-size);
           random     = the old streaming path, `StoreReader.get` on a random permutation (memory-mapped rows),
                        for --random-seconds only.
-  train:  `sae-vlm train` marginal acts/s (steps --steps minus 4 warm-up steps) streamed from the cold store at
+  train:  `sae-vlm train` steady acts/s (the steps after the 4th of one run) streamed from the cold store at
           --train-max-memory (1 GB) against the same run with the data in memory.
   mixing: per-batch label entropy on an ImageNet-like class-sorted order (1000 classes, 1.28M rows, batch 4096)
           for several chunk and window sizes, against a full permutation; indices only, no data read.
@@ -105,18 +105,28 @@ def random_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, seconds
 
 def train_acts_per_s(src: S.StoreReader, paths: list[Path], out: Path, max_memory: float | None, steps: int,
                      width: float, k: int, batch: int) -> float:
-    """Marginal rate: a run of `steps` minus a run of 4, each from a cold store."""
-    times = {}
-    for n in (4, steps):
-        shutil.rmtree(out, ignore_errors=True)
-        evict(paths)
-        cfg = TrainConfig(data=str(src.path), out=str(out), expansions=(width,), ks=(k,), batch_size=batch, steps=n,
-                          norm_batches=2, warmup_steps=1, checkpoint_every=10**9, log_every=10**9, quiet=True,
-                          device="cpu", max_memory=max_memory)
-        t0 = time.perf_counter()
+    """Steady rate of one run from a cold store: the steps after the 4th, timed at the end of each trainer step
+    (loading the data or filling the first window is left out, so the rate is not a difference of two noisy runs)."""
+    stamps: dict[int, float] = {}
+    real = trainer.train_step
+
+    def stamped(m, x_ND, step, *args, **kwargs):
+        out = real(m, x_ND, step, *args, **kwargs)
+        stamps[step] = time.perf_counter()
+        return out
+
+    shutil.rmtree(out, ignore_errors=True)
+    evict(paths)
+    cfg = TrainConfig(data=str(src.path), out=str(out), expansions=(width,), ks=(k,), batch_size=batch, steps=steps,
+                      norm_batches=2, warmup_steps=1, checkpoint_every=10**9, log_every=10**9, quiet=True,
+                      device="cpu", max_memory=max_memory)
+    trainer.train_step = stamped
+    try:
         trainer.train(cfg)
-        times[n] = time.perf_counter() - t0
-    return (steps - 4) * batch / (times[steps] - times[4])
+    finally:
+        trainer.train_step = real
+    last = steps - 1
+    return (last - 4) * batch / (stamps[last] - stamps[4])
 
 
 def timed(fn) -> float:

@@ -187,7 +187,7 @@ def _alignment_section(f: dict) -> str:
         ranges = row.get("range", {})
         cells = "".join(f"<tr><td>{escape(k)}</td><td>{_num(v)}</td><td>{_span(ranges.get(k))}</td></tr>"
                         for k, v in row.items() if k != "range")
-        parts.append(f"<h3>{escape(hook)}</h3><table class=\"lat md\"><thead><tr><th>basis</th>"
+        parts.append(f"<p>At <code>{escape(hook)}</code>:</p><table class=\"lat md\"><thead><tr><th>basis</th>"
                      f"<th>mean best-unit AP</th><th>range over seeds</th></tr></thead><tbody>{cells}</tbody></table>")
     return f"""<div class="finding"><h2>7. Do SAE latents align with the labels better than other bases?</h2>
 <p><code>evaluate --labels</code> with the world's 62 taxonomy nodes and 9 nuisance values: per label, the best
