@@ -43,6 +43,21 @@ def read_json(path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
+def read_utf8(path, what: str) -> str:
+    """A text file's text (a BOM, as Excel writes, dropped); bytes that are not UTF-8 are a ValueError naming `what`,
+    the file and the line (a missing file stays FileNotFoundError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist or is not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path} line {line}: byte {data[e.start]:#x} is not UTF-8 text; save it as "
+                         "UTF-8") from None
+
+
 TEMP_NAME = re.compile(r"\..+\.tmp\d+\.[0-9a-f]{8}")  # exactly the names atomic_write_bytes gives its temp files
 
 

@@ -216,13 +216,7 @@ class Backbone:
                     raise _StopForward
 
             handles.append(self.module(p).register_forward_hook(hook))
-        try:
-            self.run(pixel_values)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        self._run_hooked(pixel_values, handles)
         missing = set(points) - set(out)
         if missing:
             raise RuntimeError(f"hook points {sorted(missing)} did not fire in the forward pass")
@@ -259,15 +253,19 @@ class Backbone:
 
         handles = [self.parts.layers[0].register_forward_pre_hook(take_input, with_kwargs=True),
                    self.module(point).register_forward_hook(take_output)]
+        with torch.enable_grad():
+            self._run_hooked(pixel_values, handles)
+        return seen["input"], seen["output"]
+
+    def _run_hooked(self, pixel_values: torch.Tensor, handles: list) -> None:
+        """The forward with our hooks in, stopped where a hook raises _StopForward; the hooks are removed after."""
         try:
-            with torch.enable_grad():
-                self.run(pixel_values)
+            self.run(pixel_values)
         except _StopForward:
             pass
         finally:
             for h in handles:
                 h.remove()
-        return seen["input"], seen["output"]
 
     @contextlib.contextmanager
     def patch(self, hook_point: str | int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:

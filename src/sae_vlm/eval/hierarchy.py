@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sae_vlm.data.source import ActivationSource
+from sae_vlm.io import read_utf8
 from sae_vlm.sae.groups import level_slices
 
 _PREFIX = re.compile(r"^\d+_")
@@ -43,13 +44,7 @@ def parse_inat_label(name: str) -> tuple[str, ...] | None:
 
 def _taxonomy_text(path: Path) -> str:
     """The file as text; bytes that are not UTF-8 are named with their line (a BOM, as Excel writes, is dropped)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"taxonomy file {path} line {line}: byte {data[e.start]:#x} is not UTF-8 text; "
-                         "save it as UTF-8") from None
+    text = read_utf8(path, "taxonomy file")
     if not text.strip():
         raise ValueError(f"taxonomy file {path} is empty; expected label -> taxonomy path entries")
     return text

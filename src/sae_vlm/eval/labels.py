@@ -13,7 +13,7 @@ import torch
 
 from sae_vlm.data.source import ActivationSource
 from sae_vlm.eval import hierarchy as H
-from sae_vlm.io import read_json
+from sae_vlm.io import read_json, read_utf8
 
 FROM_STORE = "store"  # --labels store: the stores' own labels and taxonomy nodes
 
@@ -22,14 +22,7 @@ def read_labels_csv(path: str | Path) -> dict[str, list[str]]:
     """{image: labels} from `image,label[,label…]` rows (an optional `image,…` header; an image on several rows gets
     all their labels); every row needs an image and at least one label."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labels file {path} does not exist or is not a file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"labels file {path} line {line}: byte {data[e.start]:#x} is not UTF-8 text") from None
+    text = read_utf8(path, "labels file")
     out: dict[str, list[str]] = {}
     reader = csv.reader(io.StringIO(text, newline=""))
     for row in reader:

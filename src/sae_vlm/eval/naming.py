@@ -32,7 +32,7 @@ from sae_vlm.device import resolve_device
 from sae_vlm.eval.classes import WNID, find_mapping, read_names
 from sae_vlm.eval.embed import ClipEmbedder, check_text_tower, load_embeddings
 from sae_vlm.eval.hierarchy import parse_inat_label
-from sae_vlm.io import atomic_save_npz, atomic_write_json, read_json
+from sae_vlm.io import atomic_save_npz, atomic_write_json, read_json, read_utf8
 from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.runs import find_saes
@@ -48,15 +48,7 @@ def read_vocab(path: str | Path) -> list[str]:
     """One name per line (UTF-8, a BOM dropped, blank lines skipped); an empty file, bytes that are not UTF-8 and a
     name given twice (compared case-insensitively, as CLIP's tokenizer lowercases) are refused, naming the line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--vocab {path} does not exist or is not a file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"--vocab {path} line {line}: byte {data[e.start]:#x} is not UTF-8 text; save it as "
-                         "UTF-8") from None
+    text = read_utf8(path, "--vocab")
     words: list[str] = []
     seen: dict[str, int] = {}
     for n, line in enumerate(text.split("\n"), 1):
