@@ -383,7 +383,7 @@ class TableQuery:
 def _store_for(data, hook_point, token_selection):
     if data is None:
         return None
-    from sae_vlm.eval.run import open_data
+    from sae_vlm.eval.sources import open_data
 
     try:
         src = open_data(data, hook_point, token_selection)

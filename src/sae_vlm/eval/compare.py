@@ -44,7 +44,7 @@ def _json_floats(a: np.ndarray) -> list:
 def _source(cfg: CompareConfig, a: SAE, b: SAE):
     """The activations both SAEs encode: --layer of the store, else the hook point (and tokens) they read."""
     from sae_vlm.data.store import as_source
-    from sae_vlm.eval.run import open_data
+    from sae_vlm.eval.sources import open_data
 
     assert cfg.data is not None
     if cfg.layer is not None:

@@ -32,6 +32,7 @@ from sae_vlm.device import resolve_device
 from sae_vlm.eval.classes import WNID, find_mapping, read_names
 from sae_vlm.eval.embed import ClipEmbedder, check_text_tower, load_embeddings
 from sae_vlm.eval.hierarchy import parse_inat_label
+from sae_vlm.eval.sources import open_data, source_key
 from sae_vlm.io import atomic_save_npz, atomic_write_json, read_json, read_utf8
 from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
@@ -305,8 +306,6 @@ def top_of(eval_dir: Path, name: str, d_sae: int, rows: int) -> tuple[np.ndarray
 
 def targets(cfg: NameConfig, eval_dir: Path, metrics: dict, data: str) -> list[Target]:
     """The SAEs the evaluation scored, with their rows (one per image) and top images; each checked."""
-    from sae_vlm.eval.run import open_data, source_key  # here: evaluate's --names imports this module
-
     scored = {r["name"] for r in metrics["saes"]}
     found = [(n, d) for n, d in find_saes(cfg.run_dir, metrics.get("step"))[0] if n in scored]
     if not found:

@@ -171,8 +171,10 @@ def alignment_table(alignment: dict) -> str:
     parts = []
     for hook, rec in alignment.items():
         ks = sorted({k for b in rec["bases"].values() for k in b["ksparse"]}, key=int)
-        lines = [f"### Concept alignment at {hook}: {rec['classes']} classes ({rec['labels']}); baselines and probes "
-                 f"fit on {rec['train_rows']} rows of {rec['train_data']}, scored on {rec['eval_rows']} rows", "",
+        # file names only: tables.md goes into reports that must not name this machine's folders
+        lines = [f"### Concept alignment at {hook}: {rec['classes']} classes ({Path(rec['labels']).name}); baselines "
+                 f"and probes fit on {rec['train_rows']} rows of {Path(rec['train_data']).name}, scored on "
+                 f"{rec['eval_rows']} rows", "",
                  "| basis | units | mean best AP | mean best AUROC | coverage (AP ≥ 0.5) |"
                  + "".join(f" {k}-sparse bal. acc. |" for k in ks), "|---|---|---|---|---|" + "---|" * len(ks)]
         for name, b in rec["bases"].items():

@@ -30,7 +30,6 @@ from sae_vlm.backbones import Backbone, load_backbone
 from sae_vlm.config import FEW_HELDOUT_ROWS, EvaluateConfig
 from sae_vlm.data.images import is_store_member, open_image
 from sae_vlm.data.source import ActivationSource, sequential_chunks
-from sae_vlm.data.store import as_source
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.alignment import HookAlignment, SparseCollector
@@ -50,6 +49,7 @@ from sae_vlm.eval.report import (
     plot_ms_levels,
 )
 from sae_vlm.eval.seeds import needs_scipy, score_seeds
+from sae_vlm.eval.sources import open_data, source_key
 from sae_vlm.eval.top import ImageTopMaps, PatchGrid, patch_grid, render_grid
 from sae_vlm.io import atomic_save_npz, atomic_write_bytes, read_json
 from sae_vlm.outdir import claim
@@ -58,21 +58,6 @@ from sae_vlm.sae.runs import find_saes
 from sae_vlm.topk import TopAccumulator, save_top
 
 NAMES_PER_LATENT = 3  # --names keeps each latent's top 3, as `sae-vlm name` does by default
-
-
-def open_data(data, hook_point: str | None, token_selection: str | None):
-    """The activation source an SAE reads: a store subdir picked by hook point (and tokens), or a .npy/tensor."""
-    if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
-        return as_source(data)
-    tries = [f"{hook_point}__{token_selection}", hook_point] if hook_point else [None]
-    err: Exception | None = None
-    for layer in tries:
-        try:
-            return as_source(data, layer=layer)
-        except (ValueError, FileNotFoundError) as e:
-            err = e
-    assert err is not None
-    raise err
 
 
 @dataclasses.dataclass
@@ -240,14 +225,6 @@ class Scoring:
             self.align.add(codes_RF, r0)
         if self.fired is not None:
             self.fired.add(codes_RF)
-
-
-def source_key(sdir: Path) -> tuple:
-    """The (hook point, token selection) an SAE reads, from its config.json, before its weights are loaded."""
-    raw = read_json(sdir / "config.json")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{sdir / 'config.json'} holds a JSON {type(raw).__name__}, not an SAE config")
-    return raw.get("hook_point"), raw.get("token_selection")
 
 
 class Evaluation:
