@@ -66,7 +66,9 @@ def data(tmp_path_factory) -> Path:
 MEMORY = pytest.mark.parametrize("memory", [[], ["--max-memory", "0.00004"]], ids=["in-memory", "streamed"])
 
 
-@MEMORY
+# in memory only: streaming under ranks is covered by the DDP test below (each rank its own loader), and a
+# torchrun launch costs ~20 s of the suite
+@pytest.mark.parametrize("memory", [[]], ids=["in-memory"])
 def test_sweep_over_ranks_equals_one_process_across_a_resume(tmp_path, data, memory):
     sweep = ["--data", data, "--arch", "batchtopk,matryoshka", "--width", "2,4", "--k", "4", "--batch-size", "64",
              *COMMON, *memory]
