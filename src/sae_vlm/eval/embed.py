@@ -156,9 +156,10 @@ class ClipEmbedder:
     def load(cls, model_id_or_dir: str, device: str = "cpu", batch_size: int = 64) -> "ClipEmbedder":
         from transformers import AutoModel
 
-        from sae_vlm.backbones import load_processor
+        from sae_vlm.backbones import load_processor, quiet_loading
 
-        model = cast(torch.nn.Module, AutoModel.from_pretrained(model_id_or_dir)).to(device)
+        with quiet_loading():  # as every other model load: no load report or weight bar among our own lines
+            model = cast(torch.nn.Module, AutoModel.from_pretrained(model_id_or_dir)).to(device)
         return cls(model, load_processor(model_id_or_dir), batch_size)
 
     def _dev(self):
