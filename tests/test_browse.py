@@ -3,6 +3,7 @@ static report driven in a real headless Chromium (skipped only when /usr/bin/chr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -138,23 +139,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(built_run):
+@contextlib.contextmanager
+def serving(app):
+    """`app` served by uvicorn on a free loopback port from a thread, for the block; yields the port."""
     import uvicorn
 
-    from sae_vlm.browse.app import create_app
-
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(RunView(built_run / "run")), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     while not srv.started:  # no wall-clock bound: the thread fails loudly if it cannot bind
         assert t.is_alive(), "the browse server thread died"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join()
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        t.join()
+
+
+@pytest.fixture
+def server(built_run):
+    from sae_vlm.browse.app import create_app
+
+    with serving(create_app(RunView(built_run / "run"))) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

@@ -12,15 +12,13 @@ import io
 import json
 import re
 import tempfile
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 from _adversarial import tree
 from PIL import Image
-from test_browse import _free_port, chrome  # noqa: F401  (chrome: the headless Chromium fixture)
+from test_browse import chrome, serving  # noqa: F401  (chrome: the headless Chromium fixture)
 from typer.testing import CliRunner
 
 from sae_vlm.browse.data import RunView
@@ -233,22 +231,11 @@ def test_model_refusals_name_the_flag_and_both_widths(built, no_temp, tmp_path):
 
 @pytest.fixture
 def server(built):
-    import uvicorn
-
     from sae_vlm.browse.app import create_app
 
     view = RunView(built / "run")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(view, inspector=Inspector(view, uploads=True)), host="127.0.0.1",
-                                        port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:  # no wall-clock bound: the thread fails loudly if it cannot bind
-        assert t.is_alive(), "the browse server thread died"
-        time.sleep(0.05)
-    yield port, view
-    srv.should_exit = True
-    t.join()
+    with serving(create_app(view, inspector=Inspector(view, uploads=True))) as port:
+        yield port, view
 
 
 MAPS_LOADED = """return Array.from(document.querySelectorAll('img.map'))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from _adversarial import refused
-from test_browse import _free_port
 from test_browse import chrome as chromium
+from test_browse import serving
 from typer.testing import CliRunner
 
 from sae_vlm import SAE, SAEConfig
@@ -217,24 +217,10 @@ def test_random_store_without_token_count_gets_no_maps(token_run, tmp_path):
 @pytest.fixture
 def live(token_run):
     """The browse app of the token run, served on a free local port from a thread."""
-    import threading
-    import time
-
-    import uvicorn
-
     from sae_vlm.browse.app import create_app
 
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(RunView(token_run / "run")), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        assert t.is_alive(), "the browse server thread died"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join()
+    with serving(create_app(RunView(token_run / "run"))) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_overlay_toggle_in_chromium(token_run, live, chrome, tmp_path):

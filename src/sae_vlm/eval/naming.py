@@ -326,9 +326,10 @@ def targets(cfg: NameConfig, eval_dir: Path, metrics: dict, data: str) -> list[T
     return out
 
 
-def text_embeddings(cfg: NameConfig, words: list[str], dev) -> torch.Tensor:
-    embedder = ClipEmbedder.load(cfg.embedder, device=str(dev))
-    return unit(embedder.texts([cfg.template.replace("{}", w) for w in words]))
+def text_embeddings(embedder: str, words: list[str], dev, template: str = "{}") -> torch.Tensor:
+    """Unit text embeddings [V, D] of the names, each written into `template`, on the CPU."""
+    model = ClipEmbedder.load(embedder, device=str(dev))
+    return unit(model.texts([template.replace("{}", w) for w in words])).cpu()
 
 
 def name_run(cfg: NameConfig) -> NamingResult:
@@ -342,7 +343,7 @@ def name_run(cfg: NameConfig) -> NamingResult:
     res = NamingResult(eval_dir, cfg.embedder, {"source": source, "names": len(words), "template": cfg.template})
     with claim(eval_dir, "evaluate"):
         t0 = time.perf_counter()
-        t_VD = text_embeddings(cfg, words, dev).cpu()
+        t_VD = text_embeddings(cfg.embedder, words, dev, cfg.template)
         res.seconds["text"] = time.perf_counter() - t0
         for t in todo:
             t1 = time.perf_counter()

@@ -33,11 +33,11 @@ from sae_vlm.data.source import ActivationSource, sequential_chunks
 from sae_vlm.device import resolve_device
 from sae_vlm.eval import hierarchy as H
 from sae_vlm.eval.alignment import HookAlignment, SparseCollector
-from sae_vlm.eval.embed import ClipEmbedder, check_text_tower, load_embeddings
+from sae_vlm.eval.embed import check_text_tower, load_embeddings
 from sae_vlm.eval.labels import resolve_labels, training_data
 from sae_vlm.eval.maps import resolve, top_image_maps
 from sae_vlm.eval.ms import MSAccumulator, RotatedSource, chance_similarity, summarize_ms, unit_embeddings
-from sae_vlm.eval.naming import FiredImages, default_vocab, name_latents, read_vocab, unit
+from sae_vlm.eval.naming import FiredImages, default_vocab, name_latents, read_vocab, text_embeddings, unit
 from sae_vlm.eval.naming import summary as naming_summary
 from sae_vlm.eval.recon import ReconAccumulator, heldout_rows
 from sae_vlm.eval.report import (
@@ -49,9 +49,9 @@ from sae_vlm.eval.report import (
     plot_ms_levels,
 )
 from sae_vlm.eval.seeds import needs_scipy, score_seeds
-from sae_vlm.eval.sources import open_data, source_key
+from sae_vlm.eval.sources import open_data, sae_config, source_key
 from sae_vlm.eval.top import ImageTopMaps, PatchGrid, patch_grid, render_grid
-from sae_vlm.io import atomic_save_npz, atomic_write_bytes, read_json
+from sae_vlm.io import atomic_save_npz, atomic_write_bytes
 from sae_vlm.outdir import claim
 from sae_vlm.sae.model import SAE
 from sae_vlm.sae.runs import find_saes
@@ -72,6 +72,8 @@ class Inputs:
     names: list | None = None
     taxonomy: dict | None = None  # H.store_taxonomy's credit: source (file | inat | folders) and rows matched
     align: HookAlignment | None = None  # with --labels
+    paths: list[str] | None = None  # with --heatmaps: each row's image file
+    words: list[str] | None = None  # with --names: the vocabulary, read once per source
 
 
 @dataclasses.dataclass
@@ -246,15 +248,16 @@ class Evaluation:
         """Every SAE's metrics.json entry, in the order of `saes`; one pass per distinct source, in the order the
         sources first appear."""
         by_source: dict[tuple, list[int]] = {}
+        raws: dict[str, dict] = {}
         for i, (name, sdir) in enumerate(saes):
             try:
-                by_source.setdefault(source_key(sdir), []).append(i)
+                raws[name] = sae_config(sdir)
+                by_source.setdefault(source_key(sdir, raws[name]), []).append(i)
             except (OSError, ValueError) as e:
                 self.broken(name, sdir, str(e))  # read_json's message names the file
         if self.cfg.heatmaps:  # before any pass: a wrong or missing --model leaves nothing behind
-            for i in sorted(i for members in by_source.values() for i in members):
-                name, sdir = saes[i]
-                self.heatmap_models[name] = self.heatmap_model(name, read_json(sdir / "config.json"))
+            for name, raw in raws.items():
+                self.heatmap_models[name] = self.heatmap_model(name, raw)
         results: dict[int, SAEResult | None] = {}
         for members in by_source.values():
             results.update(zip(members, self.score_source([saes[i] for i in members])))
@@ -312,13 +315,12 @@ class Evaluation:
                              "expected at least 2")
         per_image = src.meta.rows_per_image if src.meta else 1
         want_ms = cfg.embeddings is not None or cfg.embedder is not None
-        if cfg.heatmaps and per_image == 1:
-            first_image(src, cfg.data)
+        paths = image_paths(src, cfg.data) if cfg.heatmaps and per_image == 1 else None
         if per_image > 1 and (want_ms or cfg.taxonomy is not None):
             where = src.meta.path if src.meta else cfg.data
             raise ValueError(f"{where} has {per_image} rows per image ({scfg.token_selection} tokens); MS and "
                              "taxonomy need one row per image: evaluate a CLS, mean or pooled store")
-        inp = Inputs(src, patch_grid(src))
+        inp = Inputs(src, patch_grid(src), paths=paths)
         if per_image == 1:  # before embeddings are cached: a taxonomy refused leaves the output folder as it was
             inp.taxa, inp.names, inp.taxonomy = H.store_taxonomy(src, src.rows, cfg.taxonomy)
         if cfg.labels is not None:  # labels refused, too, leave it as it was
@@ -479,8 +481,8 @@ class Evaluation:
     # --- step 6b: with --heatmaps, attribution maps of the top images of an SAE on one vector per image ----------
     def heatmaps(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, arrays: LatentArrays
                  ) -> dict | None:
-        a, cfg = s.attribution, self.cfg
-        if a is None or inp.src.meta is None:
+        a, cfg, paths = s.attribution, self.cfg, inp.paths
+        if a is None or paths is None:
             return None
         fired = np.flatnonzero(tv[:, 0].numpy() > 0)
         rank = arrays.ms if arrays.ms is not None else arrays.fire_freq
@@ -491,7 +493,7 @@ class Evaluation:
         if not cfg.quiet:
             print(f"heatmaps {s.name}: {len(latents)} latents, {pairs} (latent, top image) pairs, each about 2-3 "
                   f"forward passes of {a.bb.model_id}", file=sys.stderr)
-        paths, t0 = inp.src.meta.paths(), time.perf_counter()
+        t0 = time.perf_counter()
         maps = top_image_maps(a.bb, s.sae, a.point, a.how, lambda row: open_image(paths[row]), ti, tv, latents,
                               batch_size=cfg.heatmap_batch, quiet=cfg.quiet)
         atomic_save_npz(self.out / "maps" / f"{s.name}.npz", **maps)
@@ -505,21 +507,16 @@ class Evaluation:
               ) -> dict | None:
         if s.fired is None or inp.emb is None:
             return None
-        words = self.vocab(inp)
-        key = tuple(words)
+        if inp.words is None:  # once per source: the store's own names differ between stores
+            inp.words = read_vocab(self.cfg.vocab) if self.cfg.vocab is not None else default_vocab(inp.src)[0]
+        key = tuple(inp.words)
         if key not in self.texts:
             t0 = time.perf_counter()
-            embedder = ClipEmbedder.load(str(self.cfg.embedder), device=str(self.dev))
-            self.texts[key] = unit(embedder.texts(words)).cpu()
+            self.texts[key] = text_embeddings(str(self.cfg.embedder), inp.words, self.dev)
             self.text_seconds = time.perf_counter() - t0
-        arrays.names, seconds = name_latents(unit(inp.emb), self.texts[key], words, ti.numpy(), tv.numpy(),
+        arrays.names, seconds = name_latents(unit(inp.emb), self.texts[key], inp.words, ti.numpy(), tv.numpy(),
                                              s.fired.result(), NAMES_PER_LATENT)
         return naming_summary(arrays.names, seconds | {"text": self.text_seconds})
-
-    def vocab(self, inp: Inputs) -> list[str]:
-        if self.cfg.vocab is not None:
-            return read_vocab(self.cfg.vocab)
-        return default_vocab(inp.src)[0]
 
     # --- step 7: LCA depth of each latent's top images per Matryoshka level, uniqueness of the top sets -----------
     def hierarchy(self, s: Scoring, inp: Inputs, tv: torch.Tensor, ti: torch.Tensor, r: SAEResult,
@@ -612,8 +609,8 @@ class Evaluation:
         return metrics
 
 
-def first_image(src: ActivationSource, data) -> None:
-    """--heatmaps reads the store's images: refuse a source without them before anything is computed."""
+def image_paths(src: ActivationSource, data) -> list[str]:
+    """The image of each row, which --heatmaps reads; a source without them is refused before anything is computed."""
     paths = src.meta.paths() if src.meta is not None else []
     if not paths:
         raise ValueError(f"--heatmaps needs the images behind the activations; {data} records none (a store "
@@ -623,6 +620,7 @@ def first_image(src: ActivationSource, data) -> None:
                          "(a tar shard or dataset)")
     if not Path(paths[0]).is_file():
         raise ValueError(f"--heatmaps needs the store's images; {paths[0]} (the first of {data}) does not exist")
+    return paths
 
 
 def check_names(cfg: EvaluateConfig) -> None:

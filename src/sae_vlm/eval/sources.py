@@ -23,9 +23,15 @@ def open_data(data, hook_point: str | None, token_selection: str | None):
     raise err
 
 
-def source_key(sdir: Path) -> tuple:
-    """The (hook point, token selection) an SAE reads, from its config.json, before its weights are loaded."""
+def sae_config(sdir: Path) -> dict:
+    """An SAE's config.json as a dict, read before its weights are loaded."""
     raw = read_json(sdir / "config.json")
     if not isinstance(raw, dict):
         raise ValueError(f"{sdir / 'config.json'} holds a JSON {type(raw).__name__}, not an SAE config")
+    return raw
+
+
+def source_key(sdir: Path, raw: dict | None = None) -> tuple:
+    """The (hook point, token selection) an SAE reads, from its config.json (or `raw`, that file already read)."""
+    raw = sae_config(sdir) if raw is None else raw
     return raw.get("hook_point"), raw.get("token_selection")
