@@ -6,7 +6,11 @@ each timed read, so the disk, not RAM, answers.
 
   read:   sequential = each shard file read front to back in 16 MB reads (the disk's best case);
           loader     = one epoch of `StreamingBatches` at the default layout (chunks in random order, windows
-                       prefetched on 8 threads, fp16 -> fp32 batches of --batch-size);
+                       prefetched on 16 threads, fp16 -> fp32 batches of --batch-size), then a second one, the
+                       store evicted again; --rounds times, each against the mean of the sequential reads just
+                       before and after it;
+          reads      = the disk alone, read in the loader's order on its threads (no checks, no batches);
+          consumer   = the loader with the disk taken away: batches served from a window already in memory;
           random     = the old streaming path, `StoreReader.get` on a random permutation (memory-mapped rows),
                        for --random-seconds only.
   train:  `sae-vlm train` steady acts/s (the steps after the 4th of one run) streamed from the cold store at
@@ -14,8 +18,9 @@ each timed read, so the disk, not RAM, answers.
   mixing: per-batch label entropy on an ImageNet-like class-sorted order (1000 classes, 1.28M rows, batch 4096)
           for several chunk and window sizes, against a full permutation; indices only, no data read.
   profile: the loader's hot loop taken apart on one window of the default layout, each part timed alone in this
-          process: read (cold, O_DIRECT and through the page cache), copy out of the page cache (a warm buffered
-          read), crc32 of the blocks, the batch gather, fp16 -> fp32, and memcpy of the same bytes (the CPU's bound).
+          process, into buffers used before: read (cold, O_DIRECT and through the page cache), copy out of the page
+          cache (a warm buffered read), the page faults of a fresh buffer, crc32 of the blocks, the batch gather,
+          fp16 -> fp32, and memcpy of the same bytes (the CPU's bound).
 
   python benchmarks/loader_throughput.py --rows 1000000 --d 1024 --out /tmp/loader-bench
   python benchmarks/loader_throughput.py --rows 400000 --d 768 --rows-per-image 577 --widths 2,8  # patch tokens
@@ -27,15 +32,16 @@ import argparse
 import os
 import shutil
 import time
-import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from zlib_ng.zlib_ng import crc32
 
 from sae_vlm.config import TrainConfig
 from sae_vlm.data import store as S
-from sae_vlm.data.loader import Layout, Schedule, StreamingBatches, aligned_empty
+from sae_vlm.data.loader import IO_THREADS, Layout, Schedule, StreamingBatches, aligned_empty
 from sae_vlm.sae import trainer
 
 
@@ -77,8 +83,9 @@ def sequential_rows_per_s(paths: list[Path], row_bytes: int) -> float:
 
 
 def loader_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, budget: int
-                      ) -> tuple[float, float, Layout]:
-    """(rows/s over the epoch, rows/s after the first window is in: what a store of many windows sees, layout)."""
+                      ) -> tuple[float, float, float, Layout]:
+    """Rows/s of one cold epoch, of the same after its first window is in, and of a second epoch, the store evicted
+    again (no fresh buffers, blocks already checked: what the epochs of a long run see), and the layout."""
     src = S.open_store(src.path)  # fresh reader: no open file, nothing cached
     layout = Layout.for_budget(src.rows, src.files.row_bytes, budget, src.files.block_rows)
     stream = StreamingBatches(src.files, Schedule(src.rows, layout, 0, batch), torch.device("cpu"))
@@ -89,8 +96,34 @@ def loader_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, budget:
     for step in range(1, stream.per_epoch):
         rows += len(stream(step))
     t2 = time.perf_counter()
+    evict(paths)
+    for step in range(stream.per_epoch, 2 * stream.per_epoch):
+        len(stream(step))
+    t3 = time.perf_counter()
     stream.close()
-    return rows / (t2 - t0), (rows - first) / (t2 - t1), layout
+    return rows / (t2 - t0), (rows - first) / (t2 - t1), rows / (t3 - t2), layout
+
+
+def pattern_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, budget: int) -> float:
+    """The disk alone, read as the loader reads it: every window's chunks, in the epoch's order, on the loader's
+    threads, into one buffer, with no checks and no batches."""
+    files = S.open_store(src.path).files
+    layout = Layout.for_budget(src.rows, files.row_bytes, budget, files.block_rows)
+    sched = Schedule(src.rows, layout, 0, batch)
+    for f in files.files:
+        object.__setattr__(f, "crc32_K", None)  # reads only
+    buf = aligned_empty(files.slots_bound(layout.chunk_rows, layout.window_chunks), files.d_in, files.storage)
+    evict(paths)
+    t0, rows = time.perf_counter(), 0
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        for w in sched.windows(0):
+            spans = sched.window_rows(w)
+            starts, _ = files.slots(spans)
+            for r in [pool.submit(files.read_into, a, b, buf[q : q + b - a]) for (a, b), q in zip(spans, starts)]:
+                r.result()
+            rows += sum(b - a for a, b in spans)
+    files.close()
+    return rows / (time.perf_counter() - t0)
 
 
 def random_rows_per_s(src: S.StoreReader, paths: list[Path], batch: int, seconds: float) -> float:
@@ -135,11 +168,12 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def read_window(src: S.StoreReader, spans, direct: bool) -> np.ndarray:
+def read_window(src: S.StoreReader, spans, direct: bool, buf: np.ndarray | None) -> np.ndarray:
+    """Read a window's spans into `buf` (None: a fresh buffer) as the loader does, on one thread."""
     files = S.open_store(src.path).files
     files.direct = direct
     starts, n = files.slots(spans)
-    buf = aligned_empty(n, files.d_in, files.storage)
+    buf = aligned_empty(n, files.d_in, files.storage) if buf is None else buf
     for (a, b), q in zip(spans, starts):
         files.read_into(a, b, buf[q : q + b - a])
     files.close()
@@ -147,31 +181,52 @@ def read_window(src: S.StoreReader, spans, direct: bool) -> np.ndarray:
 
 
 def profile(src: S.StoreReader, paths: list[Path], batch: int, budget: int) -> dict[str, float]:
-    """Seconds per GB of rows for each part of the hot loop, on the first window of the default layout."""
+    """Seconds per GB of rows for each part of the hot loop, on the first window of the default layout, into
+    buffers used before (as the loader's are, after its first windows), plus what a fresh buffer costs once."""
     layout = Layout.for_budget(src.rows, src.files.row_bytes, budget, src.files.block_rows)
     sched = Schedule(src.rows, layout, 0, batch)
     spans = sched.window_rows(sched.windows(0)[0])
     gb = sum(b - a for a, b in spans) * src.files.row_bytes / 1e9
     out = {}
     for name, direct in (("read cold, O_DIRECT", True), ("read cold, page cache", False)):
+        buf = read_window(src, spans, direct, None)  # warms the buffer (and, for the second, the page cache)
         evict(paths)
-        out[name] = timed(lambda: read_window(src, spans, direct)) / gb
-    out["copy out of the page cache"] = timed(lambda: read_window(src, spans, False)) / gb  # warm now
-    buf = read_window(src, spans, True)
+        out[name] = timed(lambda: read_window(src, spans, direct, buf)) / gb
+    out["copy out of the page cache"] = timed(lambda: read_window(src, spans, False, buf)) / gb
+    out["page faults of a fresh window buffer (once each)"] = timed(lambda: read_window(src, spans, False, None)) / gb \
+        - out["copy out of the page cache"]
     raw = memoryview(buf.reshape(-1).view(np.uint8).data)
     blocks = range(0, len(raw), 1 << 16)
-    out["crc32 of the blocks"] = timed(lambda: [zlib.crc32(raw[i : i + (1 << 16)]) for i in blocks]) / gb
+    out["crc32 of the blocks (once per block)"] = timed(lambda: [crc32(raw[i : i + (1 << 16)]) for i in blocks]) / gb
     x = src.files.as_torch(buf)
     perm = torch.randperm(len(x))
     idx = [perm[i : i + batch].sort().values for i in range(0, len(x) - batch + 1, batch)]
     rows = len(idx) * batch * src.files.row_bytes / 1e9
-    parts = []
-    out["gather (one indexed copy a batch)"] = timed(lambda: parts.extend(x.index_select(0, i) for i in idx)) / rows
-    out["fp16 -> fp32"] = timed(lambda: [p.float() for p in parts]) / rows
+    part, full = torch.empty(batch, x.shape[1], dtype=x.dtype), torch.empty(batch, x.shape[1])
+    gather = [lambda i=i: torch.index_select(x, 0, i, out=part) for i in idx]
+    out["gather (one indexed copy a batch)"] = timed(lambda: [g() for g in gather]) / rows
+    out["fp16 -> fp32"] = timed(lambda: [full.copy_(part) for _ in idx]) / rows
     copy = np.empty_like(buf)
     np.copyto(copy, buf)  # pages touched once: what is timed is the copy
     out["memcpy (the CPU's bound)"] = timed(lambda: np.copyto(copy, buf)) / gb
     return out
+
+
+def consumer_rows_per_s(src: S.StoreReader, batch: int, budget: int, steps: int = 60) -> float:
+    """The loader with the disk taken away: batches served from a window already in memory (gather, conversion,
+    the finite check), i.e. the most rows/s its consumer side gives on this CPU."""
+    layout = Layout.for_budget(src.rows, src.files.row_bytes, budget, src.files.block_rows)
+    sched = Schedule(src.rows, layout, 0, batch)
+    stream = StreamingBatches(S.open_store(src.path).files, sched, torch.device("cpu"))
+    steps = min(steps, sum(b - a for a, b in sched.window_rows(sched.windows(0)[0])) // batch - 1)
+    stream(0)
+    stream._window(*stream._next(0, 0)).result()  # the next window's read is over too: nothing runs beside
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        stream(step)
+    rate = steps * batch / (time.perf_counter() - t0)
+    stream.close()
+    return rate
 
 
 def entropy(labels_N: np.ndarray) -> float:
@@ -206,6 +261,7 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=65536)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--budget-gb", type=float, default=8.0, help="--max-memory the loader's layout is sized for")
+    ap.add_argument("--rounds", type=int, default=3, help="sequential read and loader epoch, side by side, this often")
     ap.add_argument("--random-seconds", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=24, help="training steps per timed run (0: skip training)")
     ap.add_argument("--train-max-memory", type=float, default=1.0, help="--max-memory of the streamed training run")
@@ -224,13 +280,32 @@ def main() -> None:
     paths = [f.path for f in src.files.files]
     gb = sum(p.stat().st_size for p in paths) / 1e9
     print(f"store: {src.rows:,} rows x {args.d} fp16 = {gb:.2f} GB in {len(paths)} shards")
-    seq = sequential_rows_per_s(paths, src.files.row_bytes)
-    rate, steady, layout = loader_rows_per_s(src, paths, args.batch_size, int(args.budget_gb * 1e9))
-    print(f"cold sequential read: {seq:,.0f} rows/s ({seq * src.files.row_bytes / 1e6:,.0f} MB/s)")
-    print(f"cold loader epoch:    {rate:,.0f} rows/s = {rate / seq:.1%} of sequential, after the first window "
-          f"{steady:,.0f} rows/s = {steady / seq:.1%}  ({layout})")
-    prof = profile(src, paths, args.batch_size, int(args.budget_gb * 1e9))
-    loop = sum(v for k, v in prof.items() if k not in ("read cold, page cache", "memcpy (the CPU's bound)"))
+    budget = int(args.budget_gb * 1e9)
+    # side by side: this disk's own rate moves by 2x within minutes, so each epoch is set against the mean of the
+    # sequential reads just before and just after it
+    seqs = [sequential_rows_per_s(paths, src.files.row_bytes)]
+    ratios = []
+    for r in range(args.rounds):
+        pattern = pattern_rows_per_s(src, paths, args.batch_size, budget)
+        rate, steady, second, layout = loader_rows_per_s(src, paths, args.batch_size, budget)
+        seqs.append(sequential_rows_per_s(paths, src.files.row_bytes))
+        seq = (seqs[-2] + seqs[-1]) / 2
+        ratios.append((rate / seq, steady / seq, rate / pattern, second / pattern))
+        print(f"round {r}: cold sequential read {seq:,.0f} rows/s ({seq * src.files.row_bytes / 1e6:,.0f} MB/s, "
+              f"{seqs[-2]:,.0f} before, {seqs[-1]:,.0f} after); the loader's reads alone {pattern:,.0f} rows/s "
+              f"= {pattern / seq:.1%}; cold loader epoch {rate:,.0f} rows/s = {rate / seq:.1%} of sequential, "
+              f"{rate / pattern:.1%} of its reads alone, after the first window {steady:,.0f} rows/s = "
+              f"{steady / seq:.1%}; second epoch {second:,.0f} rows/s = {second / pattern:.1%} of its reads alone "
+              f"({layout})")
+    whole, after, own, own2 = (float(np.median(v)) for v in zip(*ratios))
+    print(f"loader epoch, median of {args.rounds} rounds: {whole:.1%} of a cold sequential read, {after:.1%} after "
+          f"the first window; {own:.1%} of its own reads alone, the second epoch {own2:.1%}")
+    seq = float(np.median(seqs))
+    consumer = consumer_rows_per_s(src, args.batch_size, budget)
+    print(f"consumer side alone (windows in memory): {consumer:,.0f} rows/s = "
+          f"{consumer * src.files.row_bytes / 1e9:.2f} GB/s of stored rows")
+    prof = profile(src, paths, args.batch_size, budget)
+    loop = sum(v for k, v in prof.items() if not k.startswith(("read cold, page", "page faults", "memcpy")))
     for name, sec in prof.items():
         print(f"  profile {name:36s} {sec:7.3f} s/GB = {1 / sec:6.2f} GB/s  ({sec / loop:.0%} of the loop)")
     if args.random_seconds:
@@ -250,7 +325,7 @@ def main() -> None:
     for lay, ratio in mixing(layouts):
         print(f"mixing {lay}: per-batch label entropy {ratio:.1%} of a full permutation")
     if args.rows_per_image > 1:  # images as labels: how many images a batch draws from, against a full permutation
-        lay = Layout.for_budget(src.rows, row_bytes, int(args.budget_gb * 1e9))
+        lay = Layout.for_budget(src.rows, row_bytes, budget, src.files.block_rows)
         for lay, ratio in mixing([lay], rows=src.rows // args.rows_per_image * args.rows_per_image,
                                  classes=src.rows // args.rows_per_image, batch=args.batch_size, every=7):
             print(f"mixing over images of {args.rows_per_image} rows {lay}: per-batch image entropy {ratio:.1%} of a "

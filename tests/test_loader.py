@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from sae_vlm.cli import app
 from sae_vlm.config import TrainConfig
+from sae_vlm.data import loader
 from sae_vlm.data import store as S
 from sae_vlm.data.loader import ALIGN, FileRows, Layout, RowFile, Schedule, StreamingBatches
 from sae_vlm.data.store import as_source
@@ -73,6 +74,29 @@ def test_epochs_are_distinct_rows_and_any_step_reads_the_same(tmp_path):
         assert torch.equal(b(step), a(step))
     assert streamer(src, layout, batch=50, seed=1)(0).tolist() != a(0).tolist()
     a.close(), b.close()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # gathered straight into the batch, or converted into it
+def test_held_batches_stay_intact_while_released_memory_is_reused(tmp_path, monkeypatch, dtype):
+    """Host batches and windows are refilled buffers: a batch (or a view of one) still held is never written over,
+    one let go is refilled, and no more than two window buffers are ever made, even when batches span windows."""
+    arr = np.repeat(np.arange(1000, dtype=np.float32)[:, None], D, 1)  # row ids, exact in fp16 too
+    src = write_store(tmp_path / dtype, arr, 96, dtype=dtype)
+    made = []
+    real = loader.aligned_bytes
+    monkeypatch.setattr(loader, "aligned_bytes", lambda n: made.append(n) or real(n))
+    s = streamer(src, Layout(chunk_rows=7, window_chunks=5), batch=30)  # windows of 35 rows: most batches span two
+    held, view = s(0), s(1)[3:9]
+    want = held.clone(), view.clone(), rows_of(s.rows_of(s.schedule.pieces(0)).float()[:, None])
+    buffers = set()
+    for step in range(2, 3 * s.per_epoch):
+        x = s(step)
+        assert len({*rows_of(x)}) == 30
+        buffers.add(x.data_ptr())
+    assert torch.equal(held, want[0]) and torch.equal(view, want[1]) and rows_of(held) == want[2]
+    assert len(buffers) == 2  # the batch the caller holds while asking for the next, and the one refilled
+    assert len(made) == 2
+    s.close()
 
 
 def test_ddp_ranks_read_disjoint_rows_of_their_own_chunks(tmp_path):

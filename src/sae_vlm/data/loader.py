@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import errno
 import math
+import mmap
 import os
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from zlib_ng.zlib_ng import crc32  # zlib's crc32 with SIMD: ~20 GB/s a core against zlib's 2.5
 
 from sae_vlm.device import free_memory_bytes
 
@@ -61,12 +62,37 @@ class RowFile:
     crc32_K: np.ndarray | None = field(default=None, compare=False)
 
 
-def aligned_empty(rows: int, d: int, dtype: np.dtype) -> np.ndarray:
-    """An uninitialised [rows, d] array whose first byte is ALIGN-aligned (a destination for O_DIRECT reads)."""
-    nbytes = rows * d * np.dtype(dtype).itemsize
+def aligned_bytes(nbytes: int) -> np.ndarray:
+    """Uninitialised bytes whose first one is ALIGN-aligned (a destination for O_DIRECT reads). Large ones are
+    anonymous memory that asks for huge pages where the OS has them: 512x fewer page faults to fill a window."""
+    if nbytes >= 1 << 21 and hasattr(mmap, "MADV_HUGEPAGE"):
+        block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned
+        block.madvise(mmap.MADV_HUGEPAGE)
+        return np.frombuffer(block, dtype=np.uint8)
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     skip = -raw.ctypes.data % ALIGN
-    return raw[skip : skip + nbytes].view(dtype).reshape(rows, d)
+    return raw[skip : skip + nbytes]
+
+
+def aligned_empty(rows: int, d: int, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised, ALIGN-aligned [rows, d] array."""
+    return aligned_bytes(rows * d * np.dtype(dtype).itemsize).view(dtype).reshape(rows, d)
+
+
+def unshared(t: torch.Tensor) -> bool:
+    """Whether nothing but `t` holds its memory: no view of it handed out is still alive. False where torch lacks
+    the use count (a private function): buffers are then never reused."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    global _ALONE
+    if _ALONE is None:  # the count of a tensor nobody else holds, the query's own reference included
+        alone = torch.empty(1)
+        _ALONE = count(alone.untyped_storage()._cdata)
+    return count(t.untyped_storage()._cdata) == _ALONE
+
+
+_ALONE: int | None = None
 
 
 class FileRows:
@@ -199,10 +225,10 @@ class FileRows:
             if good_K[k]:  # checked by an earlier read: later epochs cost no CPU
                 continue
             lo, hi = k * br, min((k + 1) * br, f.rows)
-            crc = zlib.crc32(self.read_raw(j, lo, a)) if lo < a else 0
-            crc = zlib.crc32(view[(max(lo, a) - a) * rb : (min(hi, b) - a) * rb], crc)
+            crc = crc32(self.read_raw(j, lo, a)) if lo < a else 0
+            crc = crc32(view[(max(lo, a) - a) * rb : (min(hi, b) - a) * rb], crc)
             if hi > b:
-                crc = zlib.crc32(self.read_raw(j, b, hi), crc)
+                crc = crc32(self.read_raw(j, b, hi), crc)
             if crc != int(f.crc32_K[k]):
                 raise ValueError(f"shard {f.path} (rows {f.start + lo}..{f.start + hi}) is corrupt: the crc32 of its "
                                  f"rows {lo}..{hi} differs from the manifest's; {REREAD}")
@@ -244,6 +270,11 @@ class FileRows:
             out.append(q)
             q += b - a
         return out, q
+
+    def slots_bound(self, span_rows: int, spans: int) -> int:
+        """The most buffer rows `slots` can ask for `spans` spans of at most `span_rows` rows."""
+        period = ALIGN // math.gcd(self.row_bytes, ALIGN)
+        return spans * (span_rows + (period - 1 if self.direct and period <= span_rows // 8 else 0))
 
     def _read_at(self, fd: int, view: memoryview, offset: int) -> int:
         """Bytes read into `view` from `offset`. Without positioned reads (Windows) a seek and a read, which the
@@ -386,7 +417,12 @@ class Schedule:
 
 
 class StreamingBatches:
-    """Batch `step` of a file-backed source as float32 on `device`, read window by window (see module doc)."""
+    """Batch `step` of a file-backed source as float32 on `device`, read window by window (see module doc).
+
+    Memory is reused: a fresh 1 GB window costs a page fault per 4 KB, which 16 reading threads then contend for
+    (on this project's 2-core machine that made a window 6x slower to fill), and a fresh batch costs the same per
+    batch. So dropped windows' buffers are refilled, and host batches are views of a few buffers that are refilled
+    once nothing holds a view of them any more."""
 
     def __init__(self, files: FileRows, schedule: Schedule, device: torch.device):
         self.files, self.schedule, self.device = files, schedule, device
@@ -394,22 +430,29 @@ class StreamingBatches:
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sae-vlm-read")
         self._windows: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
+        lay = schedule.layout
+        self._window_bytes = files.slots_bound(lay.chunk_rows, lay.window_chunks) * files.row_bytes
+        self._spare: list[np.ndarray] = []  # buffers of dropped windows
+        self._gathered: torch.Tensor | None = None  # a host batch in the storage dtype, before conversion
+        self._batches: list[torch.Tensor] = []  # float32 host batch buffers
         self.read_seconds = 0.0  # time the trainer waited on the disk
         self.rows_served = 0
         files.check_in_background()
 
-    def _load(self, epoch: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _load(self, epoch: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
         """Window w of `epoch` as read (storage dtype, chunks at their `slots`), the order its positions are served
-        in, and the buffer row of each position."""
+        in, the buffer row of each position, and the bytes under it (reused once the window is dropped)."""
         spans = self.schedule.window_rows(self.schedule.windows(epoch)[w])
         starts, n_buf = self.files.slots(spans)
-        buf = aligned_empty(n_buf, self.files.d_in, self.files.storage)
+        with self._lock:
+            raw = self._spare.pop() if self._spare else aligned_bytes(self._window_bytes)
+        buf = raw[: n_buf * self.files.row_bytes].view(self.files.storage).reshape(n_buf, self.files.d_in)
         reads = [self._io.submit(self.files.read_into, a, b, buf[q : q + b - a]) for (a, b), q in zip(spans, starts)]
         buf_row = np.concatenate([np.arange(q, q + b - a) for (a, b), q in zip(spans, starts)])
         for r in reads:
             r.result()
         perm = torch.from_numpy(self.schedule.permutation(epoch, w, len(buf_row)))
-        return self.files.as_torch(buf), perm, torch.from_numpy(buf_row)
+        return self.files.as_torch(buf), perm, torch.from_numpy(buf_row), raw
 
     def _window(self, epoch: int, w: int) -> Future:
         with self._lock:
@@ -424,22 +467,44 @@ class StreamingBatches:
     def __call__(self, step: int) -> torch.Tensor:
         t0 = time.perf_counter()
         pieces = self.schedule.pieces(step)
+        ahead = [self._next(*pieces[0][:2])] if len(pieces) == 1 else []
+        self._keep(pieces, ahead)
         windows = [self._window(epoch, w).result() for epoch, w, _, _ in pieces]
-        self._prefetch(*pieces[-1][:2])
-        dtype = windows[0][0].dtype
-        x = torch.empty(sum(b - a for _, _, a, b in pieces), self.files.d_in, dtype=dtype,
-                        pin_memory=self.device.type == "cuda")  # pinned: the copy to the GPU needs no staging
+        for key in ahead:
+            self._window(*key)  # starts reading the next window
+        x, x_ND = self._destinations(sum(b - a for _, _, a, b in pieces), windows[0][0].dtype)
         at = 0
-        for (buf, perm, buf_row), (_, _, a, b) in zip(windows, pieces):
+        for (buf, perm, buf_row, _), (_, _, a, b) in zip(windows, pieces):
             # sorted: a gather that walks memory forwards; one indexed copy straight into the batch
             torch.index_select(buf, 0, buf_row[perm[a:b].sort().values], out=x[at : at + b - a])
             at += b - a
-        x_ND = x.to(self.device, non_blocking=True).float()  # converted after the copy: half the bytes move
+        if x_ND is None:
+            x_ND = x.to(self.device, non_blocking=True).float()  # converted after the copy: half the bytes move
+        elif x_ND is not x:
+            x_ND.copy_(x)
         self.read_seconds += time.perf_counter() - t0
         self.rows_served += len(x_ND)
         if not torch.isfinite(x_ND.sum()):  # NaN and inf survive a sum; the full check only runs then
             check_finite(x_ND, self.rows_of(pieces))
         return x_ND
+
+    def _destinations(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where the gather writes, and the float32 batch handed out (None: made on the device from the gather).
+        A GPU gets a pinned batch (torch's pinned-memory cache reuses it safely). On the host the batch is a view
+        of a buffer nobody else holds now; an fp32 store is gathered straight into it."""
+        if self.device.type != "cpu":
+            return torch.empty(n, self.files.d_in, dtype=dtype, pin_memory=self.device.type == "cuda"), None
+        out = next((b for b in self._batches if len(b) == n and unshared(b)), None)
+        if out is None:
+            out = torch.empty(n, self.files.d_in)
+            if len(self._batches) < 4:  # more only while a caller keeps several batches; those are not kept
+                self._batches.append(out)
+        batch = out[:]  # a view: while the caller holds it, `unshared` says the buffer is taken
+        if dtype == torch.float32:
+            return batch, batch
+        if self._gathered is None or len(self._gathered) != n or self._gathered.dtype != dtype:
+            self._gathered = torch.empty(n, self.files.d_in, dtype=dtype)
+        return self._gathered, batch
 
     def rows_of(self, pieces) -> torch.Tensor:
         """Source row of each batch row, in batch order."""
@@ -447,17 +512,23 @@ class StreamingBatches:
                 for e, w, a, b in pieces]
         return torch.from_numpy(np.concatenate(rows))
 
-    def _prefetch(self, epoch: int, w: int) -> None:
-        """Keep the current and the next window; start reading the next one; drop the rest."""
-        keep = {(epoch, w), self._next(epoch, w)}
-        self._window(*self._next(epoch, w))
+    def _keep(self, pieces, ahead: list[tuple[int, int]]) -> None:
+        """Drop the windows that neither this batch nor `ahead` needs, keeping the buffers of those read. Only a
+        batch within one window reads ahead: one that spans two leaves the next window to the next call, once the
+        older one is dropped. So two windows live at a time, as `Layout.for_budget` sized them (more only for a
+        batch larger than a window)."""
+        keep = {(e, w) for e, w, _, _ in pieces} | set(ahead)
         with self._lock:
             for key in [k for k in self._windows if k not in keep]:
-                del self._windows[key]
+                fut = self._windows.pop(key)
+                if fut.done() and fut.exception() is None:
+                    self._spare.append(fut.result()[3])
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
         self.files.close()
+        self._windows.clear()
+        self._spare.clear()
 
 
 def check_finite(x_ND: torch.Tensor, rows_N: torch.Tensor) -> None:

@@ -24,11 +24,11 @@ import itertools
 import json
 import os
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from zlib_ng.zlib_ng import crc32
 
 from sae_vlm.config import VerifyConfig
 from sae_vlm.data.loader import ALIGN, REREAD, FileRows, RowFile, npy_layout
@@ -39,7 +39,7 @@ FORMAT = "sae-vlm-store/1"
 STORAGE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16}
 FP16_MAX = 65504.0
 PART_NAME = re.compile(r"shard_(\d{6})\.json")
-# crc32 per block of about 64 KB of rows: checked on every read at ~2 GB/s a core (zlib), a loader chunk (1 MB) is
+# crc32 per block of about 64 KB of rows: checked on every first read at ~20 GB/s a core, a loader chunk (1 MB) is
 # whole blocks when its rows are, and the manifest grows by 8 hex digits per 64 KB (0.01%)
 BLOCK_BYTES = 1 << 16
 
@@ -58,8 +58,8 @@ def shard_bytes(arr: np.ndarray) -> tuple[bytes, dict]:
     raw = memoryview(arr.reshape(-1).view(np.uint8).data) if arr.size else memoryview(b"")
     step = block_rows(arr.dtype.itemsize * arr.shape[1]) * arr.dtype.itemsize * arr.shape[1]
     data = head + raw.tobytes()
-    crc = "".join(f"{zlib.crc32(raw[i : i + step]):08x}" for i in range(0, len(raw), step))
-    return data, {"sha256": hashlib.sha256(data).hexdigest(), "header_crc32": zlib.crc32(head), "crc32": crc}
+    crc = "".join(f"{crc32(raw[i : i + step]):08x}" for i in range(0, len(raw), step))
+    return data, {"sha256": hashlib.sha256(data).hexdigest(), "header_crc32": crc32(head), "crc32": crc}
 
 
 def to_storage(acts_ND: torch.Tensor, dtype: str, hook_point: str) -> np.ndarray:
@@ -380,7 +380,7 @@ class StoreReader(ActivationSource):
         if self.manifest.get("checksums"):  # the header first: a flipped byte there may not break the parse
             with open(path, "rb") as f:
                 head = f.read(ALIGN)
-            if zlib.crc32(head) != sh["header_crc32"]:
+            if crc32(head) != sh["header_crc32"]:
                 raise ValueError(f"shard {path} (rows {self._starts[j]}..{self._starts[j + 1]}) is corrupt: the crc32 "
                                  f"of its .npy header differs from the manifest's; {REREAD}")
             crc32_K = np.array([int(sh["crc32"][i : i + 8], 16) for i in range(0, len(sh["crc32"]), 8)], np.uint32)
