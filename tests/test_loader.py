@@ -150,15 +150,16 @@ def clustered(rows: int, classes: int, seed=0) -> np.ndarray:
     return (means[labels] + rng.standard_normal((rows, D))).astype(np.float32)
 
 
-def test_streamed_training_on_a_sorted_store_matches_the_full_permutation(tmp_path):
+def test_streamed_training_on_a_sorted_store_matches_the_full_permutation(tmp_path, capsys):
     arr = clustered(6000, 24)
     src = write_store(tmp_path / "sorted", arr, shard_rows=1000)
     common = dict(data=str(src.path), archs=("batchtopk",), expansions=(2,), ks=(4,), batch_size=128, steps=400,
                   warmup_steps=20, threshold_start_step=20, device="cpu", quiet=True, checkpoint_every=1000)
     mem = trainer.train(TrainConfig(out=str(tmp_path / "mem"), **common))
     low = 6000 * D * 4 / 8 / 1e9  # an eighth of the data fits: windows of ~1/32 of it
-    cfg = TrainConfig(out=str(tmp_path / "stream"), max_memory=low, **common)
+    cfg = TrainConfig(out=str(tmp_path / "stream"), max_memory=low, **{**common, "quiet": False})
     streamed = trainer.train(cfg)
+    assert f"data: streamed {400 * 128:,} rows in" in capsys.readouterr().err  # the steps' rows, not the norm's
     assert json.loads((tmp_path / "stream" / "data_plan.json").read_text())["path"] == "stream"
     assert json.loads((tmp_path / "mem" / "data_plan.json").read_text())["path"] == "memory"
     x = torch.from_numpy(arr)

@@ -420,6 +420,8 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
                disable=cfg.quiet or not place.lead)
     shard = (place.rank, place.world) if place.ddp else None
     stats: list[dict] = [{} for _ in members]
+    stream = run.batches.stream
+    before = (stream.rows_served, stream.read_seconds) if stream is not None else (0, 0.0)  # the norm's batches
     t0 = time.perf_counter()
     try:
         for step in bar:
@@ -450,10 +452,11 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
         if logger is not None:
             logger.close()
         run.batches.close()
-    stream, wall = run.batches.stream, time.perf_counter() - t0
-    if stream is not None and place.lead and not cfg.quiet and stream.rows_served:
-        tqdm.write(f"data: streamed {stream.rows_served:,} rows in {wall:.1f} s ({stream.rows_served / wall:,.0f} "
-                   f"rows/s), {stream.read_seconds:.1f} s of it waiting for data", file=sys.stderr)
+    wall = time.perf_counter() - t0
+    if stream is not None and place.lead and not cfg.quiet and stream.rows_served > before[0]:
+        rows, waited = stream.rows_served - before[0], stream.read_seconds - before[1]
+        tqdm.write(f"data: streamed {rows:,} rows in {wall:.1f} s ({rows / wall:,.0f} rows/s), {waited:.1f} s of it "
+                   "waiting for data", file=sys.stderr)
     return stats
 
 
