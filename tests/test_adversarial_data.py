@@ -298,7 +298,8 @@ MANIFEST_EDITS = [
     (["shards", 0, "file"], "../../imgs/cat/00.png", "shards[0].'file'"),
     (["shards", 0, "rows"], -1, "shards[0].'rows' is -1"),
     (["shards", 0, "rows"], 11, "its shards hold 11 rows"),
-    (["shards", 0, "sha256"], KeyError, "shards[0].'sha256' is missing"),
+    (["shards", 0, "crc32"], KeyError, "shards[0].'crc32' is missing"),
+    (["checksums"], KeyError, "shards[0].'sha256' is missing"),  # without blocks it reads as an older store
     (["rows_file"], "/etc/passwd", "'rows_file'"),
     (["hook_point"], None, "'hook_point' is null"),
 ]

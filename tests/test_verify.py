@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from sae_vlm.cli import app
 from sae_vlm.data import store as S
 from sae_vlm.data.loader import Layout, Schedule, StreamingBatches
+from sae_vlm.io import npy_bytes
 
 D = 256  # fp16 rows of 512 bytes: blocks of 128 rows, so a 300-row shard has blocks 0..128, 128..256, 256..300
 
@@ -194,3 +195,27 @@ def test_default_chunks_are_whole_blocks_and_still_mix():
     ours = np.mean([label_entropy(labels[np.concatenate([window_positions(sched, *p) for p in sched.pieces(s)])])
                     for s in steps])
     assert ours >= 0.95 * full, (ours, full, layout)
+
+
+def test_a_resume_over_parts_from_before_block_checksums_ends_in_a_whole_file_store(tmp_path):
+    """New shards carry no sha256 (their blocks cover every byte); a store finished over parts written before block
+    checksums falls back to the whole-file path, hashing the newer shards, and reads and verifies as such."""
+    src, arr = store(tmp_path)
+    assert not any("sha256" in sh for sh in json.loads((src.path / "manifest.json").read_text())["shards"])
+    root = src.path.parent
+    part_file = root / "parts" / "shard_000000.json"
+    part = json.loads(part_file.read_text())
+    shard = src.path / "shard_000000.npy"
+    shard.write_bytes(npy_bytes(np.load(shard)))  # numpy's own header, as then
+    si = part["subdirs"]["acts"]
+    del si["crc32"], si["header_crc32"]
+    si["sha256"] = S.sha256_of(shard)
+    part_file.write_text(json.dumps(part))
+    sub = {"acts": {"hook_point": "layer.0", "tokens": "cls", "rows_per_image": 1, "width": D, "note": ""}}
+    S.StoreWriter(root, {"dtype": "fp16"}, sub).finalize(3, {"model_id": "test"})
+    m = json.loads((src.path / "manifest.json").read_text())
+    assert "checksums" not in m
+    assert [sh["sha256"] for sh in m["shards"]] == [S.sha256_of(src.path / sh["file"]) for sh in m["shards"]]
+    again = S.open_store(root)
+    assert torch.equal(again.read_rows(0, 900), torch.from_numpy(arr).half().float())
+    assert CliRunner().invoke(app, ["verify", str(root)]).exit_code == 0

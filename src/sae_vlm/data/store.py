@@ -3,13 +3,13 @@
 Layout of one extraction:
   STORE/extract_config.json          the run's settings; a resume must match them
   STORE/parts/shard_000000.json      written last for each shard: it marks the shard done (images, skipped,
-                                     per-subdir rows + sha256); a killed run redoes only unmarked shards
+                                     per-subdir rows + checksums); a killed run redoes only unmarked shards
   STORE/<hook point>__<tokens>/      e.g. layer.11__cls, layer.22__random-2, last__pooled
       shard_000000.npy               rows of the shard (fp16 | fp32 | bf16 stored as raw uint16), after a header
                                      padded to 4096 bytes (so rows can be read with O_DIRECT)
-      manifest.json                  model id + revision, hook point, tokens, dtype, shape, shards + sha256 +
-                                     crc32 of the header and of each block of rows (`checksums` says the block
-                                     size), rows, skipped [{path, reason}], rows_file
+      manifest.json                  model id + revision, hook point, tokens, dtype, shape, shards + crc32 of
+                                     the header and of each block of rows (`checksums` says the block size; a
+                                     store from before them: sha256 of each file), rows, skipped, rows_file
       rows.jsonl                     one line per kept image: id, path, label, first row, row count
       token_index.npy                token position of each row (-1 = pooled/mean), int32
   STORE/manifest.json                written last of all: the store is complete
@@ -50,7 +50,8 @@ def block_rows(row_bytes: int) -> int:
 
 def shard_bytes(arr: np.ndarray) -> tuple[bytes, dict]:
     """The .npy bytes of a shard, its header padded to ALIGN bytes (rows start on a disk block), and its checksums:
-    sha256 of the file, crc32 of the header and of each block of `block_rows` rows (hex, 8 digits a block)."""
+    crc32 of the header and of each block of `block_rows` rows (hex, 8 digits a block). No whole-file sha256: the
+    blocks cover every byte, and it was two thirds of the writer thread's work (benchmarks/shard_write.py)."""
     arr = np.ascontiguousarray(arr)
     fields = np.lib.format.header_data_from_array_1_0(arr)
     text = "{" + "".join(f"'{k}': {v!r}, " for k, v in sorted(fields.items())) + "}"  # as numpy writes it
@@ -59,7 +60,7 @@ def shard_bytes(arr: np.ndarray) -> tuple[bytes, dict]:
     step = block_rows(arr.dtype.itemsize * arr.shape[1]) * arr.dtype.itemsize * arr.shape[1]
     data = head + raw.tobytes()
     crc = "".join(f"{crc32(raw[i : i + step]):08x}" for i in range(0, len(raw), step))
-    return data, {"sha256": hashlib.sha256(data).hexdigest(), "header_crc32": crc32(head), "crc32": crc}
+    return data, {"header_crc32": crc32(head), "crc32": crc}
 
 
 def to_storage(acts_ND: torch.Tensor, dtype: str, hook_point: str) -> np.ndarray:
@@ -138,7 +139,9 @@ class StoreWriter:
             ok = (isinstance(part["images"], list) and isinstance(part["skipped"], list)
                   and all(isinstance(im["id"], str) for im in part["images"])
                   and all(isinstance(part["subdirs"][name][k], list if k == "token_index" else (int, str))
-                          for name in self.subdirs for k in ("rows", "sha256", "token_index")))
+                          for name in self.subdirs for k in ("rows", "token_index"))
+                  and all("crc32" in part["subdirs"][name] or "sha256" in part["subdirs"][name]
+                          for name in self.subdirs))
         except (KeyError, TypeError):
             ok = False
         if not ok:
@@ -189,12 +192,14 @@ class StoreWriter:
         skipped = [sk for part in parts for sk in part["skipped"]]
         for name, sd in self.subdirs.items():
             shards, lines, tok, row = [], [], [], 0
-            # blocks only when every shard has them (parts from before block checksums: the whole-file path)
+            # blocks only when every shard has them; a resume over parts from before block checksums keeps the
+            # whole-file path, hashing the newer shards it has no sha256 for
             blocks = all("crc32" in part["subdirs"][name] for part in parts)
             for part in parts:
-                si = part["subdirs"][name]
-                shards.append({"file": f"{shard_name(part['shard'])}.npy", "rows": si["rows"], "sha256": si["sha256"],
-                               **({k: si[k] for k in ("header_crc32", "crc32")} if blocks else {})})
+                si, file = part["subdirs"][name], f"{shard_name(part['shard'])}.npy"
+                sums = {k: si[k] for k in ("header_crc32", "crc32")} if blocks else \
+                    {"sha256": si.get("sha256") or sha256_of(self.root / name / file)}
+                shards.append({"file": file, "rows": si["rows"], **sums})
                 tok.extend(si["token_index"])
             n_per = sd["rows_per_image"]
             for im in images:
@@ -225,6 +230,14 @@ class StoreWriter:
 _VERIFIED: set[tuple[str, int, int, str]] = set()
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify_once(path: Path, sha256: str, what: str = "", force: bool = False) -> None:
     """Check a file's sha256 the first time it is read, and again only if its size or mtime changed (or `force`).
     Passed checks are remembered for this process and in ~/.cache/sae-vlm/verified/, so later runs don't re-hash a
@@ -235,11 +248,7 @@ def verify_once(path: Path, sha256: str, what: str = "", force: bool = False) ->
     if not force and (key in _VERIFIED or mark.is_file()):
         _VERIFIED.add(key)
         return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    if h.hexdigest() != sha256:
+    if sha256_of(path) != sha256:
         raise ValueError(f"shard {path}{what} is corrupt: its sha256 differs from the manifest's; {REREAD}")
     _VERIFIED.add(key)
     try:
@@ -282,6 +291,8 @@ MANIFEST_FIELDS = {  # field: (test, what it must be); StoreReader reads these a
 SHARD_FIELDS = {
     "file": (lambda v: _file_name(v) and v.endswith(".npy"), "a .npy file name beside the manifest"),
     "rows": (_whole(0), "a whole number"),
+}
+WHOLE_FILE_FIELDS = {  # a store from before block checksums
     "sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "64 hex digits"),
 }
 
@@ -322,7 +333,9 @@ def check_manifest(path: Path, m) -> dict:
             raise ValueError(f"{path}: shards[{j}] is {json.dumps(sh)[:60]}; expected an object with "
                              f"{', '.join(SHARD_FIELDS)}")
         check(SHARD_FIELDS, sh, f"shards[{j}].")
-        if sums is not None:
+        if sums is None:
+            check(WHOLE_FILE_FIELDS, sh, f"shards[{j}].")
+        else:
             check(BLOCK_FIELDS, sh, f"shards[{j}].")
             blocks = -(-sh["rows"] // sums["block_rows"]) if _whole(0)(sh["rows"]) else 0
             if len(sh["crc32"]) != 8 * blocks:
