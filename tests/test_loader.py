@@ -183,6 +183,18 @@ def test_streamed_run_resumes_bit_exact(tmp_path):
     assert a == b, "the resumed run must read the batches it started with, whatever --max-memory says now"
 
 
+def test_a_streamed_run_that_ends_before_theta_is_learned_settles_it_from_the_stream(tmp_path):
+    """θ is set from the last batches after the loop; the stream must still be open then (it was closed, and a
+    1-step run on a large store ended in a traceback)."""
+    np.save(tmp_path / "x.npy", clustered(3000, 8))
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "x.npy"), "--arch", "topk", "--width", "2", "--k",
+                                 "4", "--batch-size", "64", "--steps", "1", "--max-memory", "0.00005", "--device",
+                                 "cpu", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert "streaming from disk" in r.output and "θ was never learned" in r.output
+    assert (tmp_path / "run" / "saes" / "topk_x2_k4" / "model.safetensors").is_file()
+
+
 def test_truncated_shard_is_named_with_its_rows(tmp_path):
     src = ids_store(tmp_path, rows=300, shard_rows=100)
     shard = src.path / "shard_000001.npy"

@@ -320,6 +320,13 @@ class Run:
 
 def _train(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> dict[str, SAE]:
     run = prepare(cfg, source, place, device)
+    try:
+        return _run(run, cfg, place, device)
+    finally:  # after the last read: settling θ reads the last batches again
+        run.batches.close()
+
+
+def _run(run: Run, cfg: TrainConfig, place: D.Dist, device: torch.device) -> dict[str, SAE]:
     restored = restore(run) if cfg.resume else None
     start, norm = restored if restored is not None else initialise(run)
     if restored is not None:
@@ -352,8 +359,9 @@ def settle_thresholds(run: Run, norm: float, n: int = 8) -> None:
             codes = m.sae.train_encode(x, cfg.jumprelu_bandwidth, fast=cfg.fast).codes
             mechanics.update_threshold_(m.sae.threshold, codes, i / (i + 1), sync=D.global_min if ddp else None)
         if run.place.lead:
-            tqdm.write(f"warning: {m.spec.name}: θ was never learned (--steps {cfg.steps} <= threshold start "
-                       f"{cfg.theta_start}); set from the last {len(steps)} batches", file=sys.stderr)
+            tqdm.write(f"warning: {m.spec.name}: θ was never learned (it is updated after step "
+                       f"{cfg.theta_start}, the threshold start; --steps {cfg.steps}); set from the last {len(steps)} "
+                       "batches", file=sys.stderr)
 
 
 def prepare(cfg: TrainConfig, source, place: D.Dist, device: torch.device) -> Run:
@@ -451,7 +459,6 @@ def loop(run: Run, start: int, norm: float) -> list[dict]:
     finally:
         if logger is not None:
             logger.close()
-        run.batches.close()
     wall = time.perf_counter() - t0
     if stream is not None and place.lead and not cfg.quiet and stream.rows_served > before[0]:
         rows, waited = stream.rows_served - before[0], stream.read_seconds - before[1]
