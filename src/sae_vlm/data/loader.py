@@ -494,7 +494,7 @@ class StreamingBatches:
         of a buffer nobody else holds now; an fp32 store is gathered straight into it."""
         if self.device.type != "cpu":
             return torch.empty(n, self.files.d_in, dtype=dtype, pin_memory=self.device.type == "cuda"), None
-        out = next((b for b in self._batches if len(b) == n and unshared(b)), None)
+        out = next((b for b in self._batches if unshared(b)), None)  # every batch has the schedule's n rows
         if out is None:
             out = torch.empty(n, self.files.d_in)
             if len(self._batches) < 4:  # more only while a caller keeps several batches; those are not kept
@@ -502,7 +502,7 @@ class StreamingBatches:
         batch = out[:]  # a view: while the caller holds it, `unshared` says the buffer is taken
         if dtype == torch.float32:
             return batch, batch
-        if self._gathered is None or len(self._gathered) != n or self._gathered.dtype != dtype:
+        if self._gathered is None:
             self._gathered = torch.empty(n, self.files.d_in, dtype=dtype)
         return self._gathered, batch
 
